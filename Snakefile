@@ -1,0 +1,20 @@
+# deepercluster: DeeperCluster, DeepCluster and RotNet as a Snakemake workflow.
+# Each round r: features of all images -> PCA-whitening -> k-means (super-clusters, then
+# sub-clusters inside each) -> pseudo-labels -> a training block -> round r's checkpoint.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/features.smk"
+include: "workflow/rules/cluster.smk"
+
+
+rule all:
+    input:
+        default_targets(),

@@ -1,0 +1,196 @@
+"""The manifest stage on real image files, and the datasets read from it."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from deepercluster.data import (
+    FASHION_MNIST_CLASSES,
+    SOURCES,
+    ImageDataset,
+    UnreadableImageError,
+    build_manifest,
+    feature_transform,
+    metadata_columns,
+    read_manifest,
+    train_transform,
+)
+
+IDX = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _image(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (20, 16)) -> Path:
+    """Write a real image (format from the extension)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def _corrupt(path: Path) -> Path:
+    """Write random bytes under an image name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8).tobytes())
+    return path
+
+
+def _build(tmp_path: Path, **kwargs) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run the manifest stage into tmp_path; return the manifest and the skipped table."""
+    build_manifest(
+        manifest=str(tmp_path / "manifest.parquet"), skipped=str(tmp_path / "skipped.tsv"), **kwargs
+    )
+    return read_manifest(str(tmp_path / "manifest.parquet")), pd.read_csv(tmp_path / "skipped.tsv", sep="\t")
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """Class folders (one nested deeper) with PNGs and JPEGs, one top-level image and one corrupt file."""
+    root = tmp_path / "images"
+    _image(root / "cat" / "a.png", (255, 0, 0))
+    _image(root / "cat" / "deep" / "b.JPG", (0, 255, 0))
+    _image(root / "dog" / "c.jpeg", (0, 0, 255))
+    _image(root / "top.png", (9, 9, 9))
+    _corrupt(root / "dog" / "broken.jpg")
+    (root / "dog" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_folder_source(tmp_path: Path, folder: Path) -> None:
+    frame, skipped = _build(tmp_path, source="folder", path=str(folder))
+    assert frame["id"].tolist() == [0, 1, 2, 3]
+    assert frame["id"].dtype == np.int64
+    assert frame["path"].tolist() == [
+        str(folder / "cat" / "a.png"),
+        str(folder / "cat" / "deep" / "b.JPG"),
+        str(folder / "dog" / "c.jpeg"),
+        str(folder / "top.png"),
+    ]
+    assert frame["label"].iloc[:3].tolist() == ["cat", "cat", "dog"]
+    assert pd.isna(frame["label"].iloc[3])
+    assert metadata_columns(frame) == ["label"]
+    assert skipped["path"].tolist() == [str(folder / "dog" / "broken.jpg")]
+    assert skipped["error"].iloc[0]
+
+
+def test_folder_without_labels(tmp_path: Path, folder: Path) -> None:
+    frame, _ = _build(tmp_path, source="folder", path=str(folder), label_from_folder=False)
+    assert list(frame.columns) == ["id", "path"]
+
+
+def test_folder_unverified_and_subsampled(tmp_path: Path, folder: Path) -> None:
+    frame, skipped = _build(
+        tmp_path, source="folder", path=str(folder), verify_images=False, max_images=3, seed=1
+    )
+    assert len(frame) == 3 and skipped.empty and list(skipped.columns) == ["path", "error"]
+    assert frame["path"].tolist() == sorted(frame["path"])
+    again, _ = _build(tmp_path, source="folder", path=str(folder), verify_images=False, max_images=3, seed=1)
+    assert again.equals(frame)
+
+
+def test_no_readable_images(tmp_path: Path) -> None:
+    _corrupt(tmp_path / "images" / "x.png")
+    with pytest.raises(ValueError, match=r"no readable images.*images"):
+        _build(tmp_path, source="folder", path=str(tmp_path / "images"))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".parquet"])
+def test_table_source(tmp_path: Path, suffix: str) -> None:
+    images = tmp_path / "photos"
+    _image(images / "one.png", (1, 2, 3))
+    _image(images / "two.jpg", (4, 5, 6))
+    _corrupt(images / "three.png")
+    table = pd.DataFrame(
+        {
+            "id": [10, 11, 12, 13],
+            "file": ["photos/one.png", "photos/two.jpg", "photos/three.png", str(images / "one.png")],
+            "user": ["ann", "bob", "cy", "dee"],
+            "tag": ["x", "y", "z", "w"],
+        }
+    )
+    path = tmp_path / f"table{suffix}"
+    if suffix == ".parquet":
+        table.to_parquet(path)
+    else:
+        table.to_csv(path, sep="," if suffix == ".csv" else "\t", index=False)
+    frame, skipped = _build(tmp_path, source="table", path=str(path), path_column="file", workers=2)
+    assert list(frame.columns) == ["id", "path", "source_id", "user", "tag"]
+    assert frame["id"].tolist() == [0, 1, 2]
+    assert frame["path"].tolist() == [
+        str(images / "one.png"),
+        str(images / "two.jpg"),
+        str(images / "one.png"),
+    ]
+    assert frame["user"].tolist() == ["ann", "bob", "dee"]
+    assert frame["source_id"].tolist() == [10, 11, 13]
+    assert skipped["path"].tolist() == [str(images / "three.png")]
+
+
+def test_table_missing_column(tmp_path: Path) -> None:
+    pd.DataFrame({"file": ["a.png"], "user": ["ann"]}).to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(ValueError, match=r"t\.csv has no column 'path' \(it has file, user\)"):
+        _build(tmp_path, source="table", path=str(tmp_path / "t.csv"))
+
+
+def _idx_images(prefix: str) -> np.ndarray:
+    """Fashion-MNIST pixels read independently of the module (16-byte header of idx3)."""
+    with gzip.open(IDX / f"{prefix}-images-idx3-ubyte.gz") as f:
+        return np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
+
+
+@pytest.mark.skipif(not IDX.exists(), reason="needs Debian's dataset-fashion-mnist")
+def test_fashion_mnist(tmp_path: Path) -> None:
+    root = tmp_path / "fmnist"
+    frame, skipped = _build(tmp_path, source="fashion-mnist", path=str(root), max_images=60, seed=3)
+    assert len(frame) == 60 and skipped.empty
+    assert sorted(map(str, root.rglob("*.png"))) == sorted(frame["path"])
+    assert set(frame["label"]) <= set(FASHION_MNIST_CLASSES)
+    assert set(frame["split"]) <= {"train", "test"}
+    pixels = {"train": _idx_images("train"), "test": _idx_images("t10k")}
+    for row in frame.iloc[[0, -1]].itertuples():
+        path = Path(row.path)
+        assert FASHION_MNIST_CLASSES[int(path.parent.name)] == row.label
+        assert np.array_equal(np.asarray(Image.open(path)), pixels[row.split][int(path.stem)])
+
+    again, _ = _build(tmp_path, source="fashion-mnist", path=str(root), max_images=60, seed=3)
+    assert again.equals(frame)
+    other, _ = _build(tmp_path, source="fashion-mnist", path=str(root), max_images=60, seed=4)
+    assert set(other["path"]) != set(frame["path"])
+
+
+def test_unknown_source(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r", ".join(SOURCES)):
+        _build(tmp_path, source="imagenet", path=str(tmp_path))
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*data\.path"):
+        _build(tmp_path, source="folder", path=str(tmp_path / "nowhere"))
+
+
+def test_read_manifest_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"absent\.parquet"):
+        read_manifest(str(tmp_path / "absent.parquet"))
+    _corrupt(tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=r"bad\.parquet"):
+        read_manifest(str(tmp_path / "bad.parquet"))
+
+
+def test_image_dataset(tmp_path: Path) -> None:
+    good = _image(tmp_path / "good.png", (10, 20, 30), size=(40, 30))
+    bad = _corrupt(tmp_path / "bad.jpg")
+    dataset = ImageDataset([str(good), str(bad)], [7, 8], feature_transform(16))
+    image, index = dataset[0]
+    assert image.shape == (3, 16, 16) and index == 7
+    with pytest.raises(UnreadableImageError, match=r"bad\.jpg.*delete the manifest"):
+        dataset[1]
+
+
+def test_transforms(tmp_path: Path) -> None:
+    image = Image.new("RGB", (50, 37), (128, 64, 0))
+    assert feature_transform(24)(image).shape == (3, 24, 24)
+    assert train_transform(24)(image).shape == (3, 24, 24)

@@ -1,0 +1,80 @@
+"""Checkpoints: dicts with fixed keys, restored strictly by name, saved atomically.
+
+A model checkpoint holds ``arch``, ``sobel``, ``round`` and ``model`` (the backbone's
+state dict); a training block adds its heads, optimiser, sampler and RNG states.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Any
+
+import torch
+
+from deepercluster.errors import CheckpointError
+from deepercluster.files import atomic_output
+from deepercluster.models import ConvNet, build_model
+
+log = logging.getLogger(__name__)
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """``torch.save`` to a temporary file, then rename: the live checkpoint is never half-written."""
+    with atomic_output(path) as partial:
+        torch.save(state, partial)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint on the CPU, with one clear message when it is missing or unreadable."""
+    if not os.path.exists(path):
+        raise CheckpointError(
+            f"checkpoint {path} does not exist: check the path in the config "
+            "(init_checkpoint or checkpoints:), or let the workflow build it"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({type(error).__name__}: {error}); "
+            "it is truncated or not a PyTorch file: delete it and rerun the stage that makes it"
+        ) from error
+
+
+def load_model(path: str | os.PathLike) -> tuple[ConvNet, dict[str, Any]]:
+    """(backbone, checkpoint) of a model checkpoint, restored strictly: every key must match by name."""
+    checkpoint = load_checkpoint(path)
+    missing = {"arch", "sobel", "model"} - set(checkpoint)
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} lacks {sorted(missing)}: it was not written by deepercluster"
+        )
+    model = build_model(checkpoint["arch"], checkpoint["sobel"])
+    try:
+        model.load_state_dict(checkpoint["model"], strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"checkpoint {path} does not fit {checkpoint['arch']}: {error}") from error
+    return model, checkpoint
+
+
+def initial_checkpoint(
+    *, arch: str, sobel: bool, seed: int, out: str, init_checkpoint: str | None = None
+) -> None:
+    """Stage 'init': round 0's checkpoint, a seeded random init or a copy of ``init_checkpoint``."""
+    if init_checkpoint:
+        _, checkpoint = load_model(init_checkpoint)
+        if (checkpoint["arch"], checkpoint["sobel"]) != (arch, sobel):
+            raise CheckpointError(
+                f"init_checkpoint {init_checkpoint} is a {checkpoint['arch']} "
+                f"with sobel={checkpoint['sobel']}, the config asks for {arch} with sobel={sobel}: "
+                "set model.arch and model.sobel to match it"
+            )
+        log.info("round 0 starts from %s", init_checkpoint)
+        with atomic_output(out) as partial:
+            shutil.copyfile(init_checkpoint, partial)
+        return
+    torch.manual_seed(seed)
+    model = build_model(arch, sobel)
+    log.info("round 0 is a random %s (sobel=%s, seed %d)", arch, sobel, seed)
+    save_checkpoint(out, {"arch": arch, "sobel": sobel, "round": 0, "model": model.state_dict()})

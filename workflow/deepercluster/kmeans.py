@@ -1,0 +1,164 @@
+"""Distributed k-means over a ``FeatureSource``: the clustering step of both papers.
+
+Each rank assigns its own rows to the nearest centroid with faiss and accumulates
+per-cluster counts and feature sums; only those are summed across ranks
+(``all_reduce_sum``, the identity on one process), so every rank ends each iteration with
+the same centroids. Empty clusters are re-seeded by splitting a non-empty one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import torch
+
+from deepercluster.distributed import all_gather_objects, all_reduce_sum
+from deepercluster.shards import FeatureSource
+
+log = logging.getLogger(__name__)
+
+SPLIT_EPS = 1.0 / 1024  # relative perturbation of the two halves of a split cluster (as faiss)
+FINAL_SPLITS = 10  # re-seed-and-reassign attempts when the final assignment leaves a cluster empty
+
+
+@dataclass
+class KMeansResult:
+    centroids: np.ndarray  # [k, dim] float32
+    ids: np.ndarray  # [n_local] int64: this rank's rows
+    assignments: np.ndarray  # [n_local] int64: cluster of each of those rows
+    objective: np.ndarray  # [iterations + 1]: sum of squared distances at each assignment pass
+    reseeded: np.ndarray  # [iterations + 1]: empty clusters re-seeded after each pass
+    sizes: np.ndarray  # [k] int64: global cluster sizes of the final assignment
+
+
+def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cluster index, squared distance) of each row, exact search on GPU when faiss has one."""
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    if faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), torch.cuda.current_device(), index)
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    distances, labels = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+    return labels[:, 0].astype(np.int64), distances[:, 0].astype(np.float64)
+
+
+def assign(
+    source: FeatureSource, centroids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """One pass over this rank's rows: (ids, their clusters; counts, sums and objective over all ranks)."""
+    k, dim = centroids.shape
+    counts, sums, objective = (
+        torch.zeros(k, dtype=torch.float64),
+        torch.zeros(k, dim, dtype=torch.float64),
+        0.0,
+    )
+    all_ids, all_labels = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for ids, x in source.chunks():
+        labels, distances = nearest_centroid(x, centroids)
+        counts += torch.from_numpy(np.bincount(labels, minlength=k).astype(np.float64))
+        sums.index_add_(0, torch.from_numpy(labels), torch.from_numpy(x).double())
+        objective += distances.sum()
+        all_ids.append(ids)
+        all_labels.append(labels)
+    totals = all_reduce_sum(
+        torch.cat([counts, sums.flatten(), torch.tensor([objective], dtype=torch.float64)])
+    )
+    counts, sums = totals[:k].numpy().astype(np.int64), totals[k:-1].view(k, dim).numpy()
+    return np.concatenate(all_ids), np.concatenate(all_labels), counts, sums, float(totals[-1])
+
+
+def split_empty_clusters(centroids: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> int:
+    """Re-seed each empty cluster from a random non-empty one, in place; return how many.
+
+    The chosen cluster (probability proportional to its size beyond one point) is copied
+    with a tiny symmetric perturbation, so the next assignment splits its points between
+    the two. The same ``rng`` on every rank keeps the centroids identical.
+    """
+    empty = np.flatnonzero(counts == 0)
+    for i in empty:
+        weights = np.maximum(counts - 1, 0)
+        if weights.sum() == 0:
+            break  # every cluster holds at most one point: nothing left to split
+        j = rng.choice(len(counts), p=weights / weights.sum())
+        sign = np.where(np.arange(centroids.shape[1]) % 2 == 0, 1.0, -1.0)
+        centroids[i] = centroids[j] * (1 + sign * SPLIT_EPS)
+        centroids[j] = centroids[j] * (1 - sign * SPLIT_EPS)
+        counts[i] = counts[j] // 2
+        counts[j] -= counts[i]
+    return len(empty)
+
+
+def initial_centroids(source: FeatureSource, k: int, seed: int) -> np.ndarray:
+    """k rows chosen by a seeded hash of their ids: the same choice on any number of ranks."""
+    best_ids, best_keys = np.zeros(0, np.int64), np.zeros(0, np.uint64)
+    for ids, _ in source.chunks():
+        keys = np.concatenate([best_keys, id_hash(ids, seed)])
+        pool = np.concatenate([best_ids, ids])
+        keep = np.argsort(keys, kind="stable")[:k]
+        best_ids, best_keys = pool[keep], keys[keep]
+    gathered = all_gather_objects((best_ids, best_keys))
+    pool, keys = (np.concatenate(parts) for parts in zip(*gathered, strict=True))
+    chosen = pool[np.argsort(keys, kind="stable")[:k]]
+    if len(chosen) < k:
+        raise ValueError(f"k-means with k={k} needs at least {k} rows, the data has {len(chosen)}")
+    order = np.argsort(chosen)
+    rows = torch.zeros(k, source.dim, dtype=torch.float64)
+    for ids, x in source.chunks():
+        held = np.isin(ids, chosen)
+        rows[order[np.searchsorted(chosen[order], ids[held])]] = torch.from_numpy(x[held]).double()
+    return all_reduce_sum(rows).numpy().astype(np.float32)
+
+
+def id_hash(ids: np.ndarray, seed: int) -> np.ndarray:
+    """splitmix64 of (seed, id): a seeded random key per id, independent of where the id lives."""
+    with np.errstate(over="ignore"):
+        z = ids.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def kmeans(source: FeatureSource, k: int, iterations: int, seed: int) -> KMeansResult:
+    """Lloyd's k-means over every rank's rows; seeded, so the same inputs give the same clusters.
+
+    Each of ``iterations`` passes assigns, recomputes centroids from the reduced sums and
+    re-seeds empty clusters; a final pass assigns with the final centroids, re-seeding and
+    re-assigning while a cluster is empty (at most ``FINAL_SPLITS`` times).
+    """
+    rng = np.random.default_rng(seed)
+    centroids = initial_centroids(source, k, seed)
+    objective, reseeded = [], []
+    for iteration in range(iterations):
+        _, _, counts, sums, loss = assign(source, centroids)
+        filled = counts > 0
+        centroids[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+        objective.append(loss)
+        reseeded.append(split_empty_clusters(centroids, counts, rng))
+        log.info(
+            "k-means k=%d iteration %d/%d: objective %.6g, %d empty clusters re-seeded",
+            k,
+            iteration + 1,
+            iterations,
+            loss,
+            reseeded[-1],
+        )
+    final_reseeded = 0
+    for _ in range(FINAL_SPLITS):
+        ids, labels, counts, _, loss = assign(source, centroids)
+        if (counts > 0).all():
+            break
+        final_reseeded += split_empty_clusters(centroids, counts, rng)
+    objective.append(loss)
+    reseeded.append(final_reseeded)
+    log.info(
+        "k-means k=%d done: objective %.6g, cluster sizes min %d median %d max %d, %d empty",
+        k,
+        loss,
+        counts.min(),
+        int(np.median(counts)),
+        counts.max(),
+        int((counts == 0).sum()),
+    )
+    return KMeansResult(centroids, ids, labels, np.array(objective), np.array(reseeded), counts)

@@ -1,0 +1,89 @@
+"""Pseudo-labels of a round: each image's super-cluster and sub-cluster, their sizes, and NMI."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import h5py
+import numpy as np
+import pandas as pd
+from sklearn.metrics import normalized_mutual_info_score
+
+from deepercluster.cluster import read_assignments
+from deepercluster.data import metadata_columns, read_manifest
+from deepercluster.files import atomic_output
+
+log = logging.getLogger(__name__)
+
+
+def read_labels(path: str) -> pd.DataFrame:
+    """A labels table: id, super_cluster, sub_cluster (index inside its super-cluster)."""
+    return pd.read_parquet(path)
+
+
+def cluster_of(labels: pd.DataFrame) -> pd.Series:
+    """One flat cluster id per image: (super_cluster, sub_cluster) as a single integer."""
+    width = int(labels["sub_cluster"].max()) + 1
+    return labels["super_cluster"] * width + labels["sub_cluster"]
+
+
+def nmi(a: pd.Series, b: pd.Series) -> float:
+    """NMI between two labellings indexed by id, over the ids where both are present."""
+    joined = pd.concat([a.rename("a"), b.rename("b")], axis=1, join="inner").dropna()
+    return float(normalized_mutual_info_score(joined["a"].astype(str), joined["b"].astype(str)))
+
+
+def make_labels(
+    *,
+    manifest: str,
+    super_file: str,
+    sub_files: list[str],
+    out: str,
+    sizes: str,
+    nmi_out: str,
+    previous: str | None = None,
+) -> None:
+    """Stage 'labels': join both levels into ``labels.parquet``; write ``cluster_sizes.tsv``, ``nmi.json``.
+
+    NMI is computed between the flat clustering and every metadata column of the manifest,
+    and against ``previous`` (the previous round's labels) when given.
+    """
+    images = read_manifest(manifest).set_index("id")
+    ids, super_cluster = read_assignments(super_file)
+    sub_cluster = np.full(len(ids), -1, np.int64)
+    for s, path in enumerate(sub_files):
+        with h5py.File(path, "r") as f:
+            if int(f.attrs["super_cluster"]) != s:
+                raise ValueError(f"{path} holds super-cluster {f.attrs['super_cluster']}, expected {s}")
+        sub_ids, sub_assignments = read_assignments(path)
+        position = np.searchsorted(ids, sub_ids)
+        if not (super_cluster[position] == s).all():
+            raise ValueError(f"{path} does not match {super_file}: rerun its sub_clusters stage")
+        sub_cluster[position] = sub_assignments
+    if len(ids) != len(images) or (sub_cluster < 0).any() or not np.array_equal(ids, images.index.to_numpy()):
+        raise ValueError(
+            f"{super_file} and the sub-cluster files do not cover every image of {manifest} once"
+        )
+
+    labels = pd.DataFrame({"id": ids, "super_cluster": super_cluster, "sub_cluster": sub_cluster})
+    counts = labels.groupby(["super_cluster", "sub_cluster"]).size().rename("size").reset_index()
+    flat = cluster_of(labels.set_index("id"))
+    scores = {column: nmi(flat, images[column]) for column in metadata_columns(images.reset_index())}
+    scores["previous_round"] = (
+        nmi(flat, cluster_of(read_labels(previous).set_index("id"))) if previous else None
+    )
+    log.info(
+        "%d images in %d clusters (%d super-clusters); NMI %s",
+        len(labels),
+        len(counts),
+        labels["super_cluster"].nunique(),
+        json.dumps(scores),
+    )
+
+    with atomic_output(out) as partial:
+        labels.to_parquet(partial, index=False)
+    with atomic_output(sizes) as partial:
+        counts.to_csv(partial, sep="\t", index=False)
+    with atomic_output(nmi_out) as partial:
+        partial.write_text(json.dumps(scores, indent=2) + "\n")

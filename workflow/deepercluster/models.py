@@ -1,0 +1,151 @@
+"""The convnets of the papers, each a plain ``nn.Module`` whose ``forward`` returns "the feature".
+
+- ``vgg16_bn``: VGG-16 with BatchNorm, DeeperCluster's backbone (Caron et al., 2019,
+  https://arxiv.org/abs/1905.01278).
+- ``alexnet_bn``: AlexNet with BatchNorm, DeepCluster's backbone (Caron et al., 2018,
+  https://arxiv.org/abs/1807.05520).
+- ``small_convnet``: the same shape at 28-64 px, for laptops and tests.
+
+Every model is ``sobel`` (optional) -> ``features`` (convs) -> ``avgpool`` -> ``classifier``;
+the classifier's last Linear output, before any ReLU, is the feature used for clustering.
+The training heads (``objectives``) put ReLU then Linear on top of it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Conv widths, "M" a 2x2 max-pool (torchvision's table for VGG-16, config "D").
+CFGS: dict[str, list[int | str]] = {
+    "vgg16_bn": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "small_convnet": [32, "M", 64, "M", 128, "M"],
+}
+
+
+class Sobel(nn.Module):
+    """Frozen greyscale (1x1 conv averaging RGB) then the two Sobel kernels (3x3 conv): 2 channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grayscale = nn.Conv2d(3, 1, kernel_size=1)
+        self.grayscale.weight.data.fill_(1.0 / 3.0)
+        self.grayscale.bias.data.zero_()
+        self.sobel = nn.Conv2d(1, 2, kernel_size=3, padding=1)
+        dx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
+        self.sobel.weight.data.copy_(torch.stack([dx, dx.t()]).unsqueeze(1))
+        self.sobel.bias.data.zero_()
+        for p in self.parameters():
+            p.requires_grad = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sobel(self.grayscale(x))
+
+
+def make_layers(cfg: list[int | str], in_channels: int) -> nn.Sequential:
+    """3x3 conv, BatchNorm, ReLU per width; max-pool at each "M"."""
+    layers: list[nn.Module] = []
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [
+                nn.Conv2d(in_channels, int(v), 3, padding=1),
+                nn.BatchNorm2d(int(v)),
+                nn.ReLU(inplace=True),
+            ]
+            in_channels = int(v)
+    return nn.Sequential(*layers)
+
+
+def conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int = 0) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, kernel, stride, padding), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+class ConvNet(nn.Module):
+    """``sobel`` -> ``features`` -> ``avgpool`` -> ``classifier``; ``forward`` returns the feature."""
+
+    def __init__(self, features: nn.Sequential, pool: int, hidden: int, sobel: bool) -> None:
+        super().__init__()
+        self.sobel = Sobel() if sobel else None
+        self.features = features
+        self.avgpool = nn.AdaptiveAvgPool2d((pool, pool))
+        channels = [m.out_channels for m in features if isinstance(m, nn.Conv2d)][-1]
+        self.classifier = nn.Sequential(
+            nn.Dropout(0.5),
+            nn.Linear(channels * pool * pool, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
+            nn.Linear(hidden, hidden),
+        )
+        self.feature_dim = hidden
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d) and m.weight.requires_grad:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def conv_layers(self) -> list[nn.Module]:
+        """The ReLU after each conv, in order: where the linear probes read activations."""
+        return [m for m in self.features if isinstance(m, nn.ReLU)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sobel is not None:
+            x = self.sobel(x)
+        x = self.avgpool(self.features(x))
+        return self.classifier(torch.flatten(x, 1))
+
+
+def vgg16_bn(*, sobel: bool = True) -> ConvNet:
+    """VGG-16 with BatchNorm after every conv; classifier 25088 -> 4096 -> 4096 (DeeperCluster).
+
+    Args:
+        sobel: put the frozen Sobel filter in front (2 input channels instead of 3).
+    """
+    features = make_layers(CFGS["vgg16_bn"], in_channels=2 if sobel else 3)
+    return ConvNet(features, pool=7, hidden=4096, sobel=sobel)
+
+
+def alexnet_bn(*, sobel: bool = True) -> ConvNet:
+    """AlexNet with BatchNorm: convs 96-11/4, 256-5, 384-3, 384-3, 256-3; classifier -> 4096 (DeepCluster).
+
+    Args:
+        sobel: put the frozen Sobel filter in front (2 input channels instead of 3).
+    """
+    pool = nn.MaxPool2d(kernel_size=3, stride=2)
+    features = nn.Sequential(
+        *conv_bn(2 if sobel else 3, 96, 11, stride=4, padding=2), pool,
+        *conv_bn(96, 256, 5, padding=2), pool,
+        *conv_bn(256, 384, 3, padding=1),
+        *conv_bn(384, 384, 3, padding=1),
+        *conv_bn(384, 256, 3, padding=1), pool,
+    )  # fmt: skip
+    return ConvNet(features, pool=6, hidden=4096, sobel=sobel)
+
+
+def small_convnet(*, sobel: bool = True) -> ConvNet:
+    """Three conv-BN-ReLU-pool stages (32, 64, 128) and a 256-d feature, for 28-64 px images.
+
+    Args:
+        sobel: put the frozen Sobel filter in front (2 input channels instead of 3).
+    """
+    features = make_layers(CFGS["small_convnet"], in_channels=2 if sobel else 3)
+    return ConvNet(features, pool=4, hidden=256, sobel=sobel)
+
+
+ARCHITECTURES = {"vgg16_bn": vgg16_bn, "alexnet_bn": alexnet_bn, "small_convnet": small_convnet}
+
+
+def build_model(arch: str, sobel: bool) -> ConvNet:
+    """The model named ``arch``; an unknown name raises ``ValueError`` listing the valid ones."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown model.arch {arch!r}; valid: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[arch](sobel=sobel)

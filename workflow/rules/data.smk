@@ -1,0 +1,40 @@
+checkpoint manifest:
+    output:
+        manifest="results/data/manifest.parquet",
+        skipped="results/data/skipped.tsv",
+    params:
+        options=options(
+            seed=config["seed"],
+            source=config["data"]["source"],
+            path=config["data"]["path"],
+            path_column=config["data"]["path_column"],
+            label_from_folder=config["data"]["label_from_folder"],
+            max_images=config["data"]["max_images"],
+            verify_images=config["data"]["verify_images"],
+            workers=config["data"]["workers"],
+        ),
+    log:
+        "results/logs/data/manifest.log",
+    benchmark:
+        "results/benchmarks/data/manifest.tsv"
+    threads: max(1, config["data"]["workers"])
+    shell:
+        "{DEEPERCLUSTER} manifest {params.options}"
+        " --manifest {output.manifest} --skipped {output.skipped} > {log} 2>&1"
+
+
+rule initial_checkpoint:
+    input:
+        config["init_checkpoint"] or [],
+    output:
+        "results/rounds/0/checkpoint.pt",
+    params:
+        options=options(
+            seed=config["seed"], init_checkpoint=config["init_checkpoint"], **config["model"]
+        ),
+    log:
+        "results/logs/rounds/0/checkpoint.log",
+    benchmark:
+        "results/benchmarks/rounds/0/checkpoint.tsv"
+    shell:
+        "{DEEPERCLUSTER} init {params.options} --out {output} > {log} 2>&1"

@@ -1,0 +1,21 @@
+rule features:
+    input:
+        manifest="results/data/manifest.parquet",
+        checkpoint=previous_checkpoint,
+    output:
+        "results/rounds/{round}/features/shard-{shard}.h5",
+    params:
+        options=options(
+            shard_size=config["features"]["shard_size"],
+            batch_size=config["features"]["batch_size"],
+            image_size=config["data"]["image_size"],
+            workers=config["data"]["workers"],
+        ),
+    log:
+        "results/logs/rounds/{round}/features/shard-{shard}.log",
+    benchmark:
+        "results/benchmarks/rounds/{round}/features/shard-{shard}.tsv"
+    threads: 2
+    shell:
+        "{DEEPERCLUSTER} --threads {threads} features {params.options} --shard {wildcards.shard}"
+        " --manifest {input.manifest} --checkpoint {input.checkpoint} --out {output} > {log} 2>&1"
