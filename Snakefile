@@ -17,4 +17,4 @@ include: "workflow/rules/cluster.smk"
 
 rule all:
     input:
-        default_targets(),
+        default_targets,

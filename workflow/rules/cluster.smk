@@ -1,8 +1,15 @@
 rule pca:
     input:
-        feature_shards,
+        lambda wildcards: shard_files(wildcards.round),
     output:
         "results/rounds/{round}/pca.h5",
+    log:
+        "results/logs/rounds/{round}/pca.log",
+    benchmark:
+        "results/benchmarks/rounds/{round}/pca.tsv"
+    conda:
+        ENV
+    threads: 2
     params:
         seed=round_seed,
         options=options(
@@ -10,22 +17,24 @@ rule pca:
             sample_size=config["pca"]["sample_size"],
             eigenvalue_floor=config["pca"]["eigenvalue_floor"],
         ),
-    log:
-        "results/logs/rounds/{round}/pca.log",
-    benchmark:
-        "results/benchmarks/rounds/{round}/pca.tsv"
-    threads: 2
     shell:
-        "{DEEPERCLUSTER} --threads {threads} pca {params.options} --seed {params.seed}"
+        "python -m deepercluster --threads {threads} pca {params.options} --seed {params.seed}"
         " --shards {input} --out {output} > {log} 2>&1"
 
 
 rule super_clusters:
     input:
-        shards=feature_shards,
+        shards=lambda wildcards: shard_files(wildcards.round),
         pca="results/rounds/{round}/pca.h5",
     output:
         "results/rounds/{round}/clusters/super.h5",
+    log:
+        "results/logs/rounds/{round}/clusters/super.log",
+    benchmark:
+        "results/benchmarks/rounds/{round}/clusters/super.tsv"
+    conda:
+        ENV
+    threads: 2
     params:
         seed=round_seed,
         options=options(
@@ -33,23 +42,25 @@ rule super_clusters:
             iterations=config["kmeans"]["iterations"],
             cache_mb=config["kmeans"]["cache_mb"],
         ),
-    log:
-        "results/logs/rounds/{round}/clusters/super.log",
-    benchmark:
-        "results/benchmarks/rounds/{round}/clusters/super.tsv"
-    threads: 2
     shell:
-        "{DEEPERCLUSTER} --threads {threads} super-clusters {params.options} --seed {params.seed}"
+        "python -m deepercluster --threads {threads} super-clusters {params.options} --seed {params.seed}"
         " --shards {input.shards} --pca {input.pca} --out {output} > {log} 2>&1"
 
 
 rule sub_clusters:
     input:
-        shards=feature_shards,
+        shards=lambda wildcards: shard_files(wildcards.round),
         pca="results/rounds/{round}/pca.h5",
         super_file="results/rounds/{round}/clusters/super.h5",
     output:
         "results/rounds/{round}/clusters/sub-{super_cluster}.h5",
+    log:
+        "results/logs/rounds/{round}/clusters/sub-{super_cluster}.log",
+    benchmark:
+        "results/benchmarks/rounds/{round}/clusters/sub-{super_cluster}.tsv"
+    conda:
+        ENV
+    threads: 2
     params:
         seed=round_seed,
         options=options(
@@ -57,13 +68,8 @@ rule sub_clusters:
             iterations=config["kmeans"]["iterations"],
             cache_mb=config["kmeans"]["cache_mb"],
         ),
-    log:
-        "results/logs/rounds/{round}/clusters/sub-{super_cluster}.log",
-    benchmark:
-        "results/benchmarks/rounds/{round}/clusters/sub-{super_cluster}.tsv"
-    threads: 2
     shell:
-        "{DEEPERCLUSTER} --threads {threads} sub-clusters {params.options} --seed {params.seed}"
+        "python -m deepercluster --threads {threads} sub-clusters {params.options} --seed {params.seed}"
         " --super-cluster {wildcards.super_cluster} --shards {input.shards} --pca {input.pca}"
         " --super-file {input.super_file} --out {output} > {log} 2>&1"
 
@@ -72,19 +78,21 @@ rule labels:
     input:
         manifest="results/data/manifest.parquet",
         super_file="results/rounds/{round}/clusters/super.h5",
-        sub_files=sub_cluster_files,
+        sub_files=lambda wildcards: sub_cluster_files(wildcards.round),
         previous=previous_labels,
     output:
         labels="results/rounds/{round}/labels.parquet",
         sizes="results/rounds/{round}/cluster_sizes.tsv",
         nmi="results/rounds/{round}/nmi.json",
-    params:
-        previous=lambda wildcards, input: options(previous=input.previous or None),
     log:
         "results/logs/rounds/{round}/labels.log",
     benchmark:
         "results/benchmarks/rounds/{round}/labels.tsv"
+    conda:
+        ENV
+    params:
+        previous=lambda wildcards, input: options(previous=input.previous or None),
     shell:
-        "{DEEPERCLUSTER} labels --manifest {input.manifest} --super-file {input.super_file}"
+        "python -m deepercluster labels --manifest {input.manifest} --super-file {input.super_file}"
         " --sub-files {input.sub_files} {params.previous} --out {output.labels}"
         " --sizes {output.sizes} --nmi-out {output.nmi} > {log} 2>&1"

@@ -1,10 +1,10 @@
 import shlex
 
 import pandas as pd
-from snakemake.utils import validate
 
+from deepercluster.config import validate_config
 
-validate(config, schema="../schemas/config.schema.yaml")
+validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 
 
 wildcard_constraints:
@@ -13,23 +13,50 @@ wildcard_constraints:
     super_cluster=r"\d+",
 
 
-DEEPERCLUSTER = "python -m deepercluster"
+ENV = "../../envs/deepercluster.yaml"
 
 
 def options(**values):
     """Config values as a stage's command-line options: --name value, --flag/--no-flag; None is left out."""
     words = []
     for name, value in values.items():
-        flag = "--" + name.replace("_", "-")
+        flag = f"--{name.replace('_', '-')}"
         if isinstance(value, bool):
-            words.append(flag if value else "--no-" + flag[2:])
+            words.append(flag if value else f"--no-{flag[2:]}")
         elif value is not None:
             words += [flag, *map(str, value if isinstance(value, list) else [value])]
     return shlex.join(words)
 
 
-def default_targets():
-    return ["results/rounds/1/labels.parquet"]
+def shard_files(r):
+    """Every feature shard of round r; their number is known once the manifest exists."""
+    manifest = checkpoints.manifest.get().output.manifest
+    images = pd.read_parquet(manifest, columns=["id"]).shape[0]
+    shards = -(-images // config["features"]["shard_size"])
+    return [f"results/rounds/{r}/features/shard-{i}.h5" for i in range(shards)]
+
+
+def sub_cluster_files(r):
+    """One level-2 clusters file per super-cluster of round r."""
+    return [
+        f"results/rounds/{r}/clusters/sub-{s}.h5"
+        for s in range(config["kmeans"]["super_clusters"])
+    ]
+
+
+def round_outputs(r):
+    """Every file round r's stages make: deleting any of them reruns it and what depends on it."""
+    return [
+        *shard_files(r),
+        f"results/rounds/{r}/pca.h5",
+        f"results/rounds/{r}/clusters/super.h5",
+        *sub_cluster_files(r),
+        f"results/rounds/{r}/labels.parquet",
+    ]
+
+
+def default_targets(wildcards):
+    return round_outputs(1)
 
 
 def round_seed(wildcards):
@@ -40,21 +67,6 @@ def round_seed(wildcards):
 def previous_checkpoint(wildcards):
     """Round r's features come from round r-1's checkpoint (round 0: the initial weights)."""
     return f"results/rounds/{int(wildcards.round) - 1}/checkpoint.pt"
-
-
-def feature_shards(wildcards):
-    """Every shard of round r; their number is known once the manifest exists."""
-    manifest = checkpoints.manifest.get().output.manifest
-    images = pd.read_parquet(manifest, columns=["id"]).shape[0]
-    shards = -(-images // config["features"]["shard_size"])
-    return [f"results/rounds/{wildcards.round}/features/shard-{i}.h5" for i in range(shards)]
-
-
-def sub_cluster_files(wildcards):
-    return [
-        f"results/rounds/{wildcards.round}/clusters/sub-{s}.h5"
-        for s in range(config["kmeans"]["super_clusters"])
-    ]
 
 
 def previous_labels(wildcards):

@@ -2,6 +2,13 @@ checkpoint manifest:
     output:
         manifest="results/data/manifest.parquet",
         skipped="results/data/skipped.tsv",
+    log:
+        "results/logs/data/manifest.log",
+    benchmark:
+        "results/benchmarks/data/manifest.tsv"
+    conda:
+        ENV
+    threads: max(1, config["data"]["workers"])
     params:
         options=options(
             seed=config["seed"],
@@ -13,13 +20,8 @@ checkpoint manifest:
             verify_images=config["data"]["verify_images"],
             workers=config["data"]["workers"],
         ),
-    log:
-        "results/logs/data/manifest.log",
-    benchmark:
-        "results/benchmarks/data/manifest.tsv"
-    threads: max(1, config["data"]["workers"])
     shell:
-        "{DEEPERCLUSTER} manifest {params.options}"
+        "python -m deepercluster manifest {params.options}"
         " --manifest {output.manifest} --skipped {output.skipped} > {log} 2>&1"
 
 
@@ -28,13 +30,17 @@ rule initial_checkpoint:
         config["init_checkpoint"] or [],
     output:
         "results/rounds/0/checkpoint.pt",
-    params:
-        options=options(
-            seed=config["seed"], init_checkpoint=config["init_checkpoint"], **config["model"]
-        ),
     log:
         "results/logs/rounds/0/checkpoint.log",
     benchmark:
         "results/benchmarks/rounds/0/checkpoint.tsv"
+    conda:
+        ENV
+    params:
+        options=options(
+            seed=config["seed"],
+            init_checkpoint=config["init_checkpoint"],
+            **config["model"],
+        ),
     shell:
-        "{DEEPERCLUSTER} init {params.options} --out {output} > {log} 2>&1"
+        "python -m deepercluster init {params.options} --out {output} > {log} 2>&1"

@@ -4,6 +4,13 @@ rule features:
         checkpoint=previous_checkpoint,
     output:
         "results/rounds/{round}/features/shard-{shard}.h5",
+    log:
+        "results/logs/rounds/{round}/features/shard-{shard}.log",
+    benchmark:
+        "results/benchmarks/rounds/{round}/features/shard-{shard}.tsv"
+    conda:
+        ENV
+    threads: 2
     params:
         options=options(
             shard_size=config["features"]["shard_size"],
@@ -11,11 +18,6 @@ rule features:
             image_size=config["data"]["image_size"],
             workers=config["data"]["workers"],
         ),
-    log:
-        "results/logs/rounds/{round}/features/shard-{shard}.log",
-    benchmark:
-        "results/benchmarks/rounds/{round}/features/shard-{shard}.tsv"
-    threads: 2
     shell:
-        "{DEEPERCLUSTER} --threads {threads} features {params.options} --shard {wildcards.shard}"
+        "python -m deepercluster --threads {threads} features {params.options} --shard {wildcards.shard}"
         " --manifest {input.manifest} --checkpoint {input.checkpoint} --out {output} > {log} 2>&1"
