@@ -39,9 +39,7 @@ def test_defaults_fill_an_empty_config_and_the_demo_config_is_valid() -> None:
 
 
 def test_a_typo_is_named_with_the_valid_keys() -> None:
-    with pytest.raises(
-        ConfigError, match=r"unknown key\(s\) superclusters in kmeans; valid keys: super_clusters"
-    ):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) superclusters in kmeans; valid keys: super_clusters"):
         validate_config({"kmeans": {"superclusters": 4}})
     with pytest.raises(ConfigError, match=r"data\.source: 'imagenet' is not one of"):
         validate_config({"data": {"source": "imagenet"}})

@@ -41,9 +41,7 @@ def _corrupt(path: Path) -> Path:
 
 def _build(tmp_path: Path, **kwargs) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run the manifest stage into tmp_path; return the manifest and the skipped table."""
-    build_manifest(
-        manifest=str(tmp_path / "manifest.parquet"), skipped=str(tmp_path / "skipped.tsv"), **kwargs
-    )
+    build_manifest(manifest=str(tmp_path / "manifest.parquet"), skipped=str(tmp_path / "skipped.tsv"), **kwargs)
     return read_manifest(str(tmp_path / "manifest.parquet")), pd.read_csv(tmp_path / "skipped.tsv", sep="\t")
 
 
@@ -83,9 +81,7 @@ def test_folder_without_labels(tmp_path: Path, folder: Path) -> None:
 
 
 def test_folder_unverified_and_subsampled(tmp_path: Path, folder: Path) -> None:
-    frame, skipped = _build(
-        tmp_path, source="folder", path=str(folder), verify_images=False, max_images=3, seed=1
-    )
+    frame, skipped = _build(tmp_path, source="folder", path=str(folder), verify_images=False, max_images=3, seed=1)
     assert len(frame) == 3 and skipped.empty and list(skipped.columns) == ["path", "error"]
     assert frame["path"].tolist() == sorted(frame["path"])
     again, _ = _build(tmp_path, source="folder", path=str(folder), verify_images=False, max_images=3, seed=1)

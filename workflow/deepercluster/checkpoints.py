@@ -47,9 +47,7 @@ def load_model(path: str | os.PathLike) -> tuple[ConvNet, dict[str, Any]]:
     checkpoint = load_checkpoint(path)
     missing = {"arch", "sobel", "model"} - set(checkpoint)
     if missing:
-        raise CheckpointError(
-            f"checkpoint {path} lacks {sorted(missing)}: it was not written by deepercluster"
-        )
+        raise CheckpointError(f"checkpoint {path} lacks {sorted(missing)}: it was not written by deepercluster")
     model = build_model(checkpoint["arch"], checkpoint["sobel"])
     try:
         model.load_state_dict(checkpoint["model"], strict=True)
@@ -58,9 +56,7 @@ def load_model(path: str | os.PathLike) -> tuple[ConvNet, dict[str, Any]]:
     return model, checkpoint
 
 
-def initial_checkpoint(
-    *, arch: str, sobel: bool, seed: int, out: str, init_checkpoint: str | None = None
-) -> None:
+def initial_checkpoint(*, arch: str, sobel: bool, seed: int, out: str, init_checkpoint: str | None = None) -> None:
     """Stage 'init': round 0's checkpoint, a seeded random init or a copy of ``init_checkpoint``."""
     if init_checkpoint:
         _, checkpoint = load_model(init_checkpoint)

@@ -28,9 +28,7 @@ def level_seed(seed: int, super_cluster: int | None) -> int:
     return int(np.random.SeedSequence(key).generate_state(1)[0])
 
 
-def whitened_shards(
-    shards: list[str], pca: str, cache_mb: float, keep_ids: np.ndarray | None = None
-) -> ShardSource:
+def whitened_shards(shards: list[str], pca: str, cache_mb: float, keep_ids: np.ndarray | None = None) -> ShardSource:
     """This rank's share of the shards, PCA-whitened and L2-normalised."""
     context = init_distributed()
     whitening = Whitening.load(pca)
@@ -98,9 +96,7 @@ def cluster_sub(
     ids, assignments = read_assignments(super_file)
     members = ids[assignments == super_cluster]
     if len(members) == 0:
-        raise ValueError(
-            f"super-cluster {super_cluster} of {super_file} is empty; rerun the super_clusters stage"
-        )
+        raise ValueError(f"super-cluster {super_cluster} of {super_file} is empty; rerun the super_clusters stage")
     k = min(sub_clusters, len(members))
     if k < sub_clusters:
         log.warning(

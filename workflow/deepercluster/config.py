@@ -37,9 +37,7 @@ def validate_config(config: dict[str, Any], schema_path: str | Path = SCHEMA) ->
         if error.validator == "additionalProperties":
             parent = error.schema["properties"]
             unknown = sorted(set(error.instance) - set(parent))
-            problems.append(
-                f"unknown key(s) {', '.join(unknown)} in {where}; valid keys: {', '.join(parent)}"
-            )
+            problems.append(f"unknown key(s) {', '.join(unknown)} in {where}; valid keys: {', '.join(parent)}")
         else:
             problems.append(f"{where}: {error.message}")
     if problems:

@@ -68,9 +68,7 @@ def build_manifest(
     if source not in SOURCES:
         raise ValueError(f"data.source is {source!r}; set it to one of {', '.join(SOURCES)}")
     if max_images is not None and max_images < 1:
-        raise ValueError(
-            f"data.max_images is {max_images}; set it to a positive number, or null for all images"
-        )
+        raise ValueError(f"data.max_images is {max_images}; set it to a positive number, or null for all images")
     root = Path(os.path.abspath(path))
     if source != "fashion-mnist" and not root.exists():
         raise FileNotFoundError(f"{root} does not exist; set data.path in the config to your images")
@@ -89,9 +87,7 @@ def build_manifest(
         _write_pngs(frame["path"].tolist(), pixels[keep])
     errors = _unreadable(frame["path"].tolist(), workers) if verify_images else {}
     with atomic_output(skipped) as partial:
-        pd.DataFrame({"path": list(errors), "error": list(errors.values())}).to_csv(
-            partial, sep="\t", index=False
-        )
+        pd.DataFrame({"path": list(errors), "error": list(errors.values())}).to_csv(partial, sep="\t", index=False)
     if errors:
         logger.warning("%d unreadable images skipped; they are listed in %s", len(errors), skipped)
     frame = frame[~frame["path"].isin(errors)].reset_index(drop=True)
@@ -104,9 +100,7 @@ def build_manifest(
         len(errors),
     )
     if frame.empty:
-        raise ValueError(
-            f"no readable images in {root} (looked for {looked_for}); fix data.path or data.source"
-        )
+        raise ValueError(f"no readable images in {root} (looked for {looked_for}); fix data.path or data.source")
     frame.insert(0, "id", np.arange(len(frame), dtype=np.int64))
     with atomic_output(manifest) as partial:
         frame.to_parquet(partial, index=False)
@@ -127,8 +121,7 @@ def _table_candidates(table: Path, path_column: str) -> tuple[pd.DataFrame, str]
     reader = TABLE_READERS.get(table.suffix.lower())
     if reader is None:
         raise ValueError(
-            f"{table} is not a table; set data.path to a {', '.join(TABLE_READERS)} file "
-            "for data.source 'table'"
+            f"{table} is not a table; set data.path to a {', '.join(TABLE_READERS)} file for data.source 'table'"
         )
     frame = reader(table)
     if path_column not in frame.columns:
@@ -166,10 +159,7 @@ def _load_fashion_mnist(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     if all(p.exists() for pair in files.values() for p in pair):
         return {split: (_read_idx(images), _read_idx(labels)) for split, (images, labels) in files.items()}
     try:
-        sets = {
-            s: FashionMNIST(root=root / "raw", train=s == "train", download=True)
-            for s in FASHION_MNIST_SPLITS
-        }
+        sets = {s: FashionMNIST(root=root / "raw", train=s == "train", download=True) for s in FASHION_MNIST_SPLITS}
     except (OSError, RuntimeError) as error:
         raise RuntimeError(
             f"Fashion-MNIST is not in {FASHION_MNIST_IDX} and torchvision could not download it ({error}); "
@@ -203,9 +193,7 @@ def _subsample(count: int, max_images: int | None, seed: int) -> np.ndarray:
 def _write_pngs(paths: Sequence[str], pixels: np.ndarray) -> None:
     """Write each greyscale image as a PNG, atomically; an existing file is kept."""
     written = 0
-    for path, image in progress(
-        zip(paths, pixels, strict=True), desc="write PNGs", total=len(paths), unit="img"
-    ):
+    for path, image in progress(zip(paths, pixels, strict=True), desc="write PNGs", total=len(paths), unit="img"):
         if not os.path.exists(path):
             with atomic_output(path) as partial:
                 Image.fromarray(image).save(partial, format="PNG")
@@ -277,13 +265,9 @@ def read_manifest(manifest: str) -> pd.DataFrame:
     try:
         frame = pd.read_parquet(manifest)
     except (OSError, ValueError) as error:
-        raise ValueError(
-            f"{manifest} is not a readable parquet file ({error}); delete it and rerun"
-        ) from error
+        raise ValueError(f"{manifest} is not a readable parquet file ({error}); delete it and rerun") from error
     if not {"id", "path"} <= set(frame.columns):
-        raise ValueError(
-            f"{manifest} has no 'id' and 'path' columns, so it is not a manifest; delete it and rerun"
-        )
+        raise ValueError(f"{manifest} has no 'id' and 'path' columns, so it is not a manifest; delete it and rerun")
     return frame
 
 

@@ -44,9 +44,7 @@ def extract_features(
     """
     rows = read_manifest(manifest).iloc[shard * shard_size : (shard + 1) * shard_size]
     if rows.empty:
-        raise ValueError(
-            f"shard {shard} of {manifest} is empty: features.shard_size changed since the manifest"
-        )
+        raise ValueError(f"shard {shard} of {manifest} is empty: features.shard_size changed since the manifest")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_model(checkpoint)
     model.to(device).eval()

@@ -62,9 +62,7 @@ def assign(
         objective += distances.sum()
         all_ids.append(ids)
         all_labels.append(labels)
-    totals = all_reduce_sum(
-        torch.cat([counts, sums.flatten(), torch.tensor([objective], dtype=torch.float64)])
-    )
+    totals = all_reduce_sum(torch.cat([counts, sums.flatten(), torch.tensor([objective], dtype=torch.float64)]))
     counts, sums = totals[:k].numpy().astype(np.int64), totals[k:-1].view(k, dim).numpy()
     return np.concatenate(all_ids), np.concatenate(all_labels), counts, sums, float(totals[-1])
 
@@ -76,8 +74,8 @@ def split_empty_clusters(centroids: np.ndarray, counts: np.ndarray, rng: np.rand
     with a tiny symmetric perturbation, so the next assignment splits its points between
     the two. The same ``rng`` on every rank keeps the centroids identical.
     """
-    empty = np.flatnonzero(counts == 0)
-    for i in empty:
+    reseeded = 0
+    for i in np.flatnonzero(counts == 0):
         weights = np.maximum(counts - 1, 0)
         if weights.sum() == 0:
             break  # every cluster holds at most one point: nothing left to split
@@ -87,7 +85,8 @@ def split_empty_clusters(centroids: np.ndarray, counts: np.ndarray, rng: np.rand
         centroids[j] = centroids[j] * (1 - sign * SPLIT_EPS)
         counts[i] = counts[j] // 2
         counts[j] -= counts[i]
-    return len(empty)
+        reseeded += 1
+    return reseeded
 
 
 def initial_centroids(source: FeatureSource, k: int, seed: int) -> np.ndarray:
@@ -145,10 +144,10 @@ def kmeans(source: FeatureSource, k: int, iterations: int, seed: int) -> KMeansR
             reseeded[-1],
         )
     final_reseeded = 0
-    for _ in range(FINAL_SPLITS):
+    for attempt in range(FINAL_SPLITS):
         ids, labels, counts, _, loss = assign(source, centroids)
-        if (counts > 0).all():
-            break
+        if (counts > 0).all() or attempt == FINAL_SPLITS - 1:
+            break  # the result is this assignment: its counts, centroids and objective agree
         final_reseeded += split_empty_clusters(centroids, counts, rng)
     objective.append(loss)
     reseeded.append(final_reseeded)

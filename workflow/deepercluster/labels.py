@@ -62,17 +62,13 @@ def make_labels(
             raise ValueError(f"{path} does not match {super_file}: rerun its sub_clusters stage")
         sub_cluster[position] = sub_assignments
     if len(ids) != len(images) or (sub_cluster < 0).any() or not np.array_equal(ids, images.index.to_numpy()):
-        raise ValueError(
-            f"{super_file} and the sub-cluster files do not cover every image of {manifest} once"
-        )
+        raise ValueError(f"{super_file} and the sub-cluster files do not cover every image of {manifest} once")
 
     labels = pd.DataFrame({"id": ids, "super_cluster": super_cluster, "sub_cluster": sub_cluster})
     counts = labels.groupby(["super_cluster", "sub_cluster"]).size().rename("size").reset_index()
     flat = cluster_of(labels.set_index("id"))
     scores = {column: nmi(flat, images[column]) for column in metadata_columns(images.reset_index())}
-    scores["previous_round"] = (
-        nmi(flat, cluster_of(read_labels(previous).set_index("id"))) if previous else None
-    )
+    scores["previous_round"] = nmi(flat, cluster_of(read_labels(previous).set_index("id"))) if previous else None
     log.info(
         "%d images in %d clusters (%d super-clusters); NMI %s",
         len(labels),

@@ -72,9 +72,7 @@ def fit_pca(
         with open_shard(path) as f:
             checkpoints.add(f.attrs["checkpoint_sha256"])
     if len(checkpoints) != 1:
-        raise ValueError(
-            f"the shards come from {len(checkpoints)} different checkpoints: rerun their extraction"
-        )
+        raise ValueError(f"the shards come from {len(checkpoints)} different checkpoints: rerun their extraction")
     counts = [shard_rows(p) for p in shards]
     chosen = sample_rows(counts, sample_size, seed)
     log.info("PCA on %d of %d rows from %d shards", len(chosen), sum(counts), len(shards))

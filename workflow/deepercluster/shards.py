@@ -94,16 +94,10 @@ class ShardSource:
         if self.count * dim * 4 <= cache_mb * 2**20:
             self._cache = list(self._stream())
         else:
-            log.info(
-                "%d rows exceed the %.0f MB cache: streaming them from disk each pass", self.count, cache_mb
-            )
+            log.info("%d rows exceed the %.0f MB cache: streaming them from disk each pass", self.count, cache_mb)
 
     def _keep_mask(self, ids: np.ndarray) -> np.ndarray:
-        return (
-            np.ones(len(ids), bool)
-            if self.keep_ids is None
-            else np.isin(ids, self.keep_ids, assume_unique=True)
-        )
+        return np.ones(len(ids), bool) if self.keep_ids is None else np.isin(ids, self.keep_ids, assume_unique=True)
 
     def _stream(self) -> Iterator[Chunk]:
         for ids, x in read_chunks(self.paths, self.chunk_rows):

@@ -1,0 +1,219 @@
+"""k-means on real whitened Fashion-MNIST features: descent, faiss parity, ranks, empty clusters, seeds."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import faiss
+import h5py
+import numpy as np
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from deepercluster.cluster import cluster_super, whitened_shards
+from deepercluster.distributed import init_distributed
+from deepercluster.kmeans import (
+    SPLIT_EPS,
+    id_hash,
+    initial_centroids,
+    kmeans,
+    nearest_centroid,
+    split_empty_clusters,
+)
+from deepercluster.pca import Whitening
+from deepercluster.shards import ShardSource
+
+pytestmark = pytest.mark.usefixtures("single_process")
+
+
+def _objective(x: np.ndarray, centroids: np.ndarray, assignments: np.ndarray) -> float:
+    """Sum of squared distances of each row to its assigned centroid, in float64."""
+    return float(((x.astype(np.float64) - centroids[assignments].astype(np.float64)) ** 2).sum())
+
+
+def test_objective_never_increases(real_data, whitened) -> None:
+    source = whitened_shards(real_data.shards, real_data.pca, cache_mb=64)
+    result = kmeans(source, k=20, iterations=12, seed=0)
+    objective = result.objective
+    assert objective.shape == (13,) and result.reseeded.shape == (13,)
+    # Lloyd's descent: each pass is no worse than the previous one (up to float noise).
+    assert np.all(objective[1:] <= objective[:-1] * (1 + 1e-6)), objective
+    assert objective[-1] < 0.9 * objective[0]  # it did move
+    # The last entry is the objective of the returned centroids and assignments.
+    ids, x = whitened
+    assert np.array_equal(result.ids, ids)
+    assert objective[-1] == pytest.approx(_objective(x, result.centroids, result.assignments), rel=1e-5)
+    assert np.array_equal(result.sizes, np.bincount(result.assignments, minlength=20))
+
+
+def test_matches_faiss_kmeans(whitened, array_source) -> None:
+    ids, x = whitened
+    k, iterations, seed = 40, 4, 3
+    source = array_source(ids, x)
+    ours = kmeans(source, k, iterations, seed)
+
+    reference = faiss.Kmeans(
+        x.shape[1],
+        k,
+        niter=iterations,
+        seed=seed,
+        max_points_per_centroid=len(x),  # no subsampling
+        min_points_per_centroid=1,
+        early_stop_threshold=-1.0,  # run all niter iterations, as ours does
+    )
+    reference.train(x, init_centroids=initial_centroids(source, k, seed))
+    # faiss's obj[i] is the objective of the assignment with the centroids after i updates,
+    # for i < niter, like our objective[i]: so our objective[iterations - 1] compares with
+    # faiss's last obj. Our extra last entry assigns with the centroids after all
+    # `iterations` updates, which compares with faiss's final centroids searched once more.
+    assert len(reference.obj) == iterations and len(ours.objective) == iterations + 1
+    assert ours.objective[iterations - 1] == pytest.approx(reference.obj[-1], rel=0.02)
+    distances, _ = reference.index.search(x, 1)
+    assert ours.objective[-1] == pytest.approx(float(distances.astype(np.float64).sum()), rel=0.02)
+    assert ours.objective[0] == pytest.approx(reference.obj[0], rel=1e-4)  # same initial centroids
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cluster_on_rank(rank: int, world_size: int, port: int, shards: list[str], pca: str, out: str) -> None:
+    """One of ``world_size`` real processes: join the gloo group, run the super_clusters stage."""
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        GLOO_SOCKET_IFNAME="lo",
+    )
+    context = init_distributed()
+    assert (context.rank, context.world_size) == (rank, world_size)
+    assert dist.is_initialized() and dist.get_backend() == "gloo"
+    # This rank's share of the shards, as the stage takes it.
+    rows = whitened_shards(shards, pca, cache_mb=64).count
+    Path(f"{out}.rank{rank}.rows").write_text(str(rows))
+    cluster_super(shards=shards, pca=pca, out=out, super_clusters=8, iterations=6, seed=5)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_two_ranks_match_one_rank(real_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    one, two = str(tmp_path / "one" / "super.h5"), str(tmp_path / "two" / "super.h5")
+    (tmp_path / "two").mkdir()
+    cluster_super(shards=real_data.shards, pca=real_data.pca, out=one, super_clusters=8, iterations=6, seed=5)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # two CPU ranks on gloo, even on a GPU machine
+    mp.spawn(
+        _cluster_on_rank,
+        args=(2, _free_port(), real_data.shards, real_data.pca, two),
+        nprocs=2,
+        join=True,
+    )
+    # Rank 0 read shards 0 and 2, rank 1 shard 1.
+    assert [int(Path(f"{two}.rank{r}.rows").read_text()) for r in (0, 1)] == [400, 200]
+    with h5py.File(one, "r") as a, h5py.File(two, "r") as b:
+        assert np.array_equal(a["ids"][:], np.arange(600)) and np.array_equal(a["ids"][:], b["ids"][:])
+        assert np.array_equal(a["assignments"][:], b["assignments"][:])
+        assert np.allclose(a["centroids"][:], b["centroids"][:], rtol=1e-5, atol=1e-6)
+        assert np.array_equal(a["sizes"][:], b["sizes"][:])
+        assert np.allclose(a["objective"][:], b["objective"][:], rtol=1e-9)
+        assert np.array_equal(a["reseeded"][:], b["reseeded"][:])
+        assert dict(a.attrs) == dict(b.attrs)
+        assert len(np.unique(a["assignments"][:])) == 8
+
+
+@pytest.mark.parametrize("iterations", [0, 10])
+def test_no_cluster_ends_empty(whitened, array_source, iterations: int) -> None:
+    """300 copies of one image beside 600 real ones: seeds drawn among copies start as twins."""
+    ids, x = whitened
+    x = np.concatenate([x, np.repeat(x[:1], 300, axis=0)])
+    ids = np.arange(len(x))
+    k = 60
+    result = kmeans(array_source(ids, x), k, iterations, seed=0)
+    assert result.reseeded.sum() > 0
+    assert result.reseeded[0 if iterations else -1] > 0  # iterations=0: the final re-splits did it
+    assert (result.sizes > 0).all(), result.sizes
+    assert np.array_equal(result.sizes, np.bincount(result.assignments, minlength=k))
+    assert result.sizes.sum() == len(x)
+
+
+def test_result_consistent_when_a_cluster_cannot_be_filled(whitened, array_source) -> None:
+    """3 distinct real rows, 4 copies each, k=4: one cluster must stay empty; the result must say so."""
+    _, x = whitened
+    x = np.repeat(x[:3], 4, axis=0)
+    k = 4
+    result = kmeans(array_source(np.arange(len(x)), x), k, iterations=3, seed=0)
+    assert len(np.unique(result.assignments)) == 3  # only 3 distinct points to assign
+    assert np.array_equal(result.sizes, np.bincount(result.assignments, minlength=k))
+    assert result.objective[-1] == pytest.approx(
+        _objective(x, result.centroids, result.assignments), rel=1e-3, abs=1e-9
+    )
+
+
+def test_split_empty_clusters_by_hand() -> None:
+    centroids = np.array([[1.0, 2.0, 3.0, 4.0], [9.0, 9.0, 9.0, 9.0], [-1.0, 0.5, 0.0, 2.0]], np.float32)
+    original = centroids.copy()
+    counts = np.array([5, 0, 1])
+    assert split_empty_clusters(centroids, counts, np.random.default_rng(0)) == 1
+    # Only cluster 0 has a point to spare: it is split into two symmetric halves.
+    sign = np.array([1.0, -1.0, 1.0, -1.0])
+    assert np.allclose(centroids[1], original[0] * (1 + sign * SPLIT_EPS))
+    assert np.allclose(centroids[0], original[0] * (1 - sign * SPLIT_EPS))
+    assert np.array_equal(centroids[2], original[2])
+    assert counts.tolist() == [3, 2, 1]
+
+    # The two halves really split a cloud of distinct points around the old centroid.
+    cloud = original[0] + np.random.default_rng(1).normal(0, 0.01, (200, 4)).astype(np.float32)
+    labels, _ = nearest_centroid(cloud, centroids[:2])
+    assert 0 < labels.sum() < len(cloud)
+
+    # Two empty clusters: both re-seeded, no point lost, none left empty.
+    centroids = np.random.default_rng(2).normal(size=(4, 3)).astype(np.float32)
+    counts = np.array([6, 0, 0, 2])
+    assert split_empty_clusters(centroids, counts, np.random.default_rng(0)) == 2
+    assert counts.sum() == 8 and (counts > 0).all()
+
+
+def test_seeded_and_deterministic(real_data, whitened, array_source) -> None:
+    whitening = Whitening.load(real_data.pca)
+    cached = ShardSource(real_data.shards, whitening, whitening.dim)
+    streamed = ShardSource(real_data.shards, whitening, whitening.dim, cache_mb=0, chunk_rows=64)
+    assert streamed._cache is None and cached._cache is not None
+    a, b, c = kmeans(cached, 12, 5, seed=7), kmeans(cached, 12, 5, seed=7), kmeans(streamed, 12, 5, seed=7)
+    assert np.array_equal(a.assignments, b.assignments) and np.array_equal(a.centroids, b.centroids)
+    # Streamed from disk in other chunks: the same clusters. The whitening's float32 matmul
+    # rounds differently with the chunk size (~1e-6 on unit-norm rows), hence allclose.
+    assert np.array_equal(a.ids, c.ids) and np.array_equal(a.assignments, c.assignments)
+    assert np.allclose(a.centroids, c.centroids, atol=1e-5)
+    ids, x = whitened
+    source = array_source(ids, x)
+    assert not np.array_equal(initial_centroids(source, 12, 7), initial_centroids(source, 12, 8))
+    assert not np.array_equal(a.assignments, kmeans(cached, 12, 5, seed=8).assignments)
+
+
+def test_initial_centroids_ignore_partition(real_data, whitened, array_source) -> None:
+    ids, x = whitened
+    assert np.array_equal(ids, np.arange(600))
+    k, seed = 25, 11
+    whole = initial_centroids(array_source(ids, x, chunk_rows=len(ids)), k, seed)
+    # The k rows with the smallest seeded hash of their id, in hash order.
+    chosen = ids[np.argsort(id_hash(ids, seed))[:k]]
+    assert np.array_equal(whole, x[chosen])  # ids are 0..599 in row order
+    # The same rows as two parts (second half first, each reversed) in odd-sized chunks.
+    half = len(ids) // 2
+    order = np.concatenate([np.arange(len(ids) - 1, half - 1, -1), np.arange(half - 1, -1, -1)])
+    parts = array_source(ids[order], x[order], chunk_rows=37)
+    assert np.array_equal(initial_centroids(parts, k, seed), whole)
+    whitening = Whitening.load(real_data.pca)
+    # Shards in reverse order, streamed in 50-row chunks: the same rows (whitened in other
+    # chunks, so equal up to float32 rounding of the whitening matmul).
+    shards = ShardSource(real_data.shards[::-1], whitening, whitening.dim, cache_mb=0, chunk_rows=50)
+    streamed = initial_centroids(shards, k, seed)
+    assert np.allclose(streamed, whole, atol=1e-5)
+    nearest, _ = nearest_centroid(streamed, x)
+    assert np.array_equal(ids[nearest], chosen)

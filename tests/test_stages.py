@@ -1,0 +1,194 @@
+"""The stages on real Fashion-MNIST data: shards, two-level labels and NMI, the CLI, the models."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import normalized_mutual_info_score
+
+from deepercluster.checkpoints import initial_checkpoint, load_model
+from deepercluster.cluster import cluster_sub, cluster_super, read_assignments
+from deepercluster.data import ImageDataset, feature_transform, read_manifest
+from deepercluster.errors import CheckpointError
+from deepercluster.labels import make_labels
+from deepercluster.models import build_model
+
+pytestmark = pytest.mark.usefixtures("single_process")
+
+
+def _sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_shards_hold_every_id_once(real_data, raw_features) -> None:
+    manifest = read_manifest(real_data.manifest)
+    assert manifest["id"].tolist() == list(range(600))
+    assert set(manifest["label"]) <= {
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    }  # fmt: skip
+    ids, features = raw_features
+    assert np.array_equal(ids, manifest["id"].to_numpy())
+    checkpoint_sha = _sha256(real_data.checkpoint)
+    for shard, path in enumerate(real_data.shards):
+        with h5py.File(path, "r") as f:
+            assert f["features"].shape == (200, 256) and f["features"].dtype == np.float32
+            assert f["ids"].dtype == np.int64
+            assert np.array_equal(f["ids"][:], np.arange(200 * shard, 200 * (shard + 1)))
+            assert f.attrs["checkpoint_sha256"] == checkpoint_sha
+            assert f.attrs["shard"] == shard
+    assert np.isfinite(features).all()
+    # Each row is the feature of the image with its id: recompute a few from the images.
+    model, _ = load_model(real_data.checkpoint)
+    dataset = ImageDataset(manifest["path"].tolist(), manifest["id"].tolist(), feature_transform(32))
+    picked = [0, 199, 200, 457, 599]
+    images = torch.stack([dataset[i][0] for i in picked])
+    with torch.no_grad():
+        expected = model.eval()(images).numpy()
+    # (loose enough for shards extracted on a GPU, where cuDNN may use TF32)
+    assert np.allclose(features[picked], expected, rtol=2e-3, atol=1e-4)
+    assert not np.allclose(features[picked], features[picked[::-1]], rtol=2e-3, atol=1e-4)
+
+
+def test_labels_from_two_levels(real_data, tmp_path: Path) -> None:
+    super_file = str(tmp_path / "super.h5")
+    common = {"shards": real_data.shards, "pca": real_data.pca, "iterations": 5, "seed": 0}
+    cluster_super(out=super_file, super_clusters=3, **common)
+    sub_files = [str(tmp_path / f"sub-{s}.h5") for s in range(3)]
+    for s, path in enumerate(sub_files):
+        cluster_sub(super_file=super_file, super_cluster=s, out=path, sub_clusters=4, **common)
+
+    outputs = {name: str(tmp_path / name) for name in ("labels.parquet", "sizes.tsv", "nmi.json")}
+    make_labels(
+        manifest=real_data.manifest,
+        super_file=super_file,
+        sub_files=sub_files,
+        out=outputs["labels.parquet"],
+        sizes=outputs["sizes.tsv"],
+        nmi_out=outputs["nmi.json"],
+    )
+    labels = pd.read_parquet(outputs["labels.parquet"])
+    assert list(labels.columns) == ["id", "super_cluster", "sub_cluster"]
+    assert sorted(labels["id"]) == list(range(600)) and labels["id"].is_unique
+    labels = labels.set_index("id").sort_index()
+    _, super_assignments = read_assignments(super_file)
+    assert np.array_equal(labels["super_cluster"].to_numpy(), super_assignments)
+    assert labels["sub_cluster"].between(0, 3).all()
+    for s, path in enumerate(sub_files):
+        sub_ids, sub_assignments = read_assignments(path)
+        assert np.array_equal(sub_ids, labels.index[labels["super_cluster"] == s])
+        assert np.array_equal(labels.loc[sub_ids, "sub_cluster"].to_numpy(), sub_assignments)
+
+    sizes = pd.read_csv(outputs["sizes.tsv"], sep="\t")
+    assert list(sizes.columns) == ["super_cluster", "sub_cluster", "size"]
+    assert sizes["size"].sum() == 600 and (sizes["size"] > 0).all()
+    counted = labels.groupby(["super_cluster", "sub_cluster"]).size()
+    assert sizes.set_index(["super_cluster", "sub_cluster"])["size"].to_dict() == counted.to_dict()
+
+    scores = json.loads(Path(outputs["nmi.json"]).read_text())
+    assert set(scores) == {"label", "split", "previous_round"}
+    assert scores["previous_round"] is None
+    manifest = read_manifest(real_data.manifest).set_index("id").sort_index()
+    pairs = labels["super_cluster"].astype(str) + "/" + labels["sub_cluster"].astype(str)
+    expected = normalized_mutual_info_score(manifest["label"], pairs)
+    assert scores["label"] == pytest.approx(expected, abs=1e-12)
+    assert 0 < scores["label"] < 1
+
+    again = {name: str(tmp_path / "again" / name) for name in outputs}
+    make_labels(
+        manifest=real_data.manifest,
+        super_file=super_file,
+        sub_files=sub_files,
+        out=again["labels.parquet"],
+        sizes=again["sizes.tsv"],
+        nmi_out=again["nmi.json"],
+        previous=outputs["labels.parquet"],
+    )
+    assert json.loads(Path(again["nmi.json"]).read_text())["previous_round"] == pytest.approx(1.0, abs=1e-12)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deepercluster", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_init_writes_checkpoint(real_data, tmp_path: Path) -> None:
+    out = tmp_path / "init.pt"
+    done = _cli("init", "--arch", "small_convnet", "--sobel", "--seed", "0", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    checkpoint = torch.load(out, map_location="cpu", weights_only=False)
+    assert (checkpoint["arch"], checkpoint["sobel"], checkpoint["round"]) == ("small_convnet", True, 0)
+    # Seeded: the same weights as the fixture's checkpoint, built in this process with seed 0.
+    reference = torch.load(real_data.checkpoint, map_location="cpu", weights_only=False)["model"]
+    assert checkpoint["model"].keys() == reference.keys()
+    assert all(torch.equal(checkpoint["model"][k], reference[k]) for k in reference)
+
+
+def test_cli_missing_checkpoint_one_line_error(real_data, tmp_path: Path) -> None:
+    missing, out = tmp_path / "nowhere" / "model.pt", tmp_path / "shard-0.h5"
+    done = _cli(
+        "features",
+        *("--manifest", real_data.manifest, "--checkpoint", str(missing), "--shard", "0"),
+        *("--shard-size", "200", "--image-size", "32", "--out", str(out)),
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert str(missing) in lines[0] and "does not exist" in lines[0]
+    assert not out.exists()
+
+
+def test_init_checkpoint_of_another_arch(real_data, tmp_path: Path) -> None:
+    out = tmp_path / "round0.pt"
+    with pytest.raises(CheckpointError) as error:
+        initial_checkpoint(arch="alexnet_bn", sobel=True, seed=0, out=str(out), init_checkpoint=real_data.checkpoint)
+    message = str(error.value)
+    assert real_data.checkpoint in message and "small_convnet" in message and "model.arch" in message
+    assert not out.exists()
+    # The matching arch is copied as is.
+    initial_checkpoint(arch="small_convnet", sobel=True, seed=1, out=str(out), init_checkpoint=real_data.checkpoint)
+    assert _sha256(out) == _sha256(real_data.checkpoint)
+
+
+@pytest.mark.parametrize(
+    ("arch", "size", "dim"), [("small_convnet", 32, 256), ("alexnet_bn", 64, 4096), ("vgg16_bn", 64, 4096)]
+)
+def test_model_feature_shapes(arch: str, size: int, dim: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(arch, sobel=True).eval()
+    assert model.feature_dim == dim
+    with torch.no_grad():
+        features = model(torch.randn(2, 3, size, size))
+    assert features.shape == (2, dim) and torch.isfinite(features).all()
+    sobel = model.sobel
+    assert sobel is not None and not any(p.requires_grad for p in sobel.parameters())
+    first_conv = next(m for m in model.features if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.in_channels == 2
+
+
+def test_sobel_is_frozen_edge_filter() -> None:
+    torch.manual_seed(0)
+    model = build_model("small_convnet", sobel=True)
+    assert build_model("small_convnet", sobel=False).sobel is None
+    # A horizontal ramp: grey value = column index, the same on all three channels.
+    ramp = torch.arange(8.0).expand(1, 3, 8, 8).clone()
+    edges = model.sobel(ramp)
+    assert edges.shape == (1, 2, 8, 8)
+    interior = edges[0, :, 1:-1, 1:-1]
+    assert torch.allclose(interior[0], torch.full((6, 6), -8.0))  # d/dx of the ramp, 1-2-1 weighted
+    assert torch.allclose(interior[1], torch.zeros(6, 6), atol=1e-6)  # no vertical change
+    # Training reaches the convs behind it but never the Sobel weights.
+    model.train()
+    model(torch.randn(4, 3, 32, 32)).pow(2).sum().backward()
+    assert all(p.grad is None for p in model.sobel.parameters())
+    first_conv = next(m for m in model.features if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.weight.grad is not None and first_conv.weight.grad.abs().sum() > 0
