@@ -13,6 +13,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/cluster.smk"
+include: "workflow/rules/train.smk"
 
 
 rule all:

@@ -1,4 +1,4 @@
-"""The workflow for real: snakemake on .test/config.yaml (300 Fashion-MNIST images, 2 shards)."""
+"""The workflow for real: snakemake on .test/config.yaml (300 Fashion-MNIST images, 2 shards, 2 rounds)."""
 
 from __future__ import annotations
 
@@ -12,107 +12,159 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+import yaml
+
+from deepercluster.files import sha256
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_CONFIG = REPO / ".test" / "config.yaml"
-ROUND = Path("results/rounds/1")
-ROUND_1_OUTPUTS = [
-    "results/data/manifest.parquet",
-    "results/data/skipped.tsv",
-    "results/rounds/0/checkpoint.pt",
-    *[f"{ROUND}/features/shard-{i}.h5" for i in range(2)],
-    f"{ROUND}/pca.h5",
-    f"{ROUND}/clusters/super.h5",
-    *[f"{ROUND}/clusters/sub-{s}.h5" for s in range(2)],
-    f"{ROUND}/labels.parquet",
-    f"{ROUND}/cluster_sizes.tsv",
-    f"{ROUND}/nmi.json",
-]
 
 
-def snakemake(workdir: Path, *args: str, configfile: Path = TEST_CONFIG) -> subprocess.CompletedProcess:
-    """Run the repository's workflow in ``workdir``, with this interpreter's environment on PATH."""
+def round_files(r: int) -> list[str]:
+    """The clustering stages' files of round r, then its checkpoint."""
+    return [
+        *[f"results/rounds/{r}/features/shard-{i}.h5" for i in range(2)],
+        f"results/rounds/{r}/pca.h5",
+        f"results/rounds/{r}/clusters/super.h5",
+        *[f"results/rounds/{r}/clusters/sub-{s}.h5" for s in range(2)],
+        f"results/rounds/{r}/labels.parquet",
+        f"results/rounds/{r}/checkpoint.pt",
+    ]
+
+
+OUTPUTS = ["results/data/manifest.parquet", "results/rounds/0/checkpoint.pt", *round_files(1), *round_files(2)]
+
+
+def snakemake(workdir: Path, *args: str, **config: object) -> subprocess.CompletedProcess:
+    """Run the repository's workflow in ``workdir`` on the test config (with ``config`` overrides)."""
+    configfile = workdir / "config.yaml"
+    configfile.write_text(yaml.safe_dump({**yaml.safe_load(TEST_CONFIG.read_text()), **config}))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
-    command += ["--configfile", str(configfile)]
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", str(configfile)]
     return subprocess.run(
         [*command, "--cores", "2", *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=900
     )
 
 
 def modification_times(workdir: Path) -> dict[str, int]:
-    return {path: (workdir / path).stat().st_mtime_ns for path in ROUND_1_OUTPUTS}
+    return {path: (workdir / path).stat().st_mtime_ns for path in OUTPUTS}
 
 
-@pytest.fixture(scope="module")
-def round_1(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    workdir = tmp_path_factory.mktemp("workflow")
-    run = snakemake(workdir, "results/rounds/1/labels.parquet")
+def run_method(tmp_path_factory: pytest.TempPathFactory, method: str) -> Path:
+    workdir = tmp_path_factory.mktemp(method)
+    run = snakemake(workdir, method=method)
     assert run.returncode == 0, run.stderr[-3000:]
     return workdir
 
 
-def test_round_1_produces_every_stage_file(round_1: Path) -> None:
-    for path in ROUND_1_OUTPUTS:
-        assert (round_1 / path).is_file(), path
-    manifest = pd.read_parquet(round_1 / "results/data/manifest.parquet")
+@pytest.fixture(scope="module")
+def deepercluster_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return run_method(tmp_path_factory, "deepercluster")
+
+
+def test_two_rounds_produce_every_stage_file(deepercluster_run: Path) -> None:
+    for path in OUTPUTS:
+        assert (deepercluster_run / path).is_file(), path
+    manifest = pd.read_parquet(deepercluster_run / "results/data/manifest.parquet")
     assert len(manifest) == 300 and manifest["id"].tolist() == list(range(300))
 
-    shard_ids = []
-    for i in range(2):
-        with h5py.File(round_1 / ROUND / f"features/shard-{i}.h5") as f:
-            assert f["features"].shape == (150, 256) and f["features"].dtype == np.float32
-            shard_ids.append(f["ids"][:])
-    assert sorted(np.concatenate(shard_ids).tolist()) == list(range(300))
+    for r in (1, 2):
+        shard_ids = []
+        for i in range(2):
+            with h5py.File(deepercluster_run / f"results/rounds/{r}/features/shard-{i}.h5") as f:
+                assert f["features"].shape == (150, 256) and f["features"].dtype == np.float32
+                shard_ids.append(f["ids"][:])
+        assert sorted(np.concatenate(shard_ids).tolist()) == list(range(300))
 
-    labels = pd.read_parquet(round_1 / ROUND / "labels.parquet")
-    assert labels["id"].tolist() == list(range(300))
-    assert set(labels["super_cluster"]) == {0, 1} and labels["sub_cluster"].between(0, 3).all()
-    sizes = pd.read_csv(round_1 / ROUND / "cluster_sizes.tsv", sep="\t")
-    assert len(sizes) == 8 and (sizes["size"] > 0).all() and sizes["size"].sum() == 300
+        round_dir = deepercluster_run / f"results/rounds/{r}"
+        labels = pd.read_parquet(round_dir / "labels.parquet")
+        assert labels["id"].tolist() == list(range(300))
+        assert set(labels["super_cluster"]) == {0, 1} and labels["sub_cluster"].between(0, 3).all()
+        sizes = pd.read_csv(round_dir / "cluster_sizes.tsv", sep="\t")
+        assert len(sizes) == 8 and (sizes["size"] > 0).all() and sizes["size"].sum() == 300
 
-    nmi = json.loads((round_1 / ROUND / "nmi.json").read_text())
-    assert set(nmi) == {"label", "split", "previous_round"} and nmi["previous_round"] is None
-    assert 0.0 < nmi["label"] < 1.0
+        nmi = json.loads((round_dir / "nmi.json").read_text())
+        assert set(nmi) == {"label", "split", "previous_round"} and 0.0 < nmi["label"] < 1.0
+        assert (nmi["previous_round"] is None) == (r == 1)
 
 
-def test_every_long_stage_logs_progress(round_1: Path) -> None:
-    logs = round_1 / "results/logs"
+def test_a_checkpoint_of_round_r_feeds_round_r_plus_1(deepercluster_run: Path) -> None:
+    for r in (1, 2):
+        checkpoint = deepercluster_run / f"results/rounds/{r - 1}/checkpoint.pt"
+        with h5py.File(deepercluster_run / f"results/rounds/{r}/features/shard-0.h5") as f:
+            assert f.attrs["checkpoint_sha256"] == sha256(checkpoint)
+    first, second = (
+        torch.load(deepercluster_run / f"results/rounds/{r}/checkpoint.pt", weights_only=False) for r in (1, 2)
+    )
+    assert second["previous_sha256"] == sha256(deepercluster_run / "results/rounds/1/checkpoint.pt")
+    assert second["labels_sha256"] == sha256(deepercluster_run / "results/rounds/2/labels.parquet")
+    # The backbone carried over and trained on: round 2's weights differ from round 1's.
+    assert not torch.equal(first["model"]["features.0.weight"], second["model"]["features.0.weight"])
+
+
+def test_training_metrics_and_summary(deepercluster_run: Path) -> None:
+    metrics = pd.read_csv(deepercluster_run / "results/rounds/1/train/metrics.tsv", sep="\t")
+    assert metrics["iteration"].tolist() == list(range(300 // 32))  # 1 epoch of full batches of 32
+    assert metrics[["loss_super", "loss_sub", "acc_super", "acc_sub"]].notna().all().all()
+    assert np.allclose(metrics["loss"], metrics["loss_super"] + metrics["loss_sub"], rtol=1e-5)
+    summary = pd.read_csv(deepercluster_run / "results/summary.tsv", sep="\t")
+    assert summary["round"].tolist() == [1, 2]
+    assert summary["nmi_previous_round"].isna().tolist() == [True, False]
+    assert (summary[["seconds_features", "seconds_train", "final_loss"]] > 0).all().all()
+    assert (summary["empty_clusters"] == 0).all() and (summary["size_min"] > 0).all()
+
+
+def test_every_long_stage_logs_progress(deepercluster_run: Path) -> None:
+    logs = deepercluster_run / "results/logs"
     assert "verify images" in (logs / "data/manifest.log").read_text()
     assert "features shard 0" in (logs / "rounds/1/features/shard-0.log").read_text()
     assert "pca sample" in (logs / "rounds/1/pca.log").read_text()
     assert "iteration 5/5" in (logs / "rounds/1/clusters/super.log").read_text()
-    assert (round_1 / "results/benchmarks/rounds/1/clusters/super.tsv").is_file()
+    train_log = (logs / "rounds/1/checkpoint.log").read_text()
+    assert "training block submitted to local" in train_log and "epoch 1/1 batch 9/9" in train_log
 
 
 @pytest.mark.parametrize(
     ("deleted", "rerun"),
     [
-        (f"{ROUND}/clusters/sub-1.h5", {f"{ROUND}/clusters/sub-1.h5", f"{ROUND}/labels.parquet"}),
         (
-            f"{ROUND}/features/shard-1.h5",
-            {f"{ROUND}/features/shard-1.h5", f"{ROUND}/pca.h5", f"{ROUND}/clusters/super.h5"}
-            | {f"{ROUND}/clusters/sub-{s}.h5" for s in range(2)}
-            | {f"{ROUND}/labels.parquet"},
+            "results/rounds/2/clusters/sub-1.h5",
+            {"results/rounds/2/clusters/sub-1.h5", "results/rounds/2/labels.parquet", "results/rounds/2/checkpoint.pt"},
         ),
+        ("results/rounds/2/features/shard-1.h5", set(round_files(2)) - {"results/rounds/2/features/shard-0.h5"}),
     ],
 )
 def test_deleting_an_output_reruns_only_it_and_its_dependents(
-    round_1: Path, deleted: str, rerun: set[str]
+    deepercluster_run: Path, deleted: str, rerun: set[str]
 ) -> None:
-    before = modification_times(round_1)
-    (round_1 / deleted).unlink()
-    run = snakemake(round_1)
+    before = modification_times(deepercluster_run)
+    (deepercluster_run / deleted).unlink()
+    run = snakemake(deepercluster_run)
     assert run.returncode == 0, run.stderr[-3000:]
-    after = modification_times(round_1)
-    changed = {path for path in ROUND_1_OUTPUTS if after[path] != before[path]}
-    assert rerun <= changed
-    assert changed <= rerun | {f"{ROUND}/cluster_sizes.tsv", f"{ROUND}/nmi.json"}
+    after = modification_times(deepercluster_run)
+    assert {path for path in OUTPUTS if after[path] != before[path]} == rerun
+
+
+@pytest.mark.parametrize("method", ["deepcluster", "rotnet"])
+def test_the_other_methods_run_two_rounds(tmp_path_factory: pytest.TempPathFactory, method: str) -> None:
+    workdir = run_method(tmp_path_factory, method)
+    checkpoint = torch.load(workdir / "results/rounds/2/checkpoint.pt", weights_only=False)
+    assert checkpoint["method"] == method
+    metrics = pd.read_csv(workdir / "results/rounds/2/train/metrics.tsv", sep="\t")
+    summary = pd.read_csv(workdir / "results/summary.tsv", sep="\t")
+    if method == "rotnet":  # rotations only: no clustering stage ran at all
+        assert not (workdir / "results/rounds/1/features").exists()
+        assert checkpoint["targets"].super_classes == 4 and metrics["loss_sub"].isna().all()
+        assert "nmi_label" not in summary
+    else:  # one head over the k clusters of the single super-cluster, no rotation
+        labels = pd.read_parquet(workdir / "results/rounds/2/labels.parquet")
+        assert set(labels["super_cluster"]) == {0} and labels["sub_cluster"].nunique() == 4
+        assert checkpoint["targets"].sub_classes == (4,) and metrics["loss_super"].isna().all()
+        assert summary["nmi_label"].notna().all()
 
 
 def test_an_unknown_config_key_is_rejected_with_its_name(tmp_path: Path) -> None:
-    config = tmp_path / "bad.yaml"
-    config.write_text(TEST_CONFIG.read_text() + "  superclusters: 4\n")  # a typo inside kmeans:
-    run = snakemake(tmp_path, "-n", configfile=config)
+    run = snakemake(tmp_path, "-n", kmeans={"superclusters": 4})
     assert run.returncode != 0
-    assert "superclusters" in run.stderr + run.stdout
+    assert "unknown key(s) superclusters in kmeans" in run.stderr + run.stdout

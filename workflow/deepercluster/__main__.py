@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from deepercluster.errors import InputError
 from deepercluster.logs import setup_logging
-from deepercluster.stages import STAGES, load_stage
+from deepercluster.stages import STAGES, load_stage, stage_options
 
 # Errors of the user's inputs: one message, naming the file and the fix, and no traceback.
 INPUT_ERRORS = (InputError, FileNotFoundError, ValueError)
@@ -26,19 +26,17 @@ def add_stage_options(parser: argparse.ArgumentParser, stage: Callable) -> None:
     """One ``--option`` per keyword argument of ``stage``, typed by its annotation."""
     hints = typing.get_type_hints(stage)
     for name, parameter in inspect.signature(stage).parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            continue
         flag = "--" + name.replace("_", "-")
         kind = hints[name]
         args = [a for a in typing.get_args(kind) if a is not type(None)]
         required = parameter.default is inspect.Parameter.empty
         default = None if required else parameter.default
         if kind is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=default, required=required
-            )
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, required=required)
         elif typing.get_origin(kind) is list:
-            parser.add_argument(
-                flag, nargs="+", type=typing.get_args(kind)[0], default=default, required=required
-            )
+            parser.add_argument(flag, nargs="+", type=typing.get_args(kind)[0], default=default, required=required)
         else:
             parser.add_argument(flag, type=args[0] if args else kind, default=default, required=required)
 
@@ -51,11 +49,14 @@ def parser(stage: str | None) -> argparse.ArgumentParser:
     for name in STAGES:
         stage_parser = sub.add_parser(name)
         if name == stage:
-            add_stage_options(stage_parser, load_stage(name))
+            for function in stage_options(name):
+                add_stage_options(stage_parser, function)
     return main
 
 
 def main(argv: list[str] | None = None) -> int:
+    # torch and faiss each bring an OpenMP runtime; busy-waiting threads of one starve the other.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((word for word in argv if word in STAGES), None)
     options = vars(parser(chosen).parse_args(argv))

@@ -17,12 +17,26 @@ STAGES = {
     "super-clusters": "deepercluster.cluster:cluster_super",
     "sub-clusters": "deepercluster.cluster:cluster_sub",
     "labels": "deepercluster.labels:make_labels",
+    "train": "deepercluster.launch:train",
+    "summary": "deepercluster.summary:summarize",
 }
+
+# Stages that forward their other keyword arguments to another function, whose options they take too.
+FORWARDED = {"train": "deepercluster.train:train_block"}
 
 
 def load_stage(name: str) -> Callable[..., None]:
     """The function of stage ``name``; an unknown name raises ``ValueError`` listing the stages."""
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; valid: {', '.join(STAGES)}")
-    module, function = STAGES[name].split(":")
+    return import_function(STAGES[name])
+
+
+def import_function(qualified: str) -> Callable[..., None]:
+    module, function = qualified.split(":")
     return getattr(importlib.import_module(module), function)
+
+
+def stage_options(name: str) -> list[Callable[..., None]]:
+    """The functions whose keyword arguments are stage ``name``'s options."""
+    return [load_stage(name), *([import_function(FORWARDED[name])] if name in FORWARDED else [])]

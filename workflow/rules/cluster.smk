@@ -38,7 +38,7 @@ rule super_clusters:
     params:
         seed=round_seed,
         options=options(
-            super_clusters=config["kmeans"]["super_clusters"],
+            super_clusters=SUPER_CLUSTERS,
             iterations=config["kmeans"]["iterations"],
             cache_mb=config["kmeans"]["cache_mb"],
         ),

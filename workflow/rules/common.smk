@@ -14,6 +14,10 @@ wildcard_constraints:
 
 
 ENV = "../../envs/deepercluster.yaml"
+METHOD = config["method"]
+ROUNDS = config["rounds"]
+# DeepCluster is the one-super-cluster case; RotNet clusters nothing.
+SUPER_CLUSTERS = 1 if METHOD == "deepcluster" else config["kmeans"]["super_clusters"]
 
 
 def options(**values):
@@ -38,25 +42,29 @@ def shard_files(r):
 
 def sub_cluster_files(r):
     """One level-2 clusters file per super-cluster of round r."""
-    return [
-        f"results/rounds/{r}/clusters/sub-{s}.h5"
-        for s in range(config["kmeans"]["super_clusters"])
-    ]
+    return [f"results/rounds/{r}/clusters/sub-{s}.h5" for s in range(SUPER_CLUSTERS)]
+
+
+def round_labels(wildcards):
+    """The pseudo-labels a round trains on (none for RotNet)."""
+    return [] if METHOD == "rotnet" else [f"results/rounds/{wildcards.round}/labels.parquet"]
 
 
 def round_outputs(r):
     """Every file round r's stages make: deleting any of them reruns it and what depends on it."""
-    return [
+    clustering = [
         *shard_files(r),
         f"results/rounds/{r}/pca.h5",
         f"results/rounds/{r}/clusters/super.h5",
         *sub_cluster_files(r),
         f"results/rounds/{r}/labels.parquet",
     ]
+    return [*([] if METHOD == "rotnet" else clustering), f"results/rounds/{r}/checkpoint.pt"]
 
 
 def default_targets(wildcards):
-    return round_outputs(1)
+    """Every round's files, the last checkpoint and the summary."""
+    return [output for r in range(1, ROUNDS + 1) for output in round_outputs(r)] + ["results/summary.tsv"]
 
 
 def round_seed(wildcards):

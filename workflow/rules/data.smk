@@ -23,24 +23,3 @@ checkpoint manifest:
     shell:
         "python -m deepercluster manifest {params.options}"
         " --manifest {output.manifest} --skipped {output.skipped} > {log} 2>&1"
-
-
-rule initial_checkpoint:
-    input:
-        config["init_checkpoint"] or [],
-    output:
-        "results/rounds/0/checkpoint.pt",
-    log:
-        "results/logs/rounds/0/checkpoint.log",
-    benchmark:
-        "results/benchmarks/rounds/0/checkpoint.tsv"
-    conda:
-        ENV
-    params:
-        options=options(
-            seed=config["seed"],
-            init_checkpoint=config["init_checkpoint"],
-            **config["model"],
-        ),
-    shell:
-        "python -m deepercluster init {params.options} --out {output} > {log} 2>&1"

@@ -1,0 +1,161 @@
+"""The training block: the three methods' losses, the sampler, and exact resume after a kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from deepercluster.checkpoints import load_checkpoint
+from deepercluster.objectives import Heads, super_class, targets_for
+from deepercluster.sampler import UniformClusterSampler
+from deepercluster.train import train_block
+
+
+def cross_entropy_by_hand(logits: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[target], row by row, in float64."""
+    shifted = logits - logits.max(1, keepdims=True)
+    return np.log(np.exp(shifted).sum(1)) - shifted[np.arange(len(target)), target]
+
+
+def head_logits(head: torch.nn.Sequential, feature: np.ndarray) -> np.ndarray:
+    weight, bias = head[1].weight.detach().double().numpy(), head[1].bias.detach().double().numpy()
+    return np.maximum(feature, 0) @ weight.T + bias  # ReLU then Linear
+
+
+@pytest.fixture
+def batch() -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """8 hand-made samples: features, super-cluster (of 2), sub-cluster (of 3), rotation."""
+    rng = np.random.default_rng(0)
+    feature = rng.normal(size=(8, 6))
+    super_cluster = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    sub_cluster = torch.tensor([2, 0, 1, 1, 2, 0, 2, 1])
+    rotation = torch.tensor([0, 3, 1, 2, 0, 1, 3, 3])
+    return feature, super_cluster, sub_cluster, rotation
+
+
+@pytest.mark.parametrize("method", ["deepercluster", "deepcluster", "rotnet"])
+def test_each_method_loss_equals_cross_entropy_by_hand(batch, method: str) -> None:
+    feature, super_cluster, sub_cluster, rotation = batch
+    if method == "deepcluster":
+        super_cluster = torch.zeros_like(super_cluster)
+    targets = targets_for(method, [3] if method == "deepcluster" else [3, 3])
+    torch.manual_seed(0)
+    heads = Heads(6, targets).double().requires_grad_(False)
+    for p in heads.parameters():  # larger weights than the N(0, 0.01) init, so the losses are not all log(k)
+        torch.nn.init.normal_(p, 0, 1)
+    target = super_class(targets, super_cluster, rotation)
+    out = heads(torch.from_numpy(feature), target, sub_cluster)
+
+    expected_total = 0.0
+    if method == "deepercluster":  # Eq. 5: V over 4m = 8 super-classes (cluster x rotation), W_s over 3
+        assert target.tolist() == (super_cluster * 4 + rotation).tolist() and targets.super_classes == 8
+    if method == "rotnet":
+        assert target.tolist() == rotation.tolist() and targets.sub_classes == ()
+    if method != "deepcluster":
+        v = cross_entropy_by_hand(head_logits(heads.super_class, feature), target.numpy()).mean()
+        assert out["loss_super"].item() == pytest.approx(v, rel=1e-10)
+        expected_total += v
+    else:
+        assert heads.super_class is None and "loss_super" not in out
+    if method != "rotnet":
+        w = [
+            cross_entropy_by_hand(head_logits(heads.sub_class[g], feature[n : n + 1]), sub_cluster[n : n + 1].numpy())
+            for n, g in enumerate(target.tolist())
+        ]
+        assert out["loss_sub"].item() == pytest.approx(np.mean(w), rel=1e-10)
+        expected_total += np.mean(w)
+    assert out["loss"].item() == pytest.approx(expected_total, rel=1e-10)
+
+
+def test_sampler_is_uniform_over_clusters_and_reseeded_each_epoch() -> None:
+    clusters = np.array([0] * 90 + [1] * 8 + [2] * 2)  # one large, two small clusters
+    sampler = UniformClusterSampler(clusters, rotate=True, seed=3)
+    indices, rotations = sampler.epoch(0)
+    assert len(indices) == 100 and set(rotations.tolist()) == {0, 1, 2, 3}
+    drawn = np.bincount(clusters[indices], minlength=3)
+    assert drawn.max() - drawn.min() <= 1  # 34/33/33 draws: uniform over clusters, not over images
+    assert len(set(indices[clusters[indices] == 0].tolist())) == drawn[0]  # large cluster: no replacement
+    again, _ = UniformClusterSampler(clusters, rotate=True, seed=3).epoch(0)
+    assert np.array_equal(indices, again)
+    assert not np.array_equal(indices, sampler.epoch(1)[0])
+    assert (UniformClusterSampler(clusters, rotate=False, seed=3).epoch(0)[1] == 0).all()
+
+
+@pytest.fixture
+def block_inputs(real_data, tmp_path: Path) -> dict[str, object]:
+    """The real 600-image manifest and random-init checkpoint, with labels made from the true classes."""
+    manifest = pd.read_parquet(real_data.manifest)
+    classes = manifest["label"].astype("category").cat.codes.to_numpy()
+    labels = tmp_path / "labels.parquet"
+    pd.DataFrame({"id": manifest["id"], "super_cluster": classes % 2, "sub_cluster": classes // 2}).to_parquet(labels)
+    return {
+        "manifest": real_data.manifest,
+        "previous_checkpoint": real_data.checkpoint,
+        "labels": str(labels),
+        "method": "deepercluster",
+        "round": 1,
+        "epochs": 2,
+        "batch_size": 50,
+        "checkpoint_every": 2,
+        "seed": 7,
+    }
+
+
+def block_command(inputs: dict[str, object], train_dir: Path) -> list[str]:
+    options = {**inputs, "train_dir": train_dir, "out": train_dir / "checkpoint.pt"}
+    words = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    return [sys.executable, "-m", "deepercluster", "train", "--launcher=debug", *words]
+
+
+def test_a_killed_block_resumes_to_the_same_weights(block_inputs, tmp_path: Path) -> None:
+    whole = tmp_path / "whole"
+    train_block(**block_inputs, train_dir=str(whole), out=str(whole / "checkpoint.pt"))
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(block_command(block_inputs, interrupted), stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (interrupted / "last.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    state = load_checkpoint(interrupted / "last.pt")
+    assert not (interrupted / "checkpoint.pt").exists(), "the block finished before it could be killed"
+    assert (state["epoch"], state["batch"]) < (2, 0)
+
+    train_block(**block_inputs, train_dir=str(interrupted), out=str(interrupted / "checkpoint.pt"))
+    expected, resumed = (load_checkpoint(d / "checkpoint.pt") for d in (whole, interrupted))
+    for part in ("model", "heads"):
+        assert expected[part].keys() == resumed[part].keys()
+        for key, tensor in expected[part].items():
+            assert torch.equal(tensor, resumed[part][key]), f"{part}.{key} differs after resume"
+    columns = ["iteration", "epoch", "loss", "loss_super", "loss_sub", "acc_super", "acc_sub"]
+    metrics = [pd.read_csv(d / "metrics.tsv", sep="\t")[columns] for d in (whole, interrupted)]
+    assert metrics[0]["iteration"].tolist() == list(range(2 * 600 // 50))
+    pd.testing.assert_frame_equal(metrics[0], metrics[1])
+
+
+def test_a_last_checkpoint_of_other_labels_is_not_resumed(block_inputs, tmp_path: Path) -> None:
+    train_dir = tmp_path / "train"
+    train_block(**{**block_inputs, "epochs": 1}, train_dir=str(train_dir), out=str(train_dir / "first.pt"))
+    other = pd.read_parquet(block_inputs["labels"]).assign(sub_cluster=lambda t: (t["sub_cluster"] + 1) % 5)
+    other.to_parquet(tmp_path / "other.parquet")
+    train_block(
+        **{**block_inputs, "epochs": 1, "labels": str(tmp_path / "other.parquet")},
+        train_dir=str(train_dir),
+        out=str(train_dir / "second.pt"),
+    )
+    metrics = pd.read_csv(train_dir / "metrics.tsv", sep="\t")
+    assert metrics["iteration"].tolist() == list(range(600 // 50))  # trained afresh, not resumed past the end
+    assert (
+        load_checkpoint(train_dir / "second.pt")["labels_sha256"]
+        != load_checkpoint(train_dir / "first.pt")["labels_sha256"]
+    )

@@ -1,0 +1,74 @@
+rule initial_checkpoint:
+    input:
+        config["init_checkpoint"] or [],
+    output:
+        "results/rounds/0/checkpoint.pt",
+    log:
+        "results/logs/rounds/0/checkpoint.log",
+    benchmark:
+        "results/benchmarks/rounds/0/checkpoint.tsv"
+    conda:
+        ENV
+    params:
+        options=options(
+            seed=config["seed"],
+            init_checkpoint=config["init_checkpoint"],
+            **config["model"],
+        ),
+    shell:
+        "python -m deepercluster init {params.options} --out {output} > {log} 2>&1"
+
+
+rule train:
+    input:
+        manifest="results/data/manifest.parquet",
+        previous=previous_checkpoint,
+        labels=round_labels,
+    output:
+        "results/rounds/{round}/checkpoint.pt",
+    log:
+        "results/logs/rounds/{round}/checkpoint.log",
+    benchmark:
+        "results/benchmarks/rounds/{round}/checkpoint.tsv"
+    wildcard_constraints:
+        round=r"[1-9]\d*",
+    conda:
+        ENV
+    threads: 2
+    params:
+        seed=round_seed,
+        labels=lambda wildcards, input: options(labels=input.labels or None),
+        options=options(
+            method=METHOD,
+            launcher=config["launcher"],
+            timeout_min=config["train"]["timeout_min"],
+            epochs=config["train"]["epochs_per_round"],
+            batch_size=config["train"]["batch_size"],
+            lr=config["train"]["lr"],
+            momentum=config["train"]["momentum"],
+            weight_decay=config["train"]["weight_decay"],
+            checkpoint_every=config["train"]["checkpoint_every"],
+            image_size=config["data"]["image_size"],
+            workers=config["data"]["workers"],
+        ),
+    shell:
+        "python -m deepercluster --threads {threads} train {params.options} --round {wildcards.round}"
+        " --seed {params.seed} --manifest {input.manifest} --previous-checkpoint {input.previous}"
+        " {params.labels} --train-dir results/rounds/{wildcards.round}/train --out {output} > {log} 2>&1"
+
+
+rule summary:
+    input:
+        [f"results/rounds/{r}/checkpoint.pt" for r in range(1, ROUNDS + 1)],
+    output:
+        "results/summary.tsv",
+    log:
+        "results/logs/summary.log",
+    benchmark:
+        "results/benchmarks/summary.tsv"
+    conda:
+        ENV
+    params:
+        rounds=ROUNDS,
+    shell:
+        "python -m deepercluster summary --rounds {params.rounds} --out {output} > {log} 2>&1"
