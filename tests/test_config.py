@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 def schema_keys(schema: dict, prefix: str = "") -> list[str]:
     keys = []
     for name, child in schema["properties"].items():
-        if child.get("type") == "object":
+        if child.get("type") == "object" and "properties" in child:
             keys += schema_keys(child, f"{prefix}{name}.")
         else:
             keys.append(prefix + name)

@@ -17,7 +17,7 @@ import torch
 from deepercluster.checkpoints import load_checkpoint
 from deepercluster.objectives import Heads, super_class, targets_for
 from deepercluster.sampler import UniformClusterSampler
-from deepercluster.train import train_block
+from deepercluster.train import Layout, group_sampler, layout_for, rank_batches, train_block
 
 
 def cross_entropy_by_hand(logits: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -78,16 +78,23 @@ def test_each_method_loss_equals_cross_entropy_by_hand(batch, method: str) -> No
 
 def test_sampler_is_uniform_over_clusters_and_reseeded_each_epoch() -> None:
     clusters = np.array([0] * 90 + [1] * 8 + [2] * 2)  # one large, two small clusters
-    sampler = UniformClusterSampler(clusters, rotate=True, seed=3)
+    sampler = UniformClusterSampler(clusters, rotations=[0, 1, 2, 3], seed=3)
     indices, rotations = sampler.epoch(0)
     assert len(indices) == 100 and set(rotations.tolist()) == {0, 1, 2, 3}
     drawn = np.bincount(clusters[indices], minlength=3)
     assert drawn.max() - drawn.min() <= 1  # 34/33/33 draws: uniform over clusters, not over images
     assert len(set(indices[clusters[indices] == 0].tolist())) == drawn[0]  # large cluster: no replacement
-    again, _ = UniformClusterSampler(clusters, rotate=True, seed=3).epoch(0)
+    again, _ = UniformClusterSampler(clusters, rotations=[0, 1, 2, 3], seed=3).epoch(0)
     assert np.array_equal(indices, again)
     assert not np.array_equal(indices, sampler.epoch(1)[0])
-    assert (UniformClusterSampler(clusters, rotate=False, seed=3).epoch(0)[1] == 0).all()
+    assert (UniformClusterSampler(clusters, rotations=[2], seed=3).epoch(0)[1] == 2).all()
+
+
+def test_a_group_sampler_draws_only_its_images() -> None:
+    clusters = np.array([5] * 6 + [7] * 4)
+    group = np.arange(6, 10)  # the images of one super-cluster
+    indices, _ = UniformClusterSampler(clusters, rotations=[1], seed=0, images=group, draws=25).epoch(0)
+    assert len(indices) == 25 and set(indices.tolist()) <= set(group.tolist())
 
 
 @pytest.fixture
@@ -159,3 +166,34 @@ def test_a_last_checkpoint_of_other_labels_is_not_resumed(block_inputs, tmp_path
         load_checkpoint(train_dir / "second.pt")["labels_sha256"]
         != load_checkpoint(train_dir / "first.pt")["labels_sha256"]
     )
+
+
+def test_ranks_form_one_training_group_per_super_class_when_they_divide_evenly() -> None:
+    deeper = targets_for("deepercluster", [3, 3])  # 2 super-clusters x 4 rotations = 8 super-classes
+    assert layout_for(deeper, rank=5, world_size=16) == Layout(groups=8, group=2, part=1, parts=2)
+    assert layout_for(deeper, rank=1, world_size=2) == Layout(groups=1, group=0, part=1, parts=2)  # 2 < 8
+    assert layout_for(targets_for("deepcluster", [5]), rank=3, world_size=4).groups == 1
+    assert layout_for(targets_for("rotnet", []), rank=3, world_size=4) == Layout(4, 3, 0, 1)
+
+
+def test_a_group_sees_only_its_super_cluster_at_its_rotation() -> None:
+    clusters = pd.DataFrame({"super_cluster": [0, 0, 0, 1, 1, 1, 1, 1], "sub_cluster": [0, 1, 1, 0, 0, 1, 2, 2]})
+    targets = targets_for("deepercluster", [2, 3])
+    layout = Layout(groups=8, group=6, part=0, parts=1)  # super-class 6 = super-cluster 1 at rotation 2
+    indices, rotations = group_sampler(targets, layout, clusters, seed=0).epoch(0)
+    assert len(indices) == 1 and set(indices) <= {3, 4, 5, 6, 7} and set(rotations) == {2}
+    group_batches = rank_batches(np.arange(8), np.zeros(8, int), 4, Layout(1, 0, 1, 2), 0, seed=0, epoch=0)
+    assert [[key[0] for key in batch] for batch in group_batches] == [[2, 3], [6, 7]]  # rank 1's half of each
+
+
+def test_four_ranks_in_the_papers_layout_train_rotnet(block_inputs, tmp_path: Path) -> None:
+    """RotNet on 4 local ranks: one group per rotation, the global batch split over the groups."""
+    from deepercluster.launch import train
+
+    inputs = {**block_inputs, "method": "rotnet", "labels": None, "epochs": 1, "batch_size": 40}
+    train(launcher="local", tasks=4, cpus_per_task=1, train_dir=str(tmp_path), out=str(tmp_path / "ck.pt"), **inputs)
+    logs = sorted((tmp_path / "submitit").glob("*_log.err"))
+    assert len(logs) == 4
+    assert "Layout(groups=4, group=3, part=0, parts=1)" in logs[3].read_text()
+    metrics = pd.read_csv(tmp_path / "metrics.tsv", sep="\t")
+    assert metrics["iteration"].tolist() == list(range(600 // 40)) and metrics["loss_super"].notna().all()

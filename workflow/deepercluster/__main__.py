@@ -10,6 +10,7 @@ import argparse
 import inspect
 import logging
 import os
+import subprocess
 import sys
 import typing
 from collections.abc import Callable
@@ -45,6 +46,7 @@ def parser(stage: str | None) -> argparse.ArgumentParser:
     """The main parser; only ``stage``'s options are built, so only its module is imported."""
     main = argparse.ArgumentParser(prog="python -m deepercluster", description=__doc__)
     main.add_argument("--threads", type=int, default=None, help="CPU threads for torch and faiss")
+    main.add_argument("--tasks", type=int, default=1, help="ranks to run the stage on (srun in SLURM, else torchrun)")
     sub = main.add_subparsers(dest="stage", required=True)
     for name in STAGES:
         stage_parser = sub.add_parser(name)
@@ -60,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((word for word in argv if word in STAGES), None)
     options = vars(parser(chosen).parse_args(argv))
+    tasks = options.pop("tasks")
+    if tasks > 1:  # start the ranks, unless this process is one of them
+        from deepercluster.distributed import RANK_PROCESS, rank_command
+
+        command = rank_command(tasks, argv)
+        if command is not None:
+            return subprocess.run(command, env={**os.environ, RANK_PROCESS: "1"}).returncode
     stage, threads = load_stage(options.pop("stage")), options.pop("threads")
     setup_logging()
     if threads:

@@ -1,4 +1,4 @@
-"""The one place that reads rank variables: torchrun, SLURM tasks, or a single process.
+"""The one place that starts ranks and reads rank variables: torchrun, SLURM tasks, or one process.
 
 Every other module asks ``get_rank()``/``get_world_size()`` and reduces through
 ``all_reduce_sum``, which is the identity on one process: one code path for a laptop
@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
+import submitit
 import torch
 import torch.distributed as dist
+from submitit.helpers import TorchDistributedEnvironment
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -25,32 +29,55 @@ class Distributed:
     device: torch.device
 
 
-def _rank_variables() -> tuple[int, int, int] | None:
-    """(rank, world_size, local_rank) from torchrun's or SLURM's variables, else None."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    return None
+# Set in the processes that ``rank_command`` starts, so that they run the stage instead of starting ranks again.
+RANK_PROCESS = "DEEPERCLUSTER_RANK_PROCESS"
+
+
+def rank_command(tasks: int, argv: list[str]) -> list[str] | None:
+    """The command that runs ``python -m deepercluster argv`` as ``tasks`` ranks, or None when this
+    process should run the stage itself (one task, or already one of the ranks).
+
+    Inside a SLURM allocation the ranks are SLURM tasks (``srun``); elsewhere, local processes
+    (``torch.distributed.run``, i.e. torchrun).
+    """
+    if tasks <= 1 or os.environ.get(RANK_PROCESS):
+        return None
+    stage = [sys.executable, "-m", "deepercluster", *argv]
+    if "SLURM_JOB_ID" in os.environ:
+        return ["srun", f"--ntasks={tasks}", "--kill-on-bad-exit=1", *stage]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tasks}", *stage[1:]]
+
+
+def _export_rank_variables() -> None:
+    """RANK, WORLD_SIZE, MASTER_ADDR... from submitit's view of a SLURM or submitit job, when not set yet."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return  # torchrun, or an earlier export
+    if int(os.environ.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in os.environ:
+        os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # plain srun tasks: read them as submitit does
+    try:
+        environment = submitit.JobEnvironment()
+    except RuntimeError:
+        return  # not a SLURM or submitit job: a world of one
+    if environment.num_tasks > 1:
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 def init_distributed() -> Distributed:
     """Join the process group when launched as several ranks; otherwise a world of one.
 
-    NCCL on GPUs, gloo on CPUs. Rendezvous through env:// (MASTER_ADDR, MASTER_PORT),
-    which torchrun and ``submitit.helpers.TorchDistributedEnvironment().export()`` set.
+    Ranks come from torchrun's variables, or from the SLURM (or submitit) job environment
+    through ``submitit.helpers.TorchDistributedEnvironment``. NCCL on GPUs, gloo on CPUs;
+    rendezvous through env:// (MASTER_ADDR, MASTER_PORT).
     """
-    ranks = _rank_variables()
+    _export_rank_variables()
     cuda = torch.cuda.is_available()
-    if ranks is None or ranks[1] == 1:
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
         return Distributed(0, 1, 0, torch.device("cuda" if cuda else "cpu"))
-    rank, world_size, local_rank = ranks
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
         log.info("rank %d of %d joined the process group (%s)", rank, world_size, dist.get_backend())
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
@@ -88,3 +115,77 @@ def all_gather_objects(obj: object) -> list[object]:
     gathered: list[object] = [None] * get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are over every rank's batch, on CPU (gloo) and GPU alike.
+
+    DeeperCluster needs it: the ranks of a training group see one super-class each, so a
+    rank's own batch statistics would be those of a single class. The sums travel through
+    a differentiable all-reduce, so gradients flow through the global statistics.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or get_world_size() == 1:
+            return super().forward(x)
+        channels = x.shape[1]
+        count = torch.full((1,), x.numel() / channels, dtype=x.dtype, device=x.device)
+        local = torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count])
+        total = differentiable_all_reduce(local)
+        n = total[-1]
+        mean = total[:channels] / n
+        var = total[channels : 2 * channels] / n - mean * mean
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+        shape = (1, channels, 1, 1)
+        scale = self.weight.view(shape) / torch.sqrt(var.view(shape) + self.eps)
+        return (x - mean.view(shape)) * scale + self.bias.view(shape)
+
+
+def global_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d of ``module`` by a ``GlobalBatchNorm2d`` holding the same state."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            synced = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum)
+            synced.load_state_dict(child.state_dict())
+            setattr(module, name, synced.to(child.weight.device))
+        else:
+            global_batchnorm(child)
+    return module
+
+
+def synchronise_gradients(parameters: list[nn.Parameter], divisors: list[int]) -> None:
+    """Sum each parameter's gradient over all ranks and divide it by its divisor, in one all-reduce.
+
+    A parameter no rank computed a gradient for keeps ``grad = None`` (SGD then skips it, as
+    on one process); one that only some ranks used counts zeros for the others.
+    """
+    if get_world_size() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    used = torch.tensor([float(p.grad is not None) for p in parameters], device=grads[0].device)
+    flat = all_reduce_sum(torch.cat([*(g.flatten() for g in grads), used]))
+    used, offset = flat[-len(parameters) :], 0
+    for p, divisor, was_used in zip(parameters, divisors, used.tolist(), strict=True):
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p) / divisor if was_used else None
+        offset += n
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient of a sum over ranks is the sum of the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, tensor: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(tensor.clone())
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(grad.clone())
+
+
+def differentiable_all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, through which gradients flow back to every rank."""
+    return _AllReduceSum.apply(tensor)

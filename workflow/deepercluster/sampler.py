@@ -1,45 +1,57 @@
 """Uniform sampling over clusters, as both papers do against collapsed clusters.
 
-Each epoch draws N samples: every cluster gets N / (number of clusters) draws (the
-remainder spread one by one over random clusters), without
-replacement when it is large enough and with replacement only when it is smaller. The
-order is a pure function of (seed, epoch), so a resumed block replays it from any
-position.
+Each epoch draws ``draws`` samples: every cluster gets an equal share (the remainder
+spread one by one over random clusters), drawn without replacement when the cluster is
+large enough and with replacement only when it is smaller; each sample gets a rotation
+drawn from ``rotations``. The order is a pure function of (seed, epoch), so a resumed
+block replays it from any position.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Sequence
 
-from deepercluster.objectives import ROTATIONS
+import numpy as np
 
 
 class UniformClusterSampler:
-    """(image index, rotation) pairs for one epoch, uniform over clusters.
+    """(image index, rotation) pairs for one epoch, uniform over the clusters of ``images``.
 
     Args:
-        clusters: the cluster of each image (any integers; one value for RotNet).
-        rotate: draw a rotation in 0..3 per sample (else always 0).
-        seed: the round's seed; each epoch reseeds from (seed, epoch).
+        clusters: the cluster of every image (any integers; one value for RotNet).
+        images: the images to sample from (a training group's; all by default).
+        rotations: the rotations (0..3, in quarter turns) to draw from uniformly.
+        draws: samples per epoch (``len(images)`` by default).
+        seed: each epoch reseeds from (seed, epoch).
     """
 
-    def __init__(self, clusters: np.ndarray, rotate: bool, seed: int) -> None:
-        self.clusters = np.asarray(clusters)
-        self.rotate, self.seed = rotate, seed
-        self.members = [np.flatnonzero(self.clusters == c) for c in np.unique(self.clusters)]
+    def __init__(
+        self,
+        clusters: np.ndarray,
+        *,
+        rotations: Sequence[int],
+        seed: int,
+        images: np.ndarray | None = None,
+        draws: int | None = None,
+    ) -> None:
+        images = np.arange(len(clusters)) if images is None else np.asarray(images)
+        of_images = np.asarray(clusters)[images]
+        self.members = [images[of_images == c] for c in np.unique(of_images)]
+        self.rotations = np.asarray(rotations)
+        self.draws = len(images) if draws is None else draws
+        self.seed = seed
 
     def __len__(self) -> int:
-        return len(self.clusters)
+        return self.draws
 
     def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(indices, rotations) of ``epoch``, both of length N."""
+        """(indices, rotations) of ``epoch``, both of length ``draws``."""
         rng = np.random.default_rng([self.seed, epoch])
-        draws_per_cluster = np.full(len(self.members), len(self) // len(self.members))
-        draws_per_cluster[rng.permutation(len(self.members))[: len(self) % len(self.members)]] += 1
+        per_cluster = np.full(len(self.members), self.draws // len(self.members))
+        per_cluster[rng.permutation(len(self.members))[: self.draws % len(self.members)]] += 1
         draws = [
             rng.choice(members, size=n, replace=len(members) < n)
-            for members, n in zip(self.members, draws_per_cluster, strict=True)
+            for members, n in zip(self.members, per_cluster, strict=True)
         ]
         indices = rng.permutation(np.concatenate(draws))
-        rotations = rng.integers(0, ROTATIONS, size=len(indices)) if self.rotate else np.zeros_like(indices)
-        return indices, rotations
+        return indices, rng.choice(self.rotations, size=len(indices))

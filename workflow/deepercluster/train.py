@@ -1,11 +1,18 @@
 """The training block of a round: ``epochs`` epochs on the round's pseudo-labels, resumable exactly.
 
-Reads top to bottom: data, networks, loss, optimiser, resume, loop. The block saves
-``train/last.pt`` (model, heads, optimiser, sampler position, RNG state) every
+``train_block`` reads top to bottom: ranks, data, networks, optimiser, resume, loop. It saves
+``train/last.pt`` (model, heads, optimiser, sampler position, every rank's RNG state) every
 ``checkpoint_every`` iterations and at every epoch end; run again after a kill, it resumes
-from there and ends with the same weights as an uninterrupted run. Data augmentation is
-seeded per sample from (seed, epoch, position), so it does not depend on DataLoader
-workers or on where the block was interrupted.
+from there and ends with the same weights as an uninterrupted run. Augmentation is seeded
+per sample from (seed, epoch, group, position), so it depends neither on DataLoader
+workers nor on where the block was interrupted nor on how many ranks share a batch.
+
+Ranks (DeeperCluster, section "Distributed training"): when the number of ranks is a
+multiple of the number of super-classes, ranks form one training group per super-class
+and each rank of group g sees only super-class g's images at its rotation; the backbone
+and the super-class head are shared by all ranks, a sub-class head only inside its group.
+Otherwise every rank takes its share of each global batch. Either way BatchNorm statistics
+are computed over the global batch and every rank holds identical weights.
 """
 
 from __future__ import annotations
@@ -13,19 +20,29 @@ from __future__ import annotations
 import csv
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from deepercluster.checkpoints import load_checkpoint, load_model, save_checkpoint
 from deepercluster.data import ImageDataset, read_manifest, train_transform
+from deepercluster.distributed import (
+    all_gather_objects,
+    all_reduce_sum,
+    global_batchnorm,
+    init_distributed,
+    is_main_process,
+    synchronise_gradients,
+)
 from deepercluster.files import sha256
 from deepercluster.labels import read_labels
-from deepercluster.objectives import Heads, super_class, targets_for
+from deepercluster.objectives import ROTATIONS, Heads, Targets, super_class, targets_for
 from deepercluster.sampler import UniformClusterSampler
 
 log = logging.getLogger(__name__)
@@ -36,8 +53,41 @@ METRICS = [
 ]
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How the ranks share a block: ``groups`` training groups; this rank is ``part`` of the ``parts`` of ``group``."""
+
+    groups: int
+    group: int
+    part: int
+    parts: int
+
+
+def layout_for(targets: Targets, rank: int, world_size: int) -> Layout:
+    """The paper's layout (a group per super-class) when the ranks divide evenly, else one group of all ranks."""
+    groups = targets.super_classes
+    if world_size > 1 and groups > 1 and world_size % groups == 0:
+        parts = world_size // groups
+        return Layout(groups, rank // parts, rank % parts, parts)
+    return Layout(1, 0, rank, world_size)
+
+
+def group_sampler(targets: Targets, layout: Layout, clusters: pd.DataFrame, seed: int) -> UniformClusterSampler:
+    """Uniform over the clusters of this rank's group: its super-cluster's images at its rotation."""
+    flat = clusters["super_cluster"].to_numpy() * (clusters["sub_cluster"].max() + 1) + clusters["sub_cluster"]
+    images, rotations = None, list(range(ROTATIONS)) if targets.rotates else [0]
+    if layout.groups > 1:  # super-class g = (super-cluster g // 4, rotation g % 4); RotNet: rotation g
+        rotations = [layout.group % ROTATIONS]
+        if targets.method == "deepercluster":
+            images = np.flatnonzero(clusters["super_cluster"].to_numpy() == layout.group // ROTATIONS)
+    group_seed = int(np.random.SeedSequence([seed, layout.group]).generate_state(1)[0])
+    return UniformClusterSampler(
+        flat.to_numpy(), rotations=rotations, seed=group_seed, images=images, draws=len(clusters) // layout.groups
+    )
+
+
 class RotatedImages(Dataset):
-    """Item (index, rotation, sample_seed) -> (augmented image rotated by rotation x 90 degrees, index, rotation)."""
+    """Item (index, rotation, sample_seed) -> (augmented image turned by rotation x 90 degrees, index, rotation)."""
 
     def __init__(self, images: ImageDataset) -> None:
         self.images = images
@@ -53,15 +103,20 @@ class RotatedImages(Dataset):
         return torch.rot90(image, rotation, dims=(1, 2)), index, rotation
 
 
-def epoch_batches(
-    indices: np.ndarray, rotations: np.ndarray, batch_size: int, start: int, seed: int, epoch: int
+def rank_batches(
+    indices: np.ndarray, rotations: np.ndarray, group_batch: int, layout: Layout, start: int, seed: int, epoch: int
 ) -> list[list[tuple[int, int, int]]]:
-    """Batches of (index, rotation, sample_seed) from batch ``start`` on; the last incomplete batch is dropped."""
+    """This rank's share of each of the group's batches from batch ``start`` on, as (index, rotation, sample_seed).
+
+    The last incomplete batch is dropped.
+    """
     keys = [
-        (int(i), int(r), int(np.random.SeedSequence([seed, epoch, p]).generate_state(1)[0]))
+        (int(i), int(r), int(np.random.SeedSequence([seed, epoch, layout.group, p]).generate_state(1)[0]))
         for p, (i, r) in enumerate(zip(indices, rotations, strict=True))
     ]
-    return [keys[b * batch_size : (b + 1) * batch_size] for b in range(start, len(keys) // batch_size)]
+    share = group_batch // layout.parts
+    first = [b * group_batch + layout.part * share for b in range(start, len(keys) // group_batch)]
+    return [keys[f : f + share] for f in first]
 
 
 def rng_state() -> dict[str, Any]:
@@ -88,22 +143,34 @@ def cluster_table(manifest: pd.DataFrame, labels: str | None) -> pd.DataFrame:
 
 
 class MetricsLog:
-    """``metrics.tsv``, one row per iteration; on resume, rows past the checkpoint are dropped."""
+    """``metrics.tsv``, one row per iteration (rank 0 writes); on resume, rows past the checkpoint are dropped."""
 
     def __init__(self, path: Path, resume_at: int) -> None:
+        self.file = None
+        if not is_main_process():
+            return
         rows = pd.read_csv(path, sep="\t") if path.exists() and resume_at else pd.DataFrame(columns=METRICS)
         rows[rows["iteration"] < resume_at].to_csv(path, sep="\t", index=False)
         self.file = open(path, "a", newline="")  # noqa: SIM115 (closed by close())
         self.writer = csv.DictWriter(self.file, METRICS, delimiter="\t")
 
     def write(self, **row: float) -> None:
-        self.writer.writerow(row)
+        if self.file:
+            self.writer.writerow(row)
 
     def flush(self) -> None:
-        self.file.flush()
+        if self.file:
+            self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file:
+            self.file.close()
+
+
+def mean_over_ranks(values: dict[str, torch.Tensor], world_size: int) -> dict[str, float]:
+    """Each loss and accuracy averaged over the ranks (one all-reduce)."""
+    stacked = all_reduce_sum(torch.stack([v.detach().float() for v in values.values()])) / world_size
+    return dict(zip(values, stacked.tolist(), strict=True))
 
 
 def train_block(
@@ -120,69 +187,85 @@ def train_block(
     lr: float = 0.05,
     momentum: float = 0.9,
     weight_decay: float = 1e-5,
+    dropout: float = 0.5,
     image_size: int = 32,
     workers: int = 0,
     checkpoint_every: int = 1000,
     seed: int = 0,
 ) -> None:
-    """Stage 'train' (inside its launcher): one training block of round ``round``; writes ``out``."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    Path(train_dir).mkdir(parents=True, exist_ok=True)
-    last = Path(train_dir) / "last.pt"
-    provenance = {
-        "previous_sha256": sha256(previous_checkpoint),
-        "labels_sha256": sha256(labels) if labels else None,
-        "method": method,
-    }
+    """Stage 'train' (inside its launcher): round ``round``'s training block; writes ``out``.
 
-    # Data: the images, their clusters, a sampler uniform over clusters.
+    ``batch_size`` is the global batch, split evenly over the ranks.
+    """
+    # Ranks: one process, or every task of the job.
+    context = init_distributed()
+    device, rank, world_size = context.device, context.rank, context.world_size
+    if batch_size % world_size:
+        raise ValueError(f"train.batch_size {batch_size} is not a multiple of the {world_size} ranks: change either")
+    last = Path(train_dir) / "last.pt"
+    Path(train_dir).mkdir(parents=True, exist_ok=True)
+    provenance = {"previous_sha256": sha256(previous_checkpoint), "labels_sha256": labels and sha256(labels)}
+    provenance |= {"method": method}
+
+    # Data: the images, their clusters, this rank's group and a sampler uniform over its clusters.
     images = read_manifest(manifest)
     clusters = cluster_table(images, None if method == "rotnet" else labels)
-    sub_per_super = clusters.groupby("super_cluster")["sub_cluster"].max().add(1).sort_index().tolist()
-    targets = targets_for(method, sub_per_super)
-    flat_cluster = clusters["super_cluster"].to_numpy() * max(sub_per_super) + clusters["sub_cluster"].to_numpy()
-    sampler = UniformClusterSampler(flat_cluster, rotate=targets.rotates, seed=seed)
+    targets = targets_for(method, clusters.groupby("super_cluster")["sub_cluster"].max().add(1).tolist())
+    layout = layout_for(targets, rank, world_size)
+    sampler = group_sampler(targets, layout, clusters, seed)
+    group_batch = min(batch_size // layout.groups, len(sampler))
+    iterations_per_epoch = len(sampler) // group_batch
     dataset = RotatedImages(ImageDataset(images["path"].tolist(), images["id"].tolist(), train_transform(image_size)))
-    batch_size = min(batch_size, len(dataset))
-    iterations_per_epoch = len(dataset) // batch_size
-    super_clusters = torch.tensor(clusters["super_cluster"].to_numpy())
-    sub_clusters = torch.tensor(clusters["sub_cluster"].to_numpy())
+    super_clusters, sub_clusters = (torch.tensor(clusters[c].to_numpy()) for c in ("super_cluster", "sub_cluster"))
 
     # Networks and optimiser: the backbone carries over, the heads are new each round.
     model, previous = load_model(previous_checkpoint)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the same heads on every rank
     heads = Heads(model.feature_dim, targets)
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))  # each rank's dropout
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = dropout
+    model = global_batchnorm(model) if world_size > 1 else model
     model.to(device).train()
     heads.to(device).train()
-    parameters = [p for p in [*model.parameters(), *heads.parameters()] if p.requires_grad]
-    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    shared = [p for p in [*model.parameters(), *heads.parameters()] if p.requires_grad]
+    in_group = {id(p) for p in heads.sub_class.parameters()}
+    divisors = [layout.parts if id(p) in in_group else world_size for p in shared]
+    optimizer = torch.optim.SGD(shared, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
     def save(epoch: int, batch: int) -> None:
-        state = {"model": model.state_dict(), "heads": heads.state_dict(), "optimizer": optimizer.state_dict()}
-        save_checkpoint(last, {**state, "rng": rng_state(), "epoch": epoch, "batch": batch, "provenance": provenance})
+        rngs = all_gather_objects(rng_state())
+        if is_main_process():
+            state = {"model": model.state_dict(), "heads": heads.state_dict(), "optimizer": optimizer.state_dict()}
+            save_checkpoint(last, {**state, "rng": rngs, "epoch": epoch, "batch": batch, "provenance": provenance})
 
     # Resume by name from train/last.pt when it was written for these inputs.
     start_epoch, start_batch = 0, 0
-    if last.exists():
-        state = load_checkpoint(last)
-        if state["provenance"] == provenance:
-            model.load_state_dict(state["model"])
-            heads.load_state_dict(state["heads"])
-            optimizer.load_state_dict(state["optimizer"])
-            set_rng_state(state["rng"])
-            start_epoch, start_batch = state["epoch"], state["batch"]
-            log.info("resuming round %d at epoch %d, batch %d from %s", round, start_epoch, start_batch, last)
+    state = load_checkpoint(last) if last.exists() else None
+    if state is not None and state["provenance"] == provenance:
+        model.load_state_dict(state["model"])
+        heads.load_state_dict(state["heads"])
+        optimizer.load_state_dict(state["optimizer"])
+        if len(state["rng"]) == world_size:
+            set_rng_state(state["rng"][rank])
         else:
-            log.warning("%s was written for other inputs (labels or checkpoint changed): starting afresh", last)
+            log.warning(
+                "%s was saved by %d ranks, not %d: the random state restarts", last, len(state["rng"]), world_size
+            )
+        start_epoch, start_batch = state["epoch"], state["batch"]
+        log.info("resuming round %d at epoch %d, batch %d from %s", round, start_epoch, start_batch, last)
+    elif state is not None:
+        log.warning("%s was written for other inputs (labels or checkpoint changed): starting afresh", last)
     iteration = start_epoch * iterations_per_epoch + start_batch
     metrics = MetricsLog(Path(train_dir) / "metrics.tsv", resume_at=iteration)
 
     # The loop.
-    log.info("round %d: %s on %d images, %d epochs x %d iterations of %d, heads %s", round, method, len(dataset),
-             epochs, iterations_per_epoch, batch_size, targets)  # fmt: skip
+    log.info("round %d: %s on %d images, %d epochs x %d iterations of %d on %d ranks (%s), heads %s", round, method,
+             len(dataset), epochs, iterations_per_epoch, batch_size, world_size, layout, targets)  # fmt: skip
     for epoch in range(start_epoch, epochs):
         indices, rotations = sampler.epoch(epoch)
-        batches = epoch_batches(indices, rotations, batch_size, start_batch, seed, epoch)
+        batches = rank_batches(indices, rotations, group_batch, layout, start_batch, seed, epoch)
         # Its own generator: creating the loader must not draw from the global RNG (dropout's), or a
         # loader created at resume would shift every later draw.
         loader = DataLoader(
@@ -196,12 +279,13 @@ def train_block(
             losses = heads(model(x), super_target, sub_clusters[index].to(device))
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
+            synchronise_gradients(shared, divisors)
             optimizer.step()
 
+            row = mean_over_ranks(losses, world_size)
             now, iteration = time.perf_counter(), iteration + 1
-            row = {key: value.item() for key, value in losses.items()}
-            metrics.write(round=round, epoch=epoch, iteration=iteration - 1, lr=lr, images_per_s=len(x) / (now - tick),
-                          **row)  # fmt: skip
+            metrics.write(round=round, epoch=epoch, iteration=iteration - 1, lr=lr,
+                          images_per_s=len(x) * world_size / (now - tick), **row)  # fmt: skip
             tick = now
             if iteration % checkpoint_every == 0:
                 metrics.flush()
@@ -214,6 +298,7 @@ def train_block(
         save(epoch + 1, 0)
     metrics.close()
 
-    final = {"arch": previous["arch"], "sobel": previous["sobel"], "round": round, "model": model.state_dict()}
-    save_checkpoint(out, {**final, "heads": heads.state_dict(), "targets": targets, **provenance})
-    log.info("round %d's block done: %s", round, out)
+    if is_main_process():
+        final = {"arch": previous["arch"], "sobel": previous["sobel"], "round": round, "model": model.state_dict()}
+        save_checkpoint(out, {**final, "heads": heads.state_dict(), "targets": targets, **provenance})
+        log.info("round %d's block done: %s", round, out)

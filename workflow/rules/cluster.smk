@@ -10,6 +10,8 @@ rule pca:
     conda:
         ENV
     threads: 2
+    resources:
+        **stage_resources("pca"),
     params:
         seed=round_seed,
         options=options(
@@ -35,6 +37,8 @@ rule super_clusters:
     conda:
         ENV
     threads: 2
+    resources:
+        **stage_resources("super_clusters"),
     params:
         seed=round_seed,
         options=options(
@@ -43,7 +47,7 @@ rule super_clusters:
             cache_mb=config["kmeans"]["cache_mb"],
         ),
     shell:
-        "python -m deepercluster --threads {threads} super-clusters {params.options} --seed {params.seed}"
+        "python -m deepercluster --threads {threads} --tasks {resources.tasks} super-clusters {params.options} --seed {params.seed}"
         " --shards {input.shards} --pca {input.pca} --out {output} > {log} 2>&1"
 
 
@@ -61,6 +65,8 @@ rule sub_clusters:
     conda:
         ENV
     threads: 2
+    resources:
+        **stage_resources("sub_clusters"),
     params:
         seed=round_seed,
         options=options(
@@ -69,7 +75,7 @@ rule sub_clusters:
             cache_mb=config["kmeans"]["cache_mb"],
         ),
     shell:
-        "python -m deepercluster --threads {threads} sub-clusters {params.options} --seed {params.seed}"
+        "python -m deepercluster --threads {threads} --tasks {resources.tasks} sub-clusters {params.options} --seed {params.seed}"
         " --super-cluster {wildcards.super_cluster} --shards {input.shards} --pca {input.pca}"
         " --super-file {input.super_file} --out {output} > {log} 2>&1"
 
@@ -90,6 +96,9 @@ rule labels:
         "results/benchmarks/rounds/{round}/labels.tsv"
     conda:
         ENV
+    threads: stage_cpus("labels")
+    resources:
+        **stage_resources("labels"),
     params:
         previous=lambda wildcards, input: options(previous=input.previous or None),
     shell:

@@ -32,6 +32,48 @@ def options(**values):
     return shlex.join(words)
 
 
+def stage_resources(stage):
+    """Snakemake resources of a stage's jobs: resources.default, overridden by resources.<stage>."""
+    wanted = {**config["resources"]["default"], **config["resources"].get(stage, {})}
+    resources = {
+        key: wanted[key]
+        for key in ("runtime", "mem_mb", "cpus_per_task", "tasks", "nodes")
+    }
+    if wanted["gpus"]:
+        resources["gpu"] = wanted["gpus"]
+    if wanted["gpus"] and wanted["gpu_model"]:
+        resources["gpu_model"] = wanted["gpu_model"]
+    if wanted["tasks"] > 1:
+        resources["mpi"] = (
+            "srun"  # the stage starts its ranks itself (python -m deepercluster --tasks)
+        )
+    for key in ("slurm_partition", "slurm_account"):
+        if wanted[key]:
+            resources[key] = wanted[key]
+    return resources
+
+
+def stage_cpus(stage):
+    """Threads of a stage's jobs: its cpus_per_task."""
+    return stage_resources(stage)["cpus_per_task"]
+
+
+def training_allocation():
+    """The training block's allocation, as options of `python -m deepercluster train`."""
+    wanted = {**config["resources"]["default"], **config["resources"].get("train", {})}
+    return options(
+        tasks=wanted["tasks"],
+        nodes=wanted["nodes"],
+        gpus_per_node=wanted["gpus"],
+        gpu_model=wanted["gpu_model"],
+        cpus_per_task=wanted["cpus_per_task"],
+        mem_mb=wanted["mem_mb"],
+        timeout_min=wanted["runtime"],
+        slurm_partition=wanted["slurm_partition"],
+        slurm_account=wanted["slurm_account"],
+    )
+
+
 def shard_files(r):
     """Every feature shard of round r; their number is known once the manifest exists."""
     manifest = checkpoints.manifest.get().output.manifest
@@ -47,7 +89,11 @@ def sub_cluster_files(r):
 
 def round_labels(wildcards):
     """The pseudo-labels a round trains on (none for RotNet)."""
-    return [] if METHOD == "rotnet" else [f"results/rounds/{wildcards.round}/labels.parquet"]
+    return (
+        []
+        if METHOD == "rotnet"
+        else [f"results/rounds/{wildcards.round}/labels.parquet"]
+    )
 
 
 def round_outputs(r):
@@ -59,12 +105,17 @@ def round_outputs(r):
         *sub_cluster_files(r),
         f"results/rounds/{r}/labels.parquet",
     ]
-    return [*([] if METHOD == "rotnet" else clustering), f"results/rounds/{r}/checkpoint.pt"]
+    return [
+        *([] if METHOD == "rotnet" else clustering),
+        f"results/rounds/{r}/checkpoint.pt",
+    ]
 
 
 def default_targets(wildcards):
     """Every round's files, the last checkpoint and the summary."""
-    return [output for r in range(1, ROUNDS + 1) for output in round_outputs(r)] + ["results/summary.tsv"]
+    return [output for r in range(1, ROUNDS + 1) for output in round_outputs(r)] + [
+        "results/summary.tsv"
+    ]
 
 
 def round_seed(wildcards):

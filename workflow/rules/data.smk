@@ -9,6 +9,8 @@ checkpoint manifest:
     conda:
         ENV
     threads: max(1, config["data"]["workers"])
+    resources:
+        **stage_resources("manifest"),
     params:
         options=options(
             seed=config["seed"],

@@ -11,6 +11,8 @@ rule features:
     conda:
         ENV
     threads: 2
+    resources:
+        **stage_resources("features"),
     params:
         options=options(
             shard_size=config["features"]["shard_size"],

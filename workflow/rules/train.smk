@@ -9,6 +9,9 @@ rule initial_checkpoint:
         "results/benchmarks/rounds/0/checkpoint.tsv"
     conda:
         ENV
+    threads: stage_cpus("initial_checkpoint")
+    resources:
+        **stage_resources("initial_checkpoint"),
     params:
         options=options(
             seed=config["seed"],
@@ -32,27 +35,28 @@ rule train:
         "results/benchmarks/rounds/{round}/checkpoint.tsv"
     wildcard_constraints:
         round=r"[1-9]\d*",
+    localrule: True
     conda:
         ENV
-    threads: 2
     params:
         seed=round_seed,
+        allocation=training_allocation(),
         labels=lambda wildcards, input: options(labels=input.labels or None),
         options=options(
             method=METHOD,
             launcher=config["launcher"],
-            timeout_min=config["train"]["timeout_min"],
             epochs=config["train"]["epochs_per_round"],
             batch_size=config["train"]["batch_size"],
             lr=config["train"]["lr"],
             momentum=config["train"]["momentum"],
             weight_decay=config["train"]["weight_decay"],
             checkpoint_every=config["train"]["checkpoint_every"],
+            dropout=config["train"]["dropout"],
             image_size=config["data"]["image_size"],
             workers=config["data"]["workers"],
         ),
     shell:
-        "python -m deepercluster --threads {threads} train {params.options} --round {wildcards.round}"
+        "python -m deepercluster train {params.options} {params.allocation} --round {wildcards.round}"
         " --seed {params.seed} --manifest {input.manifest} --previous-checkpoint {input.previous}"
         " {params.labels} --train-dir results/rounds/{wildcards.round}/train --out {output} > {log} 2>&1"
 
@@ -68,6 +72,9 @@ rule summary:
         "results/benchmarks/summary.tsv"
     conda:
         ENV
+    threads: stage_cpus("summary")
+    resources:
+        **stage_resources("summary"),
     params:
         rounds=ROUNDS,
     shell:
