@@ -122,3 +122,15 @@ def single_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """A world of one for stages that call ``init_distributed``, whatever launched pytest."""
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID"):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def class_labels(real_data: RealData, tmp_path: Path) -> str:
+    """A labels table for the real images made from their true classes: 2 super-clusters x 5 sub-clusters."""
+    import pandas as pd
+
+    manifest = pd.read_parquet(real_data.manifest)
+    classes = manifest["label"].astype("category").cat.codes.to_numpy()
+    labels = tmp_path / "labels.parquet"
+    pd.DataFrame({"id": manifest["id"], "super_cluster": classes % 2, "sub_cluster": classes // 2}).to_parquet(labels)
+    return str(labels)

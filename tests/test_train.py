@@ -98,16 +98,12 @@ def test_a_group_sampler_draws_only_its_images() -> None:
 
 
 @pytest.fixture
-def block_inputs(real_data, tmp_path: Path) -> dict[str, object]:
+def block_inputs(real_data, class_labels: str) -> dict[str, object]:
     """The real 600-image manifest and random-init checkpoint, with labels made from the true classes."""
-    manifest = pd.read_parquet(real_data.manifest)
-    classes = manifest["label"].astype("category").cat.codes.to_numpy()
-    labels = tmp_path / "labels.parquet"
-    pd.DataFrame({"id": manifest["id"], "super_cluster": classes % 2, "sub_cluster": classes // 2}).to_parquet(labels)
     return {
         "manifest": real_data.manifest,
         "previous_checkpoint": real_data.checkpoint,
-        "labels": str(labels),
+        "labels": class_labels,
         "method": "deepercluster",
         "round": 1,
         "epochs": 2,

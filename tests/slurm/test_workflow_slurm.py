@@ -70,14 +70,10 @@ def test_two_task_kmeans_equals_one_task(real_data, tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def block(real_data, tmp_path: Path) -> dict[str, object]:
+def block(real_data, class_labels: str) -> dict[str, object]:
     """A DeeperCluster block on the real 600 images, labels from the true classes, no dropout."""
-    manifest = pd.read_parquet(real_data.manifest)
-    classes = manifest["label"].astype("category").cat.codes.to_numpy()
-    labels = tmp_path / "labels.parquet"
-    pd.DataFrame({"id": manifest["id"], "super_cluster": classes % 2, "sub_cluster": classes // 2}).to_parquet(labels)
     return {
-        "manifest": real_data.manifest, "previous_checkpoint": real_data.checkpoint, "labels": str(labels),
+        "manifest": real_data.manifest, "previous_checkpoint": real_data.checkpoint, "labels": class_labels,
         "method": "deepercluster", "round": 1, "epochs": 1, "batch_size": 40, "dropout": 0.0, "seed": 3,
         "launcher": "slurm", "cpus_per_task": 1, "timeout_min": 10,
     }  # fmt: skip
