@@ -19,6 +19,14 @@ STAGES = {
     "labels": "deepercluster.labels:make_labels",
     "train": "deepercluster.launch:train",
     "summary": "deepercluster.summary:summarize",
+    "import-checkpoint": "deepercluster.evaluate.external:import_checkpoint",
+    "eval-linear": "deepercluster.evaluate.linear:linear_probe",
+    "eval-knn": "deepercluster.evaluate.knn:knn",
+    "eval-nmi": "deepercluster.evaluate.nmi:cluster_nmi",
+    "eval-clusters": "deepercluster.evaluate.clusters:cluster_grid",
+    "eval-voc07": "deepercluster.evaluate.voc07:voc07",
+    "eval-retrieval": "deepercluster.evaluate.retrieval:retrieval",
+    "compare": "deepercluster.evaluate.compare:compare",
 }
 
 # Stages that forward their other keyword arguments to another function, whose options they take too.

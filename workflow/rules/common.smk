@@ -1,3 +1,4 @@
+import re
 import shlex
 
 import pandas as pd
@@ -132,3 +133,68 @@ def previous_labels(wildcards):
     """The previous round's labels, for the NMI between consecutive rounds (none in round 1)."""
     r = int(wildcards.round)
     return [f"results/rounds/{r - 1}/labels.parquet"] if r > 1 else []
+
+
+# Evaluations (rules/evaluate.smk): results/evals/{name}/..., name = round-{r} or a key of checkpoints.
+EVAL = config["evaluation"]
+EVAL_MANIFEST = "results/data/eval/manifest.parquet"
+# The features stage's --shard-size for one shard holding every evaluation image.
+ALL_IMAGES = 2**31 - 1
+# The table's rows, in the paper's order.
+COMPARED = {
+    label: EVAL["compare"][label]
+    for label in ("random", "rotnet", "deepcluster", "deepercluster")
+    if EVAL["compare"][label]
+}
+
+
+wildcard_constraints:
+    name="|".join([r"round-\d+", *map(re.escape, config["checkpoints"])]),
+
+
+def eval_checkpoint(wildcards):
+    """round-{r}: that round's checkpoint; a registered name: its checked copy."""
+    if wildcards.name.startswith("round-"):
+        return f"results/rounds/{wildcards.name.removeprefix('round-')}/checkpoint.pt"
+    return f"results/checkpoints/{wildcards.name}.pt"
+
+
+def registered(wildcards):
+    """The checkpoints entry of a name as {path, arch, sobel} (arch None, sobel true unless given)."""
+    entry = config["checkpoints"][wildcards.name]
+    entry = {"path": entry} if isinstance(entry, str) else entry
+    return {"arch": None, "sobel": True, **entry}
+
+
+def nmi_clusters(wildcards):
+    """round-{r}: the clusters of rounds 0..r (NMI over rounds); a registered name: its own."""
+    if wildcards.name.startswith("round-"):
+        r = int(wildcards.name.removeprefix("round-"))
+        return [f"results/evals/round-{i}/clusters.h5" for i in range(r + 1)]
+    return [f"results/evals/{wildcards.name}/clusters.h5"]
+
+
+def configured(key):
+    """An input function giving evaluation.<key> (a path), or an error naming the key when it is null."""
+
+    def path(wildcards):
+        if EVAL[key] is None:
+            raise ValueError(
+                f"evaluation.{key} is null: set it in the config to make {key}.json"
+            )
+        return EVAL[key]
+
+    return path
+
+
+def compared(wildcards):
+    """The evaluation files of every checkpoint in evaluation.compare (voc07, retrieval when configured)."""
+    if not COMPARED:
+        raise ValueError(
+            "evaluation.compare names no checkpoint: set some of its keys to make the table"
+        )
+    kinds = ["linear.json", "knn.json", "nmi.json"]
+    kinds += [f"{key}.json" for key in ("voc07", "retrieval") if EVAL[key]]
+    return [
+        f"results/evals/{name}/{kind}" for name in COMPARED.values() for kind in kinds
+    ]

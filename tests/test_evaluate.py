@@ -1,0 +1,466 @@
+"""The evaluations on real Fashion-MNIST images, checked against independent computations
+(scikit-learn's k-NN, NMI and average precision), and run by Snakemake on a tiny real run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+from sklearn.metrics import average_precision_score, normalized_mutual_info_score
+from sklearn.neighbors import KNeighborsClassifier
+
+from deepercluster.checkpoints import load_model
+from deepercluster.cluster import cluster_super, read_assignments
+from deepercluster.data import read_manifest
+from deepercluster.errors import CheckpointError
+from deepercluster.evaluate.backbone import conv_activations, frozen_backbone, labelled_split
+from deepercluster.evaluate.clusters import cluster_grid, dominant_values
+from deepercluster.evaluate.common import average_precision
+from deepercluster.evaluate.compare import compare
+from deepercluster.evaluate.external import import_checkpoint
+from deepercluster.evaluate.knn import knn, knn_predict
+from deepercluster.evaluate.linear import LinearProbes, activation_shapes, linear_probe
+from deepercluster.evaluate.nmi import cluster_nmi
+from deepercluster.evaluate.retrieval import (
+    fit_region_whitening,
+    image_regions,
+    region_vectors,
+    retrieval,
+    rmac,
+    rmac_regions,
+)
+from deepercluster.evaluate.voc07 import class_average_precisions, fine_tune, read_voc, voc07
+from deepercluster.features import extract_features
+from deepercluster.files import sha256
+from deepercluster.models import build_model
+from deepercluster.pca import fit_pca
+
+pytestmark = pytest.mark.usefixtures("single_process")
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+VOC_CLASSES = {"Trouser": "trouser", "Bag": "bag", "Sneaker": "sneaker", "Dress": "dress"}
+
+
+@pytest.fixture(scope="module")
+def features_file(real_data, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The 'features' stage's output holding every image of the manifest, as the eval_features rule makes it."""
+    out = str(tmp_path_factory.mktemp("eval") / "features.h5")
+    extract_features(
+        manifest=real_data.manifest,
+        checkpoint=real_data.checkpoint,
+        shard=0,
+        shard_size=2**31 - 1,
+        image_size=32,
+        out=out,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def clusters_files(features_file: str, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Two k-means clusterings of those features (k=8 and k=5), as the eval_pca and eval_kmeans rules make them."""
+    folder = tmp_path_factory.mktemp("eval-clusters")
+    pca = str(folder / "pca.h5")
+    fit_pca(shards=[features_file], out=pca, dim=32, seed=0)
+    outputs = []
+    with pytest.MonkeyPatch.context() as patch:  # a world of one (the function-scoped single_process comes later)
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID"):
+            patch.delenv(name, raising=False)
+        for k in (8, 5):
+            outputs.append(str(folder / f"clusters-{k}.h5"))
+            cluster_super(shards=[features_file], pca=pca, out=outputs[-1], super_clusters=k, iterations=5, seed=k)
+    return outputs
+
+
+def test_probe_dims_are_reference_tables() -> None:
+    """REFERENCE.md's pooled dims for VGG-16 and AlexNet at 224 px (shapes only, on the meta device)."""
+    expected = {
+        "vgg16_bn": [9216, 9216, 8192, 8192, 9216, 9216, 9216, 8192, 8192, 8192, 8192, 8192, 8192],
+        "alexnet_bn": [9600, 9216, 9600, 9600, 9216],
+    }
+    for arch, dims in expected.items():
+        with torch.device("meta"):
+            model = build_model(arch, sobel=True)
+        assert LinearProbes(activation_shapes(model, 224), 1000).dims == dims, arch
+    small = LinearProbes(activation_shapes(build_model("small_convnet", sobel=True), 32), 10)
+    assert small.dims == [9248, 9216, 8192] and max(small.dims) < 10_000
+
+
+def test_linear_probe_scores_every_conv_layer(real_data, tmp_path: Path) -> None:
+    out, plot = tmp_path / "linear.json", tmp_path / "linear.png"
+    linear_probe(
+        checkpoint=real_data.checkpoint, manifest=real_data.manifest, out=str(out), plot=str(plot), epochs=3, seed=0
+    )
+    result = json.loads(out.read_text())
+    assert [layer["layer"] for layer in result["layers"]] == ["conv1", "conv2", "conv3"]
+    assert [layer["dim"] for layer in result["layers"]] == [9248, 9216, 8192]
+    assert (result["train_images"], result["val_images"], result["classes"]) == (480, 120, 10)
+    for layer in result["layers"]:
+        # Even a random-init backbone's conv features separate Fashion-MNIST far above chance (10%).
+        assert 0.3 < layer["top1"] <= 1.0, layer
+        assert len(layer["train_loss"]) == 3 and layer["train_loss"][-1] < layer["train_loss"][0]
+    assert plot.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_frozen_backbone_keeps_batchnorm_statistics(real_data) -> None:
+    model, _ = frozen_backbone(real_data.checkpoint)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    activations = conv_activations(model, torch.randn(8, 3, 32, 32))
+    assert [tuple(a.shape[1:]) for a in activations] == [(32, 32, 32), (64, 16, 16), (128, 8, 8)]
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_knn_matches_scikit_learn(real_data, features_file: str, tmp_path: Path) -> None:
+    out = tmp_path / "knn.json"
+    knn(manifest=real_data.manifest, features=features_file, out=str(out), k=20, seed=0)
+    result = json.loads(out.read_text())
+
+    data = labelled_split(real_data.manifest, "label", 0.2, 0)
+    manifest = read_manifest(real_data.manifest)
+    with h5py.File(features_file) as f:
+        x = f["features"][:][np.searchsorted(f["ids"][:], data.ids)]
+    labels = manifest.set_index("id").loc[data.ids, "label"].to_numpy()
+    sklearn_knn = KNeighborsClassifier(n_neighbors=20, metric="cosine", algorithm="brute")
+    expected = sklearn_knn.fit(x[~data.val], labels[~data.val]).predict(x[data.val])
+    assert result["top1"] == pytest.approx(np.mean(expected == labels[data.val]), abs=1.5 / data.val.sum())
+    assert (result["k"], result["train_images"], result["val_images"]) == (20, 480, 120)
+
+    ours = knn_predict(x[~data.val], data.targets[~data.val], x[data.val], 20, len(data.classes))
+    assert np.mean(np.array(data.classes)[ours] == expected) >= 0.99
+
+
+def test_nmi_matches_scikit_learn_per_column_and_across_rounds(real_data, clusters_files, tmp_path: Path) -> None:
+    out, plot = tmp_path / "nmi.json", tmp_path / "nmi.png"
+    cluster_nmi(manifest=real_data.manifest, clusters=clusters_files, out=str(out), plot=str(plot), first_round=3)
+    result = json.loads(out.read_text())
+    manifest = read_manifest(real_data.manifest).set_index("id")
+    (ids0, first), (ids1, second) = (read_assignments(path) for path in clusters_files)
+    assert np.array_equal(ids0, manifest.index) and np.array_equal(ids1, manifest.index)
+    assert result["k"] == 5 and result["images"] == 600
+    assert [r["round"] for r in result["rounds"]] == [3, 4]
+    for row, assignment in zip(result["rounds"], (first, second), strict=True):
+        for column in ("label", "split"):
+            assert row[column] == pytest.approx(normalized_mutual_info_score(manifest[column], assignment), abs=1e-12)
+    assert result["rounds"][0]["previous_round"] is None
+    assert result["nmi"]["previous_round"] == pytest.approx(normalized_mutual_info_score(first, second), abs=1e-12)
+    assert 0 < result["nmi"]["label"] < 1 and plot.read_bytes().startswith(PNG_MAGIC)
+
+    single = tmp_path / "single.json"
+    cluster_nmi(manifest=real_data.manifest, clusters=clusters_files[:1], out=str(single), plot=str(plot))
+    assert json.loads(single.read_text())["rounds"] is None
+
+
+def test_cluster_grid_shows_random_clusters_with_their_dominant_value(real_data, clusters_files, tmp_path) -> None:
+    out = tmp_path / "clusters.png"
+    cluster_grid(manifest=real_data.manifest, clusters=clusters_files[0], out=str(out), shown=4, seed=0)
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.width > 400 and image.height > 200
+    members = pd.DataFrame({"label": ["Bag", "Bag", "Dress", "Bag"], "split": ["test", "train", "train", "train"]})
+    assert dominant_values(members, ["label", "split"]) == ["label: Bag (75%)", "split: train (75%)"]
+
+
+def test_a_plain_state_dict_is_wrapped_into_our_format(real_data, tmp_path: Path) -> None:
+    model, _ = load_model(real_data.checkpoint)
+    state = model.state_dict()
+    # DataParallel prefixes, DeepCluster's training head and no Sobel weights: all undone by name.
+    plain = {f"module.{k}": v for k, v in state.items() if not k.startswith("sobel.")}
+    plain["top_layer.weight"] = torch.zeros(3, 256)
+    torch.save({"state_dict": plain, "epoch": 7}, tmp_path / "plain.pt")
+    out = tmp_path / "wrapped.pt"
+    import_checkpoint(source=str(tmp_path / "plain.pt"), out=str(out), arch="small_convnet", sobel=True)
+    wrapped, checkpoint = load_model(out)
+    assert (checkpoint["arch"], checkpoint["sobel"]) == ("small_convnet", True)
+    assert all(torch.equal(wrapped.state_dict()[k], v) for k, v in state.items())
+
+    with pytest.raises(CheckpointError, match="arch and sobel"):
+        import_checkpoint(source=str(tmp_path / "plain.pt"), out=str(tmp_path / "x.pt"))
+    with pytest.raises(CheckpointError, match="alexnet_bn"):
+        import_checkpoint(source=str(tmp_path / "plain.pt"), out=str(tmp_path / "x.pt"), arch="alexnet_bn", sobel=True)
+    # One of ours is copied as it is; a contradicting arch in its entry is an error.
+    import_checkpoint(source=real_data.checkpoint, out=str(tmp_path / "ours.pt"))
+    assert sha256(tmp_path / "ours.pt") == sha256(real_data.checkpoint)
+    with pytest.raises(CheckpointError, match="vgg16_bn"):
+        import_checkpoint(source=real_data.checkpoint, out=str(tmp_path / "x.pt"), arch="vgg16_bn")
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_average_precision_matches_scikit_learn() -> None:
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(2, 60))
+        scores = rng.normal(size=n).round(1 if trial % 2 else 6)  # every other trial with many ties
+        relevant = rng.random(n) < rng.uniform(0.05, 0.9)
+        if not relevant.any():
+            assert np.isnan(average_precision(scores, relevant))
+            continue
+        assert average_precision(scores, relevant) == pytest.approx(
+            average_precision_score(relevant, scores), abs=1e-12
+        )
+
+
+def test_voc_class_aps_leave_out_difficult_images() -> None:
+    rng = np.random.default_rng(1)
+    scores, targets = rng.random((50, 3)), rng.choice([-1, 1, 0], size=(50, 3), p=[0.6, 0.3, 0.1])
+    targets[:, 2] = -1  # a class without any positive has no AP
+    ap = class_average_precisions(scores, targets, ["a", "b", "c"])
+    for c, name in enumerate("ab"):
+        known = targets[:, c] != 0
+        assert ap[name] == pytest.approx(average_precision_score(targets[known, c] > 0, scores[known, c]), abs=1e-12)
+    assert ap["c"] is None
+
+
+def make_voc(root: Path, manifest: pd.DataFrame, per_split: dict[str, int]) -> Path:
+    """A VOC 2007-layout folder of JPEGs from Fashion-MNIST images of 4 classes: JPEGImages/,
+    ImageSets/Main/{class}_{split}.txt with 1 / -1 per image (and a few 0 = difficult)."""
+    rows = manifest[manifest["label"].isin(list(VOC_CLASSES))].reset_index(drop=True)
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    start = 0
+    for split, count in per_split.items():
+        part = rows.iloc[start : start + count]
+        start += count
+        for _, row in part.iterrows():
+            with Image.open(row["path"]) as image:
+                image.convert("RGB").save(root / "JPEGImages" / f"{row['id']:06d}.jpg")
+        difficult = np.arange(len(part)) % 5 == 0
+        for label, name in VOC_CLASSES.items():
+            flags = np.where(part["label"] == label, 1, -1)
+            flags[difficult & (flags < 0)] = 0  # a few negatives marked difficult (0)
+            lines = [f"{image_id:06d} {flag:2d}" for image_id, flag in zip(part["id"], flags, strict=True)]
+            (root / "ImageSets" / "Main" / f"{name}_{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def make_retrieval_list(folder: Path, manifest: pd.DataFrame) -> Path:
+    """A retrieval CSV (path relative to its folder, role, group = the class) from Fashion-MNIST images."""
+    roles = ["query"] * 12 + ["database"] * 120 + ["whitening"] * 100
+    rows = manifest.iloc[: len(roles)]
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(
+        {"path": [os.path.relpath(p, folder) for p in rows["path"]], "role": roles, "group": rows["label"].tolist()}
+    )
+    table.to_csv(folder / "retrieval.csv", index=False)
+    return folder / "retrieval.csv"
+
+
+def test_voc07_trains_fc6_8_and_all_on_a_tiny_layout(real_data, tmp_path: Path) -> None:
+    manifest = read_manifest(real_data.manifest)
+    voc = make_voc(tmp_path / "voc", manifest, {"train": 40, "val": 20, "test": 40})
+    trainval, test = read_voc(str(voc))
+    assert list(trainval.columns) == sorted(VOC_CLASSES.values()) and (len(trainval), len(test)) == (60, 40)
+    assert set(np.unique(trainval.to_numpy())) == {-1, 0, 1}
+
+    out = tmp_path / "voc07.json"
+    voc07(voc=str(voc), checkpoint=real_data.checkpoint, out=str(out), epochs=3, batch_size=16, seed=0)
+    result = json.loads(out.read_text())
+    assert result["crops"] == 10 and result["test_images"] == 40
+    for setting in ("fc6_8", "all"):
+        ap = result[setting]["ap"]
+        assert set(ap) == set(VOC_CLASSES.values()) and all(0 < v <= 1 for v in ap.values())
+        assert result[setting]["mAP"] == pytest.approx(np.mean(list(ap.values())))
+
+    # FC6-8 trains the classifier only; ALL trains the convs too; the Sobel filter never trains.
+    reference, _ = load_model(real_data.checkpoint)
+    paths = [str(voc / "JPEGImages" / f"{i}.jpg") for i in trainval.index[:16]]
+    options = {"image_size": 32, "epochs": 1, "batch_size": 8, "lr": 0.05, "weight_decay": 0.0, "seed": 0, "workers": 0}
+    for setting, convs_move in (("fc6_8", False), ("all", True)):
+        tuned, _ = fine_tune(real_data.checkpoint, setting, paths, trainval.to_numpy(np.float32)[:16], **options)
+        new, old = tuned.state_dict(), reference.state_dict()
+        assert torch.equal(new["features.0.weight"], old["features.0.weight"]) != convs_move, setting
+        assert torch.equal(new["features.1.running_mean"], old["features.1.running_mean"]) != convs_move, setting
+        assert not torch.equal(new["classifier.1.weight"], old["classifier.1.weight"]), setting
+        assert torch.equal(new["sobel.sobel.weight"], old["sobel.sobel.weight"]), setting
+
+
+def test_rmac_regions_of_known_maps() -> None:
+    square = rmac_regions(8, 8)
+    assert len(square) == 1 + 4 + 9
+    assert square[:, 2].tolist() == [8] + [5] * 4 + [4] * 9
+    assert sorted(map(tuple, square[1:5, :2].tolist())) == [(0, 0), (0, 3), (3, 0), (3, 3)]
+    assert sorted({x for x, *_ in square[5:]}) == [0, 2, 4]
+    assert len(rmac_regions(14, 14)) == 14  # VGG-16's conv5 at 224 px
+    wide = rmac_regions(12, 8)  # one more region along the longer side at every level
+    assert len(wide) == 2 + 6 + 12
+    for x, y, w, h in [*square, *wide]:
+        assert x >= 0 and y >= 0 and w == h > 0
+    assert (wide[:, 0] + wide[:, 2]).max() == 12 and (wide[:, 1] + wide[:, 3]).max() == 8
+
+    # One hot activation at (row 1, column 6) of channel 2: exactly the regions covering it see it.
+    activations = torch.zeros(1, 4, 8, 8)
+    activations[0, 2, 1, 6] = 5.0
+    vectors = region_vectors(activations, square)[0]
+    covers = [(x <= 6 < x + s) and (y <= 1 < y + s) for x, y, s, _ in square]
+    assert torch.equal(vectors[:, 2], torch.tensor(covers, dtype=torch.float32))
+    assert vectors[:, [0, 1, 3]].abs().sum() == 0
+
+
+def test_retrieval_map_matches_scikit_learn(real_data, tmp_path: Path) -> None:
+    manifest = read_manifest(real_data.manifest)
+    images = make_retrieval_list(tmp_path / "lists", manifest)
+    out = tmp_path / "retrieval.json"
+    retrieval(images=str(images), checkpoint=real_data.checkpoint, out=str(out), dim=64, seed=0)
+    result = json.loads(out.read_text())
+    assert (result["queries"], result["database_images"], result["whitening_images"]) == (12, 120, 100)
+    assert result["regions_per_image"] == 14 and result["dim"] == 64 and result["whitening_learnt_on"] == "whitening"
+
+    # The same descriptors, scored by scikit-learn.
+    model, _ = frozen_backbone(real_data.checkpoint)
+    paths = manifest["path"].iloc[:232].tolist()
+    regions = image_regions(model, paths, 32, 256, 0)
+    whitening = fit_region_whitening(regions[132:].reshape(-1, 128), real_data.checkpoint, 64, 1e-5, 0)
+    descriptors = rmac(regions, whitening)
+    assert np.allclose(np.linalg.norm(descriptors, axis=1), 1, atol=1e-5)
+    labels = manifest["label"].iloc[:232].to_numpy()
+    queries, database = descriptors[:12], descriptors[12:132]
+    aps = [average_precision_score(labels[12:132] == labels[q], database @ queries[q]) for q in range(12)]
+    assert result["mAP"] == pytest.approx(np.mean(aps), abs=1e-6)
+    positives = np.mean([np.mean(labels[12:132] == labels[q]) for q in range(12)])
+    assert result["mAP"] > 1.5 * positives  # far better than a random ranking
+
+
+def write_evals(folder: Path, top1: list[float], knn_top1: float, nmi_label: float) -> None:
+    folder.mkdir(parents=True)
+    layers = [{"layer": f"conv{i + 1}", "top1": value} for i, value in enumerate(top1)]
+    (folder / "linear.json").write_text(json.dumps({"layers": layers, "classes": 10}))
+    (folder / "knn.json").write_text(json.dumps({"k": 20, "top1": knn_top1}))
+    (folder / "nmi.json").write_text(json.dumps({"nmi": {"label": nmi_label, "previous_round": None}}))
+
+
+def test_compare_puts_checkpoints_side_by_side(tmp_path: Path) -> None:
+    write_evals(tmp_path / "evals" / "round-0", [0.5, 0.4], 0.3, 0.05)
+    write_evals(tmp_path / "evals" / "ours", [0.61, 0.7, 0.755], 0.8, 0.456)
+    (tmp_path / "evals" / "ours" / "retrieval.json").write_text(json.dumps({"mAP": 0.25}))
+    out, plot = tmp_path / "table.md", tmp_path / "linear.png"
+    compare(labels=["random", "deepercluster"], names=["round-0", "ours"], out=str(out), plot=str(plot),
+            evals=str(tmp_path / "evals"))  # fmt: skip
+    assert out.read_text().splitlines()[:4] == [
+        "| method | checkpoint | linear conv1 | linear conv2 | linear conv3 | 20-NN | NMI label"
+        " | VOC07 FC6-8 mAP | VOC07 ALL mAP | retrieval mAP |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        "| random | `round-0` | 50.0 | 40.0 |  | 30.0 | 0.050 |  |  |  |",
+        "| deepercluster | `ours` | 61.0 | 70.0 | 75.5 | 80.0 | 0.456 |  |  | 25.0 |",
+    ]
+    assert plot.read_bytes().startswith(PNG_MAGIC)
+
+
+# --- Snakemake: the rules on a tiny real run -------------------------------------------------------------
+
+
+def snakemake(workdir: Path, config: dict, *args: str) -> subprocess.CompletedProcess:
+    """The repository's workflow in ``workdir`` with ``config`` (written to its config.yaml), on 2 cores."""
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", "config.yaml"]
+    return subprocess.run(
+        [*command, "--cores", "2", *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=900
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(real_data, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Round 1 of a real DeepCluster run on 120 images in 2 shards; round 0's weights also saved as a plain
+    state dict, registered as 'plain'."""
+    workdir = tmp_path_factory.mktemp("tiny-run")
+    manifest = read_manifest(real_data.manifest)
+    model, _ = load_model(real_data.checkpoint)  # round 0's weights too: the same seeded init
+    torch.save(model.state_dict(), workdir / "plain.pt")
+    config = {
+        **yaml.safe_load((REPO / ".test" / "config.yaml").read_text()),
+        "method": "deepcluster",
+        "rounds": 1,
+        "launcher": "debug",
+        "data": {"max_images": 120, "image_size": 32, "workers": 0},
+        "features": {"shard_size": 60, "batch_size": 60},
+        "kmeans": {"sub_clusters": 3, "iterations": 3},
+        "checkpoints": {"plain": {"path": "plain.pt", "arch": "small_convnet", "sobel": True}},
+        "evaluation": {
+            "data": {"max_images": 200},
+            "linear_epochs": 1,
+            "clusters": 4,
+            "clusters_shown": 2,
+            "voc07": str(make_voc(workdir / "voc", manifest, {"train": 12, "val": 8, "test": 12})),
+            "voc07_epochs": 1,
+            "retrieval": str(make_retrieval_list(workdir / "lists", manifest)),
+            "compare": {"random": "plain"},
+        },
+    }
+    run = snakemake(workdir, config, "--max-threads", "1", "results/rounds/1/checkpoint.pt")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return workdir
+
+
+ROUND_1 = [
+    "results/rounds/1/checkpoint.pt",
+    "results/rounds/1/features/shard-0.h5",
+    "results/rounds/1/features/shard-1.h5",
+]
+EVALS = ["linear.json", "linear.png", "knn.json", "nmi.json", "nmi.png", "clusters.png", "voc07.json", "retrieval.json"]
+
+
+def test_evaluations_run_alone_on_round_1_and_on_a_registered_state_dict(tiny_run: Path) -> None:
+    before = {path: (tiny_run / path).stat().st_mtime_ns for path in ROUND_1}
+    config = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    targets = ["results/evals/round-1/knn.json", *(f"results/evals/plain/{file}" for file in EVALS)]
+    run = snakemake(tiny_run, config, "--max-threads", "1", *targets, "results/compare/table.md")
+    assert run.returncode == 0, run.stderr[-3000:]
+    # Round 1's training and feature extraction did not rerun: only evaluation rules ran.
+    assert {path: (tiny_run / path).stat().st_mtime_ns for path in ROUND_1} == before
+    assert "rule train:" not in run.stderr and "rule features:" not in run.stderr
+
+    nearest = {
+        name: json.loads((tiny_run / f"results/evals/{name}/knn.json").read_text()) for name in ("round-1", "plain")
+    }
+    for result in nearest.values():
+        assert (result["k"], result["train_images"], result["val_images"]) == (20, 160, 40) and 0 < result["top1"] <= 1
+    with h5py.File(tiny_run / "results/evals/round-1/features.h5") as f:
+        assert f.attrs["checkpoint_sha256"] == sha256(tiny_run / ROUND_1[0]) and f["features"].shape == (200, 256)
+
+    folder = tiny_run / "results/evals/plain"
+    linear = json.loads((folder / "linear.json").read_text())
+    assert [layer["layer"] for layer in linear["layers"]] == ["conv1", "conv2", "conv3"]
+    assert all(0 <= layer["top1"] <= 1 for layer in linear["layers"])
+    nmi = json.loads((folder / "nmi.json").read_text())
+    assert nmi["k"] == 4 and nmi["rounds"] is None and 0 <= nmi["nmi"]["label"] <= 1
+    voc, found = json.loads((folder / "voc07.json").read_text()), json.loads((folder / "retrieval.json").read_text())
+    assert 0 < voc["fc6_8"]["mAP"] <= 1 and 0 < voc["all"]["mAP"] <= 1 and 0 < found["mAP"] <= 1
+    for picture in ("linear.png", "nmi.png", "clusters.png"):
+        assert (folder / picture).read_bytes().startswith(PNG_MAGIC)
+    # The plain state dict was wrapped with round 0's weights (the same seeded init).
+    wrapped, _ = load_model(tiny_run / "results/checkpoints/plain.pt")
+    round_0, _ = load_model(tiny_run / "results/rounds/0/checkpoint.pt")
+    assert all(torch.equal(v, round_0.state_dict()[k]) for k, v in wrapped.state_dict().items())
+
+    table = (tiny_run / "results/compare/table.md").read_text().splitlines()
+    assert table[0].startswith("| method | checkpoint | linear conv1 | linear conv2 | linear conv3 | 20-NN | NMI label")
+    assert table[2].startswith("| random | `plain` |") and f"| {100 * nearest['plain']['top1']:.1f} |" in table[2]
+
+
+def test_nmi_of_round_r_plans_the_clusters_of_every_earlier_round_and_no_training(tiny_run: Path) -> None:
+    config = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    run = snakemake(tiny_run, config, "-n", "results/evals/round-1/nmi.json")
+    assert run.returncode == 0, run.stderr[-3000:]
+    planned = run.stdout + run.stderr
+    for r in (0, 1):
+        assert f"results/evals/round-{r}/clusters.h5" in planned
+    assert "rule train:" not in planned and "rule features:" not in planned and "rule labels:" not in planned
+
+
+def test_an_unconfigured_evaluation_says_which_key_to_set(tiny_run: Path, tmp_path: Path) -> None:
+    config = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    config["evaluation"]["voc07"] = None
+    shutil.copy(tiny_run / "plain.pt", tmp_path / "plain.pt")
+    run = snakemake(tmp_path, config, "-n", "results/evals/plain/voc07.json")
+    assert run.returncode != 0 and "evaluation.voc07 is null" in run.stdout + run.stderr

@@ -1,0 +1,112 @@
+"""What the evaluations share around the network: the frozen backbone of a checkpoint, its conv
+activations, the pooling of linear probes, and a labelled train/val split of a manifest."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from deepercluster.checkpoints import load_model
+from deepercluster.data import ImageDataset, read_manifest
+from deepercluster.models import ConvNet
+
+PROBE_MAX_DIM = 10_000  # linear probes read conv activations average-pooled below this dimension
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def frozen_backbone(checkpoint: str) -> tuple[ConvNet, dict[str, Any]]:
+    """(model in eval mode with no trainable parameter, checkpoint) on the evaluation device."""
+    model, state = load_model(checkpoint)
+    for parameter in model.parameters():
+        parameter.requires_grad = False
+    return model.to(device()).eval(), state
+
+
+def layer_names(model: ConvNet) -> list[str]:
+    """conv1, conv2, ...: one name per conv layer, in order."""
+    return [f"conv{i + 1}" for i in range(len(model.conv_layers()))]
+
+
+def conv_activations(model: ConvNet, x: torch.Tensor) -> list[torch.Tensor]:
+    """The output of the ReLU after each conv (``ConvNet.conv_layers``) for images ``x``; the classifier is skipped."""
+    outputs: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for m in model.conv_layers()]
+    try:
+        model.features(x if model.sobel is None else model.sobel(x))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs
+
+
+def probe_pool_size(channels: int, height: int, max_dim: int = PROBE_MAX_DIM) -> int:
+    """The largest side s <= ``height`` with channels * s * s < ``max_dim``: REFERENCE's VGG-16 and AlexNet dims."""
+    return max(1, min(height, math.isqrt((max_dim - 1) // channels)))
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    """Images of a manifest with a class label, split at random (seeded) into train and val."""
+
+    paths: np.ndarray  # [n] str
+    ids: np.ndarray  # [n] int64, manifest ids
+    targets: np.ndarray  # [n] int64, index into classes
+    classes: list[str]
+    val: np.ndarray  # [n] bool
+
+    def part(self, val: bool) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(paths, ids, targets) of the val (True) or train (False) split."""
+        rows = self.val == val
+        return self.paths[rows].tolist(), self.ids[rows], self.targets[rows]
+
+
+def labelled_split(manifest: str, label_column: str, val_fraction: float, seed: int) -> LabelledSet:
+    """The manifest's images with a ``label_column`` value; a seeded ``val_fraction`` of them is the val split."""
+    frame = read_manifest(manifest)
+    if label_column not in frame.columns:
+        raise ValueError(
+            f"{manifest} has no column {label_column!r} (it has {', '.join(map(str, frame.columns))}); "
+            "set evaluation.label_column to the column of class labels"
+        )
+    frame = frame[frame[label_column].notna()].reset_index(drop=True)
+    labels = frame[label_column].astype(str)
+    classes = sorted(labels.unique())
+    val = np.zeros(len(frame), bool)
+    val[np.random.default_rng(seed).permutation(len(frame))[: round(len(frame) * val_fraction)]] = True
+    if len(classes) < 2 or val.all() or not val.any():
+        raise ValueError(
+            f"{manifest}: {len(frame)} labelled images in {len(classes)} classes with val_fraction={val_fraction} "
+            "leave no train/val split; label more images or change evaluation.val_fraction"
+        )
+    targets = pd.Categorical(labels, categories=classes).codes.astype(np.int64)
+    return LabelledSet(frame["path"].to_numpy(str), frame["id"].to_numpy(np.int64), targets, classes, val)
+
+
+def image_loader(
+    paths: Sequence[str],
+    ids: Sequence[int],
+    transform: Callable,
+    batch_size: int,
+    workers: int = 0,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> DataLoader:
+    """(images, ids) batches of ``data.ImageDataset``; shuffled with its own seeded generator."""
+    return DataLoader(
+        ImageDataset(paths, ids, transform),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        pin_memory=device().type == "cuda",
+        generator=torch.Generator().manual_seed(seed),
+    )

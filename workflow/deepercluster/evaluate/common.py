@@ -1,0 +1,54 @@
+"""What the evaluations share that needs no network: average precision, the linear-probe figure, and
+JSON and PNG outputs written atomically (a killed stage leaves no finished-looking file)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from deepercluster.files import atomic_output
+
+
+def average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
+    """Non-interpolated AP: sum over score thresholds of (recall step) x precision, tied scores one threshold.
+
+    NaN when nothing is relevant.
+    """
+    relevant = np.asarray(relevant, bool)
+    if not relevant.any():
+        return float("nan")
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    ranked = np.asarray(scores, np.float64)[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]
+    hits = np.cumsum(relevant[order])[last_of_tie]
+    precision, recall = hits / (last_of_tie + 1), hits / hits[-1]
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    with atomic_output(path) as partial:
+        partial.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def save_figure(figure: Figure, path: str | os.PathLike) -> None:
+    with atomic_output(path) as partial:
+        figure.savefig(partial, format="png", dpi=100, bbox_inches="tight")
+
+
+def accuracy_figure(curves: dict[str, list[dict]], chance: float | None = None) -> Figure:
+    """Top-1 (%) per conv layer, one line per checkpoint, as the paper's Figure 2."""
+    figure = Figure(figsize=(6, 4))
+    axes = figure.subplots()
+    for label, layers in curves.items():
+        axes.plot([layer["layer"] for layer in layers], [100 * layer["top1"] for layer in layers], "o-", label=label)
+    if chance is not None:
+        axes.axhline(100 * chance, color="grey", linestyle="--", linewidth=1, label="chance")
+    axes.set_xlabel("conv layer")
+    axes.set_ylabel("linear probe top-1 (%)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    return figure

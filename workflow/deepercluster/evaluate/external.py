@@ -1,0 +1,80 @@
+"""Checkpoints registered under ``checkpoints:``: ours as they are, or a foreign plain state dict wrapped.
+
+A foreign checkpoint is a plain ``state_dict`` (torchvision style) whose keys are our model's
+``features.*`` and ``classifier.*`` for the same architecture; the config entry names its
+``arch`` and ``sobel``. Common wrappings are undone by name: a ``state_dict`` entry around
+it, ``module.`` prefixes (DataParallel), a ``top_layer.*`` training head (DeepCluster's), and
+``sobel.0``/``sobel.1`` for our ``sobel.grayscale``/``sobel.sobel``. The Sobel filter is fixed,
+so a state dict without it gets ours. Every other key must match exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from typing import Any
+
+import torch
+
+from deepercluster.checkpoints import load_checkpoint, load_model, save_checkpoint
+from deepercluster.errors import CheckpointError
+from deepercluster.files import atomic_output, sha256
+from deepercluster.models import build_model
+
+log = logging.getLogger(__name__)
+
+OURS = {"arch", "sobel", "model"}
+RENAMED = {"sobel.0.": "sobel.grayscale.", "sobel.1.": "sobel.sobel."}
+HEAD_PREFIX = "top_layer."
+
+
+def wrap_state_dict(state_dict: dict[str, torch.Tensor], *, arch: str, sobel: bool, source: str) -> dict[str, Any]:
+    """Our checkpoint format (``arch``, ``sobel``, ``round``, ``model``) around a plain state dict of ``arch``."""
+    if isinstance(state_dict.get("state_dict"), dict):
+        state_dict = state_dict["state_dict"]
+    weights = {}
+    for key, value in state_dict.items():
+        key = key.replace("module.", "")
+        for old, new in RENAMED.items():
+            key = new + key.removeprefix(old) if key.startswith(old) else key
+        if not key.startswith(HEAD_PREFIX):
+            weights[key] = value
+    dropped = sorted(k for k in state_dict if k.replace("module.", "").startswith(HEAD_PREFIX))
+    if dropped:
+        log.info("%s: left out the training head %s", source, ", ".join(dropped))
+    model = build_model(arch, sobel)
+    if sobel:
+        weights = {**{k: v for k, v in model.state_dict().items() if k.startswith("sobel.")}, **weights}
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"{source} is not a state dict of {arch} with sobel={sobel}: {error}; "
+            "check checkpoints.<name>.arch and .sobel in the config"
+        ) from error
+    return {"arch": arch, "sobel": sobel, "round": None, "model": model.state_dict(), "source": source}
+
+
+def import_checkpoint(*, source: str, out: str, arch: str | None = None, sobel: bool = True) -> None:
+    """Stage 'import-checkpoint': ``out`` = ``source`` if it is ours, else ``source`` as a plain state dict of
+    ``arch`` (with ``sobel``) in our format. Given ``arch``, one of ours must have that arch and ``sobel``."""
+    state = load_checkpoint(source)
+    if isinstance(state, dict) and set(state) >= OURS:
+        load_model(source)  # every key must fit its own arch
+        if arch is not None and (state["arch"], state["sobel"]) != (arch, sobel):
+            raise CheckpointError(
+                f"{source} is a {state['arch']} with sobel={state['sobel']}, its checkpoints entry says {arch} "
+                f"with sobel={sobel}: fix or remove arch and sobel there"
+            )
+        log.info("%s is a deepercluster checkpoint (%s, sobel=%s): copied", source, state["arch"], state["sobel"])
+        with atomic_output(out) as partial:
+            shutil.copyfile(source, partial)
+        return
+    if arch is None or not isinstance(state, dict):
+        raise CheckpointError(
+            f"{source} is not a deepercluster checkpoint (no {sorted(OURS)} keys): to use it as a plain "
+            "state dict, give its arch and sobel in its checkpoints entry ({path: ..., arch: ..., sobel: ...})"
+        )
+    wrapped = wrap_state_dict(state, arch=arch, sobel=sobel, source=source)
+    log.info("%s: a plain %s state dict (sobel=%s), %d tensors", source, arch, sobel, len(wrapped["model"]))
+    save_checkpoint(out, {**wrapped, "source_sha256": sha256(source)})

@@ -1,0 +1,322 @@
+# Evaluations of any checkpoint: results/evals/{name}/..., where name is round-{r} of this run or a
+# name under `checkpoints:` (checked and copied to results/checkpoints/{name}.pt). They only read a
+# checkpoint: when it exists and is up to date, nothing of its round is rerun.
+# Their input functions (eval_checkpoint, nmi_clusters, ...) are in common.smk.
+
+
+rule eval_manifest:
+    output:
+        manifest=EVAL_MANIFEST,
+        skipped="results/data/eval/skipped.tsv",
+    log:
+        "results/logs/data/eval/manifest.log",
+    benchmark:
+        "results/benchmarks/data/eval/manifest.tsv"
+    conda:
+        ENV
+    threads: stage_cpus("evaluate")
+    resources:
+        **stage_resources("evaluate"),
+    params:
+        options=options(
+            seed=config["seed"],
+            verify_images=config["data"]["verify_images"],
+            workers=config["data"]["workers"],
+            **EVAL["data"],
+        ),
+    shell:
+        "python -m deepercluster manifest {params.options}"
+        " --manifest {output.manifest} --skipped {output.skipped} > {log} 2>&1"
+
+
+rule import_checkpoint:
+    input:
+        lambda wildcards: registered(wildcards)["path"],
+    output:
+        "results/checkpoints/{name}.pt",
+    log:
+        "results/logs/checkpoints/{name}.log",
+    benchmark:
+        "results/benchmarks/checkpoints/{name}.tsv"
+    conda:
+        ENV
+    threads: stage_cpus("evaluate")
+    resources:
+        **stage_resources("evaluate"),
+    params:
+        options=lambda wildcards: options(
+            arch=registered(wildcards)["arch"], sobel=registered(wildcards)["sobel"]
+        ),
+    shell:
+        "python -m deepercluster import-checkpoint {params.options} --source {input} --out {output} > {log} 2>&1"
+
+
+rule eval_features:
+    input:
+        manifest=EVAL_MANIFEST,
+        checkpoint=eval_checkpoint,
+    output:
+        "results/evals/{name}/features.h5",
+    log:
+        "results/logs/evals/{name}/features.log",
+    benchmark:
+        "results/benchmarks/evals/{name}/features.tsv"
+    conda:
+        ENV
+    threads: stage_cpus("evaluate")
+    resources:
+        **stage_resources("evaluate"),
+    params:
+        options=options(
+            shard_size=ALL_IMAGES,
+            batch_size=config["features"]["batch_size"],
+            image_size=config["data"]["image_size"],
+            workers=config["data"]["workers"],
+        ),
+    shell:
+        "python -m deepercluster --threads {threads} features {params.options} --shard 0"
+        " --manifest {input.manifest} --checkpoint {input.checkpoint} --out {output} > {log} 2>&1"
+
+
+rule eval_pca:
+    input:
+        "results/evals/{name}/features.h5",
+    output:
+        "results/evals/{name}/pca.h5",
+    log:
+        "results/logs/evals/{name}/pca.log",
+    benchmark:
+        "results/benchmarks/evals/{name}/pca.tsv"
+    conda:
+        ENV
+    threads: stage_cpus("evaluate")
+    resources:
+        **stage_resources("evaluate"),
+    params:
+        options=options(
+            seed=config["seed"],
+            dim=EVAL["pca_dim"],
+            sample_size=config["pca"]["sample_size"],
+            eigenvalue_floor=config["pca"]["eigenvalue_floor"],
+        ),
+    shell:
+        "python -m deepercluster --threads {threads} pca {params.options} --shards {input} --out {output} > {log} 2>&1"
+
+
+rule eval_kmeans:
+    input:
+        features="results/evals/{name}/features.h5",
+        pca="results/evals/{name}/pca.h5",
+    output:
+        "results/evals/{name}/clusters.h5",
+    log:
+        "results/logs/evals/{name}/clusters.log",
+    benchmark:
+        "results/benchmarks/evals/{name}/clusters.tsv"
+    conda:
+        ENV
+    threads: stage_cpus("evaluate")
+    resources:
+        **stage_resources("evaluate"),
+    params:
+        options=options(
+            seed=config["seed"],
+            super_clusters=EVAL["clusters"],
+            iterations=config["kmeans"]["iterations"],
+            cache_mb=config["kmeans"]["cache_mb"],
+        ),
+    shell:
+        "python -m deepercluster --threads {threads} super-clusters {params.options}"
+        " --shards {input.features} --pca {input.pca} --out {output} > {log} 2>&1"
+
+
+rule eval_linear:
+    input:
+        manifest=EVAL_MANIFEST,
+        checkpoint=eval_checkpoint,
+    output:
+        json="results/evals/{name}/linear.json",
+        plot="results/evals/{name}/linear.png",
+    log:
+        "results/logs/evals/{name}/linear.log",
+    benchmark:
+        "results/benchmarks/evals/{name}/linear.tsv"
+    conda:
+        ENV
+    threads: stage_cpus("evaluate")
+    resources:
+        **stage_resources("evaluate"),
+    params:
+        options=options(
+            seed=config["seed"],
+            label_column=EVAL["label_column"],
+            val_fraction=EVAL["val_fraction"],
+            image_size=config["data"]["image_size"],
+            epochs=EVAL["linear_epochs"],
+            batch_size=EVAL["batch_size"],
+            lr=EVAL["linear_lr"],
+            weight_decay=EVAL["weight_decay"],
+            workers=config["data"]["workers"],
+        ),
+    shell:
+        "python -m deepercluster --threads {threads} eval-linear {params.options} --checkpoint {input.checkpoint}"
+        " --manifest {input.manifest} --out {output.json} --plot {output.plot} > {log} 2>&1"
+
+
+rule eval_knn:
+    input:
+        manifest=EVAL_MANIFEST,
+        features="results/evals/{name}/features.h5",
+    output:
+        "results/evals/{name}/knn.json",
+    log:
+        "results/logs/evals/{name}/knn.log",
+    benchmark:
+        "results/benchmarks/evals/{name}/knn.tsv"
+    conda:
+        ENV
+    threads: stage_cpus("evaluate")
+    resources:
+        **stage_resources("evaluate"),
+    params:
+        options=options(
+            seed=config["seed"],
+            k=EVAL["knn_k"],
+            label_column=EVAL["label_column"],
+            val_fraction=EVAL["val_fraction"],
+        ),
+    shell:
+        "python -m deepercluster eval-knn {params.options} --manifest {input.manifest}"
+        " --features {input.features} --out {output} > {log} 2>&1"
+
+
+rule eval_nmi:
+    input:
+        manifest=EVAL_MANIFEST,
+        clusters=nmi_clusters,
+    output:
+        json="results/evals/{name}/nmi.json",
+        plot="results/evals/{name}/nmi.png",
+    log:
+        "results/logs/evals/{name}/nmi.log",
+    benchmark:
+        "results/benchmarks/evals/{name}/nmi.tsv"
+    conda:
+        ENV
+    threads: stage_cpus("evaluate")
+    resources:
+        **stage_resources("evaluate"),
+    params:
+        first_round=lambda wildcards: options(
+            first_round=0 if wildcards.name.startswith("round-") else None
+        ),
+    shell:
+        "python -m deepercluster eval-nmi {params.first_round} --manifest {input.manifest}"
+        " --clusters {input.clusters} --out {output.json} --plot {output.plot} > {log} 2>&1"
+
+
+rule eval_clusters:
+    input:
+        manifest=EVAL_MANIFEST,
+        clusters="results/evals/{name}/clusters.h5",
+    output:
+        "results/evals/{name}/clusters.png",
+    log:
+        "results/logs/evals/{name}/clusters-png.log",
+    benchmark:
+        "results/benchmarks/evals/{name}/clusters-png.tsv"
+    conda:
+        ENV
+    threads: stage_cpus("evaluate")
+    resources:
+        **stage_resources("evaluate"),
+    params:
+        options=options(seed=config["seed"], shown=EVAL["clusters_shown"]),
+    shell:
+        "python -m deepercluster eval-clusters {params.options} --manifest {input.manifest}"
+        " --clusters {input.clusters} --out {output} > {log} 2>&1"
+
+
+rule eval_voc07:
+    input:
+        voc=configured("voc07"),
+        checkpoint=eval_checkpoint,
+    output:
+        "results/evals/{name}/voc07.json",
+    log:
+        "results/logs/evals/{name}/voc07.log",
+    benchmark:
+        "results/benchmarks/evals/{name}/voc07.tsv"
+    conda:
+        ENV
+    threads: stage_cpus("evaluate")
+    resources:
+        **stage_resources("evaluate"),
+    params:
+        options=options(
+            seed=config["seed"],
+            image_size=config["data"]["image_size"],
+            epochs=EVAL["voc07_epochs"],
+            batch_size=EVAL["batch_size"],
+            lr=EVAL["voc07_lr"],
+            weight_decay=EVAL["weight_decay"],
+            workers=config["data"]["workers"],
+        ),
+    shell:
+        "python -m deepercluster --threads {threads} eval-voc07 {params.options} --voc {input.voc}"
+        " --checkpoint {input.checkpoint} --out {output} > {log} 2>&1"
+
+
+rule eval_retrieval:
+    input:
+        images=configured("retrieval"),
+        checkpoint=eval_checkpoint,
+    output:
+        "results/evals/{name}/retrieval.json",
+    log:
+        "results/logs/evals/{name}/retrieval.log",
+    benchmark:
+        "results/benchmarks/evals/{name}/retrieval.tsv"
+    conda:
+        ENV
+    threads: stage_cpus("evaluate")
+    resources:
+        **stage_resources("evaluate"),
+    params:
+        options=options(
+            seed=config["seed"],
+            image_size=config["data"]["image_size"],
+            dim=EVAL["retrieval_dim"],
+            eigenvalue_floor=config["pca"]["eigenvalue_floor"],
+            batch_size=config["features"]["batch_size"],
+            workers=config["data"]["workers"],
+        ),
+    shell:
+        "python -m deepercluster --threads {threads} eval-retrieval {params.options} --images {input.images}"
+        " --checkpoint {input.checkpoint} --out {output} > {log} 2>&1"
+
+
+rule compare:
+    input:
+        compared,
+    output:
+        table="results/compare/table.md",
+        plot="results/compare/linear.png",
+    log:
+        "results/logs/compare/table.log",
+    benchmark:
+        "results/benchmarks/compare/table.tsv"
+    conda:
+        ENV
+    threads: stage_cpus("evaluate")
+    resources:
+        **stage_resources("evaluate"),
+    params:
+        options=options(
+            labels=list(COMPARED),
+            names=list(COMPARED.values()),
+            label_column=EVAL["label_column"],
+        ),
+    shell:
+        "python -m deepercluster compare {params.options} --evals results/evals"
+        " --out {output.table} --plot {output.plot} > {log} 2>&1"
