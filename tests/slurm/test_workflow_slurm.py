@@ -97,7 +97,15 @@ def test_two_task_block_equals_one_task_on_the_same_global_batch(block, tmp_path
 
 def test_a_cancelled_block_resumes_from_its_checkpoint(block, tmp_path: Path) -> None:
     train_dir = tmp_path / "train"
-    settings = {**block, "epochs": 3, "checkpoint_every": 3, "train_dir": str(train_dir), "out": str(tmp_path / "x.pt")}
+    # Long enough to outlast scancel's grace period: submitit lets SIGTERM pass, SLURM kills after KillWait.
+    epochs = 20
+    settings = {
+        **block,
+        "epochs": epochs,
+        "checkpoint_every": 3,
+        "train_dir": str(train_dir),
+        "out": str(tmp_path / "x.pt"),
+    }
     launched = subprocess.Popen(
         [sys.executable, "-c", f"from deepercluster.launch import train; train(**{settings!r})"],
         env={**os.environ, "PATH": VENV_PATH}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -109,11 +117,11 @@ def test_a_cancelled_block_resumes_from_its_checkpoint(block, tmp_path: Path) ->
     _, stderr = launched.communicate(timeout=120)
     assert launched.returncode != 0 and "TrainingBlockFailed" in stderr and "last.pt" in stderr
     stopped_at = load_checkpoint(train_dir / "last.pt")
-    assert (stopped_at["epoch"], stopped_at["batch"]) < (3, 0)
+    assert (stopped_at["epoch"], stopped_at["batch"]) < (epochs, 0)
 
     train(**settings)
     assert (tmp_path / "x.pt").is_file()
     metrics = pd.read_csv(train_dir / "metrics.tsv", sep="\t")
-    assert metrics["iteration"].tolist() == list(range(3 * 600 // 40))
+    assert metrics["iteration"].tolist() == list(range(epochs * 600 // 40))
     logs = [p.read_text() for p in (train_dir / "submitit").glob("*_log.err")]
     assert sum("resuming round 1 at epoch" in text for text in logs) == 1
