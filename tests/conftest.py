@@ -44,8 +44,9 @@ def real_data(tmp_path_factory: pytest.TempPathFactory) -> RealData:
     """600 real Fashion-MNIST images through the manifest, init, features and pca stages."""
     from deepercluster.checkpoints import initial_checkpoint
     from deepercluster.data import build_manifest
-    from deepercluster.features import extract_features, shard_count
+    from deepercluster.features import extract_features
     from deepercluster.pca import fit_pca
+    from deepercluster.shards import shard_count
 
     root = tmp_path_factory.mktemp("round0")
     manifest, checkpoint = str(root / "manifest.parquet"), str(root / "checkpoint.pt")

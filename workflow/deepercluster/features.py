@@ -19,11 +19,6 @@ log = logging.getLogger(__name__)
 LAYER = "classifier output before ReLU (penultimate)"
 
 
-def shard_count(images: int, shard_size: int) -> int:
-    """Number of shards of ``shard_size`` images (the last one may be smaller)."""
-    return max(1, -(-images // shard_size))
-
-
 @torch.no_grad()
 def extract_features(
     *,

@@ -32,6 +32,11 @@ class FeatureSource(Protocol):
     def chunks(self) -> Iterator[Chunk]: ...
 
 
+def shard_count(images: int, shard_size: int) -> int:
+    """Number of shards of ``shard_size`` images (the last one may be smaller)."""
+    return max(1, -(-images // shard_size))
+
+
 def open_shard(path: str | os.PathLike) -> h5py.File:
     """Open a shard for reading; a truncated or foreign file gets one message naming it and the fix."""
     try:
