@@ -142,14 +142,17 @@ def test_no_cluster_ends_empty(whitened, array_source, iterations: int) -> None:
     assert result.sizes.sum() == len(x)
 
 
-def test_result_consistent_when_a_cluster_cannot_be_filled(whitened, array_source) -> None:
-    """3 distinct real rows, 4 copies each, k=4: one cluster must stay empty; the result must say so."""
+def test_result_consistent_when_a_cluster_cannot_be_filled(whitened, array_source, caplog) -> None:
+    """3 distinct real rows, 4 copies each, k=4: one cluster must stay empty; the result and the log say so."""
     _, x = whitened
     x = np.repeat(x[:3], 4, axis=0)
     k = 4
-    result = kmeans(array_source(np.arange(len(x)), x), k, iterations=3, seed=0)
+    with caplog.at_level("WARNING", logger="deepercluster.kmeans"):
+        result = kmeans(array_source(np.arange(len(x)), x), k, iterations=3, seed=0)
     assert len(np.unique(result.assignments)) == 3  # only 3 distinct points to assign
     assert np.array_equal(result.sizes, np.bincount(result.assignments, minlength=k))
+    assert (result.sizes == 0).sum() == 1
+    assert "1 clusters are still empty" in caplog.text
     assert result.objective[-1] == pytest.approx(
         _objective(x, result.centroids, result.assignments), rel=1e-3, abs=1e-9
     )

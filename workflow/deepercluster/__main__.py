@@ -32,6 +32,8 @@ def add_stage_options(parser: argparse.ArgumentParser, stage: Callable) -> None:
         flag = "--" + name.replace("_", "-")
         kind = hints[name]
         args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if typing.get_origin(kind) is not list and len(args) == 1 and typing.get_origin(args[0]) is list:
+            kind = args[0]  # list[T] | None: a list option that may be left out
         required = parameter.default is inspect.Parameter.empty
         default = None if required else parameter.default
         if kind is bool:

@@ -160,4 +160,12 @@ def kmeans(source: FeatureSource, k: int, iterations: int, seed: int) -> KMeansR
         counts.max(),
         int((counts == 0).sum()),
     )
+    if (counts == 0).any():
+        log.warning(
+            "k-means k=%d: %d clusters are still empty after %d re-seedings of the final assignment "
+            "(too few distinct rows for k); their sizes are 0 in the clusters file and the summary counts them",
+            k,
+            int((counts == 0).sum()),
+            FINAL_SPLITS,
+        )
     return KMeansResult(centroids, ids, labels, np.array(objective), np.array(reseeded), counts)

@@ -52,10 +52,12 @@ def make_labels(
     images = read_manifest(manifest).set_index("id")
     ids, super_cluster = read_assignments(super_file)
     sub_cluster = np.full(len(ids), -1, np.int64)
+    sizes_rows = []
     for s, path in enumerate(sub_files):
         with h5py.File(path, "r") as f:
             if int(f.attrs["super_cluster"]) != s:
                 raise ValueError(f"{path} holds super-cluster {f.attrs['super_cluster']}, expected {s}")
+            sizes_rows += [(s, j, int(size)) for j, size in enumerate(f["sizes"][:])]
         sub_ids, sub_assignments = read_assignments(path)
         position = np.searchsorted(ids, sub_ids)
         if not (super_cluster[position] == s).all():
@@ -65,15 +67,21 @@ def make_labels(
         raise ValueError(f"{super_file} and the sub-cluster files do not cover every image of {manifest} once")
 
     labels = pd.DataFrame({"id": ids, "super_cluster": super_cluster, "sub_cluster": sub_cluster})
-    counts = labels.groupby(["super_cluster", "sub_cluster"]).size().rename("size").reset_index()
+    # Every cluster's size as k-means wrote it, empty clusters included (a groupby would leave them out).
+    counts = pd.DataFrame(sizes_rows, columns=["super_cluster", "sub_cluster", "size"])
+    written = counts.set_index(["super_cluster", "sub_cluster"])["size"]
+    assigned = labels.groupby(["super_cluster", "sub_cluster"]).size().reindex(written.index, fill_value=0)
+    if not np.array_equal(assigned.to_numpy(), written.to_numpy()) or assigned.sum() != len(labels):
+        raise ValueError(f"the sizes in {', '.join(sub_files)} do not match their assignments: rerun sub_clusters")
     flat = cluster_of(labels.set_index("id"))
     scores = {column: nmi(flat, images[column]) for column in metadata_columns(images.reset_index())}
     scores["previous_round"] = nmi(flat, cluster_of(read_labels(previous).set_index("id"))) if previous else None
     log.info(
-        "%d images in %d clusters (%d super-clusters); NMI %s",
+        "%d images in %d clusters (%d super-clusters, %d empty clusters); NMI %s",
         len(labels),
         len(counts),
         labels["super_cluster"].nunique(),
+        int((counts["size"] == 0).sum()),
         json.dumps(scores),
     )
 

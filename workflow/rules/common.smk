@@ -113,6 +113,27 @@ def round_outputs(r):
     ]
 
 
+def round_files(name):
+    """results/rounds/{r}/<name> of every round, where the method clusters (none for RotNet)."""
+    if METHOD == "rotnet":
+        return []
+    return [f"results/rounds/{r}/{name}" for r in range(1, ROUNDS + 1)]
+
+
+def round_benchmarks(wildcards):
+    """The benchmark file of every job of every round: the summary's stage times."""
+    files = []
+    for r in range(1, ROUNDS + 1):
+        jobs = ["checkpoint"]
+        if METHOD != "rotnet":
+            shards = len(shard_files(r))
+            jobs += [f"features/shard-{i}" for i in range(shards)]
+            jobs += ["pca", "clusters/super", "labels"]
+            jobs += [f"clusters/sub-{s}" for s in range(SUPER_CLUSTERS)]
+        files += [f"results/benchmarks/rounds/{r}/{job}.tsv" for job in jobs]
+    return files
+
+
 def default_targets(wildcards):
     """Every round's files, the last checkpoint and the summary."""
     return [output for r in range(1, ROUNDS + 1) for output in round_outputs(r)] + [

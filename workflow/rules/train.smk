@@ -28,7 +28,8 @@ rule train:
         previous=previous_checkpoint,
         labels=round_labels,
     output:
-        "results/rounds/{round}/checkpoint.pt",
+        checkpoint="results/rounds/{round}/checkpoint.pt",
+        metrics="results/rounds/{round}/train/metrics.tsv",
     log:
         "results/logs/rounds/{round}/checkpoint.log",
     benchmark:
@@ -58,12 +59,15 @@ rule train:
     shell:
         "python -m deepercluster train {params.options} {params.allocation} --round {wildcards.round}"
         " --seed {params.seed} --manifest {input.manifest} --previous-checkpoint {input.previous}"
-        " {params.labels} --train-dir results/rounds/{wildcards.round}/train --out {output} > {log} 2>&1"
+        " {params.labels} --train-dir results/rounds/{wildcards.round}/train --out {output.checkpoint} > {log} 2>&1"
 
 
 rule summary:
     input:
-        [f"results/rounds/{r}/checkpoint.pt" for r in range(1, ROUNDS + 1)],
+        metrics=[f"results/rounds/{r}/train/metrics.tsv" for r in range(1, ROUNDS + 1)],
+        nmi=round_files("nmi.json"),
+        sizes=round_files("cluster_sizes.tsv"),
+        benchmarks=round_benchmarks,
     output:
         "results/summary.tsv",
     log:
@@ -76,6 +80,9 @@ rule summary:
     resources:
         **stage_resources("summary"),
     params:
-        rounds=ROUNDS,
+        clustering=lambda wildcards, input: options(
+            nmi=input.nmi or None, sizes=input.sizes or None
+        ),
     shell:
-        "python -m deepercluster summary --rounds {params.rounds} --out {output} > {log} 2>&1"
+        "python -m deepercluster summary --metrics {input.metrics} {params.clustering}"
+        " --benchmarks {input.benchmarks} --out {output} > {log} 2>&1"
