@@ -21,8 +21,8 @@ from sklearn.metrics import average_precision_score, normalized_mutual_info_scor
 from sklearn.neighbors import KNeighborsClassifier
 
 from deepercluster.checkpoints import load_model
-from deepercluster.cluster import cluster_super, read_assignments
-from deepercluster.data import read_manifest
+from deepercluster.cluster import cluster_super
+from deepercluster.data import feature_transform, read_manifest
 from deepercluster.errors import CheckpointError
 from deepercluster.evaluate.backbone import conv_activations, frozen_backbone, labelled_split
 from deepercluster.evaluate.clusters import cluster_grid, dominant_values
@@ -30,8 +30,15 @@ from deepercluster.evaluate.common import average_precision
 from deepercluster.evaluate.compare import compare
 from deepercluster.evaluate.external import import_checkpoint
 from deepercluster.evaluate.knn import knn, knn_predict
-from deepercluster.evaluate.linear import LinearProbes, activation_shapes, linear_probe
-from deepercluster.evaluate.nmi import cluster_nmi
+from deepercluster.evaluate.linear import (
+    activation_shapes,
+    fit_logistic,
+    linear_probe,
+    probe_features,
+    probe_pools,
+    standardise,
+)
+from deepercluster.evaluate.nmi import cluster_nmi, seeded_clusterings
 from deepercluster.evaluate.retrieval import (
     fit_region_whitening,
     image_regions,
@@ -93,25 +100,62 @@ def test_probe_dims_are_reference_tables() -> None:
     for arch, dims in expected.items():
         with torch.device("meta"):
             model = build_model(arch, sobel=True)
-        assert LinearProbes(activation_shapes(model, 224), 1000).dims == dims, arch
-    small = LinearProbes(activation_shapes(build_model("small_convnet", sobel=True), 32), 10)
-    assert small.dims == [9248, 9216, 8192] and max(small.dims) < 10_000
+        assert [dim for _, dim in probe_pools(activation_shapes(model, 224))] == dims, arch
+    small = probe_pools(activation_shapes(build_model("small_convnet", sobel=True), 32))
+    assert [dim for _, dim in small] == [9248, 9216, 8192]
 
 
-def test_linear_probe_scores_every_conv_layer(real_data, tmp_path: Path) -> None:
-    out, plot = tmp_path / "linear.json", tmp_path / "linear.png"
-    linear_probe(
-        checkpoint=real_data.checkpoint, manifest=real_data.manifest, out=str(out), plot=str(plot), epochs=3, seed=0
-    )
+def test_probe_features_are_each_conv_layers_pooled_activations(real_data, tmp_path: Path) -> None:
+    out = tmp_path / "probe_features.h5"
+    probe_features(checkpoint=real_data.checkpoint, manifest=real_data.manifest, out=str(out), batch_size=100)
+    model, _ = frozen_backbone(real_data.checkpoint)
+    manifest = read_manifest(real_data.manifest)
+    picked = [0, 137, 599]
+    images = torch.stack([feature_transform(32)(Image.open(manifest["path"][i]).convert("RGB")) for i in picked])
+    with torch.no_grad():
+        activations = conv_activations(model, images)
+    with h5py.File(out) as f:
+        assert list(f.attrs["layers"]) == ["conv1", "conv2", "conv3"] and list(f.attrs["pools"]) == [17, 12, 8]
+        assert np.array_equal(f["ids"][:], manifest["id"])
+        pools = [(17, 9248), (12, 9216), (8, 8192)]
+        for name, activation, (s, dim) in zip(f.attrs["layers"], activations, pools, strict=True):
+            expected = torch.nn.functional.adaptive_avg_pool2d(activation, s).flatten(1).numpy()
+            assert f[name].shape == (600, dim) and f[name].dtype == np.float16
+            np.testing.assert_allclose(f[name][picked], expected, rtol=2e-3, atol=2e-3)
+
+
+def test_linear_probe_converges_to_the_optimum_scikit_learn_finds(real_data, tmp_path: Path) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    cache, out, plot = tmp_path / "probe_features.h5", tmp_path / "linear.json", tmp_path / "linear.png"
+    probe_features(checkpoint=real_data.checkpoint, manifest=real_data.manifest, out=str(cache))
+    linear_probe(features=str(cache), manifest=real_data.manifest, out=str(out), plot=str(plot), seed=0,
+                 weight_decays=[1e-2, 1e-1])  # fmt: skip
     result = json.loads(out.read_text())
     assert [layer["layer"] for layer in result["layers"]] == ["conv1", "conv2", "conv3"]
     assert [layer["dim"] for layer in result["layers"]] == [9248, 9216, 8192]
     assert (result["train_images"], result["val_images"], result["classes"]) == (480, 120, 10)
     for layer in result["layers"]:
         # Even a random-init backbone's conv features separate Fashion-MNIST far above chance (10%).
-        assert 0.3 < layer["top1"] <= 1.0, layer
-        assert len(layer["train_loss"]) == 3 and layer["train_loss"][-1] < layer["train_loss"][0]
+        assert 0.5 < layer["top1"] <= 1.0 and layer["converged"], layer
+        assert set(layer["selection_top1"]) == {"0.01", "0.1"} and layer["weight_decay"] in (1e-2, 1e-1)
+        low, high = layer["ci95"]
+        assert low < layer["top1"] < high and high - low < 0.25
     assert plot.read_bytes().startswith(PNG_MAGIC)
+
+    # The solver reaches scikit-learn's optimum of the same objective (C = 1 / (weight decay x images)), on
+    # 256 of conv3's dims to keep scikit-learn fast.
+    data = labelled_split(real_data.manifest, "label", 0.2, 0)
+    with h5py.File(cache) as f:
+        x = f["conv3"][:, :256].astype(np.float32)
+    train, val = standardise(x[~data.val], x[data.val])
+    weight, bias, iterations = fit_logistic(train, torch.from_numpy(data.targets[~data.val]), 10, 1e-2, 500)
+    reference = LogisticRegression(C=1 / (1e-2 * len(train)), max_iter=2000, tol=1e-8)
+    reference.fit(train.double().numpy(), data.targets[~data.val])
+    assert iterations < 500
+    np.testing.assert_allclose(weight.numpy(), reference.coef_.T, atol=2e-3)
+    ours = (val @ weight + bias).argmax(1).numpy()
+    assert np.mean(ours == reference.predict(val.double().numpy())) >= 119 / 120
 
 
 def test_frozen_backbone_keeps_batchnorm_statistics(real_data) -> None:
@@ -123,43 +167,54 @@ def test_frozen_backbone_keeps_batchnorm_statistics(real_data) -> None:
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_knn_matches_scikit_learn(real_data, features_file: str, tmp_path: Path) -> None:
+def test_knn_matches_scikit_learn_leave_one_out(real_data, features_file: str, tmp_path: Path) -> None:
     out = tmp_path / "knn.json"
     knn(manifest=real_data.manifest, features=features_file, out=str(out), k=20, seed=0)
     result = json.loads(out.read_text())
 
-    data = labelled_split(real_data.manifest, "label", 0.2, 0)
     manifest = read_manifest(real_data.manifest)
     with h5py.File(features_file) as f:
-        x = f["features"][:][np.searchsorted(f["ids"][:], data.ids)]
-    labels = manifest.set_index("id").loc[data.ids, "label"].to_numpy()
-    sklearn_knn = KNeighborsClassifier(n_neighbors=20, metric="cosine", algorithm="brute")
-    expected = sklearn_knn.fit(x[~data.val], labels[~data.val]).predict(x[data.val])
-    assert result["top1"] == pytest.approx(np.mean(expected == labels[data.val]), abs=1.5 / data.val.sum())
-    assert (result["k"], result["train_images"], result["val_images"]) == (20, 480, 120)
+        x = f["features"][:][np.searchsorted(f["ids"][:], manifest["id"])]
+    labels = manifest["label"].to_numpy()
+    sklearn_knn = KNeighborsClassifier(n_neighbors=20, metric="cosine", algorithm="brute").fit(x, labels)
+    expected = sklearn_knn.predict(None)  # every image against every other, itself left out
+    assert result["top1"] == pytest.approx(np.mean(expected == labels), abs=3 / 600)
+    assert (result["k"], result["images"], result["classes"]) == (20, 600, 10)
+    assert result["ci95"][0] < result["top1"] < result["ci95"][1]
 
-    ours = knn_predict(x[~data.val], data.targets[~data.val], x[data.val], 20, len(data.classes))
-    assert np.mean(np.array(data.classes)[ours] == expected) >= 0.99
+    classes = sorted(set(labels))
+    targets = np.searchsorted(classes, labels)
+    ours = knn_predict(x, targets, x, 20, len(classes), leave_one_out=True)
+    assert np.mean(np.array(classes)[ours] == expected) >= 0.99
+    with_itself = knn_predict(x, targets, x, 1, len(classes))  # the nearest row of each is itself
+    assert np.array_equal(with_itself, targets)
 
 
-def test_nmi_matches_scikit_learn_per_column_and_across_rounds(real_data, clusters_files, tmp_path: Path) -> None:
+def test_nmi_is_the_mean_over_seeds_per_column_and_across_rounds(real_data, features_file: str, tmp_path) -> None:
+    pcas = [str(tmp_path / f"pca-{dim}.h5") for dim in (32, 16)]
+    for pca, dim in zip(pcas, (32, 16), strict=True):
+        fit_pca(shards=[features_file], out=pca, dim=dim, seed=0)
     out, plot = tmp_path / "nmi.json", tmp_path / "nmi.png"
-    cluster_nmi(manifest=real_data.manifest, clusters=clusters_files, out=str(out), plot=str(plot), first_round=3)
+    cluster_nmi(manifest=real_data.manifest, features=[features_file] * 2, pcas=pcas, out=str(out), plot=str(plot),
+                k=5, seeds=3, iterations=5, first_round=3)  # fmt: skip
     result = json.loads(out.read_text())
     manifest = read_manifest(real_data.manifest).set_index("id")
-    (ids0, first), (ids1, second) = (read_assignments(path) for path in clusters_files)
-    assert np.array_equal(ids0, manifest.index) and np.array_equal(ids1, manifest.index)
-    assert result["k"] == 5 and result["images"] == 600
+    assert (result["k"], result["images"], result["seeds"]) == (5, 600, 3)
     assert [r["round"] for r in result["rounds"]] == [3, 4]
-    for row, assignment in zip(result["rounds"], (first, second), strict=True):
+    clusterings = [seeded_clusterings(features_file, pca, 5, 3, 5, seed=0) for pca in pcas]
+    assert not clusterings[0][0].equals(clusterings[0][1])  # the seeds give different clusterings
+    for row, seeded in zip(result["rounds"], clusterings, strict=True):
         for column in ("label", "split"):
-            assert row[column] == pytest.approx(normalized_mutual_info_score(manifest[column], assignment), abs=1e-12)
-    assert result["rounds"][0]["previous_round"] is None
-    assert result["nmi"]["previous_round"] == pytest.approx(normalized_mutual_info_score(first, second), abs=1e-12)
-    assert 0 < result["nmi"]["label"] < 1 and plot.read_bytes().startswith(PNG_MAGIC)
+            scores = [normalized_mutual_info_score(manifest.loc[a.index, column], a) for a in seeded]
+            assert row["nmi"][column] == pytest.approx(np.mean(scores), abs=1e-12)
+            assert row["nmi_sd"][column] == pytest.approx(np.std(scores), abs=1e-12)
+    assert result["rounds"][0]["nmi"]["previous_round"] is None
+    across = [normalized_mutual_info_score(a.sort_index(), b.sort_index()) for a, b in zip(*clusterings, strict=True)]
+    assert result["nmi"]["previous_round"] == pytest.approx(np.mean(across), abs=1e-12)
+    assert 0 < result["nmi"]["label"] < 1 and result["nmi_sd"]["label"] > 0 and plot.read_bytes().startswith(PNG_MAGIC)
 
     single = tmp_path / "single.json"
-    cluster_nmi(manifest=real_data.manifest, clusters=clusters_files[:1], out=str(single), plot=str(plot))
+    cluster_nmi(manifest=real_data.manifest, features=[features_file], pcas=pcas[:1], out=str(single), plot=str(plot))
     assert json.loads(single.read_text())["rounds"] is None
 
 
@@ -333,10 +388,13 @@ def test_retrieval_map_matches_scikit_learn(real_data, tmp_path: Path) -> None:
 
 def write_evals(folder: Path, top1: list[float], knn_top1: float, nmi_label: float) -> None:
     folder.mkdir(parents=True)
-    layers = [{"layer": f"conv{i + 1}", "top1": value} for i, value in enumerate(top1)]
+    layers = [
+        {"layer": f"conv{i + 1}", "top1": value, "ci95": [value - 0.01, value + 0.02]} for i, value in enumerate(top1)
+    ]
     (folder / "linear.json").write_text(json.dumps({"layers": layers, "classes": 10}))
-    (folder / "knn.json").write_text(json.dumps({"k": 20, "top1": knn_top1}))
-    (folder / "nmi.json").write_text(json.dumps({"nmi": {"label": nmi_label, "previous_round": None}}))
+    (folder / "knn.json").write_text(json.dumps({"k": 20, "top1": knn_top1, "ci95": [knn_top1 - 0.1, knn_top1]}))
+    nmi = {"nmi": {"label": nmi_label, "previous_round": None}, "nmi_sd": {"label": 0.01, "previous_round": None}}
+    (folder / "nmi.json").write_text(json.dumps(nmi))
 
 
 def test_compare_puts_checkpoints_side_by_side(tmp_path: Path) -> None:
@@ -350,8 +408,10 @@ def test_compare_puts_checkpoints_side_by_side(tmp_path: Path) -> None:
         "| method | checkpoint | linear conv1 | linear conv2 | linear conv3 | 20-NN | NMI label"
         " | VOC07 FC6-8 mAP | VOC07 ALL mAP | retrieval mAP |",
         "|---|---|---|---|---|---|---|---|---|---|",
-        "| random | `round-0` | 50.0 | 40.0 |  | 30.0 | 0.050 |  |  |  |",
-        "| deepercluster | `ours` | 61.0 | 70.0 | 75.5 | 80.0 | 0.456 |  |  | 25.0 |",
+        "| random | `round-0` | 50.0 [49.0, 52.0] | 40.0 [39.0, 42.0] |  | 30.0 [20.0, 30.0] | 0.050 ± 0.010"
+        " |  |  |  |",
+        "| deepercluster | `ours` | 61.0 [60.0, 63.0] | 70.0 [69.0, 72.0] | 75.5 [74.5, 77.5] | 80.0 [70.0, 80.0]"
+        " | 0.456 ± 0.010 |  |  | 25.0 |",
     ]
     assert plot.read_bytes().startswith(PNG_MAGIC)
 
@@ -388,7 +448,6 @@ def tiny_run(real_data, tmp_path_factory: pytest.TempPathFactory) -> Path:
         "checkpoints": {"plain": {"path": "plain.pt", "arch": "small_convnet", "sobel": True}},
         "evaluation": {
             "data": {"max_images": 200},
-            "linear_epochs": 1,
             "clusters": 4,
             "clusters_shown": 2,
             "voc07": str(make_voc(workdir / "voc", manifest, {"train": 12, "val": 8, "test": 12})),
@@ -424,7 +483,7 @@ def test_evaluations_run_alone_on_round_1_and_on_a_registered_state_dict(tiny_ru
         name: json.loads((tiny_run / f"results/evals/{name}/knn.json").read_text()) for name in ("round-1", "plain")
     }
     for result in nearest.values():
-        assert (result["k"], result["train_images"], result["val_images"]) == (20, 160, 40) and 0 < result["top1"] <= 1
+        assert (result["k"], result["images"]) == (20, 200) and 0 < result["top1"] <= 1
     with h5py.File(tiny_run / "results/evals/round-1/features.h5") as f:
         assert f.attrs["checkpoint_sha256"] == sha256(tiny_run / ROUND_1[0]) and f["features"].shape == (200, 256)
 
@@ -445,7 +504,7 @@ def test_evaluations_run_alone_on_round_1_and_on_a_registered_state_dict(tiny_ru
 
     table = (tiny_run / "results/compare/table.md").read_text().splitlines()
     assert table[0].startswith("| method | checkpoint | linear conv1 | linear conv2 | linear conv3 | 20-NN | NMI label")
-    assert table[2].startswith("| random | `plain` |") and f"| {100 * nearest['plain']['top1']:.1f} |" in table[2]
+    assert table[2].startswith("| random | `plain` |") and f"| {100 * nearest['plain']['top1']:.1f} [" in table[2]
 
 
 def test_nmi_of_round_r_plans_the_clusters_of_every_earlier_round_and_no_training(tiny_run: Path) -> None:
@@ -454,7 +513,7 @@ def test_nmi_of_round_r_plans_the_clusters_of_every_earlier_round_and_no_trainin
     assert run.returncode == 0, run.stderr[-3000:]
     planned = run.stdout + run.stderr
     for r in (0, 1):
-        assert f"results/evals/round-{r}/clusters.h5" in planned
+        assert f"results/evals/round-{r}/features.h5" in planned and f"results/evals/round-{r}/pca.h5" in planned
     assert "rule train:" not in planned and "rule features:" not in planned and "rule labels:" not in planned
 
 

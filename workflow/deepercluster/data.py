@@ -61,10 +61,15 @@ def build_manifest(
     seed: int = 0,
     label_from_folder: bool = True,
     path_column: str = "path",
+    split: str | None = None,
     verify_images: bool = True,
     workers: int = 0,
 ) -> None:
-    """Stage 'manifest': one row per readable image."""
+    """Stage 'manifest': one row per readable image.
+
+    ``split`` keeps only the images whose ``split`` metadata column has that value (Fashion-MNIST's
+    train or test split, a table's split column); images without that column are all kept.
+    """
     if source not in SOURCES:
         raise ValueError(f"data.source is {source!r}; set it to one of {', '.join(SOURCES)}")
     if max_images is not None and max_images < 1:
@@ -80,6 +85,12 @@ def build_manifest(
     else:
         frame, pixels = _fashion_mnist_candidates(root)
         looked_for = "Fashion-MNIST"
+    if split is not None and "split" in frame.columns:
+        in_split = np.flatnonzero((frame["split"] == split).to_numpy())
+        logger.info("split %r: %d of %d images", split, len(in_split), len(frame))
+        frame, pixels = frame.iloc[in_split].reset_index(drop=True), None if pixels is None else pixels[in_split]
+    elif split is not None:
+        logger.info("the images have no split column: split %r keeps them all", split)
     found = len(frame)
     keep = _subsample(found, max_images, seed)
     frame = frame.iloc[keep].reset_index(drop=True)

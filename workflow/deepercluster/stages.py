@@ -20,6 +20,7 @@ STAGES = {
     "train": "deepercluster.launch:train",
     "summary": "deepercluster.summary:summarize",
     "import-checkpoint": "deepercluster.evaluate.external:import_checkpoint",
+    "eval-probe-features": "deepercluster.evaluate.linear:probe_features",
     "eval-linear": "deepercluster.evaluate.linear:linear_probe",
     "eval-knn": "deepercluster.evaluate.knn:knn",
     "eval-nmi": "deepercluster.evaluate.nmi:cluster_nmi",

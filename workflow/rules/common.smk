@@ -188,12 +188,17 @@ def registered(wildcards):
     return {"arch": None, "sobel": True, **entry}
 
 
-def nmi_clusters(wildcards):
-    """round-{r}: the clusters of rounds 0..r (NMI over rounds); a registered name: its own."""
-    if wildcards.name.startswith("round-"):
-        r = int(wildcards.name.removeprefix("round-"))
-        return [f"results/evals/round-{i}/clusters.h5" for i in range(r + 1)]
-    return [f"results/evals/{wildcards.name}/clusters.h5"]
+def eval_rounds(filename):
+    """An input function: results/evals/{name}/<filename> of this checkpoint, and for round-{r} of
+    rounds 0..r (NMI over rounds)."""
+
+    def files(wildcards):
+        if wildcards.name.startswith("round-"):
+            r = int(wildcards.name.removeprefix("round-"))
+            return [f"results/evals/round-{i}/{filename}" for i in range(r + 1)]
+        return [f"results/evals/{wildcards.name}/{filename}"]
+
+    return files
 
 
 def configured(key):

@@ -18,6 +18,7 @@ checkpoint manifest:
             path=config["data"]["path"],
             path_column=config["data"]["path_column"],
             label_from_folder=config["data"]["label_from_folder"],
+            split=config["data"]["split"],
             max_images=config["data"]["max_images"],
             verify_images=config["data"]["verify_images"],
             workers=config["data"]["workers"],

@@ -1,7 +1,7 @@
 # Evaluations of any checkpoint: results/evals/{name}/..., where name is round-{r} of this run or a
 # name under `checkpoints:` (checked and copied to results/checkpoints/{name}.pt). They only read a
 # checkpoint: when it exists and is up to date, nothing of its round is rerun.
-# Their input functions (eval_checkpoint, nmi_clusters, ...) are in common.smk.
+# Their input functions (eval_checkpoint, eval_rounds, ...) are in common.smk.
 
 
 rule eval_manifest:
@@ -130,10 +130,36 @@ rule eval_kmeans:
         " --shards {input.features} --pca {input.pca} --out {output} > {log} 2>&1"
 
 
-rule eval_linear:
+rule eval_probe_features:
     input:
         manifest=EVAL_MANIFEST,
         checkpoint=eval_checkpoint,
+    output:
+        "results/evals/{name}/probe_features.h5",
+    log:
+        "results/logs/evals/{name}/probe_features.log",
+    benchmark:
+        "results/benchmarks/evals/{name}/probe_features.tsv"
+    conda:
+        ENV
+    threads: stage_cpus("evaluate")
+    resources:
+        **stage_resources("evaluate"),
+    params:
+        options=options(
+            image_size=config["data"]["image_size"],
+            batch_size=config["features"]["batch_size"],
+            workers=config["data"]["workers"],
+        ),
+    shell:
+        "python -m deepercluster --threads {threads} eval-probe-features {params.options}"
+        " --checkpoint {input.checkpoint} --manifest {input.manifest} --out {output} > {log} 2>&1"
+
+
+rule eval_linear:
+    input:
+        manifest=EVAL_MANIFEST,
+        features="results/evals/{name}/probe_features.h5",
     output:
         json="results/evals/{name}/linear.json",
         plot="results/evals/{name}/linear.png",
@@ -151,15 +177,11 @@ rule eval_linear:
             seed=config["seed"],
             label_column=EVAL["label_column"],
             val_fraction=EVAL["val_fraction"],
-            image_size=config["data"]["image_size"],
-            epochs=EVAL["linear_epochs"],
-            batch_size=EVAL["batch_size"],
-            lr=EVAL["linear_lr"],
-            weight_decay=EVAL["weight_decay"],
-            workers=config["data"]["workers"],
+            weight_decays=EVAL["probe_weight_decays"],
+            max_iterations=EVAL["probe_iterations"],
         ),
     shell:
-        "python -m deepercluster --threads {threads} eval-linear {params.options} --checkpoint {input.checkpoint}"
+        "python -m deepercluster --threads {threads} eval-linear {params.options} --features {input.features}"
         " --manifest {input.manifest} --out {output.json} --plot {output.plot} > {log} 2>&1"
 
 
@@ -180,20 +202,18 @@ rule eval_knn:
         **stage_resources("evaluate"),
     params:
         options=options(
-            seed=config["seed"],
-            k=EVAL["knn_k"],
-            label_column=EVAL["label_column"],
-            val_fraction=EVAL["val_fraction"],
+            seed=config["seed"], k=EVAL["knn_k"], label_column=EVAL["label_column"]
         ),
     shell:
-        "python -m deepercluster eval-knn {params.options} --manifest {input.manifest}"
+        "python -m deepercluster --threads {threads} eval-knn {params.options} --manifest {input.manifest}"
         " --features {input.features} --out {output} > {log} 2>&1"
 
 
 rule eval_nmi:
     input:
         manifest=EVAL_MANIFEST,
-        clusters=nmi_clusters,
+        features=eval_rounds("features.h5"),
+        pcas=eval_rounds("pca.h5"),
     output:
         json="results/evals/{name}/nmi.json",
         plot="results/evals/{name}/nmi.png",
@@ -207,12 +227,19 @@ rule eval_nmi:
     resources:
         **stage_resources("evaluate"),
     params:
+        options=options(
+            seed=config["seed"],
+            k=EVAL["clusters"],
+            seeds=EVAL["nmi_seeds"],
+            iterations=config["kmeans"]["iterations"],
+        ),
         first_round=lambda wildcards: options(
             first_round=0 if wildcards.name.startswith("round-") else None
         ),
     shell:
-        "python -m deepercluster eval-nmi {params.first_round} --manifest {input.manifest}"
-        " --clusters {input.clusters} --out {output.json} --plot {output.plot} > {log} 2>&1"
+        "python -m deepercluster --threads {threads} eval-nmi {params.options} {params.first_round}"
+        " --manifest {input.manifest} --features {input.features} --pcas {input.pcas}"
+        " --out {output.json} --plot {output.plot} > {log} 2>&1"
 
 
 rule eval_clusters:

@@ -3,6 +3,7 @@ activations, the pooling of linear probes, and a labelled train/val split of a m
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -70,8 +71,8 @@ class LabelledSet:
         return self.paths[rows].tolist(), self.ids[rows], self.targets[rows]
 
 
-def labelled_split(manifest: str, label_column: str, val_fraction: float, seed: int) -> LabelledSet:
-    """The manifest's images with a ``label_column`` value; a seeded ``val_fraction`` of them is the val split."""
+def labelled_images(manifest: str, label_column: str) -> LabelledSet:
+    """The manifest's images with a ``label_column`` value (none in the val split)."""
     frame = read_manifest(manifest)
     if label_column not in frame.columns:
         raise ValueError(
@@ -81,15 +82,26 @@ def labelled_split(manifest: str, label_column: str, val_fraction: float, seed: 
     frame = frame[frame[label_column].notna()].reset_index(drop=True)
     labels = frame[label_column].astype(str)
     classes = sorted(labels.unique())
-    val = np.zeros(len(frame), bool)
-    val[np.random.default_rng(seed).permutation(len(frame))[: round(len(frame) * val_fraction)]] = True
-    if len(classes) < 2 or val.all() or not val.any():
+    if len(classes) < 2:
         raise ValueError(
-            f"{manifest}: {len(frame)} labelled images in {len(classes)} classes with val_fraction={val_fraction} "
-            "leave no train/val split; label more images or change evaluation.val_fraction"
+            f"{manifest}: {len(frame)} labelled images in {len(classes)} classes; label images of 2 classes or more"
         )
     targets = pd.Categorical(labels, categories=classes).codes.astype(np.int64)
+    val = np.zeros(len(frame), bool)
     return LabelledSet(frame["path"].to_numpy(str), frame["id"].to_numpy(np.int64), targets, classes, val)
+
+
+def labelled_split(manifest: str, label_column: str, val_fraction: float, seed: int) -> LabelledSet:
+    """The manifest's labelled images; a seeded ``val_fraction`` of them is the val split."""
+    data = labelled_images(manifest, label_column)
+    val = np.zeros(len(data.ids), bool)
+    val[np.random.default_rng(seed).permutation(len(val))[: round(len(val) * val_fraction)]] = True
+    if val.all() or not val.any():
+        raise ValueError(
+            f"{manifest}: {len(val)} labelled images with val_fraction={val_fraction} leave no train/val split; "
+            "label more images or change evaluation.val_fraction"
+        )
+    return dataclasses.replace(data, val=val)
 
 
 def image_loader(

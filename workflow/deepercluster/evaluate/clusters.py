@@ -12,9 +12,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from PIL import Image, ImageOps
 
+from deepercluster.cluster import read_assignments
 from deepercluster.data import ImageDataset, metadata_columns, read_manifest
 from deepercluster.evaluate.common import save_figure
-from deepercluster.evaluate.nmi import assignment_series
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ def cluster_grid(
 ) -> None:
     """Stage 'eval-clusters': ``per_cluster`` random images of ``shown`` random clusters of ``clusters`` -> ``out``."""
     images = read_manifest(manifest).set_index("id")
-    assignment = assignment_series(clusters)
+    ids, cluster_of_image = read_assignments(clusters)
+    assignment = pd.Series(cluster_of_image, index=ids)
     columns = metadata_columns(images.reset_index())
     rng = np.random.default_rng(seed)
     sizes = assignment.value_counts()

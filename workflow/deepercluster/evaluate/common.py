@@ -29,6 +29,14 @@ def average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
     return float(np.sum(np.diff(recall, prepend=0.0) * precision))
 
 
+def bootstrap_interval(correct: np.ndarray, seed: int, resamples: int = 1000) -> list[float]:
+    """95% interval of the mean of ``correct`` (one 0/1 per image), bootstrapped over the images."""
+    correct = np.asarray(correct, np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.array([correct[rng.integers(0, len(correct), len(correct))].mean() for _ in range(resamples)])
+    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+
+
 def write_json(path: str | os.PathLike, value: Any) -> None:
     with atomic_output(path) as partial:
         partial.write_text(json.dumps(value, indent=2) + "\n")
@@ -40,11 +48,14 @@ def save_figure(figure: Figure, path: str | os.PathLike) -> None:
 
 
 def accuracy_figure(curves: dict[str, list[dict]], chance: float | None = None) -> Figure:
-    """Top-1 (%) per conv layer, one line per checkpoint, as the paper's Figure 2."""
+    """Top-1 (%) per conv layer with its 95% interval, one line per checkpoint, as the paper's Figure 2."""
     figure = Figure(figsize=(6, 4))
     axes = figure.subplots()
     for label, layers in curves.items():
-        axes.plot([layer["layer"] for layer in layers], [100 * layer["top1"] for layer in layers], "o-", label=label)
+        top1 = np.array([100 * layer["top1"] for layer in layers])
+        interval = np.array([[100 * bound for bound in layer["ci95"]] for layer in layers]).T
+        names = [layer["layer"] for layer in layers]
+        axes.errorbar(names, top1, yerr=np.abs(interval - top1), fmt="o-", capsize=3, label=label)
     if chance is not None:
         axes.axhline(100 * chance, color="grey", linestyle="--", linewidth=1, label="chance")
     axes.set_xlabel("conv layer")

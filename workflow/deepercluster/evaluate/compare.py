@@ -21,6 +21,12 @@ def percent(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.1f}"
 
 
+def with_interval(result: dict) -> str:
+    """'top-1 [low, high]' in percent, the 95% interval of an evaluation that has one."""
+    low, high = result["ci95"]
+    return f"{percent(result['top1'])} [{percent(low)}, {percent(high)}]"
+
+
 def read_evals(folder: Path) -> dict[str, dict]:
     """Every ``*.json`` evaluation of one checkpoint's folder, by file stem."""
     if not (folder / "linear.json").exists():
@@ -29,9 +35,10 @@ def read_evals(folder: Path) -> dict[str, dict]:
 
 
 def table_row(label: str, name: str, evals: dict[str, dict], layers: list[str], label_column: str) -> list[str]:
-    top1 = {layer["layer"]: layer["top1"] for layer in evals["linear"]["layers"]}
-    row = [label, f"`{name}`", *(percent(top1.get(layer)) for layer in layers)]
-    row += [percent(evals["knn"]["top1"]), f"{evals['nmi']['nmi'].get(label_column, float('nan')):.3f}"]
+    probes = {layer["layer"]: layer for layer in evals["linear"]["layers"]}
+    row = [label, f"`{name}`", *(with_interval(probes[layer]) if layer in probes else "" for layer in layers)]
+    nmi, sd = evals["nmi"]["nmi"].get(label_column), evals["nmi"]["nmi_sd"].get(label_column)
+    row += [with_interval(evals["knn"]), "" if nmi is None else f"{nmi:.3f} ± {sd:.3f}"]
     voc07, retrieval = evals.get("voc07"), evals.get("retrieval")
     row += [percent(voc07["fc6_8"]["mAP"]), percent(voc07["all"]["mAP"])] if voc07 else ["", ""]
     return [*row, percent(retrieval["mAP"]) if retrieval else ""]
@@ -61,8 +68,9 @@ def compare(
         "|" + "---|" * len(header),
         *("| " + " | ".join(row) + " |" for row in rows),
         "",
-        f"Top-1 (%) of linear probes per conv layer and of k-NN on the evaluation set's val split, NMI of "
-        f"k-means on the features with `{label_column}`; mAP (%) where configured, empty otherwise.",
+        f"Top-1 (%) [95% interval, bootstrapped over the images] of the converged linear probe of each conv layer "
+        f"on the val split and of leave-one-out k-NN on every evaluation image; NMI of k-means on the features with "
+        f"`{label_column}` (mean ± sd over k-means seeds); mAP (%) where configured, empty otherwise.",
     ]
     log.info("\n%s", "\n".join(lines))
     with atomic_output(out) as partial:

@@ -7,8 +7,8 @@ import logging
 import numpy as np
 import pandas as pd
 
-from deepercluster.evaluate.backbone import LabelledSet, labelled_split
-from deepercluster.evaluate.common import write_json
+from deepercluster.evaluate.backbone import LabelledSet, labelled_images
+from deepercluster.evaluate.common import bootstrap_interval, write_json
 from deepercluster.shards import open_shard, read_chunks
 
 log = logging.getLogger(__name__)
@@ -34,13 +34,25 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 def knn_predict(
-    train_x: np.ndarray, train_y: np.ndarray, query_x: np.ndarray, k: int, classes: int, chunk_rows: int = 1024
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    query_x: np.ndarray,
+    k: int,
+    classes: int,
+    chunk_rows: int = 1024,
+    leave_one_out: bool = False,
 ) -> np.ndarray:
-    """Class of each query row: majority vote of its ``k`` most cosine-similar train rows (ties: smallest class)."""
-    train, k = unit_rows(train_x), min(k, len(train_x))
+    """Class of each query row: majority vote of its ``k`` most cosine-similar train rows (ties: smallest class).
+
+    With ``leave_one_out`` the queries are the train rows themselves, and none votes for itself.
+    """
+    train, k = unit_rows(train_x), min(k, len(train_x) - leave_one_out)
     predictions = []
     for start in range(0, len(query_x), chunk_rows):
         similarity = unit_rows(query_x[start : start + chunk_rows]) @ train.T
+        if leave_one_out:
+            rows = np.arange(len(similarity))
+            similarity[rows, start + rows] = -np.inf
         nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
         votes = np.zeros((len(similarity), classes))
         np.add.at(votes, (np.arange(len(similarity))[:, None], train_y[nearest]), 1)
@@ -48,32 +60,27 @@ def knn_predict(
     return np.concatenate(predictions) if predictions else np.zeros(0, np.int64)
 
 
-def knn(
-    *,
-    manifest: str,
-    features: str,
-    out: str,
-    k: int = 20,
-    label_column: str = "label",
-    val_fraction: float = 0.2,
-    seed: int = 0,
-) -> None:
-    """Stage 'eval-knn': top-1 on the val split of a ``k``-NN (cosine) vote over the train split -> ``out``."""
-    data = labelled_split(manifest, label_column, val_fraction, seed)
+def knn(*, manifest: str, features: str, out: str, k: int = 20, label_column: str = "label", seed: int = 0) -> None:
+    """Stage 'eval-knn': leave-one-out ``k``-NN (cosine) top-1 over every labelled image -> ``out``.
+
+    Each image is classified by the vote of its k nearest other images; the 95% interval is
+    bootstrapped over the images.
+    """
+    data = labelled_images(manifest, label_column)
     x, attrs = read_features(features, data)
-    predictions = knn_predict(x[~data.val], data.targets[~data.val], x[data.val], k, len(data.classes))
-    top1 = float(np.mean(predictions == data.targets[data.val]))
-    log.info("%d-NN top-1 %.4f on %d val images (%d train, %d classes)", k, top1, data.val.sum(), (~data.val).sum(),
-             len(data.classes))  # fmt: skip
+    correct = knn_predict(x, data.targets, x, k, len(data.classes), leave_one_out=True) == data.targets
+    top1, interval = float(correct.mean()), bootstrap_interval(correct, seed)
+    log.info("%d-NN leave-one-out top-1 %.4f (95%% interval %s) on %d images of %d classes", k, top1,
+             np.round(interval, 4).tolist(), len(correct), len(data.classes))  # fmt: skip
     write_json(
         out,
         {
             "k": k,
             "top1": top1,
+            "ci95": interval,
             "label_column": label_column,
             "classes": len(data.classes),
-            "train_images": int((~data.val).sum()),
-            "val_images": int(data.val.sum()),
+            "images": len(correct),
             "feature": str(attrs.get("layer", "")),
             "checkpoint_sha256": str(attrs.get("checkpoint_sha256", "")),
         },

@@ -1,24 +1,29 @@
 """Linear probes on every conv layer of a frozen backbone (DeeperCluster Figure 2, DeepCluster Table 1).
 
-Each conv layer's ReLU output is average-pooled to s x s with channels * s * s below 10,000
-(VGG-16: 9216, 9216, 8192, 8192, 9216 x 3, 8192 x 6; AlexNet: 9600, 9216, 9600, 9600, 9216)
-and fed to its own linear classifier. The backbone is in eval mode (BatchNorm frozen) and
-receives no gradient; all classifiers train together with SGD and the learning rate
-lr0 / sqrt(1 + lr0 * weight_decay * t) at iteration t. Images are centre crops.
+Two stages, so that the network runs once per checkpoint and the classifiers can train to
+convergence on a cache:
+
+- ``eval-probe-features``: each conv layer's ReLU output, average-pooled to s x s with
+  channels * s * s below 10,000 (VGG-16: 9216, 9216, 8192, 8192, 9216 x 3, 8192 x 6; AlexNet:
+  9600, 9216, 9600, 9600, 9216), for every evaluation image (centre crops, backbone in eval
+  mode) -> ``probe_features.h5``, one float16 dataset per layer.
+- ``eval-linear``: per layer, a multinomial logistic regression on the standardised train-split
+  features, trained to convergence (full-batch L-BFGS); its L2 weight is chosen among
+  ``weight_decays`` on a held-out fifth of the train split, then it is refitted on the whole train
+  split. Top-1 on the val split, with a 95% interval bootstrapped over the val images.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from deepercluster.data import feature_transform
+from deepercluster.data import feature_transform, read_manifest
 from deepercluster.evaluate.backbone import (
     conv_activations,
     device,
@@ -28,12 +33,14 @@ from deepercluster.evaluate.backbone import (
     layer_names,
     probe_pool_size,
 )
-from deepercluster.evaluate.common import accuracy_figure, save_figure, write_json
-from deepercluster.files import sha256
+from deepercluster.evaluate.common import accuracy_figure, bootstrap_interval, save_figure, write_json
+from deepercluster.files import atomic_output, sha256
 from deepercluster.logs import progress
 from deepercluster.models import ConvNet
 
 log = logging.getLogger(__name__)
+
+SELECTION_FRACTION = 0.2  # of the train split, held out to choose each probe's L2 weight
 
 
 def activation_shapes(model: ConvNet, image_size: int) -> list[tuple[int, int]]:
@@ -44,147 +51,137 @@ def activation_shapes(model: ConvNet, image_size: int) -> list[tuple[int, int]]:
         return [(a.shape[1], min(a.shape[2:])) for a in conv_activations(model, x)]
 
 
-class LinearProbes(nn.Module):
-    """Per conv layer: AdaptiveAvgPool2d(s) -> flatten -> Linear(channels * s * s, classes)."""
+def probe_pools(shapes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(pool side s, pooled dim channels * s * s) of each conv layer."""
+    return [(s, channels * s * s) for channels, height in shapes for s in [probe_pool_size(channels, height)]]
 
-    def __init__(self, shapes: list[tuple[int, int]], classes: int) -> None:
-        super().__init__()
-        self.pool_sizes = [probe_pool_size(channels, height) for channels, height in shapes]
-        self.dims = [channels * s * s for (channels, _), s in zip(shapes, self.pool_sizes, strict=True)]
-        self.heads = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(s), nn.Flatten(), nn.Linear(dim, classes))
-            for s, dim in zip(self.pool_sizes, self.dims, strict=True)
+
+def pooled(activations: list[torch.Tensor], pools: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Each layer's activations average-pooled to s x s and flattened."""
+    return [F.adaptive_avg_pool2d(a, s).flatten(1) for a, (s, _) in zip(activations, pools, strict=True)]
+
+
+@torch.no_grad()
+def probe_features(
+    *, checkpoint: str, manifest: str, out: str, image_size: int = 32, batch_size: int = 256, workers: int = 0
+) -> None:
+    """Stage 'eval-probe-features': every conv layer's pooled activations of every image of ``manifest``."""
+    images = read_manifest(manifest)
+    model, state = frozen_backbone(checkpoint)
+    pools, names = probe_pools(activation_shapes(model, image_size)), layer_names(model)
+    log.info("probe features of %s (%s) on %d images: %s, pooled dims %s", checkpoint, state["arch"], len(images),
+             names, [dim for _, dim in pools])  # fmt: skip
+    loader = image_loader(images["path"], images["id"], feature_transform(image_size), batch_size, workers)
+    with atomic_output(out) as partial, h5py.File(partial, "w") as f:
+        f["ids"] = images["id"].to_numpy(np.int64)
+        layers = [
+            f.create_dataset(name, (len(images), dim), np.float16) for name, (_, dim) in zip(names, pools, strict=True)
+        ]
+        start = 0
+        for x, ids in progress(loader, "probe features", total=len(loader), unit="batch"):
+            for layer, values in zip(layers, pooled(conv_activations(model, x.to(device())), pools), strict=True):
+                layer[start : start + len(ids)] = values.cpu().numpy()
+            start += len(ids)
+        f.attrs.update(
+            checkpoint_sha256=sha256(checkpoint), arch=state["arch"], layers=names, pools=[s for s, _ in pools]
         )
 
-    def forward(self, activations: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [head(a) for head, a in zip(self.heads, activations, strict=True)]
+
+def fit_logistic(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    classes: int,
+    weight_decay: float,
+    max_iterations: int,
+    start: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Multinomial logistic regression, mean cross-entropy + weight_decay / 2 * |W|^2, by full-batch L-BFGS
+    from ``start`` (W, b; zeros by default).
+
+    Returns (W, b, iterations); fewer iterations than ``max_iterations`` means it converged.
+    """
+    weight = torch.zeros(x.shape[1], classes) if start is None else start[0].clone()
+    bias = torch.zeros(classes) if start is None else start[1].clone()
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iterations, tolerance_grad=1e-5,
+                                  tolerance_change=1e-9, history_size=20, line_search_fn="strong_wolfe")  # fmt: skip
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight + bias, y) + weight_decay / 2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return weight.detach(), bias.detach(), int(optimizer.state[weight]["n_iter"])
+
+
+def standardise(train: np.ndarray, *others: np.ndarray) -> list[torch.Tensor]:
+    """Float32 tensors with the train rows' per-dimension mean removed and unit variance (constant dims: 0)."""
+    mean, std = train.mean(0, dtype=np.float64), train.std(0, dtype=np.float64)
+    scale = np.where(std > 1e-6, 1 / np.maximum(std, 1e-6), 0.0)
+    return [torch.from_numpy(((x - mean) * scale).astype(np.float32)) for x in (train, *others)]
+
+
+def probe_layer(
+    x: np.ndarray, targets: np.ndarray, val: np.ndarray, classes: int, weight_decays: list[float], seed: int,
+    max_iterations: int,
+) -> dict[str, object]:  # fmt: skip
+    """One layer's probe: L2 weight chosen on a held-out part of the train split, refit, val top-1 and interval."""
+    train = np.flatnonzero(~val)
+    held_out = np.zeros(len(train), bool)
+    held_out[np.random.default_rng(seed).permutation(len(train))[: round(len(train) * SELECTION_FRACTION)]] = True
+    fit_x, select_x = standardise(x[train[~held_out]], x[train[held_out]])
+    fit_y, select_y = (torch.from_numpy(targets[train[rows]]) for rows in (~held_out, held_out))
+    selection, solutions, start = {}, {}, None
+    for weight_decay in sorted(weight_decays, reverse=True):  # each fit starts from the more regularised one
+        solutions[weight_decay] = start = fit_logistic(fit_x, fit_y, classes, weight_decay, max_iterations, start)[:2]
+        selection[weight_decay] = float(((select_x @ start[0] + start[1]).argmax(1) == select_y).float().mean())
+    chosen = max(weight_decays, key=lambda wd: (selection[wd], wd))  # ties: the stronger regularisation
+    train_x, val_x = standardise(x[train], x[val])
+    train_y = torch.from_numpy(targets[train])
+    weight, bias, iterations = fit_logistic(train_x, train_y, classes, chosen, max_iterations, solutions[chosen])
+    correct = ((val_x @ weight + bias).argmax(1) == torch.from_numpy(targets[val])).numpy()
+    return {
+        "top1": float(correct.mean()),
+        "ci95": bootstrap_interval(correct, seed),
+        "weight_decay": chosen,
+        "selection_top1": {str(wd): top1 for wd, top1 in selection.items()},
+        "iterations": iterations,
+        "converged": iterations < max_iterations,
+    }
 
 
 def linear_probe(
     *,
-    checkpoint: str,
+    features: str,
     manifest: str,
     out: str,
     plot: str,
     label_column: str = "label",
     val_fraction: float = 0.2,
-    image_size: int = 32,
-    epochs: int = 5,
-    batch_size: int = 128,
-    lr: float = 0.01,
-    momentum: float = 0.9,
-    weight_decay: float = 1e-4,
+    weight_decays: list[float] | None = None,
+    max_iterations: int = 200,
     seed: int = 0,
-    workers: int = 0,
 ) -> None:
-    """Stage 'eval-linear': top-1 on the val split of a linear probe per conv layer -> ``out``, ``plot``."""
+    """Stage 'eval-linear': top-1 on the val split of a converged linear probe per conv layer -> ``out``, ``plot``."""
+    weight_decays = weight_decays or [1e-4, 1e-3, 1e-2]
     data = labelled_split(manifest, label_column, val_fraction, seed)
-    model, state = frozen_backbone(checkpoint)
-    torch.manual_seed(seed)
-    probes = LinearProbes(activation_shapes(model, image_size), len(data.classes)).to(device())
-    names = layer_names(model)
-    log.info(
-        "linear probes on %s (%s): %s pooled dims %s; %d classes of %r",
-        checkpoint,
-        state["arch"],
-        names,
-        probes.dims,
-        len(data.classes),
-        label_column,
-    )
-    losses = train_probes(
-        model, probes, data.part(val=False), image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr,
-        momentum=momentum, weight_decay=weight_decay, seed=seed, workers=workers,
-    )  # fmt: skip
-    top1 = probe_accuracy(model, probes, data.part(val=True), image_size, batch_size, workers)
-    log.info("val top-1 per layer: %s", dict(zip(names, np.round(top1, 4).tolist(), strict=True)))
-    layers = [
-        {
-            "layer": name,
-            "pool": s,
-            "dim": dim,
-            "top1": float(acc),
-            "train_loss": [float(epoch[i]) for epoch in losses],
-        }
-        for i, (name, s, dim, acc) in enumerate(zip(names, probes.pool_sizes, probes.dims, top1, strict=True))
-    ]
-    write_json(
-        out,
-        {
-            "checkpoint": checkpoint,
-            "checkpoint_sha256": sha256(checkpoint),
-            "arch": state["arch"],
-            "label_column": label_column,
-            "classes": len(data.classes),
-            "train_images": int((~data.val).sum()),
-            "val_images": int(data.val.sum()),
-            "epochs": epochs,
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "layers": layers,
-        },
-    )
+    with h5py.File(features, "r") as f:
+        position = np.searchsorted(f["ids"][:], data.ids)
+        names, pools, attrs = list(f.attrs["layers"]), list(f.attrs["pools"]), dict(f.attrs)
+        layers = []
+        for name, pool in zip(names, pools, strict=True):
+            x = f[name][:][position].astype(np.float32)
+            result = probe_layer(x, data.targets, data.val, len(data.classes), weight_decays, seed, max_iterations)
+            log.info("%s (%d dims): val top-1 %.4f, 95%% interval %s, weight decay %g, %d L-BFGS iterations",
+                     name, x.shape[1], result["top1"], np.round(result["ci95"], 4).tolist(), result["weight_decay"],
+                     result["iterations"])  # fmt: skip
+            layers.append({"layer": name, "pool": int(pool), "dim": int(x.shape[1]), **result})
+    write_json(out, {
+        "features": features, "checkpoint_sha256": str(attrs["checkpoint_sha256"]), "arch": str(attrs["arch"]),
+        "label_column": label_column, "classes": len(data.classes), "train_images": int((~data.val).sum()),
+        "val_images": int(data.val.sum()), "weight_decays": weight_decays, "layers": layers,
+    })  # fmt: skip
     save_figure(accuracy_figure({Path(out).parent.name: layers}, 1 / len(data.classes)), plot)
-
-
-def train_probes(
-    model: ConvNet,
-    probes: LinearProbes,
-    split: tuple[list[str], np.ndarray, np.ndarray],
-    *,
-    image_size: int,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    seed: int,
-    workers: int,
-) -> list[np.ndarray]:
-    """SGD on every probe at once over ``split`` (paths, ids, targets), lr0 / sqrt(1 + lr0 * wd * t) at
-    iteration t; the mean train loss of each probe per epoch. The backbone gets no gradient."""
-    paths, _, targets = split
-    optimizer = torch.optim.SGD(probes.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    loader = image_loader(
-        paths, np.arange(len(paths)), feature_transform(image_size), batch_size, workers, shuffle=True, seed=seed
-    )
-    step, losses_per_epoch = 0, []
-    for epoch in range(epochs):
-        probes.train()
-        sums = np.zeros(len(probes.heads))
-        for x, rows in progress(loader, f"linear probes epoch {epoch + 1}/{epochs}", total=len(loader), unit="batch"):
-            for group in optimizer.param_groups:
-                group["lr"] = lr / math.sqrt(1 + lr * weight_decay * step)
-            y = torch.from_numpy(targets[rows.numpy()]).to(device())
-            with torch.no_grad():
-                activations = conv_activations(model, x.to(device()))
-            losses = [F.cross_entropy(logits, y) for logits in probes(activations)]
-            optimizer.zero_grad(set_to_none=True)
-            torch.stack(losses).sum().backward()
-            optimizer.step()
-            sums += [loss.item() * len(y) for loss in losses]
-            step += 1
-        losses_per_epoch.append(sums / len(paths))
-        log.info("epoch %d/%d: train loss per layer %s", epoch + 1, epochs, np.round(losses_per_epoch[-1], 4).tolist())
-    return losses_per_epoch
-
-
-@torch.no_grad()
-def probe_accuracy(
-    model: ConvNet,
-    probes: LinearProbes,
-    split: tuple[list[str], np.ndarray, np.ndarray],
-    image_size: int,
-    batch_size: int,
-    workers: int,
-) -> np.ndarray:
-    """Top-1 of each probe on ``split`` (paths, ids, targets)."""
-    paths, _, targets = split
-    probes.eval()
-    correct = np.zeros(len(probes.heads))
-    loader = image_loader(paths, np.arange(len(paths)), feature_transform(image_size), batch_size, workers)
-    for x, rows in progress(loader, "linear probes val", total=len(loader), unit="batch"):
-        y = torch.from_numpy(targets[rows.numpy()]).to(device())
-        logits = probes(conv_activations(model, x.to(device())))
-        correct += [(scores.argmax(1) == y).sum().item() for scores in logits]
-    return correct / len(paths)

@@ -1,8 +1,11 @@
 """NMI between a checkpoint's k-means clusters and the metadata, and across rounds.
 
 DeeperCluster Fig. 4 (NMI with each metadata column) and DeepCluster Fig. 2a-b (NMI with
-the labels, and between consecutive rounds, over training). The clusters come from the
-'super-clusters' stage run on the evaluation set's features (PCA-whitened, L2, k-means).
+the labels, and between consecutive rounds, over training). The evaluation images' features
+(the 'features' stage) are PCA-whitened (the 'pca' stage) and L2-normalised, then clustered
+by the workflow's k-means with ``seeds`` different seeds: every NMI is the mean and standard
+deviation over those clusterings, so that a difference between checkpoints can be told from
+the spread of k-means itself.
 """
 
 from __future__ import annotations
@@ -10,65 +13,94 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import h5py
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from deepercluster.cluster import read_assignments
+from deepercluster.cluster import level_seed, whitened_shards
 from deepercluster.data import metadata_columns, read_manifest
 from deepercluster.evaluate.common import save_figure, write_json
+from deepercluster.kmeans import kmeans
 from deepercluster.labels import nmi
 
 log = logging.getLogger(__name__)
 
 
-def assignment_series(path: str) -> pd.Series:
-    """Cluster of each image of a clusters file, indexed by id."""
-    ids, assignments = read_assignments(path)
-    return pd.Series(assignments, index=ids)
+def seeded_clusterings(features: str, pca: str, k: int, seeds: int, iterations: int, seed: int) -> list[pd.Series]:
+    """``seeds`` k-means clusterings of one features file, each a cluster per image indexed by id."""
+    source = whitened_shards([features], pca, cache_mb=float("inf"))
+    results = [kmeans(source, k, iterations, level_seed(seed + s, None)) for s in range(seeds)]
+    return [pd.Series(result.assignments, index=result.ids) for result in results]
 
 
-def cluster_nmi(*, manifest: str, clusters: list[str], out: str, plot: str, first_round: int | None = None) -> None:
+def mean_and_sd(scores: list[dict[str, float | None]]) -> tuple[dict, dict]:
+    """Per key, the mean and the standard deviation over seeds (None where a key has no score)."""
+    keys = scores[0].keys()
+    values = {key: [s[key] for s in scores] for key in keys}
+    mean = {key: None if None in v else float(np.mean(v)) for key, v in values.items()}
+    sd = {key: None if None in v else float(np.std(v)) for key, v in values.items()}
+    return mean, sd
+
+
+def cluster_nmi(
+    *,
+    manifest: str,
+    features: list[str],
+    pcas: list[str],
+    out: str,
+    plot: str,
+    k: int = 10,
+    seeds: int = 5,
+    iterations: int = 10,
+    seed: int = 0,
+    first_round: int | None = None,
+) -> None:
     """Stage 'eval-nmi': NMI of k-means clusters with every metadata column of ``manifest`` -> ``out``, ``plot``.
 
-    ``clusters`` ends with this checkpoint's clusters file. When it is round r of a run,
-    ``clusters`` holds the files of rounds ``first_round``..r and each round gets the same
-    NMIs plus ``previous_round``, its NMI with the round before; otherwise it holds one file.
+    ``features`` and ``pcas`` end with this checkpoint's files. When it is round r of a run, they
+    hold the files of rounds ``first_round``..r and each round gets the same NMIs plus
+    ``previous_round``, the NMI between its clustering and the round before's with the same seed;
+    otherwise they hold one file each.
     """
-    if first_round is None and len(clusters) != 1:
-        raise ValueError(f"{len(clusters)} clusters files given without first_round: give one, or their first round")
+    if len(features) != len(pcas) or (first_round is None and len(features) != 1):
+        raise ValueError(f"{len(features)} features and {len(pcas)} pca files: give one pair, or one per round")
     images = read_manifest(manifest).set_index("id")
     columns = metadata_columns(images.reset_index())
     rounds, previous = [], None
-    for path in clusters:
-        assignment = assignment_series(path)
-        row = {column: nmi(assignment, images[column]) for column in columns}
-        row["previous_round"] = None if previous is None else nmi(assignment, previous)
-        rounds.append(row)
-        previous = assignment
-    with h5py.File(clusters[-1], "r") as f:
-        k = int(f.attrs["k"])
-    log.info("k-means k=%d on %d images: NMI %s", k, len(previous), rounds[-1])
+    for features_file, pca in zip(features, pcas, strict=True):
+        clusterings = seeded_clusterings(features_file, pca, k, seeds, iterations, seed)
+        scores = [
+            {column: nmi(assignment, images[column]) for column in columns}
+            | {"previous_round": None if previous is None else nmi(assignment, previous[s])}
+            for s, assignment in enumerate(clusterings)
+        ]
+        mean, sd = mean_and_sd(scores)
+        rounds.append({"nmi": mean, "nmi_sd": sd})
+        previous = clusterings
+    log.info("k-means k=%d on %d images, %d seeds: NMI %s, sd %s", k, len(previous[0]), seeds, rounds[-1]["nmi"],
+             rounds[-1]["nmi_sd"])  # fmt: skip
     over_rounds = None if first_round is None else [{"round": first_round + i, **row} for i, row in enumerate(rounds)]
-    write_json(out, {"k": k, "images": len(previous), "nmi": rounds[-1], "rounds": over_rounds})
+    write_json(out, {"k": k, "images": len(previous[0]), "seeds": seeds, **rounds[-1], "rounds": over_rounds})
     save_figure(nmi_figure(over_rounds, rounds[-1], Path(out).parent.name), plot)
 
 
 def nmi_figure(rounds: list[dict] | None, last: dict, title: str) -> Figure:
-    """NMI per metadata column (and with the previous round) over rounds; bars for a single checkpoint."""
+    """NMI (mean +- sd over k-means seeds) per metadata column and with the previous round, over rounds;
+    bars for a single checkpoint."""
     figure = Figure(figsize=(6, 4))
     axes = figure.subplots()
     if rounds:
         numbers = [row["round"] for row in rounds]
-        for column in last:
-            values = [row[column] for row in rounds]
-            axes.plot(numbers, [float("nan") if v is None else v for v in values], "o-", label=column)
+        for column in last["nmi"]:
+            mean = [np.nan if row["nmi"][column] is None else row["nmi"][column] for row in rounds]
+            sd = [np.nan if row["nmi_sd"][column] is None else row["nmi_sd"][column] for row in rounds]
+            axes.errorbar(numbers, mean, yerr=sd, fmt="o-", capsize=3, label=column)
         axes.set_xlabel("round")
         axes.set_xticks(numbers)
         axes.legend()
     else:
-        scored = {column: value for column, value in last.items() if value is not None}
-        axes.bar(list(scored), list(scored.values()))
+        scored = [column for column, value in last["nmi"].items() if value is not None]
+        axes.bar(scored, [last["nmi"][c] for c in scored], yerr=[last["nmi_sd"][c] for c in scored], capsize=3)
         axes.set_xlabel("metadata column")
     axes.set_ylabel("NMI")
     axes.set_ylim(0, 1)
