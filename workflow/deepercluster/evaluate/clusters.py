@@ -12,9 +12,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 from PIL import Image, ImageOps
 
-from deepercluster.data import ImageDataset, metadata_columns, read_manifest
+from deepercluster.data import ImageDataset
 from deepercluster.evaluate.common import save_figure
 from deepercluster.evaluate.nmi import assignment_series
+from deepercluster.formats import metadata_columns, read_manifest
 
 log = logging.getLogger(__name__)
 
