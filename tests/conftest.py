@@ -91,7 +91,7 @@ def raw_features(real_data: RealData) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="session")
 def whitened(real_data: RealData) -> tuple[np.ndarray, np.ndarray]:
     """(ids, PCA-whitened and L2-normalised features) of every shard, through ``ShardSource``."""
-    from deepercluster.pca import Whitening
+    from deepercluster.formats import Whitening
     from deepercluster.shards import ShardSource
 
     whitening = Whitening.load(real_data.pca)

@@ -17,10 +17,9 @@ from deepercluster.data import (
     UnreadableImageError,
     build_manifest,
     feature_transform,
-    metadata_columns,
-    read_manifest,
     train_transform,
 )
+from deepercluster.formats import metadata_columns, read_manifest
 
 IDX = Path("/usr/share/datasets/fashion-mnist")
 

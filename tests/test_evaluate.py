@@ -22,7 +22,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from deepercluster.checkpoints import load_model
 from deepercluster.cluster import cluster_super
-from deepercluster.data import feature_transform, read_manifest
+from deepercluster.data import feature_transform
 from deepercluster.errors import CheckpointError
 from deepercluster.evaluate.backbone import conv_activations, frozen_backbone, labelled_split
 from deepercluster.evaluate.clusters import cluster_grid, dominant_values
@@ -50,6 +50,7 @@ from deepercluster.evaluate.retrieval import (
 from deepercluster.evaluate.voc07 import class_average_precisions, fine_tune, read_voc, voc07
 from deepercluster.features import extract_features
 from deepercluster.files import sha256
+from deepercluster.formats import read_manifest
 from deepercluster.models import build_model
 from deepercluster.pca import fit_pca
 

@@ -13,17 +13,19 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import deepercluster.kmeans as kmeans_module
 from deepercluster.cluster import cluster_super, whitened_shards
-from deepercluster.distributed import init_distributed
+from deepercluster.distributed import gather_objects, init_distributed
+from deepercluster.formats import Whitening
 from deepercluster.kmeans import (
     SPLIT_EPS,
+    centroid_index,
     id_hash,
     initial_centroids,
     kmeans,
     nearest_centroid,
     split_empty_clusters,
 )
-from deepercluster.pca import Whitening
 from deepercluster.shards import ShardSource
 
 pytestmark = pytest.mark.usefixtures("single_process")
@@ -99,6 +101,8 @@ def _cluster_on_rank(rank: int, world_size: int, port: int, shards: list[str], p
     rows = whitened_shards(shards, pca, cache_mb=64).count
     Path(f"{out}.rank{rank}.rows").write_text(str(rows))
     cluster_super(shards=shards, pca=pca, out=out, super_clusters=8, iterations=6, seed=5)
+    # The assignments travel to the writing rank only: the others get nothing back.
+    Path(f"{out}.rank{rank}.gathered").write_text(repr(gather_objects(f"from {rank}")))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -116,6 +120,7 @@ def test_two_ranks_match_one_rank(real_data, tmp_path: Path, monkeypatch: pytest
     )
     # Rank 0 read shards 0 and 2, rank 1 shard 1.
     assert [int(Path(f"{two}.rank{r}.rows").read_text()) for r in (0, 1)] == [400, 200]
+    assert [Path(f"{two}.rank{r}.gathered").read_text() for r in (0, 1)] == ["['from 0', 'from 1']", "None"]
     with h5py.File(one, "r") as a, h5py.File(two, "r") as b:
         assert np.array_equal(a["ids"][:], np.arange(600)) and np.array_equal(a["ids"][:], b["ids"][:])
         assert np.array_equal(a["assignments"][:], b["assignments"][:])
@@ -172,7 +177,7 @@ def test_split_empty_clusters_by_hand() -> None:
 
     # The two halves really split a cloud of distinct points around the old centroid.
     cloud = original[0] + np.random.default_rng(1).normal(0, 0.01, (200, 4)).astype(np.float32)
-    labels, _ = nearest_centroid(cloud, centroids[:2])
+    labels, _ = nearest_centroid(cloud, centroid_index(centroids[:2]))
     assert 0 < labels.sum() < len(cloud)
 
     # Two empty clusters: both re-seeded, no point lost, none left empty.
@@ -218,5 +223,32 @@ def test_initial_centroids_ignore_partition(real_data, whitened, array_source) -
     shards = ShardSource(real_data.shards[::-1], whitening, whitening.dim, cache_mb=0, chunk_rows=50)
     streamed = initial_centroids(shards, k, seed)
     assert np.allclose(streamed, whole, atol=1e-5)
-    nearest, _ = nearest_centroid(streamed, x)
+    nearest, _ = nearest_centroid(streamed, centroid_index(x))
     assert np.array_equal(ids[nearest], chosen)
+
+
+def test_one_index_per_pass_same_assignments(whitened, array_source, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The centroids' faiss index is built once per assignment pass, not once per chunk, and assigns as before."""
+    ids, x = whitened
+    source = array_source(ids, x, chunk_rows=50)  # 12 chunks a pass
+    counted = {"builds": 0, "passes": 0}
+
+    def counting(function, key):
+        def wrapper(*args):
+            counted[key] += 1
+            return function(*args)
+
+        return wrapper
+
+    monkeypatch.setattr(kmeans_module, "centroid_index", counting(kmeans_module.centroid_index, "builds"))
+    monkeypatch.setattr(kmeans_module, "assign", counting(kmeans_module.assign, "passes"))
+    result = kmeans(source, k=20, iterations=4, seed=1)
+    assert counted["passes"] >= 5 and counted["builds"] == counted["passes"]
+    # As before the change: a fresh exact index of the final centroids for every chunk.
+    before = []
+    for _, chunk in source.chunks():
+        index = faiss.IndexFlatL2(x.shape[1])
+        index.add(result.centroids)
+        before.append(index.search(chunk, 1)[1][:, 0])
+    assert np.array_equal(result.assignments, np.concatenate(before))
+    assert len(np.unique(result.assignments)) == 20

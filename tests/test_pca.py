@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from deepercluster.errors import ShardError
-from deepercluster.pca import Whitening, fit_pca, sample_rows
-from deepercluster.shards import shard_rows
+from deepercluster.formats import Whitening, shard_rows
+from deepercluster.pca import fit_pca, sample_rows
 
 FLOOR = 1e-5  # fit_pca's default eigenvalue_floor
 
@@ -129,3 +129,27 @@ def test_truncated_shard_names_file_and_fix(real_data, tmp_path: Path) -> None:
     assert str(truncated) in message and "truncated" in message
     assert "delete it and rerun" in message
     assert not out.exists() and list(tmp_path.iterdir()) == [truncated]
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read through read(2)/pread(2) so far (Linux /proc/self/io)."""
+    return int(
+        next(line for line in Path("/proc/self/io").read_text().splitlines() if line.startswith("rchar")).split()[1]
+    )
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts bytes read through Linux /proc/self/io")
+def test_reads_only_the_sampled_rows(raw_features, tmp_path: Path) -> None:
+    """20 MiB of shards, a 100-row sample: about 100 rows are read from disk, and they are the sampled ones."""
+    _, x = raw_features
+    many = np.tile(x, (34, 1))[:20_000] + np.arange(20_000, dtype=np.float32)[:, None] * 1e-3  # distinct rows
+    shards = _write_shards(tmp_path, many, parts=2)
+    row_bytes = many.shape[1] * 4
+    out = str(tmp_path / "pca.h5")
+    before = _bytes_read()
+    fit_pca(shards=shards, out=out, sample_size=100, seed=2)
+    read = _bytes_read() - before
+    assert 100 * row_bytes <= read < 100 * row_bytes + 256 * 1024, read  # the rows, and HDF5's metadata
+    assert read < many.nbytes / 50
+    sample = many[sample_rows([10_000, 10_000], 100, seed=2)].astype(np.float64)
+    assert np.allclose(Whitening.load(out).mean, sample.mean(axis=0), rtol=1e-6, atol=1e-6)

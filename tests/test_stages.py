@@ -16,9 +16,10 @@ import torch
 from sklearn.metrics import normalized_mutual_info_score
 
 from deepercluster.checkpoints import initial_checkpoint, load_model
-from deepercluster.cluster import cluster_sub, cluster_super, read_assignments
-from deepercluster.data import ImageDataset, feature_transform, read_manifest
+from deepercluster.cluster import cluster_sub, cluster_super
+from deepercluster.data import ImageDataset, feature_transform
 from deepercluster.errors import CheckpointError
+from deepercluster.formats import read_assignments, read_manifest
 from deepercluster.labels import make_labels
 from deepercluster.models import build_model
 

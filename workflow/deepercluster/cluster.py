@@ -1,22 +1,20 @@
 """The two k-means levels of a round: m super-clusters over all images, then k sub-clusters in each.
 
 Both levels run the same ``kmeans`` over the PCA-whitened shards; ranks split the shards
-(``shards[rank::world_size]``) and rank 0 writes the result. A clusters file holds
-``centroids`` (k x d), ``ids`` and ``assignments`` (sorted by id), ``objective`` and
-``reseeded`` per pass, and ``sizes``.
+(``shards[rank::world_size]``), rank 0 gathers the assignments and writes the clusters file
+(``formats.write_clusters``).
 """
 
 from __future__ import annotations
 
 import logging
 
-import h5py
 import numpy as np
 
-from deepercluster.distributed import all_gather_objects, init_distributed, is_main_process
-from deepercluster.files import atomic_output, sha256
+from deepercluster.distributed import gather_objects, init_distributed
+from deepercluster.files import sha256
+from deepercluster.formats import Clusters, Whitening, read_assignments, write_clusters
 from deepercluster.kmeans import KMeansResult, kmeans
-from deepercluster.pca import Whitening
 from deepercluster.shards import ShardSource
 
 log = logging.getLogger(__name__)
@@ -36,28 +34,14 @@ def whitened_shards(shards: list[str], pca: str, cache_mb: float, keep_ids: np.n
     return ShardSource(mine, whitening, whitening.dim, keep_ids=keep_ids, cache_mb=cache_mb)
 
 
-def write_clusters(out: str, result: KMeansResult, **attrs: object) -> None:
-    """Gather every rank's assignments; rank 0 writes them sorted by id."""
-    gathered = all_gather_objects((result.ids, result.assignments))
-    ids = np.concatenate([g[0] for g in gathered])
-    assignments = np.concatenate([g[1] for g in gathered])
-    if not is_main_process():
+def write_result(out: str, result: KMeansResult, **attrs: object) -> None:
+    """Gather every rank's assignments to rank 0, which writes the clusters file; the others send theirs only."""
+    gathered = gather_objects((result.ids, result.assignments))
+    if gathered is None:
         return
-    order = np.argsort(ids)
-    with atomic_output(out) as partial, h5py.File(partial, "w") as f:
-        f["centroids"] = result.centroids
-        f["ids"] = ids[order]
-        f["assignments"] = assignments[order]
-        f["objective"] = result.objective
-        f["reseeded"] = result.reseeded
-        f["sizes"] = result.sizes
-        f.attrs.update(k=len(result.centroids), **attrs)
-
-
-def read_assignments(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, assignments) of a clusters file."""
-    with h5py.File(path, "r") as f:
-        return f["ids"][:], f["assignments"][:]
+    ids, assignments = (np.concatenate(parts) for parts in zip(*gathered, strict=True))
+    clusters = Clusters(result.centroids, ids, assignments, result.objective, result.reseeded, result.sizes)
+    write_clusters(out, clusters, **attrs)
 
 
 def cluster_super(
@@ -74,7 +58,7 @@ def cluster_super(
     source = whitened_shards(shards, pca, cache_mb)
     log.info("level 1: %d super-clusters over %d images on this rank", super_clusters, source.count)
     result = kmeans(source, super_clusters, iterations, level_seed(seed, None))
-    write_clusters(out, result, level="super", pca_sha256=sha256(pca), seed=seed, iterations=iterations)
+    write_result(out, result, level="super", pca_sha256=sha256(pca), seed=seed, iterations=iterations)
 
 
 def cluster_sub(
@@ -114,7 +98,7 @@ def cluster_sub(
         source.count,
     )
     result = kmeans(source, k, iterations, level_seed(seed, super_cluster))
-    write_clusters(
+    write_result(
         out,
         result,
         level="sub",

@@ -19,6 +19,7 @@ from torchvision.datasets import FashionMNIST
 
 from deepercluster.errors import UnreadableImageError
 from deepercluster.files import atomic_output
+from deepercluster.formats import write_manifest
 from deepercluster.logs import progress
 
 logger = logging.getLogger(__name__)
@@ -113,8 +114,7 @@ def build_manifest(
     if frame.empty:
         raise ValueError(f"no readable images in {root} (looked for {looked_for}); fix data.path or data.source")
     frame.insert(0, "id", np.arange(len(frame), dtype=np.int64))
-    with atomic_output(manifest) as partial:
-        frame.to_parquet(partial, index=False)
+    write_manifest(manifest, frame)
 
 
 def _folder_candidates(root: Path, label_from_folder: bool) -> tuple[pd.DataFrame, str]:
@@ -267,24 +267,6 @@ class ImageDataset(Dataset):
                 "and rerun to skip it"
             ) from error
         return self.transform(image), self.ids[i]
-
-
-def read_manifest(manifest: str) -> pd.DataFrame:
-    """The manifest table: id, path, then metadata columns."""
-    if not os.path.exists(manifest):
-        raise FileNotFoundError(f"{manifest} does not exist; run the workflow's 'manifest' stage to build it")
-    try:
-        frame = pd.read_parquet(manifest)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{manifest} is not a readable parquet file ({error}); delete it and rerun") from error
-    if not {"id", "path"} <= set(frame.columns):
-        raise ValueError(f"{manifest} has no 'id' and 'path' columns, so it is not a manifest; delete it and rerun")
-    return frame
-
-
-def metadata_columns(frame: pd.DataFrame) -> list[str]:
-    """Every column of a manifest but id and path."""
-    return [c for c in frame.columns if c not in ("id", "path")]
 
 
 def feature_transform(image_size: int) -> Callable:

@@ -117,6 +117,15 @@ def all_gather_objects(obj: object) -> list[object]:
     return gathered
 
 
+def gather_objects(obj: object) -> list[object] | None:
+    """Every rank's ``obj`` in rank order on rank 0, None on the others (``[obj]`` on one process)."""
+    if get_world_size() == 1:
+        return [obj]
+    gathered: list[object] | None = [None] * get_world_size() if is_main_process() else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose training statistics are over every rank's batch, on CPU (gloo) and GPU alike.
 

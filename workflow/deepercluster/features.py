@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 
-import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from deepercluster.checkpoints import load_model
-from deepercluster.data import ImageDataset, feature_transform, read_manifest
-from deepercluster.files import atomic_output, sha256
+from deepercluster.data import ImageDataset, feature_transform
+from deepercluster.files import sha256
+from deepercluster.formats import read_manifest, write_shard
 from deepercluster.logs import progress
 
 log = logging.getLogger(__name__)
@@ -59,14 +59,14 @@ def extract_features(
         ids[start:stop] = batch_ids.numpy()
         start = stop
     log.info("shard %d: %d images, %d-d features from %s", shard, len(ids), features.shape[1], checkpoint)
-    with atomic_output(out) as partial, h5py.File(partial, "w") as f:
-        f["features"] = features
-        f["ids"] = ids
-        f.attrs.update(
-            checkpoint=str(checkpoint),
-            checkpoint_sha256=sha256(checkpoint),
-            layer=LAYER,
-            transform=repr(transform),
-            manifest_sha256=sha256(manifest),
-            shard=shard,
-        )
+    write_shard(
+        out,
+        features,
+        ids,
+        checkpoint=str(checkpoint),
+        checkpoint_sha256=sha256(checkpoint),
+        layer=LAYER,
+        transform=repr(transform),
+        manifest_sha256=sha256(manifest),
+        shard=shard,
+    )

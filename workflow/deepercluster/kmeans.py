@@ -8,6 +8,7 @@ the same centroids. Empty clusters are re-seeded by splitting a non-empty one.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -34,12 +35,23 @@ class KMeansResult:
     sizes: np.ndarray  # [k] int64: global cluster sizes of the final assignment
 
 
-def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(cluster index, squared distance) of each row, exact search on GPU when faiss has one."""
+@functools.cache
+def gpu_resources() -> faiss.StandardGpuResources:
+    """This process's one set of faiss GPU resources (streams, scratch memory), made on first use."""
+    return faiss.StandardGpuResources()
+
+
+def centroid_index(centroids: np.ndarray) -> faiss.Index:
+    """An exact L2 index of the centroids, on GPU when faiss has one: built once per pass, searched per chunk."""
     index = faiss.IndexFlatL2(centroids.shape[1])
     if faiss.get_num_gpus() > 0:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), torch.cuda.current_device(), index)
+        index = faiss.index_cpu_to_gpu(gpu_resources(), torch.cuda.current_device(), index)
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    return index
+
+
+def nearest_centroid(x: np.ndarray, index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
+    """(cluster index, squared distance) of each row, searched in a ``centroid_index``."""
     distances, labels = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
     return labels[:, 0].astype(np.int64), distances[:, 0].astype(np.float64)
 
@@ -55,8 +67,9 @@ def assign(
         0.0,
     )
     all_ids, all_labels = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    index = centroid_index(centroids)
     for ids, x in source.chunks():
-        labels, distances = nearest_centroid(x, centroids)
+        labels, distances = nearest_centroid(x, index)
         counts += torch.from_numpy(np.bincount(labels, minlength=k).astype(np.float64))
         sums.index_add_(0, torch.from_numpy(labels), torch.from_numpy(x).double())
         objective += distances.sum()

@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import logging
 
-import h5py
 import numpy as np
 import pandas as pd
 from sklearn.metrics import normalized_mutual_info_score
 
-from deepercluster.cluster import read_assignments
-from deepercluster.data import metadata_columns, read_manifest
 from deepercluster.files import atomic_output
+from deepercluster.formats import clusters_attrs, metadata_columns, read_assignments, read_manifest, read_sizes
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +52,10 @@ def make_labels(
     sub_cluster = np.full(len(ids), -1, np.int64)
     sizes_rows = []
     for s, path in enumerate(sub_files):
-        with h5py.File(path, "r") as f:
-            if int(f.attrs["super_cluster"]) != s:
-                raise ValueError(f"{path} holds super-cluster {f.attrs['super_cluster']}, expected {s}")
-            sizes_rows += [(s, j, int(size)) for j, size in enumerate(f["sizes"][:])]
+        attrs = clusters_attrs(path)
+        if int(attrs["super_cluster"]) != s:
+            raise ValueError(f"{path} holds super-cluster {attrs['super_cluster']}, expected {s}")
+        sizes_rows += [(s, j, int(size)) for j, size in enumerate(read_sizes(path))]
         sub_ids, sub_assignments = read_assignments(path)
         position = np.searchsorted(ids, sub_ids)
         if not (super_cluster[position] == s).all():

@@ -1,49 +1,20 @@
-"""PCA-whitening fitted on a bounded sample streamed from the shards, then L2 normalisation.
+"""PCA-whitening fitted on a bounded sample read from the shards, then L2 normalisation.
 
-Memory is O(d^2 + one chunk) whatever the number of images: the sample is reduced to a
-running sum and a running x^T x, never gathered.
+Only the sampled rows are read. Memory is O(d^2 + one chunk) whatever the number of
+images: the sample is reduced to a running sum and a running x^T x, never gathered.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 
-import h5py
 import numpy as np
 
-from deepercluster.files import atomic_output
+from deepercluster.formats import Whitening, read_rows, shard_checkpoint, shard_rows
 from deepercluster.logs import progress
-from deepercluster.shards import open_shard, read_chunks, shard_rows
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Whitening:
-    """x -> L2-normalise((x - mean) @ projection), projection = eigenvectors * eigenvalue^-1/2."""
-
-    mean: np.ndarray  # [d_in]
-    projection: np.ndarray  # [d_in, d_out]
-    eigenvalues: np.ndarray  # [d_out], after the floor
-
-    @property
-    def dim(self) -> int:
-        return self.projection.shape[1]
-
-    def whiten(self, x: np.ndarray) -> np.ndarray:
-        """Whitened features before L2: unit variance along every kept direction on the fitted sample."""
-        return ((x - self.mean) @ self.projection).astype(np.float32)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        w = self.whiten(x)
-        return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
-
-    @classmethod
-    def load(cls, path: str) -> Whitening:
-        with h5py.File(path, "r") as f:
-            return cls(f["mean"][:], f["projection"][:], f["eigenvalues"][:])
 
 
 def sample_rows(counts: Sequence[int], sample_size: int, seed: int) -> np.ndarray:
@@ -51,6 +22,13 @@ def sample_rows(counts: Sequence[int], sample_size: int, seed: int) -> np.ndarra
     total = int(sum(counts))
     size = min(sample_size, total)
     return np.sort(np.random.default_rng(seed).choice(total, size=size, replace=False))
+
+
+def sampled_rows(shards: list[str], counts: Sequence[int], chosen: np.ndarray) -> Iterator[np.ndarray]:
+    """The raw features of the global row positions ``chosen`` (sorted), shard by shard, block by block."""
+    starts = np.cumsum([0, *counts])
+    for path, start, stop in zip(shards, starts[:-1], starts[1:], strict=True):
+        yield from read_rows(path, chosen[(chosen >= start) & (chosen < stop)] - start)
 
 
 def fit_pca(
@@ -67,23 +45,18 @@ def fit_pca(
     Eigenvalues are floored at ``eigenvalue_floor`` x the largest; ``dim`` keeps that many
     leading directions (None keeps all, as DeeperCluster does; DeepCluster keeps 256).
     """
-    checkpoints = set()
-    for path in shards:
-        with open_shard(path) as f:
-            checkpoints.add(f.attrs["checkpoint_sha256"])
+    checkpoints = {shard_checkpoint(path) for path in shards}
     if len(checkpoints) != 1:
         raise ValueError(f"the shards come from {len(checkpoints)} different checkpoints: rerun their extraction")
     counts = [shard_rows(p) for p in shards]
     chosen = sample_rows(counts, sample_size, seed)
     log.info("PCA on %d of %d rows from %d shards", len(chosen), sum(counts), len(shards))
 
-    total, sum_x, sum_xxt, offset = 0, None, None, 0
-    for ids, x in progress(read_chunks(shards), "pca sample", unit="chunk"):
-        picked = chosen[(chosen >= offset) & (chosen < offset + len(ids))] - offset
-        offset += len(ids)
-        xs = x[picked].astype(np.float64)
+    total, sum_x, sum_xxt = 0, None, None
+    for xs in progress(sampled_rows(shards, counts, chosen), "pca sample", unit="chunk"):
+        xs = xs.astype(np.float64)
         if sum_x is None:
-            sum_x, sum_xxt = np.zeros(x.shape[1]), np.zeros((x.shape[1], x.shape[1]))
+            sum_x, sum_xxt = np.zeros(xs.shape[1]), np.zeros((xs.shape[1], xs.shape[1]))
         sum_x += xs.sum(0)
         sum_xxt += xs.T @ xs
         total += len(xs)
@@ -103,13 +76,6 @@ def fit_pca(
         100 * eigenvalues[order].sum() / eigenvalues.sum(),
     )
 
-    with atomic_output(out) as partial, h5py.File(partial, "w") as f:
-        f["mean"] = mean.astype(np.float32)
-        f["projection"] = projection.astype(np.float32)
-        f["eigenvalues"] = floored.astype(np.float32)
-        f.attrs.update(
-            checkpoint_sha256=checkpoints.pop(),
-            sample_size=total,
-            seed=seed,
-            eigenvalue_floor=eigenvalue_floor,
-        )
+    Whitening(mean, projection, floored).save(
+        out, checkpoint_sha256=checkpoints.pop(), sample_size=total, seed=seed, eigenvalue_floor=eigenvalue_floor
+    )

@@ -1,26 +1,20 @@
-"""Feature shards: the HDF5 boundary between extraction and clustering.
+"""Feature shards as k-means sees them: the ``FeatureSource`` contract and its source over shard files.
 
-A shard ``shard-{i}.h5`` holds ``features`` (n x d float32) and ``ids`` (n int64).
-k-means and PCA see the data only through the ``FeatureSource`` contract below: one rank
-or many, cached in memory or streamed from disk, is a choice of the source, not of the
-algorithm.
+One rank or many, cached in memory or streamed from disk, is a choice of the source, not
+of the algorithm. The shard files themselves are read and written by ``formats``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
-import h5py
 import numpy as np
 
-from deepercluster.errors import ShardError
+from deepercluster.formats import Chunk, read_chunks, read_ids
 
 log = logging.getLogger(__name__)
-
-Chunk = tuple[np.ndarray, np.ndarray]  # (ids: int64 [n], x: float32 [n, dim])
 
 
 class FeatureSource(Protocol):
@@ -35,44 +29,6 @@ class FeatureSource(Protocol):
 def shard_count(images: int, shard_size: int) -> int:
     """Number of shards of ``shard_size`` images (the last one may be smaller)."""
     return max(1, -(-images // shard_size))
-
-
-def open_shard(path: str | os.PathLike) -> h5py.File:
-    """Open a shard for reading; a truncated or foreign file gets one message naming it and the fix."""
-    try:
-        f = h5py.File(path, "r")
-    except (OSError, FileNotFoundError) as error:
-        raise ShardError(
-            f"feature shard {path} is unreadable ({error}): it is missing or truncated; "
-            "delete it and rerun snakemake, which re-extracts only that shard"
-        ) from error
-    if "features" not in f or "ids" not in f or f["features"].shape[0] != f["ids"].shape[0]:
-        f.close()
-        raise ShardError(
-            f"feature shard {path} lacks matching 'features' and 'ids' datasets: "
-            "delete it and rerun snakemake, which re-extracts only that shard"
-        )
-    return f
-
-
-def shard_rows(path: str | os.PathLike) -> int:
-    with open_shard(path) as f:
-        return int(f["ids"].shape[0])
-
-
-def read_ids(path: str | os.PathLike) -> np.ndarray:
-    with open_shard(path) as f:
-        return f["ids"][:].astype(np.int64)
-
-
-def read_chunks(paths: Sequence[str], chunk_rows: int = 16384) -> Iterator[Chunk]:
-    """Stream (ids, raw features) from ``paths`` in order, ``chunk_rows`` rows at a time."""
-    for path in paths:
-        with open_shard(path) as f:
-            n = f["ids"].shape[0]
-            for start in range(0, n, chunk_rows):
-                stop = min(start + chunk_rows, n)
-                yield f["ids"][start:stop].astype(np.int64), f["features"][start:stop].astype(np.float32)
 
 
 class ShardSource:

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from deepercluster.checkpoints import load_checkpoint, load_model, save_checkpoint
-from deepercluster.data import ImageDataset, read_manifest, train_transform
+from deepercluster.data import ImageDataset, train_transform
 from deepercluster.distributed import (
     all_gather_objects,
     all_reduce_sum,
@@ -41,6 +41,7 @@ from deepercluster.distributed import (
     synchronise_gradients,
 )
 from deepercluster.files import sha256
+from deepercluster.formats import read_manifest
 from deepercluster.labels import read_labels
 from deepercluster.objectives import ROTATIONS, Heads, Targets, super_class, targets_for
 from deepercluster.sampler import UniformClusterSampler

@@ -9,7 +9,7 @@ rule pca:
         "results/benchmarks/rounds/{round}/pca.tsv"
     conda:
         ENV
-    threads: 2
+    threads: stage_cpus("pca")
     resources:
         **stage_resources("pca"),
     params:
@@ -36,7 +36,7 @@ rule super_clusters:
         "results/benchmarks/rounds/{round}/clusters/super.tsv"
     conda:
         ENV
-    threads: 2
+    threads: stage_cpus("super_clusters")
     resources:
         **stage_resources("super_clusters"),
     params:
@@ -64,7 +64,7 @@ rule sub_clusters:
         "results/benchmarks/rounds/{round}/clusters/sub-{super_cluster}.tsv"
     conda:
         ENV
-    threads: 2
+    threads: stage_cpus("sub_clusters")
     resources:
         **stage_resources("sub_clusters"),
     params:

@@ -10,7 +10,7 @@ rule features:
         "results/benchmarks/rounds/{round}/features/shard-{shard}.tsv"
     conda:
         ENV
-    threads: 2
+    threads: stage_cpus("features")
     resources:
         **stage_resources("features"),
     params:

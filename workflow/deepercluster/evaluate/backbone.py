@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from deepercluster.checkpoints import load_model
-from deepercluster.data import ImageDataset, read_manifest
+from deepercluster.data import ImageDataset
+from deepercluster.formats import read_manifest
 from deepercluster.models import ConvNet
 
 PROBE_MAX_DIM = 10_000  # linear probes read conv activations average-pooled below this dimension

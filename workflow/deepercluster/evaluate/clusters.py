@@ -12,9 +12,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from PIL import Image, ImageOps
 
-from deepercluster.cluster import read_assignments
-from deepercluster.data import ImageDataset, metadata_columns, read_manifest
+from deepercluster.data import ImageDataset
 from deepercluster.evaluate.common import save_figure
+from deepercluster.formats import metadata_columns, read_assignments, read_manifest
 
 log = logging.getLogger(__name__)
 

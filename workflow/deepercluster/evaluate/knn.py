@@ -9,7 +9,7 @@ import pandas as pd
 
 from deepercluster.evaluate.backbone import LabelledSet, labelled_images
 from deepercluster.evaluate.common import bootstrap_interval, write_json
-from deepercluster.shards import open_shard, read_chunks
+from deepercluster.formats import open_shard, read_chunks
 
 log = logging.getLogger(__name__)
 

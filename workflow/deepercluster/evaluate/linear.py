@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deepercluster.data import feature_transform, read_manifest
+from deepercluster.data import feature_transform
 from deepercluster.evaluate.backbone import (
     conv_activations,
     device,
@@ -35,6 +35,7 @@ from deepercluster.evaluate.backbone import (
 )
 from deepercluster.evaluate.common import accuracy_figure, bootstrap_interval, save_figure, write_json
 from deepercluster.files import atomic_output, sha256
+from deepercluster.formats import read_manifest
 from deepercluster.logs import progress
 from deepercluster.models import ConvNet
 

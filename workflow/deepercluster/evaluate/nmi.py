@@ -18,8 +18,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from deepercluster.cluster import level_seed, whitened_shards
-from deepercluster.data import metadata_columns, read_manifest
 from deepercluster.evaluate.common import save_figure, write_json
+from deepercluster.formats import metadata_columns, read_manifest
 from deepercluster.kmeans import kmeans
 from deepercluster.labels import nmi
 

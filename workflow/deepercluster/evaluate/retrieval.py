@@ -18,7 +18,6 @@ import logging
 import tempfile
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import torch
@@ -27,9 +26,10 @@ from deepercluster.data import feature_transform
 from deepercluster.evaluate.backbone import conv_activations, device, frozen_backbone, image_loader
 from deepercluster.evaluate.common import average_precision, write_json
 from deepercluster.files import sha256
+from deepercluster.formats import Whitening, write_shard
 from deepercluster.logs import progress
 from deepercluster.models import ConvNet
-from deepercluster.pca import Whitening, fit_pca
+from deepercluster.pca import fit_pca
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,7 @@ def fit_region_whitening(
     """PCA-whitening of region vectors [n, channels], fitted by the 'pca' stage on them written as one shard."""
     with tempfile.TemporaryDirectory() as folder:
         shard, out = Path(folder) / "regions.h5", Path(folder) / "pca.h5"
-        with h5py.File(shard, "w") as f:
-            f["features"] = regions
-            f["ids"] = np.arange(len(regions), dtype=np.int64)
-            f.attrs["checkpoint_sha256"] = sha256(checkpoint)
+        write_shard(shard, regions, np.arange(len(regions)), checkpoint_sha256=sha256(checkpoint))
         fit_pca(shards=[str(shard)], out=str(out), dim=dim, sample_size=len(regions), seed=seed,
                 eigenvalue_floor=eigenvalue_floor)  # fmt: skip
         return Whitening.load(str(out))

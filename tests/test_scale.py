@@ -1,0 +1,45 @@
+"""What a job costs besides its work: the threads a rule gives its stage, the libraries a light stage imports."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from test_workflow import snakemake
+
+HEAVY_RULES = ("features", "pca", "super-clusters", "sub-clusters")
+
+
+def test_heavy_rules_run_their_stage_on_its_cpus_per_task(real_data, tmp_path: Path) -> None:
+    """A dry run (-n -p) prints each job's command: its --threads is the stage's cpus_per_task."""
+    data = tmp_path / "results" / "data"
+    data.mkdir(parents=True)
+    shutil.copyfile(real_data.manifest, data / "manifest.parquet")  # so the DAG reaches the shards
+    (data / "skipped.tsv").write_text("path\terror\n")
+    resources = {"default": {"cpus_per_task": 3}, "pca": {"cpus_per_task": 5}}
+    run = snakemake(tmp_path, "-n", "-p", "--cores", "8", resources=resources)
+    assert run.returncode == 0, run.stderr[-3000:]
+    threads = {}
+    for line in run.stdout.splitlines():
+        command = re.search(r"python -m deepercluster --threads (\d+) (?:--tasks \d+ )?([\w-]+) ", line)
+        if command:
+            threads.setdefault(command[2], set()).add(int(command[1]))
+    assert threads == {"features": {3}, "pca": {5}, "super-clusters": {3}, "sub-clusters": {3}}, run.stdout[-3000:]
+
+
+def test_light_stages_import_neither_torch_nor_faiss() -> None:
+    """labels and summary read the stages' files through deepercluster.formats, not through k-means."""
+    check = (
+        "import sys, deepercluster.labels, deepercluster.summary, deepercluster.formats\n"
+        "print(sorted(m for m in ('torch', 'faiss') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    # ...while the clustering stage does import both: the check above can tell.
+    check = check.replace("deepercluster.labels", "deepercluster.cluster")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "['faiss', 'torch']", done.stderr
