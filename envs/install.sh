@@ -1,9 +1,40 @@
 #!/usr/bin/env bash
 # Installs what deepercluster needs on a Debian machine with Python 3.11:
-# Fashion-MNIST from Debian (the demo's data), and a virtual environment .venv holding
-# the package and its pinned dependencies. `--test` adds the test tools.
+# Fashion-MNIST from Debian (the demo's data), a virtual environment .venv holding the
+# package and its pinned dependencies, and the profiles in profiles/ linked where Snakemake
+# looks for a profile name, so `snakemake --profile slurm` works from this folder.
+# `--test` adds the test tools; `--profiles` only links the profiles (e.g. after moving the checkout).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Snakemake looks for `--profile NAME` in ./NAME, then in its user and site config folders
+# (platformdirs: ${XDG_CONFIG_HOME:-~/.config}/snakemake on Linux), never in profiles/.
+# Each profiles/NAME is linked there as NAME; an existing NAME that is not that link is left alone.
+link_profiles() {
+    local folder name link target
+    folder="$(.venv/bin/python -c 'from snakemake.common import get_appdirs; print(get_appdirs().user_config_dir)')"
+    mkdir -p "$folder"
+    for target in "$(pwd -P)"/profiles/*/; do
+        target="${target%/}"
+        name="$(basename "$target")"
+        link="$folder/$name"
+        if [ -L "$link" ] && [ "$(readlink "$link")" = "$target" ]; then
+            continue
+        elif [ -e "$link" ] || [ -L "$link" ]; then
+            echo "warning: $link already exists and is not a link to $target: left as it is," \
+                 "so 'snakemake --profile $name' uses it; to use this repository's, remove it and run" \
+                 "'bash envs/install.sh --profiles', or run 'snakemake --profile profiles/$name'" >&2
+        else
+            ln -s "$target" "$link"
+            echo "profile $name: $link -> $target"
+        fi
+    done
+}
+
+if [ "${1:-}" = "--profiles" ]; then
+    link_profiles
+    exit 0
+fi
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 
@@ -19,4 +50,5 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -e ".${extras}" 2>&1 | { grep -v "^WARNING: Location" || true; }
 .venv/bin/python -c "import deepercluster, torch, faiss, snakemake" # fails loudly if the install did not work
+link_profiles
 echo "installed: $(.venv/bin/python -c 'import torch, faiss; print(f"torch {torch.__version__}, faiss {faiss.__version__}")')"

@@ -8,10 +8,14 @@
 
 Every model is ``sobel`` (optional) -> ``features`` (convs) -> ``avgpool`` -> ``classifier``;
 the classifier's last Linear output, before any ReLU, is the feature used for clustering.
-The training heads (``objectives``) put ReLU then Linear on top of it.
+The training heads (``objectives``) put ReLU then Linear on top of it. ``fold_sobel`` composes
+the Sobel layer into the first conv (RGB input), as the DeeperCluster paper does before its
+supervised training; ``build_model(arch, sobel=False, folded_sobel=True)`` is that model's shape.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -144,8 +148,53 @@ def small_convnet(*, sobel: bool = True) -> ConvNet:
 ARCHITECTURES = {"vgg16_bn": vgg16_bn, "alexnet_bn": alexnet_bn, "small_convnet": small_convnet}
 
 
-def build_model(arch: str, sobel: bool) -> ConvNet:
-    """The model named ``arch``; an unknown name raises ``ValueError`` listing the valid ones."""
+def build_model(arch: str, sobel: bool, folded_sobel: bool = False) -> ConvNet:
+    """The model named ``arch``; an unknown name raises ``ValueError`` listing the valid ones.
+
+    With ``folded_sobel`` (and no ``sobel``), the first conv takes RGB with the kernel of
+    ``fold_sobel``: 2 larger, padding 1 larger (5x5 after 3x3 convs, 13x13 for AlexNet).
+    """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown model.arch {arch!r}; valid: {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[arch](sobel=sobel)
+    if sobel and folded_sobel:
+        raise ValueError("folded_sobel is the shape of a model without its Sobel layer: pass sobel=False")
+    model = ARCHITECTURES[arch](sobel=sobel)
+    if folded_sobel:
+        model.features[0] = grown_conv(model.features[0])
+    return model
+
+
+def grown_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """An RGB conv as wide as ``conv`` that also spans the Sobel's 3x3 window: kernel +2, padding +1, same stride."""
+    return nn.Conv2d(3, conv.out_channels, conv.kernel_size[0] + 2, conv.stride, conv.padding[0] + 1)
+
+
+def fold_sobel(model: ConvNet) -> ConvNet:
+    """A copy of ``model`` without its Sobel layer, whose first conv takes RGB: greyscale, Sobel and conv1 composed.
+
+    The three are linear, so their composition is one conv. It equals the original wherever conv1's window
+    lies inside the image. conv1 zero-pads the Sobel output; the folded conv instead sees the Sobel response
+    one pixel outside the image, which is not zero where the greyscale of the image's outermost pixels is
+    not 0 (after normalisation): conv1's outputs whose window overhangs the border (its first and last row
+    and column, for every architecture here) differ, and through them the rest of the network. (The Sobel's
+    own zero padding of the greyscale image is reproduced exactly, its biases being zero.)
+    """
+    if model.sobel is None:
+        raise ValueError("the model has no Sobel layer to fold")
+    conv = model.features[0]
+    grey, edges = model.sobel.grayscale, model.sobel.sobel
+    width = conv.kernel_size[0]
+    composed = conv.weight.new_zeros(conv.out_channels, width + 2, width + 2)
+    for a in range(3):  # conv1's tap i on the Sobel's tap a reads grey pixel i + a - (padding + 1)
+        for b in range(3):
+            composed[:, a : a + width, b : b + width] += torch.einsum(
+                "omij,m->oij", conv.weight, edges.weight[:, 0, a, b]
+            )
+    edge_bias = edges.bias + grey.bias * edges.weight.sum((1, 2, 3))  # the Sobel output of a black image
+    folded = copy.deepcopy(model)
+    folded.sobel = None
+    folded.features[0] = grown_conv(conv)
+    with torch.no_grad():
+        folded.features[0].weight.copy_(composed[:, None] * grey.weight[0, :, 0, 0][None, :, None, None])
+        folded.features[0].bias.copy_(conv.bias + torch.einsum("omij,m->o", conv.weight, edge_bias))
+    return folded

@@ -28,6 +28,7 @@ STAGES = {
     "eval-voc07": "deepercluster.evaluate.voc07:voc07",
     "eval-retrieval": "deepercluster.evaluate.retrieval:retrieval",
     "compare": "deepercluster.evaluate.compare:compare",
+    "export": "deepercluster.export:export_model",
 }
 
 # Stages that forward their other keyword arguments to another function, whose options they take too.

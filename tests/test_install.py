@@ -1,0 +1,81 @@
+"""The install step links profiles/ where Snakemake finds a profile name, so the README's
+`snakemake --profile slurm` runs as typed from the repository root."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """A checkout-like folder (the repository's workflow files) whose .venv is the one running the tests."""
+    root = tmp_path / "deepercluster"
+    root.mkdir()
+    for name in ("Snakefile", "config.yaml"):
+        shutil.copy(REPO / name, root / name)
+    for name in ("workflow", "envs", "profiles"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / ".venv").symlink_to(sys.prefix)
+    return root
+
+
+def user_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a user whose home and config folder are under tmp_path, with the venv activated."""
+    return {
+        **os.environ,
+        "HOME": str(tmp_path / "home"),
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+
+
+def link_profiles(checkout: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "envs/install.sh", "--profiles"], cwd=checkout, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_profile_slurm_runs_as_typed_after_the_install(checkout: Path, tmp_path: Path) -> None:
+    env = user_env(tmp_path)
+    before = subprocess.run(
+        ["snakemake", "--profile", "slurm", "-n"], cwd=checkout, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert before.returncode != 0 and "no profile.yaml (or config.yaml) found" in before.stderr
+
+    linked = link_profiles(checkout, env)
+    assert linked.returncode == 0, linked.stderr
+    for name in ("slurm", "local"):
+        link = tmp_path / "config" / "snakemake" / name
+        assert link.is_symlink() and link.resolve() == (checkout / "profiles" / name).resolve()
+    assert link_profiles(checkout, env).stdout == ""  # a second install leaves the links as they are
+
+    run = subprocess.run(
+        ["snakemake", "--profile", "slurm", "-n"], cwd=checkout, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    planned = run.stdout + run.stderr
+    assert "Using profile slurm" in planned
+    # the profile's `config: [launcher=slurm]` entry
+    assert "Config file config.yaml is extended by additional config specified via the command line" in planned
+    assert "Job stats" in planned and "checkpoint manifest:" in planned and "rule all:" in planned
+
+
+def test_install_leaves_a_different_profile_of_the_same_name_alone(checkout: Path, tmp_path: Path) -> None:
+    env = user_env(tmp_path)
+    theirs = tmp_path / "config" / "snakemake" / "slurm"
+    theirs.mkdir(parents=True)
+    (theirs / "config.yaml").write_text("executor: slurm\njobs: 7\n")
+    linked = link_profiles(checkout, env)
+    assert linked.returncode == 0
+    assert (theirs / "config.yaml").read_text() == "executor: slurm\njobs: 7\n" and not theirs.is_symlink()
+    assert f"warning: {theirs} already exists and is not a link to" in linked.stderr
+    assert "snakemake --profile profiles/slurm" in linked.stderr
+    assert (tmp_path / "config" / "snakemake" / "local").is_symlink()

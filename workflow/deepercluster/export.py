@@ -1,0 +1,44 @@
+"""Stage 'export': a checkpoint's backbone as a plain state dict for supervised training.
+
+The Sobel layer is folded into the first conv (``models.fold_sobel``), as the DeeperCluster paper
+does before training on ImageNet with labels: the model takes normalised RGB images. The file holds
+only tensors, strings, integers and booleans, so ``torch.load(path, weights_only=True)`` reads it,
+and ``build_model(arch, sobel=False, folded_sobel=folded_sobel)`` loads its ``state_dict`` strictly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from deepercluster.checkpoints import load_model, save_checkpoint
+from deepercluster.data import IMAGENET_MEAN, IMAGENET_STD
+from deepercluster.files import sha256
+from deepercluster.models import fold_sobel
+
+log = logging.getLogger(__name__)
+
+
+def export_model(*, checkpoint: str, out: str, image_size: int) -> None:
+    """``out`` = {state_dict, arch, folded_sobel, feature_dim, image_size, mean, std, checkpoint_sha256}
+    of the backbone in ``checkpoint``, its Sobel layer (if any) folded into conv1."""
+    model, state = load_model(checkpoint)
+    folded_sobel = model.sobel is not None
+    if folded_sobel:
+        model = fold_sobel(model)
+    conv1 = model.features[0]
+    log.info("%s: %s, conv1 %s (Sobel folded: %s)", checkpoint, state["arch"], conv1, folded_sobel)
+    save_checkpoint(
+        out,
+        {
+            "state_dict": model.state_dict(),
+            "arch": state["arch"],
+            "folded_sobel": folded_sobel,
+            "feature_dim": model.feature_dim,
+            "image_size": image_size,
+            "mean": torch.tensor(IMAGENET_MEAN),
+            "std": torch.tensor(IMAGENET_STD),
+            "checkpoint_sha256": sha256(checkpoint),
+        },
+    )
