@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from deepercluster.checkpoints import load_checkpoint
+from deepercluster.errors import CheckpointError
 from deepercluster.objectives import Heads, super_class, targets_for
 from deepercluster.sampler import UniformClusterSampler
 from deepercluster.train import Layout, group_sampler, layout_for, rank_batches, train_block
@@ -133,6 +134,8 @@ def test_a_killed_block_resumes_to_the_same_weights(block_inputs, tmp_path: Path
     state = load_checkpoint(interrupted / "last.pt")
     assert not (interrupted / "checkpoint.pt").exists(), "the block finished before it could be killed"
     assert (state["epoch"], state["batch"]) < (2, 0)
+    # The declared metrics.tsv appears only with the block's end; the running log it resumes from is apart.
+    assert not (interrupted / "metrics.tsv").exists() and (interrupted / "running-metrics.tsv").exists()
 
     train_block(**block_inputs, train_dir=str(interrupted), out=str(interrupted / "checkpoint.pt"))
     expected, resumed = (load_checkpoint(d / "checkpoint.pt") for d in (whole, interrupted))
@@ -162,6 +165,42 @@ def test_a_last_checkpoint_of_other_labels_is_not_resumed(block_inputs, tmp_path
         load_checkpoint(train_dir / "second.pt")["labels_sha256"]
         != load_checkpoint(train_dir / "first.pt")["labels_sha256"]
     )
+
+
+def block_weights(path: Path) -> dict[str, torch.Tensor]:
+    checkpoint = load_checkpoint(path)
+    return {f"{part}.{key}": tensor for part in ("model", "heads") for key, tensor in checkpoint[part].items()}
+
+
+def test_a_finished_block_rerun_with_another_lr_trains_afresh(block_inputs, tmp_path: Path, caplog) -> None:
+    one_epoch = {**block_inputs, "epochs": 1, "checkpoint_every": 1000}
+    train_dir = tmp_path / "train"
+    train_block(**one_epoch, lr=0.05, train_dir=str(train_dir), out=str(tmp_path / "first.pt"))
+    train_block(**one_epoch, lr=0.5, train_dir=str(train_dir), out=str(tmp_path / "rerun.pt"))
+    train_block(**one_epoch, lr=0.5, train_dir=str(tmp_path / "fresh"), out=str(tmp_path / "fresh.pt"))
+    first, rerun, fresh = (block_weights(tmp_path / f"{name}.pt") for name in ("first", "rerun", "fresh"))
+    assert not torch.equal(first["model.features.0.weight"], rerun["model.features.0.weight"])
+    for key, tensor in fresh.items():
+        assert torch.equal(tensor, rerun[key]), f"{key}: the rerun with lr 0.5 is not a fresh block with lr 0.5"
+    assert "is not resumed: it was written for another block (lr 0.05 -> 0.5)" in caplog.text
+    assert pd.read_csv(train_dir / "metrics.tsv", sep="\t")["lr"].eq(0.5).all()
+
+
+class RunsCodeWhenUnpickled:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[Path]]:
+        return Path.touch, (self.marker,)
+
+
+def test_a_checkpoint_holding_a_python_object_is_refused_unopened(real_data, tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    state = load_checkpoint(real_data.checkpoint) | {"extra": RunsCodeWhenUnpickled(marker)}
+    torch.save(state, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match=r"holds Python objects other than tensors and plain data.*refused"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    assert not marker.exists(), "loading the checkpoint ran the code pickled in it"
 
 
 def test_ranks_form_one_training_group_per_super_class_when_they_divide_evenly() -> None:

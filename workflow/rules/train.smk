@@ -28,7 +28,8 @@ rule train:
         previous=previous_checkpoint,
         labels=round_labels,
     output:
-        "results/rounds/{round}/checkpoint.pt",
+        checkpoint="results/rounds/{round}/checkpoint.pt",
+        metrics="results/rounds/{round}/train/metrics.tsv",
     log:
         "results/logs/rounds/{round}/checkpoint.log",
     benchmark:
@@ -58,7 +59,7 @@ rule train:
     shell:
         "python -m deepercluster train {params.options} {params.allocation} --round {wildcards.round}"
         " --seed {params.seed} --manifest {input.manifest} --previous-checkpoint {input.previous}"
-        " {params.labels} --train-dir results/rounds/{wildcards.round}/train --out {output} > {log} 2>&1"
+        " {params.labels} --train-dir results/rounds/{wildcards.round}/train --out {output.checkpoint} > {log} 2>&1"
 
 
 rule summary:
