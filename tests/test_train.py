@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -232,3 +233,28 @@ def test_four_ranks_in_the_papers_layout_train_rotnet(block_inputs, tmp_path: Pa
     assert "Layout(groups=4, group=3, part=0, parts=1)" in logs[3].read_text()
     metrics = pd.read_csv(tmp_path / "metrics.tsv", sep="\t")
     assert metrics["iteration"].tolist() == list(range(600 // 40)) and metrics["loss_super"].notna().all()
+
+
+def test_a_rerun_ends_the_local_block_its_killed_predecessor_started(block_inputs, tmp_path: Path, caplog) -> None:
+    settings = {**block_inputs, "epochs": 3, "launcher": "local", "cpus_per_task": 1, "train_dir": str(tmp_path),
+                "out": str(tmp_path / "ck.pt")}  # fmt: skip
+    launched = subprocess.Popen(
+        [sys.executable, "-c", f"from deepercluster.launch import train; train(**{settings!r})"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while "epoch 1/3 batch" not in "".join(p.read_text() for p in tmp_path.glob("submitit/*_log.err")):
+        assert time.monotonic() < deadline, "the local block did not start"
+        time.sleep(0.2)
+    launched.kill()  # the rule's process dies; the local job it started goes on
+    launched.wait()
+    earlier = int(json.loads((tmp_path / "job.json").read_text())["job_id"])
+    assert Path(f"/proc/{earlier}").exists()
+
+    from deepercluster.launch import train
+
+    train(**settings)
+    assert f"earlier local job {earlier} still runs: killing it" in caplog.text
+    assert not Path(f"/proc/{earlier}").exists() or "Z" in Path(f"/proc/{earlier}/stat").read_text().split()[2]
+    metrics = pd.read_csv(tmp_path / "metrics.tsv", sep="\t")
+    assert metrics["iteration"].tolist() == list(range(3 * 600 // 50))
