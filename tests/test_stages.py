@@ -125,10 +125,10 @@ def test_cli_init_writes_checkpoint(real_data, tmp_path: Path) -> None:
     out = tmp_path / "init.pt"
     done = _cli("init", "--arch", "small_convnet", "--sobel", "--seed", "0", "--out", str(out))
     assert done.returncode == 0, done.stderr
-    checkpoint = torch.load(out, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(out, map_location="cpu", weights_only=True)
     assert (checkpoint["arch"], checkpoint["sobel"], checkpoint["round"]) == ("small_convnet", True, 0)
     # Seeded: the same weights as the fixture's checkpoint, built in this process with seed 0.
-    reference = torch.load(real_data.checkpoint, map_location="cpu", weights_only=False)["model"]
+    reference = torch.load(real_data.checkpoint, map_location="cpu", weights_only=True)["model"]
     assert checkpoint["model"].keys() == reference.keys()
     assert all(torch.equal(checkpoint["model"][k], reference[k]) for k in reference)
 

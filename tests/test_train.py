@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from deepercluster.checkpoints import load_checkpoint
+from deepercluster.errors import CheckpointError
 from deepercluster.objectives import Heads, super_class, targets_for
 from deepercluster.sampler import UniformClusterSampler
 from deepercluster.train import Layout, group_sampler, layout_for, rank_batches, train_block
@@ -133,6 +135,8 @@ def test_a_killed_block_resumes_to_the_same_weights(block_inputs, tmp_path: Path
     state = load_checkpoint(interrupted / "last.pt")
     assert not (interrupted / "checkpoint.pt").exists(), "the block finished before it could be killed"
     assert (state["epoch"], state["batch"]) < (2, 0)
+    # The declared metrics.tsv appears only with the block's end; the running log it resumes from is apart.
+    assert not (interrupted / "metrics.tsv").exists() and (interrupted / "running-metrics.tsv").exists()
 
     train_block(**block_inputs, train_dir=str(interrupted), out=str(interrupted / "checkpoint.pt"))
     expected, resumed = (load_checkpoint(d / "checkpoint.pt") for d in (whole, interrupted))
@@ -164,6 +168,42 @@ def test_a_last_checkpoint_of_other_labels_is_not_resumed(block_inputs, tmp_path
     )
 
 
+def block_weights(path: Path) -> dict[str, torch.Tensor]:
+    checkpoint = load_checkpoint(path)
+    return {f"{part}.{key}": tensor for part in ("model", "heads") for key, tensor in checkpoint[part].items()}
+
+
+def test_a_finished_block_rerun_with_another_lr_trains_afresh(block_inputs, tmp_path: Path, caplog) -> None:
+    one_epoch = {**block_inputs, "epochs": 1, "checkpoint_every": 1000}
+    train_dir = tmp_path / "train"
+    train_block(**one_epoch, lr=0.05, train_dir=str(train_dir), out=str(tmp_path / "first.pt"))
+    train_block(**one_epoch, lr=0.5, train_dir=str(train_dir), out=str(tmp_path / "rerun.pt"))
+    train_block(**one_epoch, lr=0.5, train_dir=str(tmp_path / "fresh"), out=str(tmp_path / "fresh.pt"))
+    first, rerun, fresh = (block_weights(tmp_path / f"{name}.pt") for name in ("first", "rerun", "fresh"))
+    assert not torch.equal(first["model.features.0.weight"], rerun["model.features.0.weight"])
+    for key, tensor in fresh.items():
+        assert torch.equal(tensor, rerun[key]), f"{key}: the rerun with lr 0.5 is not a fresh block with lr 0.5"
+    assert "is not resumed: it was written for another block (lr 0.05 -> 0.5)" in caplog.text
+    assert pd.read_csv(train_dir / "metrics.tsv", sep="\t")["lr"].eq(0.5).all()
+
+
+class RunsCodeWhenUnpickled:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[Path]]:
+        return Path.touch, (self.marker,)
+
+
+def test_a_checkpoint_holding_a_python_object_is_refused_unopened(real_data, tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    state = load_checkpoint(real_data.checkpoint) | {"extra": RunsCodeWhenUnpickled(marker)}
+    torch.save(state, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match=r"holds Python objects other than tensors and plain data.*refused"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    assert not marker.exists(), "loading the checkpoint ran the code pickled in it"
+
+
 def test_ranks_form_one_training_group_per_super_class_when_they_divide_evenly() -> None:
     deeper = targets_for("deepercluster", [3, 3])  # 2 super-clusters x 4 rotations = 8 super-classes
     assert layout_for(deeper, rank=5, world_size=16) == Layout(groups=8, group=2, part=1, parts=2)
@@ -193,3 +233,28 @@ def test_four_ranks_in_the_papers_layout_train_rotnet(block_inputs, tmp_path: Pa
     assert "Layout(groups=4, group=3, part=0, parts=1)" in logs[3].read_text()
     metrics = pd.read_csv(tmp_path / "metrics.tsv", sep="\t")
     assert metrics["iteration"].tolist() == list(range(600 // 40)) and metrics["loss_super"].notna().all()
+
+
+def test_a_rerun_ends_the_local_block_its_killed_predecessor_started(block_inputs, tmp_path: Path, caplog) -> None:
+    settings = {**block_inputs, "epochs": 3, "launcher": "local", "cpus_per_task": 1, "train_dir": str(tmp_path),
+                "out": str(tmp_path / "ck.pt")}  # fmt: skip
+    launched = subprocess.Popen(
+        [sys.executable, "-c", f"from deepercluster.launch import train; train(**{settings!r})"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while "epoch 1/3 batch" not in "".join(p.read_text() for p in tmp_path.glob("submitit/*_log.err")):
+        assert time.monotonic() < deadline, "the local block did not start"
+        time.sleep(0.2)
+    launched.kill()  # the rule's process dies; the local job it started goes on
+    launched.wait()
+    earlier = int(json.loads((tmp_path / "job.json").read_text())["job_id"])
+    assert Path(f"/proc/{earlier}").exists()
+
+    from deepercluster.launch import train
+
+    train(**settings)
+    assert f"earlier local job {earlier} still runs: killing it" in caplog.text
+    assert not Path(f"/proc/{earlier}").exists() or "Z" in Path(f"/proc/{earlier}/stat").read_text().split()[2]
+    metrics = pd.read_csv(tmp_path / "metrics.tsv", sep="\t")
+    assert metrics["iteration"].tolist() == list(range(3 * 600 // 50))

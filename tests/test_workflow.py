@@ -95,7 +95,7 @@ def test_a_checkpoint_of_round_r_feeds_round_r_plus_1(deepercluster_run: Path) -
         with h5py.File(deepercluster_run / f"results/rounds/{r}/features/shard-0.h5") as f:
             assert f.attrs["checkpoint_sha256"] == sha256(checkpoint)
     first, second = (
-        torch.load(deepercluster_run / f"results/rounds/{r}/checkpoint.pt", weights_only=False) for r in (1, 2)
+        torch.load(deepercluster_run / f"results/rounds/{r}/checkpoint.pt", weights_only=True) for r in (1, 2)
     )
     assert second["previous_sha256"] == sha256(deepercluster_run / "results/rounds/1/checkpoint.pt")
     assert second["labels_sha256"] == sha256(deepercluster_run / "results/rounds/2/labels.parquet")
@@ -149,18 +149,18 @@ def test_deleting_an_output_reruns_only_it_and_its_dependents(
 @pytest.mark.parametrize("method", ["deepcluster", "rotnet"])
 def test_the_other_methods_run_two_rounds(tmp_path_factory: pytest.TempPathFactory, method: str) -> None:
     workdir = run_method(tmp_path_factory, method)
-    checkpoint = torch.load(workdir / "results/rounds/2/checkpoint.pt", weights_only=False)
+    checkpoint = torch.load(workdir / "results/rounds/2/checkpoint.pt", weights_only=True)
     assert checkpoint["method"] == method
     metrics = pd.read_csv(workdir / "results/rounds/2/train/metrics.tsv", sep="\t")
     summary = pd.read_csv(workdir / "results/summary.tsv", sep="\t")
     if method == "rotnet":  # rotations only: no clustering stage ran at all
         assert not (workdir / "results/rounds/1/features").exists()
-        assert checkpoint["targets"].super_classes == 4 and metrics["loss_sub"].isna().all()
+        assert checkpoint["targets"]["super_classes"] == 4 and metrics["loss_sub"].isna().all()
         assert "nmi_label" not in summary
     else:  # one head over the k clusters of the single super-cluster, no rotation
         labels = pd.read_parquet(workdir / "results/rounds/2/labels.parquet")
         assert set(labels["super_cluster"]) == {0} and labels["sub_cluster"].nunique() == 4
-        assert checkpoint["targets"].sub_classes == (4,) and metrics["loss_super"].isna().all()
+        assert checkpoint["targets"]["sub_classes"] == (4,) and metrics["loss_super"].isna().all()
         assert summary["nmi_label"].notna().all()
 
 

@@ -3,7 +3,9 @@ several ranks for k-means and training, and a cancelled block resumed."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -125,3 +127,89 @@ def test_a_cancelled_block_resumes_from_its_checkpoint(block, tmp_path: Path) ->
     assert metrics["iteration"].tolist() == list(range(epochs * 600 // 40))
     logs = [p.read_text() for p in (train_dir / "submitit").glob("*_log.err")]
     assert sum("resuming round 1 at epoch" in text for text in logs) == 1
+
+
+def start_train(settings: dict[str, object], cwd: Path) -> subprocess.Popen:
+    """``train(**settings)`` in a process of its own, as the train rule runs it."""
+    return subprocess.Popen(
+        [sys.executable, "-c", f"from deepercluster.launch import train; train(**{settings!r})"],
+        cwd=cwd, env={**os.environ, "PATH": VENV_PATH}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def wait_for(condition, what: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout_s} s for {what}"
+        time.sleep(0.2)
+
+
+def block_log(train_dir: Path) -> str:
+    """The block's log so far (every task, every run of its job)."""
+    return "".join(path.read_text() for path in sorted((train_dir / "submitit").glob("*_log.err")))
+
+
+def job_id(train_dir: Path) -> str:
+    return json.loads((train_dir / "job.json").read_text())["job_id"]
+
+
+def test_a_preempted_block_saves_at_the_signal_and_requeues_without_redoing_work(block, tmp_path: Path) -> None:
+    epochs, per_epoch = 2, 600 // 20
+    train_dir = tmp_path / "train"
+    # No periodic save but at epoch ends: a resume from one would redo the iterations since.
+    settings = {**block, "epochs": epochs, "batch_size": 20, "checkpoint_every": 1000, "train_dir": str(train_dir),
+                "out": str(tmp_path / "preempted.pt")}  # fmt: skip
+    launched = start_train(settings, tmp_path)
+    wait_for(lambda: f"epoch 1/2 batch 7/{per_epoch}" in block_log(train_dir), "7 iterations")
+    job = job_id(train_dir)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what SLURM sends before pre-emption
+    # A requeued job may start again only 120 s later (SLURM's BeginTime); let it start now.
+    wait_for(lambda: "BeginTime" in squeue(job, "%r"), "the requeue")
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    _, stderr = launched.communicate(timeout=300)
+    assert launched.returncode == 0, stderr[-3000:]
+
+    log = block_log(train_dir)
+    saved = re.search(r"pre-emption signal: saved \S+ at epoch (\d+), batch (\d+)", log)
+    assert saved, log[-3000:]
+    resumed = re.findall(r"resuming round 1 at epoch (\d+), batch (\d+)", log)
+    assert resumed == [saved.groups()], log[-3000:]  # resumed exactly where the signal was acted on
+    assert int(saved[2]) >= 7  # past the last save (none in this epoch): nothing was redone
+    assert f"Requeued job {job}" in log
+    metrics = pd.read_csv(train_dir / "metrics.tsv", sep="\t")
+    assert metrics["iteration"].tolist() == list(range(epochs * per_epoch))
+
+    whole = tmp_path / "whole"
+    train(**{**settings, "train_dir": str(whole), "out": str(tmp_path / "whole.pt")})
+    interrupted, uninterrupted = weights(tmp_path / "preempted.pt"), weights(tmp_path / "whole.pt")
+    for key in uninterrupted:
+        np.testing.assert_allclose(interrupted[key], uninterrupted[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def squeue(job: str, fields: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job, "-o", fields], capture_output=True, text=True).stdout
+
+
+def test_a_rerun_follows_the_block_its_killed_predecessor_submitted(block, tmp_path: Path, monkeypatch, caplog) -> None:
+    epochs, per_epoch = 4, 600 // 40
+    train_dir = tmp_path / "train"
+    settings = {**block, "epochs": epochs, "train_dir": str(train_dir), "out": str(tmp_path / "x.pt")}
+    started = time.time()
+    launched = start_train(settings, tmp_path)
+    wait_for(lambda: f"epoch 1/{epochs} batch 1/{per_epoch}" in block_log(train_dir), "the block to run")
+    launched.kill()  # the rule's process dies (an ssh drop); its SLURM job goes on
+    launched.wait()
+    assert squeue(job_id(train_dir), "%T").strip() == "RUNNING"
+
+    monkeypatch.chdir(tmp_path)  # a second job would be submitted from here too
+    train(**settings)
+    assert (tmp_path / "x.pt").is_file()
+    assert f"SLURM job {job_id(train_dir)} is still RUNNING: following it" in caplog.text
+    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started - 5))
+    jobs = subprocess.run(["sacct", "-n", "-X", "-P", "-S", since, "-o", "JobID,JobName%80,WorkDir%200"],
+                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    ours = [line.split("|") for line in jobs.splitlines() if line.split("|")[2] == str(tmp_path)]
+    assert [jobid for jobid, _, _ in ours] == [job_id(train_dir)], ours  # one job ran the block
+    assert len(list((train_dir / "submitit").glob("*_submitted.pkl"))) == 1
+    metrics = pd.read_csv(train_dir / "metrics.tsv", sep="\t")
+    assert metrics["iteration"].tolist() == list(range(epochs * per_epoch))

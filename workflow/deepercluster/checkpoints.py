@@ -1,13 +1,17 @@
 """Checkpoints: dicts with fixed keys, restored strictly by name, saved atomically.
 
 A model checkpoint holds ``arch``, ``sobel``, ``round`` and ``model`` (the backbone's
-state dict); a training block adds its heads, optimiser, sampler and RNG states.
+state dict); a training block adds its heads, optimiser, sampler and RNG states. They hold
+plain data only (dicts, lists, tensors, numbers, strings) and are loaded with
+``weights_only=True``: a file holding any other Python object is refused, never unpickled,
+so loading a checkpoint, ours or a foreign one, cannot run code.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import shutil
 from typing import Any
 
@@ -34,12 +38,25 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             "(init_checkpoint or checkpoints:), or let the workflow build it"
         )
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises several types for truncated or foreign files
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # torch's weights-only unpickler refused an object
+        if "Weights only load failed" not in str(error):
+            raise unreadable(path, error) from error
+        found = " ".join(line for line in str(error).splitlines() if "GLOBAL" in line)
         raise CheckpointError(
-            f"checkpoint {path} is unreadable ({type(error).__name__}: {error}); "
-            "it is truncated or not a PyTorch file: delete it and rerun the stage that makes it"
+            f"checkpoint {path} holds Python objects other than tensors and plain data ({found or 'see torch.load'}): "
+            "refused, not unpickled, so that loading cannot run code; if you trust it, save its state dict alone "
+            "(torch.save(model.state_dict(), path)) and point the config at that file"
         ) from error
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise unreadable(path, error) from error
+
+
+def unreadable(path: str | os.PathLike, error: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} is unreadable ({type(error).__name__}: {error}); "
+        "it is truncated or not a PyTorch file: delete it and rerun the stage that makes it"
+    )
 
 
 def load_model(path: str | os.PathLike) -> tuple[ConvNet, dict[str, Any]]:

@@ -3,13 +3,23 @@
 ``launcher: local`` runs the block in a separate process on this machine, ``slurm`` as a
 SLURM job, ``debug`` in this process (tests). The rule that calls ``train`` waits for the
 block, copies its log into the rule's log as it runs, and fails with the block's log path
-when the block fails. On pre-emption or time-out, submitit calls ``checkpoint`` and
-requeues the same call, which resumes from ``train/last.pt``.
+when the block fails. On pre-emption or time-out (SIGUSR2) the block saves ``train/last.pt``
+at that iteration, then submitit requeues the same call, which resumes from there.
+
+The submitted job is recorded in ``train/job.json``. When ``train`` starts while that job
+is still pending or running (the process that waited for it was killed: an ssh drop), it
+follows that job instead of submitting a second one writing the same last.pt: a SLURM job
+is re-attached to when it runs the same block, else cancelled; a local one (whose
+process cannot be waited for by another process) is killed with its processes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,12 +29,16 @@ import submitit
 import torch
 
 from deepercluster.errors import InputError
+from deepercluster.files import atomic_output
 from deepercluster.logs import setup_logging
-from deepercluster.train import train_block
+from deepercluster.train import TrainingInputError, train_block
 
 log = logging.getLogger(__name__)
 
 LAUNCHERS = ("local", "slurm", "debug")
+# SLURM states of a job that may still run the block (sacct's, through submitit).
+UNFINISHED = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+              "RESIZING", "SUSPENDED", "PREEMPTED"}  # fmt: skip
 
 
 class TrainingBlockFailed(InputError):
@@ -60,6 +74,56 @@ def follow(job: submitit.Job, poll_s: float = 1.0) -> None:
         time.sleep(poll_s)
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, parents first (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # a process that ended meanwhile
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop(0))
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def is_local_job(pid: int, folder: Path) -> bool:
+    """Whether process ``pid`` is still submitit's local controller of a job in ``folder``."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"submitit.local._local" in command and str(folder).encode() in command
+
+
+def unfinished_job(record: Path, folder: Path, submission: dict[str, Any]) -> submitit.Job | None:
+    """The job recorded in ``record`` when it still runs ``submission``; one still running something
+    else, or a local one, is ended. None when there is no job to follow."""
+    if not record.exists():
+        return None
+    job = json.loads(record.read_text())
+    if job["launcher"] == "local":
+        if is_local_job(int(job["job_id"]), folder):
+            log.warning("the block's earlier local job %s still runs: killing it and its processes", job["job_id"])
+            for pid in process_tree(int(job["job_id"])):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        return None
+    slurm = submitit.SlurmJob(folder, job["job_id"], tasks=tuple(range(job["submission"]["tasks"])))
+    state = slurm.watcher.get_state(slurm.job_id, mode="force").split()[0].upper()
+    if state not in UNFINISHED:
+        return None
+    if job["submission"] != submission:
+        log.warning("the block's earlier SLURM job %s (%s) ran other settings: cancelling it", slurm.job_id, state)
+        slurm.cancel(check=False)
+        return None
+    log.warning("the block's SLURM job %s is still %s: following it instead of submitting anew", slurm.job_id, state)
+    return slurm
+
+
 def train(
     *,
     launcher: str = "local",
@@ -80,24 +144,20 @@ def train(
     ``resources.train`` from the config; ``tasks`` must be a multiple of ``nodes``.
     """
     if launcher not in LAUNCHERS:
-        raise ValueError(f"unknown launcher {launcher!r}; valid: {', '.join(LAUNCHERS)}")
+        raise TrainingInputError(f"config launcher {launcher!r} is unknown: set one of {', '.join(LAUNCHERS)}")
     if tasks % nodes:
-        raise ValueError(f"resources.train: tasks ({tasks}) must be a multiple of nodes ({nodes})")
-    executor = submitit.AutoExecutor(folder=Path(block["train_dir"]) / "submitit", cluster=launcher)
-    allocation = {"nodes": nodes, "tasks_per_node": tasks // nodes, "cpus_per_task": cpus_per_task}
-    if gpus_per_node and gpu_model:
-        allocation["slurm_gres"] = f"gpu:{gpu_model}:{gpus_per_node}"
-    elif gpus_per_node:
-        allocation["gpus_per_node"] = gpus_per_node
-    if mem_mb:
-        allocation["mem_gb"] = mem_mb / 1024
-    slurm = {"slurm_partition": slurm_partition, "slurm_account": slurm_account, "slurm_signal_delay_s": 120}
-    executor.update_parameters(
-        timeout_min=timeout_min, name=f"train-round-{block['round']}", **allocation,
-        **{key: value for key, value in slurm.items() if value is not None},
-    )  # fmt: skip
-    job = executor.submit(TrainingBlock(cpus_per_task), **block)
-    log.info("training block submitted to %s as job %s; its log: %s", launcher, job.job_id, job.paths.stderr)
+        raise TrainingInputError(f"config resources.train: tasks ({tasks}) must be a multiple of nodes ({nodes})")
+    resources = {"tasks": tasks, "nodes": nodes, "gpus_per_node": gpus_per_node, "gpu_model": gpu_model,
+                 "cpus_per_task": cpus_per_task, "mem_mb": mem_mb, "timeout_min": timeout_min,
+                 "slurm_partition": slurm_partition, "slurm_account": slurm_account}  # fmt: skip
+    folder, record = Path(block["train_dir"]) / "submitit", Path(block["train_dir"]) / "job.json"
+    submission = {"launcher": launcher, **resources, **block}
+    job = unfinished_job(record, folder, submission) if launcher != "debug" else None
+    if job is None:
+        job = submit(launcher, folder, resources, block)
+        if launcher != "debug":
+            with atomic_output(record) as partial:
+                partial.write_text(json.dumps({"launcher": launcher, "job_id": job.job_id, "submission": submission}))
     if launcher != "debug":
         follow(job)
     try:
@@ -107,3 +167,24 @@ def train(
             f"the training block of round {block['round']} failed (job {job.job_id}); its log: {job.paths.stderr}\n"
             f"{error}\nfix the cause and rerun: the block resumes from {block['train_dir']}/last.pt"
         ) from error
+
+
+def submit(launcher: str, folder: Path, resources: dict[str, Any], block: dict[str, Any]) -> submitit.Job:
+    """Submit the block with ``launcher`` on ``resources`` (``train``'s allocation arguments)."""
+    executor = submitit.AutoExecutor(folder=folder, cluster=launcher)
+    tasks, nodes, gpus, cpus = (resources[k] for k in ("tasks", "nodes", "gpus_per_node", "cpus_per_task"))
+    allocation = {"nodes": nodes, "tasks_per_node": tasks // nodes, "cpus_per_task": cpus}
+    if gpus and resources["gpu_model"]:
+        allocation["slurm_gres"] = f"gpu:{resources['gpu_model']}:{gpus}"
+    elif gpus:
+        allocation["gpus_per_node"] = gpus
+    if resources["mem_mb"]:
+        allocation["mem_gb"] = resources["mem_mb"] / 1024
+    slurm = {key: resources[key] for key in ("slurm_partition", "slurm_account")} | {"slurm_signal_delay_s": 120}
+    executor.update_parameters(
+        timeout_min=resources["timeout_min"], name=f"train-round-{block['round']}", **allocation,
+        **{key: value for key, value in slurm.items() if value is not None},
+    )  # fmt: skip
+    job = executor.submit(TrainingBlock(cpus), **block)
+    log.info("training block submitted to %s as job %s; its log: %s", launcher, job.job_id, job.paths.stderr)
+    return job

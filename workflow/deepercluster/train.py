@@ -2,10 +2,18 @@
 
 ``train_block`` reads top to bottom: ranks, data, networks, optimiser, resume, loop. It saves
 ``train/last.pt`` (model, heads, optimiser, sampler position, every rank's RNG state) every
-``checkpoint_every`` iterations and at every epoch end; run again after a kill, it resumes
-from there and ends with the same weights as an uninterrupted run. Augmentation is seeded
-per sample from (seed, epoch, group, position), so it depends neither on DataLoader
-workers nor on where the block was interrupted nor on how many ranks share a batch.
+``checkpoint_every`` iterations, at every epoch end, and at the iteration where the
+pre-emption signal (SIGUSR2, sent by SLURM before a time-out or pre-emption) arrives, before
+handing over to submitit to requeue the job. Run again after a kill, it resumes from there
+and ends with the same weights as an uninterrupted run, but only when last.pt was written
+for the same block: the same inputs and every setting that changes the result (see
+``block_provenance``). Augmentation is seeded per sample from (seed, epoch, group,
+position), so it depends neither on DataLoader workers nor on where the block was
+interrupted nor on how many ranks share a batch.
+
+The per-iteration log is kept beside last.pt (``running-metrics.tsv``, cut back to the
+resume point on resume); ``metrics.tsv``, the rule's declared output, is written from it
+when the block ends.
 
 Ranks (DeeperCluster, section "Distributed training"): when the number of ranks is a
 multiple of the number of super-classes, ranks form one training group per super-class
@@ -19,8 +27,11 @@ from __future__ import annotations
 
 import csv
 import logging
+import shutil
+import signal
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +51,19 @@ from deepercluster.distributed import (
     is_main_process,
     synchronise_gradients,
 )
-from deepercluster.files import sha256
+from deepercluster.errors import InputError
+from deepercluster.files import atomic_output, sha256
 from deepercluster.formats import read_manifest
 from deepercluster.labels import read_labels
 from deepercluster.objectives import ROTATIONS, Heads, Targets, super_class, targets_for
 from deepercluster.sampler import UniformClusterSampler
 
 log = logging.getLogger(__name__)
+
+
+class TrainingInputError(InputError):
+    """Training settings or inputs that cannot make a block (batch size vs ranks, labels vs manifest, launcher)."""
+
 
 METRICS = [
     *("round", "epoch", "iteration", "lr", "images_per_s"),
@@ -139,20 +156,23 @@ def cluster_table(manifest: pd.DataFrame, labels: str | None) -> pd.DataFrame:
         return pd.DataFrame({"super_cluster": 0, "sub_cluster": 0}, index=manifest.index)
     table = read_labels(labels).set_index("id").reindex(manifest["id"])
     if table.isna().any().any():
-        raise ValueError(f"{labels} lacks some images of the manifest: rerun the round's labels stage")
+        raise TrainingInputError(f"{labels} lacks some images of the manifest: rerun the round's labels stage")
     return table.reset_index(drop=True).astype(np.int64)
 
 
 class MetricsLog:
-    """``metrics.tsv``, one row per iteration (rank 0 writes); on resume, rows past the checkpoint are dropped."""
+    """The running log, one row per iteration (rank 0 writes); on resume, rows past the checkpoint are dropped.
+
+    ``publish`` copies it, when the block ends, to the declared output (written atomically).
+    """
 
     def __init__(self, path: Path, resume_at: int) -> None:
-        self.file = None
+        self.path, self.file = path, None
         if not is_main_process():
             return
         rows = pd.read_csv(path, sep="\t") if path.exists() and resume_at else pd.DataFrame(columns=METRICS)
         rows[rows["iteration"] < resume_at].to_csv(path, sep="\t", index=False)
-        self.file = open(path, "a", newline="")  # noqa: SIM115 (closed by close())
+        self.file = open(path, "a", newline="")  # noqa: SIM115 (closed by publish())
         self.writer = csv.DictWriter(self.file, METRICS, delimiter="\t")
 
     def write(self, **row: float) -> None:
@@ -163,15 +183,84 @@ class MetricsLog:
         if self.file:
             self.file.flush()
 
-    def close(self) -> None:
+    def publish(self, out: Path) -> None:
         if self.file:
             self.file.close()
+            with atomic_output(out) as partial:
+                shutil.copyfile(self.path, partial)
 
 
-def mean_over_ranks(values: dict[str, torch.Tensor], world_size: int) -> dict[str, float]:
-    """Each loss and accuracy averaged over the ranks (one all-reduce)."""
-    stacked = all_reduce_sum(torch.stack([v.detach().float() for v in values.values()])) / world_size
-    return dict(zip(values, stacked.tolist(), strict=True))
+def mean_over_ranks(values: dict[str, torch.Tensor], stop: bool, world_size: int) -> tuple[dict[str, float], bool]:
+    """Each loss and accuracy averaged over the ranks, and whether any rank was told to ``stop``, in one
+    all-reduce: every rank then stops at the same iteration."""
+    flag = torch.tensor(float(stop), device=values["loss"].device)
+    stacked = all_reduce_sum(torch.stack([*(v.detach().float() for v in values.values()), flag]))
+    return dict(zip(values, (stacked[:-1] / world_size).tolist(), strict=True)), bool(stacked[-1] > 0)
+
+
+class Preemption:
+    """SIGUSR2, SLURM's warning before a pre-emption or time-out, acted on at the next iteration boundary.
+
+    Inside a submitit job the signal's handler is submitit's ``checkpoint_and_try_requeue``
+    (checkpoint, ``scontrol requeue``, exit), which would requeue mid-iteration and lose the
+    work since the last save. Ours only notes the signal; ``hand_over`` calls submitit's once
+    last.pt is saved. Outside a submitit job (no handler to keep) the signal is left alone.
+    """
+
+    def __init__(self) -> None:
+        self.signalled = False
+        self.submitit = signal.getsignal(signal.SIGUSR2)
+        if callable(self.submitit):
+            signal.signal(signal.SIGUSR2, self.note)
+
+    def note(self, signum: int, frame: object) -> None:
+        self.signalled = True
+
+    def hand_over(self) -> None:
+        """Submitit's handler: rank 0 requeues the job and exits; the other ranks then leave too."""
+        self.submitit(signal.SIGUSR2, None)
+        sys.exit(0)
+
+    def restore(self) -> None:
+        if callable(self.submitit):
+            signal.signal(signal.SIGUSR2, self.submitit)
+
+
+def block_provenance(
+    *, manifest: str, previous_checkpoint: str, labels: str | None, method: str, world_size: int, **settings: Any
+) -> dict[str, Any]:
+    """What the block's result depends on: its inputs' sha256, the method, the number of ranks and every
+    setting but ``workers`` and ``checkpoint_every``. A last.pt is resumed only when this is equal."""
+    inputs = {"manifest": manifest, "previous": previous_checkpoint, "labels": labels}
+    hashes = {f"{name}_sha256": path and sha256(path) for name, path in inputs.items()}
+    return {**hashes, "method": method, "world_size": world_size, **settings}
+
+
+def save_state(path: Path, modules: dict[str, Any], provenance: dict[str, Any], epoch: int, batch: int) -> None:
+    """last.pt: the state dicts of ``modules`` (model, heads, optimizer), every rank's RNG state, the position
+    (``batch`` of ``epoch`` runs next) and the provenance. Every rank calls it; rank 0 writes."""
+    rngs = all_gather_objects(rng_state())
+    if is_main_process():
+        state = {name: module.state_dict() for name, module in modules.items()}
+        save_checkpoint(path, {**state, "rng": rngs, "epoch": epoch, "batch": batch, "provenance": provenance})
+
+
+def resume_state(path: Path, modules: dict[str, Any], provenance: dict[str, Any], rank: int) -> tuple[int, int]:
+    """(epoch, batch) to start at: restored from last.pt when it was written for this very block, else (0, 0),
+    saying which settings differ."""
+    if not path.exists():
+        return 0, 0
+    state = load_checkpoint(path)
+    saved = state.get("provenance", {})
+    if saved != provenance:
+        changed = [k for k in sorted({*saved, *provenance}) if saved.get(k) != provenance.get(k)]
+        differences = ", ".join(f"{k} {saved.get(k)} -> {provenance.get(k)}" for k in changed)
+        log.warning("%s is not resumed: it was written for another block (%s); starting afresh", path, differences)
+        return 0, 0
+    for name, module in modules.items():
+        module.load_state_dict(state[name])
+    set_rng_state(state["rng"][rank])
+    return state["epoch"], state["batch"]
 
 
 def train_block(
@@ -202,11 +291,16 @@ def train_block(
     context = init_distributed()
     device, rank, world_size = context.device, context.rank, context.world_size
     if batch_size % world_size:
-        raise ValueError(f"train.batch_size {batch_size} is not a multiple of the {world_size} ranks: change either")
+        raise TrainingInputError(
+            f"config train.batch_size {batch_size} is not a multiple of the {world_size} ranks "
+            "(resources.train.tasks): change either"
+        )
     last = Path(train_dir) / "last.pt"
     Path(train_dir).mkdir(parents=True, exist_ok=True)
-    provenance = {"previous_sha256": sha256(previous_checkpoint), "labels_sha256": labels and sha256(labels)}
-    provenance |= {"method": method}
+    settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "momentum": momentum, "seed": seed,
+                "weight_decay": weight_decay, "dropout": dropout, "image_size": image_size}  # fmt: skip
+    provenance = block_provenance(manifest=manifest, previous_checkpoint=previous_checkpoint, labels=labels,
+                                  method=method, world_size=world_size, **settings)  # fmt: skip
 
     # Data: the images, their clusters, this rank's group and a sampler uniform over its clusters.
     images = read_manifest(manifest)
@@ -235,31 +329,14 @@ def train_block(
     divisors = [layout.parts if id(p) in in_group else world_size for p in shared]
     optimizer = torch.optim.SGD(shared, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
-    def save(epoch: int, batch: int) -> None:
-        rngs = all_gather_objects(rng_state())
-        if is_main_process():
-            state = {"model": model.state_dict(), "heads": heads.state_dict(), "optimizer": optimizer.state_dict()}
-            save_checkpoint(last, {**state, "rng": rngs, "epoch": epoch, "batch": batch, "provenance": provenance})
-
-    # Resume by name from train/last.pt when it was written for these inputs.
-    start_epoch, start_batch = 0, 0
-    state = load_checkpoint(last) if last.exists() else None
-    if state is not None and state["provenance"] == provenance:
-        model.load_state_dict(state["model"])
-        heads.load_state_dict(state["heads"])
-        optimizer.load_state_dict(state["optimizer"])
-        if len(state["rng"]) == world_size:
-            set_rng_state(state["rng"][rank])
-        else:
-            log.warning(
-                "%s was saved by %d ranks, not %d: the random state restarts", last, len(state["rng"]), world_size
-            )
-        start_epoch, start_batch = state["epoch"], state["batch"]
+    # Resume by name from train/last.pt when it was written for this very block.
+    modules = {"model": model, "heads": heads, "optimizer": optimizer}
+    start_epoch, start_batch = resume_state(last, modules, provenance, rank)
+    if (start_epoch, start_batch) != (0, 0):
         log.info("resuming round %d at epoch %d, batch %d from %s", round, start_epoch, start_batch, last)
-    elif state is not None:
-        log.warning("%s was written for other inputs (labels or checkpoint changed): starting afresh", last)
     iteration = start_epoch * iterations_per_epoch + start_batch
-    metrics = MetricsLog(Path(train_dir) / "metrics.tsv", resume_at=iteration)
+    metrics = MetricsLog(Path(train_dir) / "running-metrics.tsv", resume_at=iteration)
+    preemption = Preemption()
 
     # The loop.
     log.info("round %d: %s on %d images, %d epochs x %d iterations of %d on %d ranks (%s), heads %s", round, method,
@@ -283,23 +360,27 @@ def train_block(
             synchronise_gradients(shared, divisors)
             optimizer.step()
 
-            row = mean_over_ranks(losses, world_size)
+            row, stop = mean_over_ranks(losses, preemption.signalled, world_size)
             now, iteration = time.perf_counter(), iteration + 1
             metrics.write(round=round, epoch=epoch, iteration=iteration - 1, lr=lr,
                           images_per_s=len(x) * world_size / (now - tick), **row)  # fmt: skip
             tick = now
-            if iteration % checkpoint_every == 0:
+            if iteration % checkpoint_every == 0 or stop:
                 metrics.flush()
-                save(epoch, batch + 1)
+                save_state(last, modules, provenance, epoch, batch + 1)
+            if stop:
+                log.warning("pre-emption signal: saved %s at epoch %d, batch %d; requeuing", last, epoch, batch + 1)
+                preemption.hand_over()
             if batch % max(1, iterations_per_epoch // 5) == 0 or batch + 1 == iterations_per_epoch:
                 log.info("epoch %d/%d batch %d/%d: %s", epoch + 1, epochs, batch + 1, iterations_per_epoch,
                          " ".join(f"{k} {v:.3f}" for k, v in row.items()))  # fmt: skip
         metrics.flush()
         start_batch = 0
-        save(epoch + 1, 0)
-    metrics.close()
+        save_state(last, modules, provenance, epoch + 1, 0)
+    preemption.restore()
+    metrics.publish(Path(train_dir) / "metrics.tsv")
 
     if is_main_process():
         final = {"arch": previous["arch"], "sobel": previous["sobel"], "round": round, "model": model.state_dict()}
-        save_checkpoint(out, {**final, "heads": heads.state_dict(), "targets": targets, **provenance})
+        save_checkpoint(out, {**final, "heads": heads.state_dict(), "targets": asdict(targets), **provenance})
         log.info("round %d's block done: %s", round, out)
