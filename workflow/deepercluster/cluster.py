@@ -14,10 +14,11 @@ import h5py
 import numpy as np
 
 from deepercluster.distributed import all_gather_objects, init_distributed, is_main_process
+from deepercluster.errors import ClustersError
 from deepercluster.files import atomic_output, sha256
 from deepercluster.kmeans import KMeansResult, kmeans
 from deepercluster.pca import Whitening
-from deepercluster.shards import ShardSource
+from deepercluster.shards import ShardSource, require_rows, shard_rows
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,21 @@ def write_clusters(out: str, result: KMeansResult, **attrs: object) -> None:
         f.attrs.update(k=len(result.centroids), **attrs)
 
 
+def open_clusters(path: str) -> h5py.File:
+    """Open a clusters file for reading; a missing, truncated or foreign one gets one message and the fix."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as error:
+        raise ClustersError(f"clusters file {path} is unreadable ({error}): delete it and rerun its stage") from error
+    if "ids" not in f or "assignments" not in f:
+        f.close()
+        raise ClustersError(f"{path} lacks 'ids' and 'assignments', so it is no clusters file: delete it and rerun")
+    return f
+
+
 def read_assignments(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(ids, assignments) of a clusters file."""
-    with h5py.File(path, "r") as f:
+    with open_clusters(path) as f:
         return f["ids"][:], f["assignments"][:]
 
 
@@ -71,6 +84,7 @@ def cluster_super(
     cache_mb: float = 4096,
 ) -> None:
     """Stage 'super_clusters': level 1, ``super_clusters`` (m) clusters over every image."""
+    require_rows(super_clusters, sum(shard_rows(p) for p in shards), "kmeans.super_clusters (evaluation.clusters)")
     source = whitened_shards(shards, pca, cache_mb)
     log.info("level 1: %d super-clusters over %d images on this rank", super_clusters, source.count)
     result = kmeans(source, super_clusters, iterations, level_seed(seed, None))
@@ -96,7 +110,9 @@ def cluster_sub(
     ids, assignments = read_assignments(super_file)
     members = ids[assignments == super_cluster]
     if len(members) == 0:
-        raise ValueError(f"super-cluster {super_cluster} of {super_file} is empty; rerun the super_clusters stage")
+        raise ClustersError(
+            f"super-cluster {super_cluster} of {super_file} is empty: delete it and rerun the super_clusters stage"
+        )
     k = min(sub_clusters, len(members))
     if k < sub_clusters:
         log.warning(

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import logging
 
-import h5py
 import numpy as np
 import pandas as pd
 from sklearn.metrics import normalized_mutual_info_score
 
-from deepercluster.cluster import read_assignments
+from deepercluster.cluster import open_clusters, read_assignments
 from deepercluster.data import metadata_columns, read_manifest
+from deepercluster.errors import ClustersError
 from deepercluster.files import atomic_output
 
 log = logging.getLogger(__name__)
@@ -53,16 +53,19 @@ def make_labels(
     ids, super_cluster = read_assignments(super_file)
     sub_cluster = np.full(len(ids), -1, np.int64)
     for s, path in enumerate(sub_files):
-        with h5py.File(path, "r") as f:
-            if int(f.attrs["super_cluster"]) != s:
-                raise ValueError(f"{path} holds super-cluster {f.attrs['super_cluster']}, expected {s}")
+        with open_clusters(path) as f:
+            if int(f.attrs.get("super_cluster", -1)) != s:
+                raise ClustersError(f"{path} is not the sub-clusters of super-cluster {s}: delete it and rerun")
         sub_ids, sub_assignments = read_assignments(path)
         position = np.searchsorted(ids, sub_ids)
         if not (super_cluster[position] == s).all():
-            raise ValueError(f"{path} does not match {super_file}: rerun its sub_clusters stage")
+            raise ClustersError(f"{path} does not match {super_file}: delete it and rerun its sub_clusters stage")
         sub_cluster[position] = sub_assignments
     if len(ids) != len(images) or (sub_cluster < 0).any() or not np.array_equal(ids, images.index.to_numpy()):
-        raise ValueError(f"{super_file} and the sub-cluster files do not cover every image of {manifest} once")
+        raise ClustersError(
+            f"{super_file} and the sub-cluster files do not cover every image of {manifest} once: "
+            "delete the round's features and clusters and rerun"
+        )
 
     labels = pd.DataFrame({"id": ids, "super_cluster": super_cluster, "sub_cluster": sub_cluster})
     counts = labels.groupby(["super_cluster", "sub_cluster"]).size().rename("size").reset_index()

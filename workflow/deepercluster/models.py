@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deepercluster.errors import ConfigError
+
 # Conv widths, "M" a 2x2 max-pool (torchvision's table for VGG-16, config "D").
 CFGS: dict[str, list[int | str]] = {
     "vgg16_bn": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
@@ -145,7 +147,7 @@ ARCHITECTURES = {"vgg16_bn": vgg16_bn, "alexnet_bn": alexnet_bn, "small_convnet"
 
 
 def build_model(arch: str, sobel: bool) -> ConvNet:
-    """The model named ``arch``; an unknown name raises ``ValueError`` listing the valid ones."""
+    """The model named ``arch``; an unknown name raises ``ConfigError`` listing the valid ones."""
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown model.arch {arch!r}; valid: {', '.join(ARCHITECTURES)}")
+        raise ConfigError(f"unknown model.arch {arch!r}; valid: {', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[arch](sobel=sobel)

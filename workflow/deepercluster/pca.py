@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
+from deepercluster.errors import ShardError
 from deepercluster.files import atomic_output
 from deepercluster.logs import progress
 from deepercluster.shards import open_shard, read_chunks, shard_rows
@@ -72,7 +73,10 @@ def fit_pca(
         with open_shard(path) as f:
             checkpoints.add(f.attrs["checkpoint_sha256"])
     if len(checkpoints) != 1:
-        raise ValueError(f"the shards come from {len(checkpoints)} different checkpoints: rerun their extraction")
+        raise ShardError(
+            f"the shards {shards[0]}, ... come from {len(checkpoints)} different checkpoints: "
+            "delete them and rerun their extraction"
+        )
     counts = [shard_rows(p) for p in shards]
     chosen = sample_rows(counts, sample_size, seed)
     log.info("PCA on %d of %d rows from %d shards", len(chosen), sum(counts), len(shards))
@@ -88,7 +92,7 @@ def fit_pca(
         sum_xxt += xs.T @ xs
         total += len(xs)
     if total < 2:
-        raise ValueError(f"PCA needs at least 2 rows, the shards hold {total}")
+        raise ShardError(f"PCA needs at least 2 rows, the shards {shards[0]}, ... hold {total}: give it more images")
     mean = sum_x / total
     covariance = (sum_xxt - total * np.outer(mean, mean)) / (total - 1)
 

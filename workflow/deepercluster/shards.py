@@ -16,7 +16,7 @@ from typing import Protocol
 import h5py
 import numpy as np
 
-from deepercluster.errors import ShardError
+from deepercluster.errors import ClustersError, ShardError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,12 @@ class FeatureSource(Protocol):
 def shard_count(images: int, shard_size: int) -> int:
     """Number of shards of ``shard_size`` images (the last one may be smaller)."""
     return max(1, -(-images // shard_size))
+
+
+def require_rows(k: int, rows: int, key: str) -> None:
+    """k-means makes at most one cluster per image: ``k`` above ``rows`` is an error naming the config ``key``."""
+    if k > rows:
+        raise ClustersError(f"{key} is {k}, more than the {rows} images: set it to at most {rows}, or add images")
 
 
 def open_shard(path: str | os.PathLike) -> h5py.File:

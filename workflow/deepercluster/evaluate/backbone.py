@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from deepercluster.checkpoints import load_model
 from deepercluster.data import ImageDataset, read_manifest
+from deepercluster.errors import EvaluationError
 from deepercluster.models import ConvNet
 
 PROBE_MAX_DIM = 10_000  # linear probes read conv activations average-pooled below this dimension
@@ -74,7 +75,7 @@ def labelled_split(manifest: str, label_column: str, val_fraction: float, seed: 
     """The manifest's images with a ``label_column`` value; a seeded ``val_fraction`` of them is the val split."""
     frame = read_manifest(manifest)
     if label_column not in frame.columns:
-        raise ValueError(
+        raise EvaluationError(
             f"{manifest} has no column {label_column!r} (it has {', '.join(map(str, frame.columns))}); "
             "set evaluation.label_column to the column of class labels"
         )
@@ -84,7 +85,7 @@ def labelled_split(manifest: str, label_column: str, val_fraction: float, seed: 
     val = np.zeros(len(frame), bool)
     val[np.random.default_rng(seed).permutation(len(frame))[: round(len(frame) * val_fraction)]] = True
     if len(classes) < 2 or val.all() or not val.any():
-        raise ValueError(
+        raise EvaluationError(
             f"{manifest}: {len(frame)} labelled images in {len(classes)} classes with val_fraction={val_fraction} "
             "leave no train/val split; label more images or change evaluation.val_fraction"
         )

@@ -10,11 +10,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import h5py
 import pandas as pd
 from matplotlib.figure import Figure
 
-from deepercluster.cluster import read_assignments
+from deepercluster.cluster import open_clusters, read_assignments
 from deepercluster.data import metadata_columns, read_manifest
 from deepercluster.evaluate.common import save_figure, write_json
 from deepercluster.labels import nmi
@@ -46,7 +45,7 @@ def cluster_nmi(*, manifest: str, clusters: list[str], out: str, plot: str, firs
         row["previous_round"] = None if previous is None else nmi(assignment, previous)
         rounds.append(row)
         previous = assignment
-    with h5py.File(clusters[-1], "r") as f:
+    with open_clusters(clusters[-1]) as f:
         k = int(f.attrs["k"])
     log.info("k-means k=%d on %d images: NMI %s", k, len(previous), rounds[-1])
     over_rounds = None if first_round is None else [{"round": first_round + i, **row} for i, row in enumerate(rounds)]
