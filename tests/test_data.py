@@ -19,6 +19,7 @@ from deepercluster.data import (
     feature_transform,
     train_transform,
 )
+from deepercluster.errors import DataError
 from deepercluster.formats import metadata_columns, read_manifest
 
 IDX = Path("/usr/share/datasets/fashion-mnist")
@@ -89,7 +90,7 @@ def test_folder_unverified_and_subsampled(tmp_path: Path, folder: Path) -> None:
 
 def test_no_readable_images(tmp_path: Path) -> None:
     _corrupt(tmp_path / "images" / "x.png")
-    with pytest.raises(ValueError, match=r"no readable images.*images"):
+    with pytest.raises(DataError, match=r"no readable images.*images"):
         _build(tmp_path, source="folder", path=str(tmp_path / "images"))
 
 
@@ -99,10 +100,11 @@ def test_table_source(tmp_path: Path, suffix: str) -> None:
     _image(images / "one.png", (1, 2, 3))
     _image(images / "two.jpg", (4, 5, 6))
     _corrupt(images / "three.png")
+    _image(images / "four.png", (7, 8, 9))
     table = pd.DataFrame(
         {
             "id": [10, 11, 12, 13],
-            "file": ["photos/one.png", "photos/two.jpg", "photos/three.png", str(images / "one.png")],
+            "file": ["photos/one.png", "photos/two.jpg", "photos/three.png", str(images / "four.png")],
             "user": ["ann", "bob", "cy", "dee"],
             "tag": ["x", "y", "z", "w"],
         }
@@ -118,7 +120,7 @@ def test_table_source(tmp_path: Path, suffix: str) -> None:
     assert frame["path"].tolist() == [
         str(images / "one.png"),
         str(images / "two.jpg"),
-        str(images / "one.png"),
+        str(images / "four.png"),
     ]
     assert frame["user"].tolist() == ["ann", "bob", "dee"]
     assert frame["source_id"].tolist() == [10, 11, 13]
@@ -127,7 +129,7 @@ def test_table_source(tmp_path: Path, suffix: str) -> None:
 
 def test_table_missing_column(tmp_path: Path) -> None:
     pd.DataFrame({"file": ["a.png"], "user": ["ann"]}).to_csv(tmp_path / "t.csv", index=False)
-    with pytest.raises(ValueError, match=r"t\.csv has no column 'path' \(it has file, user\)"):
+    with pytest.raises(DataError, match=r"t\.csv has no column 'path' \(it has file, user\)"):
         _build(tmp_path, source="table", path=str(tmp_path / "t.csv"))
 
 
@@ -158,20 +160,20 @@ def test_fashion_mnist(tmp_path: Path) -> None:
 
 
 def test_unknown_source(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r", ".join(SOURCES)):
+    with pytest.raises(DataError, match=r", ".join(SOURCES)):
         _build(tmp_path, source="imagenet", path=str(tmp_path))
 
 
 def test_missing_path(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"nowhere.*data\.path"):
+    with pytest.raises(DataError, match=r"nowhere.*data\.path"):
         _build(tmp_path, source="folder", path=str(tmp_path / "nowhere"))
 
 
 def test_read_manifest_errors(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"absent\.parquet"):
+    with pytest.raises(DataError, match=r"absent\.parquet"):
         read_manifest(str(tmp_path / "absent.parquet"))
     _corrupt(tmp_path / "bad.parquet")
-    with pytest.raises(ValueError, match=r"bad\.parquet"):
+    with pytest.raises(DataError, match=r"bad\.parquet"):
         read_manifest(str(tmp_path / "bad.parquet"))
 
 

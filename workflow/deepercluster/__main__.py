@@ -10,6 +10,7 @@ import argparse
 import inspect
 import logging
 import os
+import re
 import subprocess
 import sys
 import typing
@@ -19,8 +20,9 @@ from deepercluster.errors import InputError
 from deepercluster.logs import setup_logging
 from deepercluster.stages import STAGES, load_stage, stage_options
 
-# Errors of the user's inputs: one message, naming the file and the fix, and no traceback.
-INPUT_ERRORS = (InputError, FileNotFoundError, ValueError)
+# Errors of the user's inputs: one message, naming the file and the fix, and no traceback; any
+# other exception is a bug and keeps its traceback.
+INPUT_ERRORS = (InputError,)
 
 
 def add_stage_options(parser: argparse.ArgumentParser, stage: Callable) -> None:
@@ -80,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
     try:
         stage(**options)
-    except INPUT_ERRORS as error:
-        logging.getLogger("deepercluster").error("%s", error)
+    except INPUT_ERRORS as error:  # one line, even where it quotes a library's multi-line message
+        logging.getLogger("deepercluster").error("%s", re.sub(r"\s*\n\s*", " ", str(error)))
         return 1
     return 0
 

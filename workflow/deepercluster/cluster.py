@@ -12,10 +12,11 @@ import logging
 import numpy as np
 
 from deepercluster.distributed import gather_objects, init_distributed
+from deepercluster.errors import ClustersError
 from deepercluster.files import sha256
-from deepercluster.formats import Clusters, Whitening, read_assignments, write_clusters
+from deepercluster.formats import Clusters, Whitening, read_assignments, shard_rows, write_clusters
 from deepercluster.kmeans import KMeansResult, kmeans
-from deepercluster.shards import ShardSource
+from deepercluster.shards import ShardSource, require_rows
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ def cluster_super(
     cache_mb: float = 4096,
 ) -> None:
     """Stage 'super_clusters': level 1, ``super_clusters`` (m) clusters over every image."""
+    require_rows(super_clusters, sum(shard_rows(p) for p in shards), "kmeans.super_clusters (evaluation.clusters)")
     source = whitened_shards(shards, pca, cache_mb)
     log.info("level 1: %d super-clusters over %d images on this rank", super_clusters, source.count)
     result = kmeans(source, super_clusters, iterations, level_seed(seed, None))
@@ -80,7 +82,9 @@ def cluster_sub(
     ids, assignments = read_assignments(super_file)
     members = ids[assignments == super_cluster]
     if len(members) == 0:
-        raise ValueError(f"super-cluster {super_cluster} of {super_file} is empty; rerun the super_clusters stage")
+        raise ClustersError(
+            f"super-cluster {super_cluster} of {super_file} is empty: delete it and rerun the super_clusters stage"
+        )
     k = min(sub_clusters, len(members))
     if k < sub_clusters:
         log.warning(

@@ -8,11 +8,9 @@ from typing import Any
 import jsonschema
 import yaml
 
+from deepercluster.errors import ConfigError
+
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
-
-
-class ConfigError(ValueError):
-    """A config value or key the schema does not allow."""
 
 
 def fill_defaults(config: dict[str, Any], schema: dict[str, Any]) -> None:

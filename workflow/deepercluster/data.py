@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.datasets import FashionMNIST
 
-from deepercluster.errors import UnreadableImageError
+from deepercluster.errors import DataError, UnreadableImageError
 from deepercluster.files import atomic_output
 from deepercluster.formats import write_manifest
 from deepercluster.logs import progress
@@ -50,6 +50,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 READ_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
 VERIFY_BATCH = 64
+# JPEGs are decoded at 1/2, 1/4 or 1/8 scale when that keeps both sides at least this long.
+DRAFT_SIDE = 1024
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # greyscale modes of 16-bit PNGs and TIFFs
 
 
 def build_manifest(
@@ -72,12 +75,12 @@ def build_manifest(
     train or test split, a table's split column); images without that column are all kept.
     """
     if source not in SOURCES:
-        raise ValueError(f"data.source is {source!r}; set it to one of {', '.join(SOURCES)}")
+        raise DataError(f"data.source is {source!r}; set it to one of {', '.join(SOURCES)}")
     if max_images is not None and max_images < 1:
-        raise ValueError(f"data.max_images is {max_images}; set it to a positive number, or null for all images")
+        raise DataError(f"data.max_images is {max_images}; set it to a positive number, or null for all images")
     root = Path(os.path.abspath(path))
     if source != "fashion-mnist" and not root.exists():
-        raise FileNotFoundError(f"{root} does not exist; set data.path in the config to your images")
+        raise DataError(f"{root} does not exist; set data.path in the config to your images")
     pixels = None
     if source == "folder":
         frame, looked_for = _folder_candidates(root, label_from_folder)
@@ -97,7 +100,9 @@ def build_manifest(
     frame = frame.iloc[keep].reset_index(drop=True)
     if pixels is not None:
         _write_pngs(frame["path"].tolist(), pixels[keep])
-    errors = _unreadable(frame["path"].tolist(), workers) if verify_images else {}
+    errors = _missing(frame["path"].tolist())
+    if verify_images:
+        errors.update(_unreadable(frame.loc[~frame["path"].isin(errors), "path"].tolist(), workers))
     with atomic_output(skipped) as partial:
         pd.DataFrame({"path": list(errors), "error": list(errors.values())}).to_csv(partial, sep="\t", index=False)
     if errors:
@@ -112,7 +117,8 @@ def build_manifest(
         len(errors),
     )
     if frame.empty:
-        raise ValueError(f"no readable images in {root} (looked for {looked_for}); fix data.path or data.source")
+        some = f"; {len(errors)} unreadable, e.g. {next(iter(errors))}, listed in {skipped}" if errors else ""
+        raise DataError(f"no readable images in {root} (looked for {looked_for}{some}); fix data.path or data.source")
     frame.insert(0, "id", np.arange(len(frame), dtype=np.int64))
     write_manifest(manifest, frame)
 
@@ -131,18 +137,26 @@ def _table_candidates(table: Path, path_column: str) -> tuple[pd.DataFrame, str]
     """Rows of a CSV, TSV or parquet table; image paths are relative to the table's folder."""
     reader = TABLE_READERS.get(table.suffix.lower())
     if reader is None:
-        raise ValueError(
+        raise DataError(
             f"{table} is not a table; set data.path to a {', '.join(TABLE_READERS)} file for data.source 'table'"
         )
     frame = reader(table)
     if path_column not in frame.columns:
-        raise ValueError(
+        raise DataError(
             f"{table} has no column {path_column!r} (it has {', '.join(map(str, frame.columns))}); "
             "set data.path_column to the column of image paths"
         )
-    paths = [os.path.abspath(os.path.join(table.parent, str(p))) for p in frame.pop(path_column)]
+    paths = pd.Series([os.path.abspath(os.path.join(table.parent, str(p))) for p in frame.pop(path_column)])
+    repeated = paths[paths.duplicated(keep=False)]
+    if not repeated.empty:
+        first = repeated.iloc[0]
+        rows = (repeated.index[repeated == first] + 1).tolist()
+        raise DataError(
+            f"{table} lists {first} {len(rows)} times (rows {', '.join(map(str, rows))}; {repeated.nunique()} "
+            "paths are repeated): a repeated image weighs twice in the clustering; keep one row per image"
+        )
     frame = frame.rename(columns={"id": "source_id", "path": "source_path"})
-    frame.insert(0, "path", paths)
+    frame.insert(0, "path", paths.tolist())
     return frame, f"image paths in column {path_column!r}"
 
 
@@ -172,7 +186,7 @@ def _load_fashion_mnist(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     try:
         sets = {s: FashionMNIST(root=root / "raw", train=s == "train", download=True) for s in FASHION_MNIST_SPLITS}
     except (OSError, RuntimeError) as error:
-        raise RuntimeError(
+        raise DataError(
             f"Fashion-MNIST is not in {FASHION_MNIST_IDX} and torchvision could not download it ({error}); "
             "run 'apt-get install dataset-fashion-mnist', or give this machine network access"
         ) from error
@@ -186,11 +200,11 @@ def _read_idx(path: Path) -> np.ndarray:
         data = f.read()
     ndim = data[3] if len(data) >= 4 else 0
     if data[:3] != b"\x00\x00\x08" or len(data) < 4 + 4 * ndim:
-        raise ValueError(broken)
+        raise DataError(broken)
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     values = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if values.size != int(np.prod(shape)):
-        raise ValueError(broken)
+        raise DataError(broken)
     return values.reshape(shape)
 
 
@@ -213,9 +227,23 @@ def _write_pngs(paths: Sequence[str], pixels: np.ndarray) -> None:
 
 
 def _read_rgb(path: str) -> Image.Image:
-    """Open and fully decode an image as RGB."""
+    """Open and fully decode an image as 8-bit RGB, whatever its mode.
+
+    16-bit greyscale is scaled by 255/65535 (PIL's convert would clip it); alpha is dropped;
+    CMYK, palette and 1-bit images go through PIL's conversion. A large JPEG is decoded at a
+    reduced scale with both sides at least ``DRAFT_SIDE``, so its memory stays bounded.
+    """
     with Image.open(path) as image:
+        image.draft("RGB", (DRAFT_SIDE, DRAFT_SIDE))
+        if image.mode in SIXTEEN_BIT:
+            grey = np.asarray(image).astype(np.int64).clip(0, 65535)
+            image = Image.fromarray(((grey * 255 + 32767) // 65535).astype(np.uint8))
         return image.convert("RGB")
+
+
+def _missing(paths: Sequence[str]) -> dict[str, str]:
+    """'FileNotFoundError' for each path that is not a file (a table's rows may name any path)."""
+    return {path: "FileNotFoundError: no such file" for path in paths if not os.path.isfile(path)}
 
 
 class _ReadCheck(Dataset):

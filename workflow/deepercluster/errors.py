@@ -1,8 +1,19 @@
-"""Errors in the user's inputs: the CLI prints their one-line message (file and fix), no traceback."""
+"""Errors in the user's inputs: the CLI prints their one-line message (file and fix), no traceback.
+
+Every other exception is a bug and keeps its traceback.
+"""
 
 
 class InputError(RuntimeError):
     """Bad input to a stage; the message names the file and the fix."""
+
+
+class ConfigError(InputError, ValueError):
+    """A config value or key the schema does not allow (also a ``ValueError``, as Snakemake expects)."""
+
+
+class DataError(InputError):
+    """A data source, table, manifest or system data file that cannot give the images asked for."""
 
 
 class CheckpointError(InputError):
@@ -13,5 +24,17 @@ class ShardError(InputError):
     """A feature shard that is missing, truncated or inconsistent."""
 
 
+class ClustersError(InputError):
+    """A clusters file that does not match the others, or more clusters asked for than there are images."""
+
+
+class EvaluationError(InputError):
+    """An evaluation input (labels, VOC07 folder, retrieval list, earlier evaluations) that cannot be used."""
+
+
 class UnreadableImageError(InputError):
     """An image of the manifest that can no longer be read."""
+
+
+class OutOfSpaceError(InputError):
+    """The disk of an output is full; nothing finished was lost, the output was not written."""

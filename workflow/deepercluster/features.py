@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from deepercluster.checkpoints import load_model
 from deepercluster.data import ImageDataset, feature_transform
+from deepercluster.errors import ShardError
 from deepercluster.files import sha256
 from deepercluster.formats import read_manifest, write_shard
 from deepercluster.logs import progress
@@ -39,7 +40,10 @@ def extract_features(
     """
     rows = read_manifest(manifest).iloc[shard * shard_size : (shard + 1) * shard_size]
     if rows.empty:
-        raise ValueError(f"shard {shard} of {manifest} is empty: features.shard_size changed since the manifest")
+        raise ShardError(
+            f"shard {shard} of {manifest} is empty: features.shard_size changed since the manifest; "
+            "delete results/rounds/*/features and rerun"
+        )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_model(checkpoint)
     model.to(device).eval()

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from deepercluster.errors import ShardError
+from deepercluster.errors import ClustersError, DataError, ShardError
 from deepercluster.files import atomic_output
 
 Chunk = tuple[np.ndarray, np.ndarray]  # (ids: int64 [n], x: float32 [n, dim])
@@ -31,13 +31,13 @@ def write_manifest(path: str | os.PathLike, frame: pd.DataFrame) -> None:
 def read_manifest(manifest: str) -> pd.DataFrame:
     """The manifest table: id, path, then metadata columns."""
     if not os.path.exists(manifest):
-        raise FileNotFoundError(f"{manifest} does not exist; run the workflow's 'manifest' stage to build it")
+        raise DataError(f"{manifest} does not exist; run the workflow's 'manifest' stage to build it")
     try:
         frame = pd.read_parquet(manifest)
     except (OSError, ValueError) as error:
-        raise ValueError(f"{manifest} is not a readable parquet file ({error}); delete it and rerun") from error
+        raise DataError(f"{manifest} is not a readable parquet file ({error}); delete it and rerun") from error
     if not {"id", "path"} <= set(frame.columns):
-        raise ValueError(f"{manifest} has no 'id' and 'path' columns, so it is not a manifest; delete it and rerun")
+        raise DataError(f"{manifest} has no 'id' and 'path' columns, so it is not a manifest; delete it and rerun")
     return frame
 
 
@@ -176,19 +176,31 @@ def write_clusters(path: str, clusters: Clusters, **attrs: object) -> None:
         f.attrs.update(k=len(clusters.centroids), **attrs)
 
 
+def open_clusters(path: str) -> h5py.File:
+    """Open a clusters file for reading; a missing, truncated or foreign one gets one message and the fix."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as error:
+        raise ClustersError(f"clusters file {path} is unreadable ({error}): delete it and rerun its stage") from error
+    if "ids" not in f or "assignments" not in f:
+        f.close()
+        raise ClustersError(f"{path} lacks 'ids' and 'assignments', so it is no clusters file: delete it and rerun")
+    return f
+
+
 def read_assignments(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(ids, assignments) of a clusters file."""
-    with h5py.File(path, "r") as f:
+    with open_clusters(path) as f:
         return f["ids"][:], f["assignments"][:]
 
 
 def read_sizes(path: str) -> np.ndarray:
     """The size of every cluster of a clusters file, empty clusters included (0)."""
-    with h5py.File(path, "r") as f:
+    with open_clusters(path) as f:
         return f["sizes"][:]
 
 
 def clusters_attrs(path: str) -> dict[str, object]:
     """The attributes of a clusters file: ``k``, ``level``, ``seed``... (``super_cluster`` for level 2)."""
-    with h5py.File(path, "r") as f:
+    with open_clusters(path) as f:
         return dict(f.attrs)

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import normalized_mutual_info_score
 
+from deepercluster.errors import ClustersError
 from deepercluster.files import atomic_output
 from deepercluster.formats import clusters_attrs, metadata_columns, read_assignments, read_manifest, read_sizes
 
@@ -53,16 +54,19 @@ def make_labels(
     sizes_rows = []
     for s, path in enumerate(sub_files):
         attrs = clusters_attrs(path)
-        if int(attrs["super_cluster"]) != s:
-            raise ValueError(f"{path} holds super-cluster {attrs['super_cluster']}, expected {s}")
+        if int(attrs.get("super_cluster", -1)) != s:
+            raise ClustersError(f"{path} is not the sub-clusters of super-cluster {s}: delete it and rerun")
         sizes_rows += [(s, j, int(size)) for j, size in enumerate(read_sizes(path))]
         sub_ids, sub_assignments = read_assignments(path)
         position = np.searchsorted(ids, sub_ids)
         if not (super_cluster[position] == s).all():
-            raise ValueError(f"{path} does not match {super_file}: rerun its sub_clusters stage")
+            raise ClustersError(f"{path} does not match {super_file}: delete it and rerun its sub_clusters stage")
         sub_cluster[position] = sub_assignments
     if len(ids) != len(images) or (sub_cluster < 0).any() or not np.array_equal(ids, images.index.to_numpy()):
-        raise ValueError(f"{super_file} and the sub-cluster files do not cover every image of {manifest} once")
+        raise ClustersError(
+            f"{super_file} and the sub-cluster files do not cover every image of {manifest} once: "
+            "delete the round's features and clusters and rerun"
+        )
 
     labels = pd.DataFrame({"id": ids, "super_cluster": super_cluster, "sub_cluster": sub_cluster})
     # Every cluster's size as k-means wrote it, empty clusters included (a groupby would leave them out).

@@ -20,6 +20,8 @@ import copy
 import torch
 from torch import nn
 
+from deepercluster.errors import ConfigError
+
 # Conv widths, "M" a 2x2 max-pool (torchvision's table for VGG-16, config "D").
 CFGS: dict[str, list[int | str]] = {
     "vgg16_bn": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
@@ -149,13 +151,13 @@ ARCHITECTURES = {"vgg16_bn": vgg16_bn, "alexnet_bn": alexnet_bn, "small_convnet"
 
 
 def build_model(arch: str, sobel: bool, folded_sobel: bool = False) -> ConvNet:
-    """The model named ``arch``; an unknown name raises ``ValueError`` listing the valid ones.
+    """The model named ``arch``; an unknown name raises ``ConfigError`` listing the valid ones.
 
     With ``folded_sobel`` (and no ``sobel``), the first conv takes RGB with the kernel of
     ``fold_sobel``: 2 larger, padding 1 larger (5x5 after 3x3 convs, 13x13 for AlexNet).
     """
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown model.arch {arch!r}; valid: {', '.join(ARCHITECTURES)}")
+        raise ConfigError(f"unknown model.arch {arch!r}; valid: {', '.join(ARCHITECTURES)}")
     if sobel and folded_sobel:
         raise ValueError("folded_sobel is the shape of a model without its Sobel layer: pass sobel=False")
     model = ARCHITECTURES[arch](sobel=sobel)

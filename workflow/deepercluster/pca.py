@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from deepercluster.errors import ShardError
 from deepercluster.formats import Whitening, read_rows, shard_checkpoint, shard_rows
 from deepercluster.logs import progress
 
@@ -47,7 +48,10 @@ def fit_pca(
     """
     checkpoints = {shard_checkpoint(path) for path in shards}
     if len(checkpoints) != 1:
-        raise ValueError(f"the shards come from {len(checkpoints)} different checkpoints: rerun their extraction")
+        raise ShardError(
+            f"the shards {shards[0]}, ... come from {len(checkpoints)} different checkpoints: "
+            "delete them and rerun their extraction"
+        )
     counts = [shard_rows(p) for p in shards]
     chosen = sample_rows(counts, sample_size, seed)
     log.info("PCA on %d of %d rows from %d shards", len(chosen), sum(counts), len(shards))
@@ -61,7 +65,7 @@ def fit_pca(
         sum_xxt += xs.T @ xs
         total += len(xs)
     if total < 2:
-        raise ValueError(f"PCA needs at least 2 rows, the shards hold {total}")
+        raise ShardError(f"PCA needs at least 2 rows, the shards {shards[0]}, ... hold {total}: give it more images")
     mean = sum_x / total
     covariance = (sum_xxt - total * np.outer(mean, mean)) / (total - 1)
 

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
+from deepercluster.errors import ClustersError
 from deepercluster.formats import Chunk, read_chunks, read_ids
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,12 @@ class FeatureSource(Protocol):
 def shard_count(images: int, shard_size: int) -> int:
     """Number of shards of ``shard_size`` images (the last one may be smaller)."""
     return max(1, -(-images // shard_size))
+
+
+def require_rows(k: int, rows: int, key: str) -> None:
+    """k-means makes at most one cluster per image: ``k`` above ``rows`` is an error naming the config ``key``."""
+    if k > rows:
+        raise ClustersError(f"{key} is {k}, more than the {rows} images: set it to at most {rows}, or add images")
 
 
 class ShardSource:

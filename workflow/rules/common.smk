@@ -4,7 +4,7 @@ import shlex
 import pandas as pd
 
 from deepercluster.config import validate_config
-from deepercluster.shards import shard_count
+from deepercluster.shards import require_rows, shard_count
 
 validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 
@@ -80,6 +80,8 @@ def shard_files(r):
     """Every feature shard of round r; their number is known once the manifest exists."""
     manifest = checkpoints.manifest.get().output.manifest
     images = pd.read_parquet(manifest, columns=["id"]).shape[0]
+    if METHOD == "deepercluster":
+        require_rows(SUPER_CLUSTERS, images, "kmeans.super_clusters")
     shards = shard_count(images, config["features"]["shard_size"])
     return [f"results/rounds/{r}/features/shard-{i}.h5" for i in range(shards)]
 

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from deepercluster.checkpoints import load_model
 from deepercluster.data import ImageDataset
+from deepercluster.errors import EvaluationError
 from deepercluster.formats import read_manifest
 from deepercluster.models import ConvNet
 
@@ -76,7 +77,7 @@ def labelled_images(manifest: str, label_column: str) -> LabelledSet:
     """The manifest's images with a ``label_column`` value (none in the val split)."""
     frame = read_manifest(manifest)
     if label_column not in frame.columns:
-        raise ValueError(
+        raise EvaluationError(
             f"{manifest} has no column {label_column!r} (it has {', '.join(map(str, frame.columns))}); "
             "set evaluation.label_column to the column of class labels"
         )
@@ -84,7 +85,7 @@ def labelled_images(manifest: str, label_column: str) -> LabelledSet:
     labels = frame[label_column].astype(str)
     classes = sorted(labels.unique())
     if len(classes) < 2:
-        raise ValueError(
+        raise EvaluationError(
             f"{manifest}: {len(frame)} labelled images in {len(classes)} classes; label images of 2 classes or more"
         )
     targets = pd.Categorical(labels, categories=classes).codes.astype(np.int64)
@@ -98,7 +99,7 @@ def labelled_split(manifest: str, label_column: str, val_fraction: float, seed: 
     val = np.zeros(len(data.ids), bool)
     val[np.random.default_rng(seed).permutation(len(val))[: round(len(val) * val_fraction)]] = True
     if val.all() or not val.any():
-        raise ValueError(
+        raise EvaluationError(
             f"{manifest}: {len(val)} labelled images with val_fraction={val_fraction} leave no train/val split; "
             "label more images or change evaluation.val_fraction"
         )

@@ -11,6 +11,7 @@ import json
 import logging
 from pathlib import Path
 
+from deepercluster.errors import EvaluationError
 from deepercluster.evaluate.common import accuracy_figure, save_figure
 from deepercluster.files import atomic_output
 
@@ -30,7 +31,7 @@ def with_interval(result: dict) -> str:
 def read_evals(folder: Path) -> dict[str, dict]:
     """Every ``*.json`` evaluation of one checkpoint's folder, by file stem."""
     if not (folder / "linear.json").exists():
-        raise FileNotFoundError(f"{folder}/linear.json does not exist: make the evaluations of {folder.name} first")
+        raise EvaluationError(f"{folder}/linear.json does not exist: make the evaluations of {folder.name} first")
     return {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))}
 
 

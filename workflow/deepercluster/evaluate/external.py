@@ -45,14 +45,24 @@ def wrap_state_dict(state_dict: dict[str, torch.Tensor], *, arch: str, sobel: bo
     model = build_model(arch, sobel)
     if sobel:
         weights = {**{k: v for k, v in model.state_dict().items() if k.startswith("sobel.")}, **weights}
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as error:
+    differences = state_dict_differences(model.state_dict(), weights)
+    if differences:
         raise CheckpointError(
-            f"{source} is not a state dict of {arch} with sobel={sobel}: {error}; "
+            f"{source} is not a state dict of {arch} with sobel={sobel} ({differences}): "
             "check checkpoints.<name>.arch and .sobel in the config"
-        ) from error
+        )
+    model.load_state_dict(weights, strict=True)
     return {"arch": arch, "sobel": sobel, "round": None, "model": model.state_dict(), "source": source}
+
+
+def state_dict_differences(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
+    """How ``given`` differs from ``expected`` in a few words: counts and the first key of each kind; '' if it fits."""
+    kinds = {
+        "missing": sorted(set(expected) - set(given)),
+        "unexpected": sorted(set(given) - set(expected)),
+        "of another shape": sorted(k for k in set(expected) & set(given) if expected[k].shape != given[k].shape),
+    }
+    return ", ".join(f"{len(keys)} keys {kind}, e.g. {keys[0]}" for kind, keys in kinds.items() if keys)
 
 
 def import_checkpoint(*, source: str, out: str, arch: str | None = None, sobel: bool = True) -> None:

@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import pandas as pd
 
+from deepercluster.errors import ShardError
 from deepercluster.evaluate.backbone import LabelledSet, labelled_images
 from deepercluster.evaluate.common import bootstrap_interval, write_json
 from deepercluster.formats import open_shard, read_chunks
@@ -22,7 +23,7 @@ def read_features(path: str, data: LabelledSet) -> tuple[np.ndarray, dict]:
     ids, x = np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
     position = pd.Index(ids).get_indexer(data.ids)
     if (position < 0).any():
-        raise ValueError(
+        raise ShardError(
             f"{path} lacks {int((position < 0).sum())} images of the evaluation manifest: delete it and rerun"
         )
     return x[position], attrs

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from deepercluster.data import feature_transform
+from deepercluster.errors import EvaluationError
 from deepercluster.evaluate.backbone import conv_activations, device, frozen_backbone, image_loader
 from deepercluster.evaluate.common import average_precision, write_json
 from deepercluster.files import sha256
@@ -103,12 +104,12 @@ def read_image_list(images: str) -> pd.DataFrame:
     table = pd.read_csv(images, dtype={"group": str})
     missing = {"path", "role", "group"} - set(table.columns)
     if missing:
-        raise ValueError(f"{images} lacks the columns {sorted(missing)}: it needs path, role and group")
+        raise EvaluationError(f"{images} lacks the columns {sorted(missing)}: it needs path, role and group")
     unknown = set(table["role"]) - set(ROLES)
     if unknown:
-        raise ValueError(f"{images} has roles {sorted(unknown)}; valid: {', '.join(ROLES)}")
+        raise EvaluationError(f"{images} has roles {sorted(unknown)}; valid: {', '.join(ROLES)}")
     if not {"query", "database"} <= set(table["role"]):
-        raise ValueError(f"{images} needs query and database rows")
+        raise EvaluationError(f"{images} needs query and database rows: give some rows role query, others database")
     table["path"] = [str(Path(images).parent / p) for p in table["path"]]  # an absolute path stays as it is
     return table
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from deepercluster.checkpoints import load_model
 from deepercluster.data import train_transform
+from deepercluster.errors import EvaluationError
 from deepercluster.evaluate.backbone import device, image_loader
 from deepercluster.evaluate.common import average_precision, write_json
 from deepercluster.files import sha256
@@ -46,7 +47,7 @@ def read_split(voc: str, split: str) -> pd.DataFrame:
     main = Path(voc) / "ImageSets" / "Main"
     files = sorted(main.glob(f"*_{split}.txt"))
     if not files:
-        raise FileNotFoundError(f"{main} has no *_{split}.txt file: evaluation.voc07 must be a VOC-layout folder")
+        raise EvaluationError(f"{main} has no *_{split}.txt file: evaluation.voc07 must be a VOC-layout folder")
     columns = [
         pd.read_csv(path, sep=r"\s+", header=None, names=["image", path.stem.removesuffix(f"_{split}")],
                     dtype={"image": str}).set_index("image")
@@ -64,7 +65,7 @@ def read_voc(voc: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         trainval = pd.concat([read_split(voc, "train"), read_split(voc, "val")])
     test = read_split(voc, "test")
     if list(trainval.columns) != list(test.columns):
-        raise ValueError(
+        raise EvaluationError(
             f"{main}: the classes of trainval {list(trainval.columns)} and test {list(test.columns)} differ"
         )
     return trainval, test

@@ -1,0 +1,376 @@
+"""Bad input, each told in one line naming the file and the fix, with nothing finished lost.
+
+Every case is a small real run: the stage functions, ``python -m deepercluster``, or
+snakemake on the test config. Only errors of the user's input get the one-line message; a
+bug keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from deepercluster.__main__ import main
+from deepercluster.cluster import cluster_super
+from deepercluster.config import ConfigError, validate_config
+from deepercluster.data import ImageDataset, build_manifest
+from deepercluster.errors import ClustersError
+from deepercluster.features import extract_features
+from deepercluster.formats import read_manifest
+from deepercluster.models import build_model
+from test_workflow import snakemake
+
+pytestmark = pytest.mark.usefixtures("single_process")
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "deepercluster", *args], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+
+
+def one_line_error(done: subprocess.CompletedProcess) -> str:
+    """The error line of a stage that failed on its input: exit 1, no traceback, the message on its last line."""
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.stderr.strip().splitlines()[-1]
+
+
+def manifest_of(folder: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return cli(
+        "manifest", *("--source", "folder", "--path", str(folder)),
+        *("--manifest", str(out / "manifest.parquet"), "--skipped", str(out / "skipped.tsv"), *extra),
+    )  # fmt: skip
+
+
+# 1. Only the user's input gets the one-line message.
+
+
+def test_an_input_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    line = one_line_error(manifest_of(tmp_path / "empty", tmp_path))
+    assert f"no readable images in {tmp_path / 'empty'}" in line and "fix data.path" in line
+    # A bug reaching a stage through the command line: labels and names the rules always pair.
+    done = cli(
+        "compare", *("--labels", "a", "b", "--names", "x"),
+        *("--out", str(tmp_path / "table.md"), "--plot", str(tmp_path / "linear.png")),
+    )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" in done.stderr and "ValueError: 2 labels for 1" in done.stderr
+
+
+def test_main_lets_a_programming_error_through(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import deepercluster.data
+
+    @functools.wraps(deepercluster.data.build_manifest)  # the same options
+    def broken(**_: object) -> None:
+        raise FileNotFoundError("a bug, not the user's input")
+
+    monkeypatch.setattr(deepercluster.data, "build_manifest", broken)
+    args = ["manifest", "--source", "folder", "--path", str(tmp_path), "--manifest", "m", "--skipped", "s"]
+    with pytest.raises(FileNotFoundError, match="a bug"):
+        main(args)
+    with pytest.raises(TypeError):  # a wrong type through the Python API
+        build_manifest(source="folder", path=None, manifest="m", skipped="s")
+
+
+# 2. Bad input.
+
+
+def rgb_image(path: Path, colour: tuple[int, int, int] = (10, 20, 30), size: tuple[int, int] = (24, 20)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def test_empty_and_fake_images_are_skipped_and_listed(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    good = rgb_image(folder / "good.png")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.png").write_text("not an image, only a name")
+    done = manifest_of(folder, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert read_manifest(str(tmp_path / "manifest.parquet"))["path"].tolist() == [str(good)]
+    skipped = pd.read_csv(tmp_path / "skipped.tsv", sep="\t")
+    assert sorted(skipped["path"]) == [str(folder / "empty.png"), str(folder / "notes.png")]
+    assert skipped["error"].str.contains("cannot identify image file").all()
+    assert "2 unreadable images skipped; they are listed in" in done.stderr
+
+
+def test_every_image_mode_is_read_as_8_bit_rgb(tmp_path: Path) -> None:
+    folder = tmp_path / "modes"
+    folder.mkdir()
+    Image.new("CMYK", (8, 8), (0, 255, 0, 0)).save(folder / "cmyk.jpg")  # magenta
+    Image.fromarray(np.array([[65535, 32768], [257, 0]], np.uint16)).save(folder / "grey16.png")
+    Image.new("RGBA", (8, 8), (10, 20, 30, 0)).save(folder / "rgba.png")
+    palette = Image.new("P", (8, 8), 3)
+    palette.putpalette([0, 0, 0, 1, 1, 1, 2, 2, 2, 200, 100, 50])
+    palette.save(folder / "palette.png")
+    Image.new("1", (8, 8), 1).save(folder / "bits.png")
+    assert Image.open(folder / "grey16.png").mode == "I;16"
+
+    frame, _ = build(tmp_path, folder)
+    assert len(frame) == 5 and pd.read_csv(tmp_path / "skipped.tsv", sep="\t").empty
+    read = ImageDataset(frame["path"].tolist(), frame["id"].tolist(), np.asarray)
+    pixels = {Path(path).name: read[i][0] for i, path in enumerate(frame["path"])}
+    assert all(p.dtype == np.uint8 and p.shape[2] == 3 for p in pixels.values())
+    assert np.abs(pixels["cmyk.jpg"][4, 4].astype(int) - [255, 0, 255]).max() <= 2  # JPEG is lossy
+    # 16-bit grey scales to 8 bits (65535 -> 255, 32768 -> 128, 257 -> 1), not clipped at 255.
+    assert pixels["grey16.png"][..., 0].tolist() == [[255, 128], [1, 0]]
+    assert (pixels["grey16.png"] == pixels["grey16.png"][..., :1]).all()
+    assert pixels["rgba.png"][0, 0].tolist() == [10, 20, 30]  # alpha dropped
+    assert pixels["palette.png"][0, 0].tolist() == [200, 100, 50]
+    assert pixels["bits.png"][0, 0].tolist() == [255, 255, 255]
+
+
+def build(tmp_path: Path, folder: Path, **kwargs: object) -> tuple[pd.DataFrame, pd.DataFrame]:
+    build_manifest(
+        source="folder", path=str(folder), manifest=str(tmp_path / "manifest.parquet"),
+        skipped=str(tmp_path / "skipped.tsv"), **kwargs,
+    )  # fmt: skip
+    return read_manifest(str(tmp_path / "manifest.parquet")), pd.read_csv(tmp_path / "skipped.tsv", sep="\t")
+
+
+# Run a stage in this process, then print its peak resident memory in MB.
+PEAK_MB = (
+    "import resource, sys; from deepercluster.__main__ import main; assert main(sys.argv[1:]) == 0; "
+    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+)
+
+
+def test_an_8000_pixel_jpeg_is_read_in_bounded_memory(real_data, tmp_path: Path) -> None:
+    folder = tmp_path / "big"
+    rgb_image(folder / "huge.jpg", (200, 100, 50), size=(8000, 8000))
+    rgb_image(folder / "small.png", (1, 2, 3))
+    done = manifest_of(folder, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert len(read_manifest(str(tmp_path / "manifest.parquet"))) == 2
+    assert pd.read_csv(tmp_path / "skipped.tsv", sep="\t").empty
+    # The features stage's peak memory on the big image alone, against the small one alone.
+    frame = read_manifest(str(tmp_path / "manifest.parquet"))
+    peaks = {}
+    for name in ("huge.jpg", "small.png"):
+        manifest, out = tmp_path / f"{name}.parquet", tmp_path / f"{name}.h5"
+        frame[frame["path"].str.endswith(name)].to_parquet(manifest)
+        stage = [
+            "features", "--manifest", str(manifest), "--checkpoint", real_data.checkpoint,
+            "--shard", "0", "--shard-size", "10", "--image-size", "32", "--out", str(out),
+        ]  # fmt: skip
+        measured = subprocess.run(
+            [sys.executable, "-c", PEAK_MB, *stage], capture_output=True, text=True, timeout=300, check=True
+        )
+        peaks[name] = float(measured.stdout.split()[-1])
+        with h5py.File(out) as f:
+            assert f["features"].shape == (1, 256) and np.isfinite(f["features"][:]).all()
+    # Decoded whole, the JPEG takes 8000 x 8000 x 3 bytes twice (~370 MB more); drafted, ~12 MB.
+    assert peaks["huge.jpg"] - peaks["small.png"] < 150, peaks
+
+
+def test_spaces_and_non_ascii_names_work_end_to_end(real_data, tmp_path: Path) -> None:
+    folder = tmp_path / "mes images été"
+    names = ["a b.png", "çà et là.jpg", "日本 語.png"]
+    for i, name in enumerate(names):
+        rgb_image(folder / "classe ü" / name, (40 * i, 50, 60))
+    done = manifest_of(folder, tmp_path)
+    assert done.returncode == 0, done.stderr
+    frame = read_manifest(str(tmp_path / "manifest.parquet"))
+    assert sorted(Path(p).name for p in frame["path"]) == sorted(names)
+    assert set(frame["label"]) == {"classe ü"}
+    out = tmp_path / "shard é.h5"
+    extract_features(manifest=str(tmp_path / "manifest.parquet"), checkpoint=real_data.checkpoint, shard=0,
+                     shard_size=10, image_size=32, out=str(out))  # fmt: skip
+    with h5py.File(out) as f:
+        assert f["ids"][:].tolist() == [0, 1, 2]
+        assert not np.allclose(f["features"][0], f["features"][1])
+
+
+def write_table(path: Path, column: str, paths: list[str]) -> Path:
+    pd.DataFrame({column: paths, "user": [f"u{i}" for i in range(len(paths))]}).to_csv(path, index=False)
+    return path
+
+
+def test_a_table_without_its_path_column(tmp_path: Path) -> None:
+    table = write_table(tmp_path / "t.csv", "file", ["a.png"])
+    line = one_line_error(cli("manifest", "--source", "table", "--path", str(table), "--manifest",
+                              str(tmp_path / "m.parquet"), "--skipped", str(tmp_path / "s.tsv")))  # fmt: skip
+    assert f"{table} has no column 'path' (it has file, user); set data.path_column" in line
+
+
+def test_a_table_of_missing_files(tmp_path: Path) -> None:
+    good = rgb_image(tmp_path / "here.png")
+    table = write_table(tmp_path / "t.csv", "path", ["here.png", "gone.png", "never/there.jpg"])
+    # Missing files are skipped and listed even when images are not decoded.
+    build_manifest(source="table", path=str(table), manifest=str(tmp_path / "m.parquet"),
+                   skipped=str(tmp_path / "s.tsv"), verify_images=False)  # fmt: skip
+    assert read_manifest(str(tmp_path / "m.parquet"))["path"].tolist() == [str(good)]
+    skipped = pd.read_csv(tmp_path / "s.tsv", sep="\t")
+    assert skipped["path"].tolist() == [str(tmp_path / "gone.png"), str(tmp_path / "never" / "there.jpg")]
+    assert (skipped["error"] == "FileNotFoundError: no such file").all()
+    # None readable: one error naming one of them and where the others are listed.
+    table = write_table(tmp_path / "none.csv", "path", ["gone.png"])
+    line = one_line_error(cli("manifest", "--source", "table", "--path", str(table), "--manifest",
+                              str(tmp_path / "m2.parquet"), "--skipped", str(tmp_path / "s2.tsv")))  # fmt: skip
+    assert f"no readable images in {table}" in line and str(tmp_path / "gone.png") in line
+    assert str(tmp_path / "s2.tsv") in line and not (tmp_path / "m2.parquet").exists()
+
+
+def test_a_table_listing_a_path_twice(tmp_path: Path) -> None:
+    rgb_image(tmp_path / "one.png")
+    rgb_image(tmp_path / "two.png")
+    table = write_table(tmp_path / "t.csv", "path", ["one.png", "two.png", str(tmp_path / "one.png")])
+    line = one_line_error(cli("manifest", "--source", "table", "--path", str(table), "--manifest",
+                              str(tmp_path / "m.parquet"), "--skipped", str(tmp_path / "s.tsv")))  # fmt: skip
+    assert f"{table} lists {tmp_path / 'one.png'} 2 times (rows 1, 3" in line and "keep one row per image" in line
+    assert not (tmp_path / "m.parquet").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"rounds": 0}, "rounds: 0 is less than the minimum of 1"),
+        ({"kmeans": {"sub_clusters": 0}}, "kmeans.sub_clusters: 0 is less than the minimum of 1"),
+        ({"train": {"batch_size": 0}}, "train.batch_size: 0 is less than the minimum of 2"),
+        ({"features": {"shard_size": "1000"}}, "features.shard_size: '1000' is not of type 'integer'"),
+        ({"train": {"lr": "fast"}}, "train.lr: 'fast' is not of type 'number'"),
+        ({"seed": -1}, "seed: -1 is less than the minimum of 0"),
+        ({"train": {"momentum": 1.5}}, "train.momentum: 1.5 is greater than or equal to the maximum of 1"),
+        ({"train": {"dropout": 1}}, "train.dropout: 1 is greater than or equal to the maximum of 1"),
+    ],
+)
+def test_the_schema_rejects_bad_values_by_key(override: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        validate_config(override)
+
+
+def test_every_number_in_the_schema_is_bounded() -> None:
+    import yaml
+
+    from deepercluster.config import SCHEMA
+
+    def numbers(node: dict, key: str = "") -> list[tuple[str, dict]]:
+        found = []
+        kinds = node.get("type", [])
+        if {"integer", "number"} & set([kinds] if isinstance(kinds, str) else kinds):
+            found.append((key, node))
+        for name, child in node.get("properties", {}).items():
+            found += numbers(child, f"{key}.{name}".strip("."))
+        for name, child in node.get("$defs", {}).items():
+            found += numbers(child, f"$defs.{name}")
+        return found
+
+    unbounded = [
+        key
+        for key, node in numbers(yaml.safe_load(SCHEMA.read_text()))
+        if not {"minimum", "exclusiveMinimum"} & set(node)
+    ]
+    assert unbounded == []
+
+
+def test_more_super_clusters_than_images(real_data, tmp_path: Path) -> None:
+    with pytest.raises(
+        ClustersError, match=r"kmeans\.super_clusters \(evaluation\.clusters\) is 601, more than the 600 images"
+    ):
+        cluster_super(shards=real_data.shards, pca=real_data.pca, out=str(tmp_path / "super.h5"),
+                      super_clusters=601, iterations=1, seed=0)  # fmt: skip
+    assert not (tmp_path / "super.h5").exists()
+
+
+def test_more_super_clusters_than_images_at_parse_time(tmp_path: Path) -> None:
+    run = snakemake(tmp_path, "results/data/manifest.parquet")
+    assert run.returncode == 0, run.stderr[-3000:]
+    run = snakemake(tmp_path, "-n", kmeans={"super_clusters": 301, "sub_clusters": 4, "iterations": 5})
+    assert run.returncode != 0
+    assert "kmeans.super_clusters is 301, more than the 300 images: set it to at most 300" in run.stderr + run.stdout
+
+
+def test_a_truncated_shard_given_to_pca(real_data, tmp_path: Path) -> None:
+    truncated = tmp_path / "shard-0.h5"
+    data = Path(real_data.shards[0]).read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    line = one_line_error(
+        cli("pca", "--shards", str(truncated), *real_data.shards[1:], "--out", str(tmp_path / "pca.h5"))
+    )
+    assert f"feature shard {truncated} is unreadable" in line and "delete it and rerun snakemake" in line
+    assert not (tmp_path / "pca.h5").exists()
+
+
+def test_a_registered_checkpoint_that_cannot_be_used(real_data, tmp_path: Path) -> None:
+    out = str(tmp_path / "imported.pt")
+    missing = tmp_path / "nowhere.pt"
+    line = one_line_error(cli("import-checkpoint", "--source", str(missing), "--out", out))
+    assert f"checkpoint {missing} does not exist: check the path in the config" in line
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    line = one_line_error(cli("import-checkpoint", "--source", str(text), "--out", out))
+    assert f"checkpoint {text} is unreadable" in line and "not a PyTorch file" in line
+    line = one_line_error(
+        cli("import-checkpoint", "--source", real_data.checkpoint, "--arch", "alexnet_bn", "--out", out)
+    )
+    assert f"{real_data.checkpoint} is a small_convnet with sobel=True, its checkpoints entry says alexnet_bn" in line
+    foreign = tmp_path / "alexnet.pth"
+    torch.save(build_model("alexnet_bn", sobel=False).state_dict(), foreign)
+    line = one_line_error(cli("import-checkpoint", "--source", str(foreign), "--arch", "small_convnet", "--no-sobel",
+                              "--out", out))  # fmt: skip
+    assert f"{foreign} is not a state dict of small_convnet with sobel=False (" in line and "keys unexpected" in line
+    assert not Path(out).exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Path:
+    """A 32 MB tmpfs at tmp_path/disk, unmounted at the end; skipped where mounting is not permitted."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32M", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def fill(disk: Path, leave_bytes: int) -> Path:
+    """Write a filler file leaving ``leave_bytes`` free on ``disk``."""
+    usage = os.statvfs(disk)
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        f.truncate(0)
+        f.write(b"\0" * max(0, usage.f_bavail * usage.f_frsize - leave_bytes))
+    return filler
+
+
+def test_a_full_disk_is_named_and_the_rerun_keeps_finished_outputs(tmp_path: Path, small_disk: Path) -> None:
+    workdir = tmp_path / "run"
+    (workdir / "results").mkdir(parents=True)
+    (workdir / "results" / "rounds").symlink_to(small_disk)  # the rounds' files on the small disk, the logs not
+    finished = ["results/data/manifest.parquet", "results/rounds/0/checkpoint.pt"]
+    run = snakemake(workdir, *finished)
+    assert run.returncode == 0, run.stderr[-3000:]
+    before = {path: (workdir / path).stat().st_mtime_ns for path in finished}
+
+    filler = fill(small_disk, 64 << 10)  # less than one 150 x 256 float32 shard
+    shard = "results/rounds/1/features/shard-0.h5"
+    run = snakemake(workdir, shard)
+    assert run.returncode != 0
+    log = (workdir / "results/logs/rounds/1/features/shard-0.log").read_text()
+    assert "Traceback" not in log, log
+    assert f"no space left on the disk of {shard} while writing it: free space there" in log
+    assert not (workdir / shard).exists() and not list(small_disk.rglob("*.partial"))
+    # torch.save reports a full disk without an errno: the same message.
+    line = one_line_error(
+        cli("init", "--arch", "small_convnet", "--sobel", "--seed", "0", "--out", str(small_disk / "x.pt"))
+    )
+    assert f"no space left on the disk of {small_disk / 'x.pt'}" in line and not (small_disk / "x.pt").exists()
+
+    filler.unlink()
+    run = snakemake(workdir, shard)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (workdir / shard).is_file()
+    assert {path: (workdir / path).stat().st_mtime_ns for path in finished} == before
