@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from deepercluster.checkpoints import load_checkpoint
+from deepercluster.distributed import GlobalBatchNorm2d
 from deepercluster.objectives import Heads, super_class, targets_for
 from deepercluster.sampler import UniformClusterSampler
 from deepercluster.train import Layout, group_sampler, layout_for, rank_batches, train_block
@@ -74,6 +75,26 @@ def test_each_method_loss_equals_cross_entropy_by_hand(batch, method: str) -> No
         assert out["loss_sub"].item() == pytest.approx(np.mean(w), rel=1e-10)
         expected_total += np.mean(w)
     assert out["loss"].item() == pytest.approx(expected_total, rel=1e-10)
+
+
+def test_global_batchnorm_on_one_rank_is_batchnorm(single_process) -> None:
+    """The block's BatchNorm on one rank: torch's BatchNorm2d outputs, gradients and running statistics."""
+    torch.manual_seed(0)
+    x = (3 + 2 * torch.randn(20, 4, 6, 6)).requires_grad_()  # a mean far from 0: E[x^2] - E[x]^2 cancels
+    ours, theirs = GlobalBatchNorm2d(4), torch.nn.BatchNorm2d(4)
+    for bn in (ours, theirs):
+        torch.nn.init.normal_(bn.weight)
+    theirs.load_state_dict(ours.state_dict())
+    grads = []
+    for bn in (ours, theirs):
+        y = bn(x)
+        (y * torch.arange(4.0).view(1, 4, 1, 1)).sin().sum().backward()
+        grads.append((y.detach(), x.grad.clone(), bn.weight.grad, bn.bias.grad))
+        x.grad = None
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
 
 
 def test_sampler_is_uniform_over_clusters_and_reseeded_each_epoch() -> None:
