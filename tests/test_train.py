@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -179,10 +180,12 @@ def test_a_last_checkpoint_of_other_labels_is_not_resumed(block_inputs, tmp_path
     )
     metrics = pd.read_csv(train_dir / "metrics.tsv", sep="\t")
     assert metrics["iteration"].tolist() == list(range(600 // 50))  # trained afresh, not resumed past the end
-    assert (
-        load_checkpoint(train_dir / "second.pt")["labels_sha256"]
-        != load_checkpoint(train_dir / "first.pt")["labels_sha256"]
-    )
+    # Each checkpoint names the exact bytes it was trained from (hashed here independently of the package).
+    for out, labels in (("first.pt", block_inputs["labels"]), ("second.pt", tmp_path / "other.parquet")):
+        provenance = load_checkpoint(train_dir / out)
+        assert provenance["labels_sha256"] == hashlib.sha256(Path(labels).read_bytes()).hexdigest(), out
+        previous = Path(block_inputs["previous_checkpoint"]).read_bytes()
+        assert provenance["previous_sha256"] == hashlib.sha256(previous).hexdigest(), out
 
 
 def test_ranks_form_one_training_group_per_super_class_when_they_divide_evenly() -> None:
