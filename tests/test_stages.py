@@ -91,9 +91,20 @@ def test_labels_from_two_levels(real_data, tmp_path: Path) -> None:
 
     sizes = pd.read_csv(outputs["sizes.tsv"], sep="\t")
     assert list(sizes.columns) == ["super_cluster", "sub_cluster", "size"]
-    assert sizes["size"].sum() == 600 and (sizes["size"] > 0).all()
-    counted = labels.groupby(["super_cluster", "sub_cluster"]).size()
-    assert sizes.set_index(["super_cluster", "sub_cluster"])["size"].to_dict() == counted.to_dict()
+    # One row per (super-cluster, sub-cluster) of m x k, in order, holding its count in the labels and its size
+    # in the sub-cluster file.
+    assert list(zip(sizes["super_cluster"], sizes["sub_cluster"], strict=True)) == [
+        (s, c) for s in range(3) for c in range(4)
+    ]
+    counted = [
+        int(((labels["super_cluster"] == s) & (labels["sub_cluster"] == c)).sum()) for s in range(3) for c in range(4)
+    ]
+    assert sizes["size"].tolist() == counted and sum(counted) == 600
+    file_sizes = []
+    for path in sub_files:
+        with h5py.File(path) as f:
+            file_sizes += f["sizes"][:].tolist()
+    assert sizes["size"].tolist() == file_sizes
 
     scores = json.loads(Path(outputs["nmi.json"]).read_text())
     assert set(scores) == {"label", "split", "previous_round"}

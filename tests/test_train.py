@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from deepercluster.checkpoints import load_checkpoint
+from deepercluster.distributed import GlobalBatchNorm2d
 from deepercluster.errors import CheckpointError
 from deepercluster.objectives import Heads, super_class, targets_for
 from deepercluster.sampler import UniformClusterSampler
@@ -76,6 +78,26 @@ def test_each_method_loss_equals_cross_entropy_by_hand(batch, method: str) -> No
         assert out["loss_sub"].item() == pytest.approx(np.mean(w), rel=1e-10)
         expected_total += np.mean(w)
     assert out["loss"].item() == pytest.approx(expected_total, rel=1e-10)
+
+
+def test_global_batchnorm_on_one_rank_is_batchnorm(single_process) -> None:
+    """The block's BatchNorm on one rank: torch's BatchNorm2d outputs, gradients and running statistics."""
+    torch.manual_seed(0)
+    x = (3 + 2 * torch.randn(20, 4, 6, 6)).requires_grad_()  # a mean far from 0: E[x^2] - E[x]^2 cancels
+    ours, theirs = GlobalBatchNorm2d(4), torch.nn.BatchNorm2d(4)
+    for bn in (ours, theirs):
+        torch.nn.init.normal_(bn.weight)
+    theirs.load_state_dict(ours.state_dict())
+    grads = []
+    for bn in (ours, theirs):
+        y = bn(x)
+        (y * torch.arange(4.0).view(1, 4, 1, 1)).sin().sum().backward()
+        grads.append((y.detach(), x.grad.clone(), bn.weight.grad, bn.bias.grad))
+        x.grad = None
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
 
 
 def test_sampler_is_uniform_over_clusters_and_reseeded_each_epoch() -> None:
@@ -162,10 +184,12 @@ def test_a_last_checkpoint_of_other_labels_is_not_resumed(block_inputs, tmp_path
     )
     metrics = pd.read_csv(train_dir / "metrics.tsv", sep="\t")
     assert metrics["iteration"].tolist() == list(range(600 // 50))  # trained afresh, not resumed past the end
-    assert (
-        load_checkpoint(train_dir / "second.pt")["labels_sha256"]
-        != load_checkpoint(train_dir / "first.pt")["labels_sha256"]
-    )
+    # Each checkpoint names the exact bytes it was trained from (hashed here independently of the package).
+    for out, labels in (("first.pt", block_inputs["labels"]), ("second.pt", tmp_path / "other.parquet")):
+        provenance = load_checkpoint(train_dir / out)
+        assert provenance["labels_sha256"] == hashlib.sha256(Path(labels).read_bytes()).hexdigest(), out
+        previous = Path(block_inputs["previous_checkpoint"]).read_bytes()
+        assert provenance["previous_sha256"] == hashlib.sha256(previous).hexdigest(), out
 
 
 def block_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -47,6 +47,12 @@ def snakemake(workdir: Path, *args: str, **config: object) -> subprocess.Complet
     )
 
 
+def clusters_file_sizes(round_dir: Path, name: str) -> list[int]:
+    """The ``sizes`` of ``clusters/{name}.h5``: k-means' own count of each cluster, empty ones included."""
+    with h5py.File(round_dir / "clusters" / f"{name}.h5") as f:
+        return f["sizes"][:].tolist()
+
+
 def modification_times(workdir: Path) -> dict[str, int]:
     return {path: (workdir / path).stat().st_mtime_ns for path in OUTPUTS}
 
@@ -82,7 +88,11 @@ def test_two_rounds_produce_every_stage_file(deepercluster_run: Path) -> None:
         assert labels["id"].tolist() == list(range(300))
         assert set(labels["super_cluster"]) == {0, 1} and labels["sub_cluster"].between(0, 3).all()
         sizes = pd.read_csv(round_dir / "cluster_sizes.tsv", sep="\t")
-        assert len(sizes) == 8 and (sizes["size"] > 0).all() and sizes["size"].sum() == 300
+        pairs = [(s, c) for s in range(2) for c in range(4)]  # every (super-cluster, sub-cluster) of m=2 x k=4
+        assert list(zip(sizes["super_cluster"], sizes["sub_cluster"], strict=True)) == pairs
+        counted = [int(((labels["super_cluster"] == s) & (labels["sub_cluster"] == c)).sum()) for s, c in pairs]
+        assert sizes["size"].tolist() == counted and sum(counted) == 300
+        assert sizes["size"].tolist() == [n for s in range(2) for n in clusters_file_sizes(round_dir, f"sub-{s}")]
 
         nmi = json.loads((round_dir / "nmi.json").read_text())
         assert set(nmi) == {"label", "split", "previous_round"} and 0.0 < nmi["label"] < 1.0
@@ -112,7 +122,12 @@ def test_training_metrics_and_summary(deepercluster_run: Path) -> None:
     assert summary["round"].tolist() == [1, 2]
     assert summary["nmi_previous_round"].isna().tolist() == [True, False]
     assert (summary[["seconds_features", "seconds_train", "final_loss"]] > 0).all().all()
-    assert (summary["empty_clusters"] == 0).all() and (summary["size_min"] > 0).all()
+    for r in (1, 2):  # the cluster sizes of each round, as its clusters files hold them
+        round_dir, row = deepercluster_run / f"results/rounds/{r}", summary.iloc[r - 1]
+        sub = [n for s in range(2) for n in clusters_file_sizes(round_dir, f"sub-{s}")]
+        every = clusters_file_sizes(round_dir, "super") + sub
+        assert row["empty_clusters"] == every.count(0), "empty_clusters: the zeros of the clusters files' sizes"
+        assert (row["clusters"], row["size_min"], row["size_max"]) == (len(sub), min(sub), max(sub))
 
 
 def test_every_long_stage_logs_progress(deepercluster_run: Path) -> None:

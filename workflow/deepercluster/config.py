@@ -13,13 +13,16 @@ from deepercluster.errors import ConfigError
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 
 
-def fill_defaults(config: dict[str, Any], schema: dict[str, Any]) -> None:
-    """Give every key the schema documents its default, recursively, in place."""
+def fill_defaults(config: dict[str, Any], schema: dict[str, Any], root: dict[str, Any] | None = None) -> None:
+    """Give every key the schema documents its default, recursively, in place (``$ref``s of ``root`` followed)."""
+    root = root or schema
     for key, child in schema.get("properties", {}).items():
+        if "$ref" in child:
+            child = {**root["$defs"][child["$ref"].removeprefix("#/$defs/")], **child}
         if key not in config and "default" in child:
             config[key] = child["default"].copy() if isinstance(child["default"], dict) else child["default"]
         if isinstance(config.get(key), dict):
-            fill_defaults(config[key], child)
+            fill_defaults(config[key], child, root)
 
 
 def validate_config(config: dict[str, Any], schema_path: str | Path = SCHEMA) -> dict[str, Any]:

@@ -321,7 +321,7 @@ def train_block(
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = dropout
-    model = global_batchnorm(model) if world_size > 1 else model
+    model = global_batchnorm(model)
     model.to(device).train()
     heads.to(device).train()
     shared = [p for p in [*model.parameters(), *heads.parameters()] if p.requires_grad]
