@@ -20,12 +20,12 @@ from deepercluster.formats import Whitening
 from deepercluster.kmeans import (
     SPLIT_EPS,
     centroid_index,
-    id_hash,
     initial_centroids,
     kmeans,
     nearest_centroid,
     split_empty_clusters,
 )
+from deepercluster.seeds import id_hash
 from deepercluster.shards import ShardSource
 
 pytestmark = pytest.mark.usefixtures("single_process")

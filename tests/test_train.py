@@ -21,7 +21,7 @@ from deepercluster.distributed import GlobalBatchNorm2d
 from deepercluster.errors import CheckpointError
 from deepercluster.objectives import Heads, super_class, targets_for
 from deepercluster.sampler import UniformClusterSampler
-from deepercluster.train import Layout, group_sampler, layout_for, rank_batches, train_block
+from deepercluster.train import Layout, RankBatches, group_sampler, layout_for, train_block
 
 
 def cross_entropy_by_hand(logits: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -242,8 +242,29 @@ def test_a_group_sees_only_its_super_cluster_at_its_rotation() -> None:
     layout = Layout(groups=8, group=6, part=0, parts=1)  # super-class 6 = super-cluster 1 at rotation 2
     indices, rotations = group_sampler(targets, layout, clusters, seed=0).epoch(0)
     assert len(indices) == 1 and set(indices) <= {3, 4, 5, 6, 7} and set(rotations) == {2}
-    group_batches = rank_batches(np.arange(8), np.zeros(8, int), 4, Layout(1, 0, 1, 2), 0, seed=0, epoch=0)
+    group_batches = RankBatches(np.arange(8), np.zeros(8, int), 4, Layout(1, 0, 1, 2), 0, seed=0, epoch=0)
     assert [[key[0] for key in batch] for batch in group_batches] == [[2, 3], [6, 7]]  # rank 1's half of each
+
+
+def test_sample_seeds_depend_on_the_position_only_not_on_the_rank_or_the_resume_point() -> None:
+    """Two ranks' halves of each batch carry the seeds one rank gives them; resuming at batch 3 replays
+    batches 3.. with the same seeds; another epoch or group draws other seeds."""
+    rng = np.random.default_rng(0)
+    indices, rotations = rng.permutation(1000), rng.integers(0, 4, 1000)
+    whole = RankBatches(indices, rotations, 40, Layout(1, 0, 0, 1), 0, seed=7, epoch=2)
+    halves = [RankBatches(indices, rotations, 40, Layout(1, 0, part, 2), 0, seed=7, epoch=2) for part in (0, 1)]
+    assert len(whole) == 25 and [a + b for a, b in zip(*halves, strict=True)] == list(whole)
+    resumed = RankBatches(indices, rotations, 40, Layout(1, 0, 0, 1), 3, seed=7, epoch=2)
+    assert list(resumed) == list(whole)[3:]
+    seeds = [key[2] for batch in whole for key in batch]
+    assert len(set(seeds)) == 1000 and all(0 <= s < 2**64 for s in seeds)
+    assert [key[:2] for key in whole[0]] == list(zip(indices[:40].tolist(), rotations[:40].tolist(), strict=True))
+    for other in ({"seed": 7, "epoch": 3}, {"seed": 8, "epoch": 2}):
+        assert not set(seeds) & {
+            key[2] for key in RankBatches(indices, rotations, 40, Layout(1, 0, 0, 1), 0, **other)[0]
+        }
+    with pytest.raises(IndexError):
+        whole[25]
 
 
 def test_four_ranks_in_the_papers_layout_train_rotnet(block_inputs, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from deepercluster.distributed import all_gather_objects, all_reduce_sum
+from deepercluster.seeds import id_hash
 from deepercluster.shards import FeatureSource
 
 log = logging.getLogger(__name__)
@@ -121,15 +122,6 @@ def initial_centroids(source: FeatureSource, k: int, seed: int) -> np.ndarray:
         held = np.isin(ids, chosen)
         rows[order[np.searchsorted(chosen[order], ids[held])]] = torch.from_numpy(x[held]).double()
     return all_reduce_sum(rows).numpy().astype(np.float32)
-
-
-def id_hash(ids: np.ndarray, seed: int) -> np.ndarray:
-    """splitmix64 of (seed, id): a seeded random key per id, independent of where the id lives."""
-    with np.errstate(over="ignore"):
-        z = ids.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
 
 
 def kmeans(source: FeatureSource, k: int, iterations: int, seed: int) -> KMeansResult:

@@ -31,6 +31,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ from deepercluster.formats import read_manifest
 from deepercluster.labels import read_labels
 from deepercluster.objectives import ROTATIONS, Heads, Targets, super_class, targets_for
 from deepercluster.sampler import UniformClusterSampler
+from deepercluster.seeds import derived_seed, id_hash
 
 log = logging.getLogger(__name__)
 
@@ -121,20 +123,35 @@ class RotatedImages(Dataset):
         return torch.rot90(image, rotation, dims=(1, 2)), index, rotation
 
 
-def rank_batches(
-    indices: np.ndarray, rotations: np.ndarray, group_batch: int, layout: Layout, start: int, seed: int, epoch: int
-) -> list[list[tuple[int, int, int]]]:
+class RankBatches(Sequence):
     """This rank's share of each of the group's batches from batch ``start`` on, as (index, rotation, sample_seed).
 
+    Batches are made when asked for, so an epoch costs no Python work per sample up front; each
+    sample's augmentation seed is a splitmix64 key of (seed, epoch, group, position), vectorised.
     The last incomplete batch is dropped.
     """
-    keys = [
-        (int(i), int(r), int(np.random.SeedSequence([seed, epoch, layout.group, p]).generate_state(1)[0]))
-        for p, (i, r) in enumerate(zip(indices, rotations, strict=True))
-    ]
-    share = group_batch // layout.parts
-    first = [b * group_batch + layout.part * share for b in range(start, len(keys) // group_batch)]
-    return [keys[f : f + share] for f in first]
+
+    def __init__(
+        self, indices: np.ndarray, rotations: np.ndarray, group_batch: int, layout: Layout, start: int, seed: int,
+        epoch: int,
+    ) -> None:  # fmt: skip
+        self.indices, self.rotations, self.group_batch, self.start = indices, rotations, group_batch, start
+        self.share = group_batch // layout.parts
+        self.offset = layout.part * self.share
+        self.stream = derived_seed(seed, epoch, layout.group)
+
+    def __len__(self) -> int:
+        return len(self.indices) // self.group_batch - self.start
+
+    def __getitem__(self, b: int) -> list[tuple[int, int, int]]:
+        if not 0 <= b < len(self):
+            raise IndexError(b)
+        first = (self.start + b) * self.group_batch + self.offset
+        positions = np.arange(first, first + self.share)
+        seeds = id_hash(positions, self.stream)
+        return list(
+            zip(self.indices[positions].tolist(), self.rotations[positions].tolist(), seeds.tolist(), strict=True)
+        )
 
 
 def rng_state() -> dict[str, Any]:
@@ -343,7 +360,7 @@ def train_block(
              len(dataset), epochs, iterations_per_epoch, batch_size, world_size, layout, targets)  # fmt: skip
     for epoch in range(start_epoch, epochs):
         indices, rotations = sampler.epoch(epoch)
-        batches = rank_batches(indices, rotations, group_batch, layout, start_batch, seed, epoch)
+        batches = RankBatches(indices, rotations, group_batch, layout, start_batch, seed, epoch)
         # Its own generator: creating the loader must not draw from the global RNG (dropout's), or a
         # loader created at resume would shift every later draw.
         loader = DataLoader(
