@@ -39,12 +39,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:  # torch's weights-only unpickler refused an object
-        if "Weights only load failed" not in str(error):
-            raise unreadable(path, error) from error
+    except pickle.UnpicklingError as error:  # a foreign file, or torch's weights-only unpickler refused an object
         found = " ".join(line for line in str(error).splitlines() if "GLOBAL" in line)
+        if not found:
+            raise unreadable(path, error) from error
         raise CheckpointError(
-            f"checkpoint {path} holds Python objects other than tensors and plain data ({found or 'see torch.load'}): "
+            f"checkpoint {path} holds Python objects other than tensors and plain data ({found}): "
             "refused, not unpickled, so that loading cannot run code; if you trust it, save its state dict alone "
             "(torch.save(model.state_dict(), path)) and point the config at that file"
         ) from error
