@@ -69,7 +69,12 @@ rule summary:
         sizes=round_files("cluster_sizes.tsv"),
         benchmarks=round_benchmarks,
     output:
-        "results/summary.tsv",
+        report(
+            "results/summary.tsv",
+            caption="../report/summary.rst",
+            category="Run",
+            labels={"table": "summary, one row per round"},
+        ),
     log:
         "results/logs/summary.log",
     benchmark:
