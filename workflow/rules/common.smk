@@ -169,11 +169,12 @@ def round_benchmarks(wildcards):
 
 
 def default_targets(wildcards):
-    """Every round's files and report figures, the last checkpoint and the summary."""
+    """Every round's files and report figures, the last checkpoint and the summary (TSV and web page)."""
     return [
         *(output for r in range(1, ROUNDS + 1) for output in round_outputs(r)),
         *(expand(ROUND_FIGURES.values(), round=range(1, ROUNDS + 1))),
         "results/summary.tsv",
+        "results/summary.html",
     ]
 
 
