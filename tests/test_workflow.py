@@ -168,6 +168,9 @@ def test_the_other_methods_run_two_rounds(tmp_path_factory: pytest.TempPathFacto
     assert checkpoint["method"] == method
     metrics = pd.read_csv(workdir / "results/rounds/2/train/metrics.tsv", sep="\t")
     summary = pd.read_csv(workdir / "results/summary.tsv", sep="\t")
+    figures = sorted(path.name for path in (workdir / "results/rounds/2/figures").iterdir())
+    clustering = ["cluster_sizes.png", "clusters.png", "nmi.png"]  # the report's: none without clusters
+    assert figures == sorted(["training.png", *([] if method == "rotnet" else clustering)])
     if method == "rotnet":  # rotations only: no clustering stage ran at all
         assert not (workdir / "results/rounds/1/features").exists()
         assert checkpoint["targets"]["super_classes"] == 4 and metrics["loss_sub"].isna().all()

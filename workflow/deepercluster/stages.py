@@ -19,6 +19,7 @@ STAGES = {
     "labels": "deepercluster.labels:make_labels",
     "train": "deepercluster.launch:train",
     "summary": "deepercluster.summary:summarize",
+    "report-round": "deepercluster.report:round_figures",
     "import-checkpoint": "deepercluster.evaluate.external:import_checkpoint",
     "eval-probe-features": "deepercluster.evaluate.linear:probe_features",
     "eval-linear": "deepercluster.evaluate.linear:linear_probe",

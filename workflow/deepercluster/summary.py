@@ -77,8 +77,9 @@ def summarize(
     nmi: list[str] | None = None,
     sizes: list[str] | None = None,
     benchmarks: list[str] | None = None,
+    html: str | None = None,
 ) -> None:
-    """Stage 'summary': one row per round -> ``out``.
+    """Stage 'summary': one row per round -> ``out`` (TSV), and as a web page -> ``html`` (for the report).
 
     ``metrics[i]``, ``nmi[i]`` and ``sizes[i]`` are round i+1's files (``nmi`` and ``sizes`` absent
     for RotNet, which clusters nothing); ``benchmarks`` are every round's stage benchmark files.
@@ -97,3 +98,6 @@ def summarize(
     log.info("summary of %d rounds:\n%s", len(table), table.to_string(index=False))
     with atomic_output(out) as partial:
         table.to_csv(partial, sep="\t", index=False, float_format="%.4g")
+    if html:
+        with atomic_output(html) as partial:
+            table.to_html(partial, index=False, float_format="%.4g", na_rep="", border=0)

@@ -91,13 +91,15 @@ def sub_cluster_files(r):
     return [f"results/rounds/{r}/clusters/sub-{s}.h5" for s in range(SUPER_CLUSTERS)]
 
 
-def round_labels(wildcards):
-    """The pseudo-labels a round trains on (none for RotNet)."""
-    return (
-        []
-        if METHOD == "rotnet"
-        else [f"results/rounds/{wildcards.round}/labels.parquet"]
+def round_file(name):
+    """An input function: results/rounds/{round}/<name>, where the method clusters (none for RotNet)."""
+    return lambda wildcards: (
+        [] if METHOD == "rotnet" else [f"results/rounds/{wildcards.round}/{name}"]
     )
+
+
+# The pseudo-labels a round trains on (none for RotNet).
+round_labels = round_file("labels.parquet")
 
 
 def round_outputs(r):
@@ -122,6 +124,36 @@ def round_files(name):
     return [f"results/rounds/{r}/{name}" for r in range(1, ROUNDS + 1)]
 
 
+# The report's figures of round {round} (rules/report.smk), each flagged for `snakemake --report`.
+FIGURES = "results/rounds/{round}/figures"
+ROUND_FIGURES = {
+    "training": f"{FIGURES}/training.png",
+    **(
+        {}
+        if METHOD == "rotnet"
+        else {
+            "sizes_plot": f"{FIGURES}/cluster_sizes.png",
+            "nmi_plot": f"{FIGURES}/nmi.png",
+            "grid": f"{FIGURES}/clusters.png",
+        }
+    ),
+}
+
+
+def rounds_until(name):
+    """An input function: results/rounds/{i}/<name> of rounds 1..{round} (none for RotNet)."""
+    return lambda wildcards: round_files(name)[: int(wildcards.round)]
+
+
+def figure_options(wildcards, input, output):
+    """The stage's figure paths, and the round's clustering files where the method clusters."""
+    clustering = dict(
+        manifest=input.manifest, labels=input.labels, sizes=input.sizes, nmi=input.nmi
+    )
+    figures = {name: getattr(output, name) for name in ROUND_FIGURES}
+    return options(**figures, **(clustering if input.labels else {}))
+
+
 def round_benchmarks(wildcards):
     """The benchmark file of every job of every round: the summary's stage times."""
     files = []
@@ -137,9 +169,12 @@ def round_benchmarks(wildcards):
 
 
 def default_targets(wildcards):
-    """Every round's files, the last checkpoint and the summary."""
-    return [output for r in range(1, ROUNDS + 1) for output in round_outputs(r)] + [
-        "results/summary.tsv"
+    """Every round's files and report figures, the last checkpoint and the summary (TSV and web page)."""
+    return [
+        *(output for r in range(1, ROUNDS + 1) for output in round_outputs(r)),
+        *(expand(ROUND_FIGURES.values(), round=range(1, ROUNDS + 1))),
+        "results/summary.tsv",
+        "results/summary.html",
     ]
 
 

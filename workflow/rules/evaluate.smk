@@ -162,7 +162,13 @@ rule eval_linear:
         features="results/evals/{name}/probe_features.h5",
     output:
         json="results/evals/{name}/linear.json",
-        plot="results/evals/{name}/linear.png",
+        plot=report(
+            "results/evals/{name}/linear.png",
+            caption="../report/linear.rst",
+            category="Evaluations",
+            subcategory="{name}",
+            labels={"checkpoint": "{name}", "evaluation": "linear probes per layer"},
+        ),
     log:
         "results/logs/evals/{name}/linear.log",
     benchmark:
@@ -190,7 +196,13 @@ rule eval_knn:
         manifest=EVAL_MANIFEST,
         features="results/evals/{name}/features.h5",
     output:
-        "results/evals/{name}/knn.json",
+        report(
+            "results/evals/{name}/knn.json",
+            caption="../report/knn.rst",
+            category="Evaluations",
+            subcategory="{name}",
+            labels={"checkpoint": "{name}", "evaluation": "k-NN top-1"},
+        ),
     log:
         "results/logs/evals/{name}/knn.log",
     benchmark:
@@ -216,7 +228,13 @@ rule eval_nmi:
         pcas=eval_rounds("pca.h5"),
     output:
         json="results/evals/{name}/nmi.json",
-        plot="results/evals/{name}/nmi.png",
+        plot=report(
+            "results/evals/{name}/nmi.png",
+            caption="../report/eval-nmi.rst",
+            category="Evaluations",
+            subcategory="{name}",
+            labels={"checkpoint": "{name}", "evaluation": "NMI of k-means"},
+        ),
     log:
         "results/logs/evals/{name}/nmi.log",
     benchmark:
@@ -247,7 +265,13 @@ rule eval_clusters:
         manifest=EVAL_MANIFEST,
         clusters="results/evals/{name}/clusters.h5",
     output:
-        "results/evals/{name}/clusters.png",
+        report(
+            "results/evals/{name}/clusters.png",
+            caption="../report/eval-clusters.rst",
+            category="Evaluations",
+            subcategory="{name}",
+            labels={"checkpoint": "{name}", "evaluation": "images of a few clusters"},
+        ),
     log:
         "results/logs/evals/{name}/clusters-png.log",
     benchmark:
@@ -327,8 +351,20 @@ rule compare:
     input:
         compared,
     output:
-        table="results/compare/table.md",
-        plot="results/compare/linear.png",
+        table=report(
+            "results/compare/table.md",
+            caption="../report/compare.rst",
+            category="Evaluations",
+            subcategory="compare",
+            labels={"checkpoint": "compared", "evaluation": "table"},
+        ),
+        plot=report(
+            "results/compare/linear.png",
+            caption="../report/compare.rst",
+            category="Evaluations",
+            subcategory="compare",
+            labels={"checkpoint": "compared", "evaluation": "linear probes per layer"},
+        ),
     log:
         "results/logs/compare/table.log",
     benchmark:

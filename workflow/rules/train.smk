@@ -69,7 +69,18 @@ rule summary:
         sizes=round_files("cluster_sizes.tsv"),
         benchmarks=round_benchmarks,
     output:
-        "results/summary.tsv",
+        tsv=report(
+            "results/summary.tsv",
+            caption="../report/summary.rst",
+            category="Run",
+            labels={"table": "summary, one row per round (TSV)"},
+        ),
+        html=report(
+            "results/summary.html",
+            caption="../report/summary.rst",
+            category="Run",
+            labels={"table": "summary, one row per round"},
+        ),
     log:
         "results/logs/summary.log",
     benchmark:
@@ -85,4 +96,4 @@ rule summary:
         ),
     shell:
         "python -m deepercluster summary --metrics {input.metrics} {params.clustering}"
-        " --benchmarks {input.benchmarks} --out {output} > {log} 2>&1"
+        " --benchmarks {input.benchmarks} --out {output.tsv} --html {output.html} > {log} 2>&1"

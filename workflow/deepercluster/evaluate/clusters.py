@@ -48,10 +48,18 @@ def cluster_grid(
     *, manifest: str, clusters: str, out: str, shown: int = 6, per_cluster: int = 9, seed: int = 0, side: int = 64
 ) -> None:
     """Stage 'eval-clusters': ``per_cluster`` random images of ``shown`` random clusters of ``clusters`` -> ``out``."""
-    images = read_manifest(manifest).set_index("id")
     ids, cluster_of_image = read_assignments(clusters)
     assignment = pd.Series(cluster_of_image, index=ids)
-    columns = metadata_columns(images.reset_index())
+    save_figure(grid_figure(read_manifest(manifest), assignment, shown, per_cluster, seed, side), out)
+
+
+def grid_figure(
+    manifest: pd.DataFrame, assignment: pd.Series, shown: int = 6, per_cluster: int = 9, seed: int = 0, side: int = 64
+) -> Figure:
+    """``per_cluster`` random images of ``shown`` random non-empty clusters of ``assignment`` (a cluster per
+    image, indexed by id), each captioned with its size and its dominant metadata values."""
+    images = manifest.set_index("id")
+    columns = metadata_columns(manifest)
     rng = np.random.default_rng(seed)
     sizes = assignment.value_counts()
     chosen = np.sort(rng.choice(sizes.index.to_numpy(), size=min(shown, len(sizes)), replace=False))
@@ -68,4 +76,4 @@ def cluster_grid(
         log.info("%s", "; ".join(caption))
     for panel in axes:
         panel.axis("off")
-    save_figure(figure, out)
+    return figure
