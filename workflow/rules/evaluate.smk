@@ -1,6 +1,8 @@
-# Evaluations of any checkpoint: results/evals/{name}/..., where name is round-{r} of this run or a
-# name under `checkpoints:` (checked and copied to results/checkpoints/{name}.pt). They only read a
-# checkpoint: when it exists and is up to date, nothing of its round is rerun.
+# Evaluations of any checkpoint: {run}/evals/{name}/..., where name is round-{r} of the run (results:
+# the main run; results/compare/{method}: the comparison's) or a name under `checkpoints:` (checked and
+# copied to results/checkpoints/{name}.pt). They only read a checkpoint: when it exists and is up to
+# date, nothing of its round is rerun. Rule compare: the table of random init, RotNet, DeepCluster and
+# DeeperCluster, training the runs it lacks.
 # Their input functions (eval_checkpoint, eval_rounds, ...) are in common.smk.
 
 
@@ -56,11 +58,11 @@ rule eval_features:
         manifest=EVAL_MANIFEST,
         checkpoint=eval_checkpoint,
     output:
-        "results/evals/{name}/features.h5",
+        "{run}/evals/{name}/features.h5",
     log:
-        "results/logs/evals/{name}/features.log",
+        "{run}/logs/evals/{name}/features.log",
     benchmark:
-        "results/benchmarks/evals/{name}/features.tsv"
+        "{run}/benchmarks/evals/{name}/features.tsv"
     conda:
         ENV
     threads: stage_cpus("evaluate")
@@ -80,13 +82,13 @@ rule eval_features:
 
 rule eval_pca:
     input:
-        "results/evals/{name}/features.h5",
+        "{run}/evals/{name}/features.h5",
     output:
-        "results/evals/{name}/pca.h5",
+        "{run}/evals/{name}/pca.h5",
     log:
-        "results/logs/evals/{name}/pca.log",
+        "{run}/logs/evals/{name}/pca.log",
     benchmark:
-        "results/benchmarks/evals/{name}/pca.tsv"
+        "{run}/benchmarks/evals/{name}/pca.tsv"
     conda:
         ENV
     threads: stage_cpus("evaluate")
@@ -105,14 +107,14 @@ rule eval_pca:
 
 rule eval_kmeans:
     input:
-        features="results/evals/{name}/features.h5",
-        pca="results/evals/{name}/pca.h5",
+        features="{run}/evals/{name}/features.h5",
+        pca="{run}/evals/{name}/pca.h5",
     output:
-        "results/evals/{name}/clusters.h5",
+        "{run}/evals/{name}/clusters.h5",
     log:
-        "results/logs/evals/{name}/clusters.log",
+        "{run}/logs/evals/{name}/clusters.log",
     benchmark:
-        "results/benchmarks/evals/{name}/clusters.tsv"
+        "{run}/benchmarks/evals/{name}/clusters.tsv"
     conda:
         ENV
     threads: stage_cpus("evaluate")
@@ -135,11 +137,11 @@ rule eval_probe_features:
         manifest=EVAL_MANIFEST,
         checkpoint=eval_checkpoint,
     output:
-        "results/evals/{name}/probe_features.h5",
+        "{run}/evals/{name}/probe_features.h5",
     log:
-        "results/logs/evals/{name}/probe_features.log",
+        "{run}/logs/evals/{name}/probe_features.log",
     benchmark:
-        "results/benchmarks/evals/{name}/probe_features.tsv"
+        "{run}/benchmarks/evals/{name}/probe_features.tsv"
     conda:
         ENV
     threads: stage_cpus("evaluate")
@@ -159,14 +161,14 @@ rule eval_probe_features:
 rule eval_linear:
     input:
         manifest=EVAL_MANIFEST,
-        features="results/evals/{name}/probe_features.h5",
+        features="{run}/evals/{name}/probe_features.h5",
     output:
-        json="results/evals/{name}/linear.json",
-        plot="results/evals/{name}/linear.png",
+        json="{run}/evals/{name}/linear.json",
+        plot="{run}/evals/{name}/linear.png",
     log:
-        "results/logs/evals/{name}/linear.log",
+        "{run}/logs/evals/{name}/linear.log",
     benchmark:
-        "results/benchmarks/evals/{name}/linear.tsv"
+        "{run}/benchmarks/evals/{name}/linear.tsv"
     conda:
         ENV
     threads: stage_cpus("evaluate")
@@ -188,13 +190,13 @@ rule eval_linear:
 rule eval_knn:
     input:
         manifest=EVAL_MANIFEST,
-        features="results/evals/{name}/features.h5",
+        features="{run}/evals/{name}/features.h5",
     output:
-        "results/evals/{name}/knn.json",
+        "{run}/evals/{name}/knn.json",
     log:
-        "results/logs/evals/{name}/knn.log",
+        "{run}/logs/evals/{name}/knn.log",
     benchmark:
-        "results/benchmarks/evals/{name}/knn.tsv"
+        "{run}/benchmarks/evals/{name}/knn.tsv"
     conda:
         ENV
     threads: stage_cpus("evaluate")
@@ -215,12 +217,12 @@ rule eval_nmi:
         features=eval_rounds("features.h5"),
         pcas=eval_rounds("pca.h5"),
     output:
-        json="results/evals/{name}/nmi.json",
-        plot="results/evals/{name}/nmi.png",
+        json="{run}/evals/{name}/nmi.json",
+        plot="{run}/evals/{name}/nmi.png",
     log:
-        "results/logs/evals/{name}/nmi.log",
+        "{run}/logs/evals/{name}/nmi.log",
     benchmark:
-        "results/benchmarks/evals/{name}/nmi.tsv"
+        "{run}/benchmarks/evals/{name}/nmi.tsv"
     conda:
         ENV
     threads: stage_cpus("evaluate")
@@ -245,13 +247,13 @@ rule eval_nmi:
 rule eval_clusters:
     input:
         manifest=EVAL_MANIFEST,
-        clusters="results/evals/{name}/clusters.h5",
+        clusters="{run}/evals/{name}/clusters.h5",
     output:
-        "results/evals/{name}/clusters.png",
+        "{run}/evals/{name}/clusters.png",
     log:
-        "results/logs/evals/{name}/clusters-png.log",
+        "{run}/logs/evals/{name}/clusters-png.log",
     benchmark:
-        "results/benchmarks/evals/{name}/clusters-png.tsv"
+        "{run}/benchmarks/evals/{name}/clusters-png.tsv"
     conda:
         ENV
     threads: stage_cpus("evaluate")
@@ -269,11 +271,11 @@ rule eval_voc07:
         voc=configured("voc07"),
         checkpoint=eval_checkpoint,
     output:
-        "results/evals/{name}/voc07.json",
+        "{run}/evals/{name}/voc07.json",
     log:
-        "results/logs/evals/{name}/voc07.log",
+        "{run}/logs/evals/{name}/voc07.log",
     benchmark:
-        "results/benchmarks/evals/{name}/voc07.tsv"
+        "{run}/benchmarks/evals/{name}/voc07.tsv"
     conda:
         ENV
     threads: stage_cpus("evaluate")
@@ -299,11 +301,11 @@ rule eval_retrieval:
         images=configured("retrieval"),
         checkpoint=eval_checkpoint,
     output:
-        "results/evals/{name}/retrieval.json",
+        "{run}/evals/{name}/retrieval.json",
     log:
-        "results/logs/evals/{name}/retrieval.log",
+        "{run}/logs/evals/{name}/retrieval.log",
     benchmark:
-        "results/benchmarks/evals/{name}/retrieval.tsv"
+        "{run}/benchmarks/evals/{name}/retrieval.tsv"
     conda:
         ENV
     threads: stage_cpus("evaluate")
@@ -325,9 +327,10 @@ rule eval_retrieval:
 
 rule compare:
     input:
-        compared,
+        compared_evals,
     output:
         table="results/compare/table.md",
+        tsv="results/compare/table.tsv",
         plot="results/compare/linear.png",
     log:
         "results/logs/compare/table.log",
@@ -341,9 +344,10 @@ rule compare:
     params:
         options=options(
             labels=list(COMPARED),
-            names=list(COMPARED.values()),
+            checkpoints=[checkpoint_file(*row) for row in COMPARED.values()],
+            evals=[eval_folder(*row) for row in COMPARED.values()],
             label_column=EVAL["label_column"],
         ),
     shell:
-        "python -m deepercluster compare {params.options} --evals results/evals"
-        " --out {output.table} --plot {output.plot} > {log} 2>&1"
+        "python -m deepercluster compare {params.options}"
+        " --out {output.table} --tsv {output.tsv} --plot {output.plot} > {log} 2>&1"
