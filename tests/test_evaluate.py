@@ -479,7 +479,8 @@ def tiny_run(real_data, tmp_path_factory: pytest.TempPathFactory) -> Path:
             "voc07": str(make_voc(workdir / "voc", manifest, {"train": 12, "val": 8, "test": 12})),
             "voc07_epochs": 1,
             "retrieval": str(make_retrieval_list(workdir / "lists", manifest)),
-            "compare": {"random": "plain"},
+            # Every row named: the table trains and evaluates nothing more.
+            "compare": {method: "plain" for method in ("random", "rotnet", "deepcluster", "deepercluster")},
         },
     }
     run = snakemake(workdir, config, "--max-threads", "1", "results/rounds/1/checkpoint.pt")
@@ -530,7 +531,12 @@ def test_evaluations_run_alone_on_round_1_and_on_a_registered_state_dict(tiny_ru
 
     table = (tiny_run / "results/compare/table.md").read_text().splitlines()
     assert table[0].startswith("| method | checkpoint | linear conv1 | linear conv2 | linear conv3 | 20-NN | NMI label")
-    assert table[2].startswith("| random | `plain` |") and f"| {100 * nearest['plain']['top1']:.1f} [" in table[2]
+    assert table[2].startswith("| random | `results/checkpoints/plain.pt` |")
+    assert f"| {100 * nearest['plain']['top1']:.1f} [" in table[2]
+    assert [row.split(" | ")[:2] for row in table[2:6]] == [
+        [f"| {method}", "`results/checkpoints/plain.pt`"]
+        for method in ("random", "rotnet", "deepcluster", "deepercluster")
+    ]
 
 
 def test_nmi_of_round_r_plans_the_clusters_of_every_earlier_round_and_no_training(tiny_run: Path) -> None:

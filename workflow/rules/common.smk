@@ -277,3 +277,13 @@ def compared_evals(wildcards):
     return [
         f"{eval_folder(*row)}/{kind}" for row in COMPARED.values() for kind in kinds
     ]
+
+
+def compared_rounds(wildcards):
+    """Every file of the rounds of each row's run up to its checkpoint (its checked copy for a name)."""
+    files = []
+    for run, name in COMPARED.values():
+        last = int(name.removeprefix("round-")) if name.startswith("round-") else 0
+        files += [file for r in range(1, last + 1) for file in round_outputs(run, r)]
+        files.append(checkpoint_file(run, name))
+    return files

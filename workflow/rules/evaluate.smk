@@ -325,7 +325,7 @@ rule eval_retrieval:
         " --checkpoint {input.checkpoint} --out {output} > {log} 2>&1"
 
 
-rule compare:
+rule compare_table:
     input:
         compared_evals,
     output:
@@ -351,3 +351,14 @@ rule compare:
     shell:
         "python -m deepercluster compare {params.options}"
         " --out {output.table} --tsv {output.tsv} --plot {output.plot} > {log} 2>&1"
+
+
+# The target `snakemake compare`: the table, and every round of the runs behind it, so deleting any of
+# their files reruns it and what depends on it, as the default target for the main run.
+rule compare:
+    input:
+        compared_rounds,
+        "results/compare/table.md",
+        "results/compare/table.tsv",
+        "results/compare/linear.png",
+    localrule: True
