@@ -60,12 +60,15 @@ def test_an_input_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path: Path
     (tmp_path / "empty").mkdir()
     line = one_line_error(manifest_of(tmp_path / "empty", tmp_path))
     assert f"no readable images in {tmp_path / 'empty'}" in line and "fix data.path" in line
-    # A bug reaching a stage through the command line: labels and names the rules always pair.
+    # A bug reaching a stage through the command line: labels, checkpoints and folders the rules always pair.
     done = cli(
-        "compare", *("--labels", "a", "b", "--names", "x"),
-        *("--out", str(tmp_path / "table.md"), "--plot", str(tmp_path / "linear.png")),
+        "compare", *("--labels", "a", "b", "--checkpoints", "x", "y", "--evals", "x"),
+        *("--out", str(tmp_path / "table.md"), "--tsv", str(tmp_path / "table.tsv")),
+        *("--plot", str(tmp_path / "linear.png")),
     )  # fmt: skip
-    assert done.returncode == 1 and "Traceback" in done.stderr and "ValueError: 2 labels for 1" in done.stderr
+    assert (
+        done.returncode == 1 and "Traceback" in done.stderr and "ValueError: 2 labels, 2 checkpoints, 1" in done.stderr
+    )
 
 
 def test_main_lets_a_programming_error_through(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

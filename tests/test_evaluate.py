@@ -413,9 +413,9 @@ def test_compare_puts_checkpoints_side_by_side(tmp_path: Path) -> None:
     write_evals(tmp_path / "evals" / "round-0", [0.5, 0.4], 0.3, 0.05)
     write_evals(tmp_path / "evals" / "ours", [0.61, 0.7, 0.755], 0.8, 0.456)
     (tmp_path / "evals" / "ours" / "retrieval.json").write_text(json.dumps({"mAP": 0.25}))
-    out, plot = tmp_path / "table.md", tmp_path / "linear.png"
-    compare(labels=["random", "deepercluster"], names=["round-0", "ours"], out=str(out), plot=str(plot),
-            evals=str(tmp_path / "evals"))  # fmt: skip
+    out, tsv, plot = tmp_path / "table.md", tmp_path / "table.tsv", tmp_path / "linear.png"
+    compare(labels=["random", "deepercluster"], checkpoints=["round-0", "ours"], out=str(out), tsv=str(tsv),
+            plot=str(plot), evals=[str(tmp_path / "evals" / name) for name in ("round-0", "ours")])  # fmt: skip
     assert out.read_text().splitlines()[:4] == [
         "| method | checkpoint | linear conv1 | linear conv2 | linear conv3 | 20-NN | NMI label"
         " | VOC07 FC6-8 mAP | VOC07 ALL mAP | retrieval mAP |",
@@ -424,6 +424,20 @@ def test_compare_puts_checkpoints_side_by_side(tmp_path: Path) -> None:
         " |  |  |  |",
         "| deepercluster | `ours` | 61.0 [60.0, 63.0] | 70.0 [69.0, 72.0] | 75.5 [74.5, 77.5] | 80.0 [70.0, 80.0]"
         " | 0.456 ± 0.010 |  |  | 25.0 |",
+    ]
+    numbers = pd.read_csv(tsv, sep="\t")
+    assert list(numbers.columns) == [
+        "method", "checkpoint", *(f"linear_conv{i}{end}" for i in (1, 2, 3) for end in ("", "_low", "_high")),
+        "knn", "knn_low", "knn_high", "nmi_label", "nmi_label_sd", "voc07_fc6_8", "voc07_all", "retrieval",
+    ]  # fmt: skip
+    assert numbers["linear_conv3"].isna().tolist() == [True, False] and numbers["retrieval"].iloc[1] == 0.25
+    assert numbers.loc[1, ["linear_conv3", "linear_conv3_low", "linear_conv3_high"]].tolist() == [0.755, 0.745, 0.775]
+    assert numbers.loc[0, ["knn", "knn_low", "knn_high", "nmi_label", "nmi_label_sd"]].tolist() == [
+        0.3,
+        0.3 - 0.1,
+        0.3,
+        0.05,
+        0.01,
     ]
     assert plot.read_bytes().startswith(PNG_MAGIC)
 
@@ -465,7 +479,8 @@ def tiny_run(real_data, tmp_path_factory: pytest.TempPathFactory) -> Path:
             "voc07": str(make_voc(workdir / "voc", manifest, {"train": 12, "val": 8, "test": 12})),
             "voc07_epochs": 1,
             "retrieval": str(make_retrieval_list(workdir / "lists", manifest)),
-            "compare": {"random": "plain"},
+            # Every row named: the table trains and evaluates nothing more.
+            "compare": {method: "plain" for method in ("random", "rotnet", "deepcluster", "deepercluster")},
         },
     }
     run = snakemake(workdir, config, "--max-threads", "1", "results/rounds/1/checkpoint.pt")
@@ -516,7 +531,12 @@ def test_evaluations_run_alone_on_round_1_and_on_a_registered_state_dict(tiny_ru
 
     table = (tiny_run / "results/compare/table.md").read_text().splitlines()
     assert table[0].startswith("| method | checkpoint | linear conv1 | linear conv2 | linear conv3 | 20-NN | NMI label")
-    assert table[2].startswith("| random | `plain` |") and f"| {100 * nearest['plain']['top1']:.1f} [" in table[2]
+    assert table[2].startswith("| random | `results/checkpoints/plain.pt` |")
+    assert f"| {100 * nearest['plain']['top1']:.1f} [" in table[2]
+    assert [row.split(" | ")[:2] for row in table[2:6]] == [
+        [f"| {method}", "`results/checkpoints/plain.pt`"]
+        for method in ("random", "rotnet", "deepcluster", "deepercluster")
+    ]
 
 
 def test_nmi_of_round_r_plans_the_clusters_of_every_earlier_round_and_no_training(tiny_run: Path) -> None:

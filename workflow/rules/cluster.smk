@@ -1,12 +1,12 @@
 rule pca:
     input:
-        lambda wildcards: shard_files(wildcards.round),
+        lambda wildcards: shard_files(wildcards.run, wildcards.round),
     output:
-        "results/rounds/{round}/pca.h5",
+        "{run}/rounds/{round}/pca.h5",
     log:
-        "results/logs/rounds/{round}/pca.log",
+        "{run}/logs/rounds/{round}/pca.log",
     benchmark:
-        "results/benchmarks/rounds/{round}/pca.tsv"
+        "{run}/benchmarks/rounds/{round}/pca.tsv"
     conda:
         ENV
     threads: stage_cpus("pca")
@@ -26,14 +26,14 @@ rule pca:
 
 rule super_clusters:
     input:
-        shards=lambda wildcards: shard_files(wildcards.round),
-        pca="results/rounds/{round}/pca.h5",
+        shards=lambda wildcards: shard_files(wildcards.run, wildcards.round),
+        pca="{run}/rounds/{round}/pca.h5",
     output:
-        "results/rounds/{round}/clusters/super.h5",
+        "{run}/rounds/{round}/clusters/super.h5",
     log:
-        "results/logs/rounds/{round}/clusters/super.log",
+        "{run}/logs/rounds/{round}/clusters/super.log",
     benchmark:
-        "results/benchmarks/rounds/{round}/clusters/super.tsv"
+        "{run}/benchmarks/rounds/{round}/clusters/super.tsv"
     conda:
         ENV
     threads: stage_cpus("super_clusters")
@@ -41,27 +41,27 @@ rule super_clusters:
         **stage_resources("super_clusters"),
     params:
         seed=round_seed,
+        super_clusters=lambda wildcards: super_clusters(wildcards.run),
         options=options(
-            super_clusters=SUPER_CLUSTERS,
             iterations=config["kmeans"]["iterations"],
             cache_mb=config["kmeans"]["cache_mb"],
         ),
     shell:
-        "python -m deepercluster --threads {threads} --tasks {resources.tasks} super-clusters {params.options} --seed {params.seed}"
+        "python -m deepercluster --threads {threads} --tasks {resources.tasks} super-clusters --super-clusters {params.super_clusters} {params.options} --seed {params.seed}"
         " --shards {input.shards} --pca {input.pca} --out {output} > {log} 2>&1"
 
 
 rule sub_clusters:
     input:
-        shards=lambda wildcards: shard_files(wildcards.round),
-        pca="results/rounds/{round}/pca.h5",
-        super_file="results/rounds/{round}/clusters/super.h5",
+        shards=lambda wildcards: shard_files(wildcards.run, wildcards.round),
+        pca="{run}/rounds/{round}/pca.h5",
+        super_file="{run}/rounds/{round}/clusters/super.h5",
     output:
-        "results/rounds/{round}/clusters/sub-{super_cluster}.h5",
+        "{run}/rounds/{round}/clusters/sub-{super_cluster}.h5",
     log:
-        "results/logs/rounds/{round}/clusters/sub-{super_cluster}.log",
+        "{run}/logs/rounds/{round}/clusters/sub-{super_cluster}.log",
     benchmark:
-        "results/benchmarks/rounds/{round}/clusters/sub-{super_cluster}.tsv"
+        "{run}/benchmarks/rounds/{round}/clusters/sub-{super_cluster}.tsv"
     conda:
         ENV
     threads: stage_cpus("sub_clusters")
@@ -83,17 +83,17 @@ rule sub_clusters:
 rule labels:
     input:
         manifest="results/data/manifest.parquet",
-        super_file="results/rounds/{round}/clusters/super.h5",
-        sub_files=lambda wildcards: sub_cluster_files(wildcards.round),
+        super_file="{run}/rounds/{round}/clusters/super.h5",
+        sub_files=lambda wildcards: sub_cluster_files(wildcards.run, wildcards.round),
         previous=previous_labels,
     output:
-        labels="results/rounds/{round}/labels.parquet",
-        sizes="results/rounds/{round}/cluster_sizes.tsv",
-        nmi="results/rounds/{round}/nmi.json",
+        labels="{run}/rounds/{round}/labels.parquet",
+        sizes="{run}/rounds/{round}/cluster_sizes.tsv",
+        nmi="{run}/rounds/{round}/nmi.json",
     log:
-        "results/logs/rounds/{round}/labels.log",
+        "{run}/logs/rounds/{round}/labels.log",
     benchmark:
-        "results/benchmarks/rounds/{round}/labels.tsv"
+        "{run}/benchmarks/rounds/{round}/labels.tsv"
     conda:
         ENV
     threads: stage_cpus("labels")

@@ -18,8 +18,36 @@ wildcard_constraints:
 ENV = "../../envs/deepercluster.yaml"
 METHOD = config["method"]
 ROUNDS = config["rounds"]
-# DeepCluster is the one-super-cluster case; RotNet clusters nothing.
-SUPER_CLUSTERS = 1 if METHOD == "deepcluster" else config["kmeans"]["super_clusters"]
+# Runs, each a folder {run} holding rounds/, evals/, logs/, benchmarks/: the main run (results, the
+# config's method) and, for the comparison (rule compare), one run of each other method with the same
+# config under results/compare/{method}. They share the data and round 0 (the seeded random init).
+RUNS = {
+    "results": METHOD,
+    **{
+        f"results/compare/{method}": method
+        for method in ("rotnet", "deepcluster", "deepercluster")
+        if method != METHOD
+    },
+}
+
+
+wildcard_constraints:
+    run="|".join(map(re.escape, RUNS)),
+
+
+def run_method(run):
+    """The method a run trains with."""
+    return RUNS[run]
+
+
+def super_clusters(run):
+    """A run's super-clusters: DeepCluster is the one-super-cluster case; RotNet clusters nothing."""
+    return 1 if run_method(run) == "deepcluster" else config["kmeans"]["super_clusters"]
+
+
+def round_folder(run, r):
+    """{run}/rounds/{r}; round 0, the random init, is the main run's, shared by every run."""
+    return f"{'results' if int(r) == 0 else run}/rounds/{r}"
 
 
 def options(**values):
@@ -76,44 +104,48 @@ def training_allocation():
     )
 
 
-def shard_files(r):
-    """Every feature shard of round r; their number is known once the manifest exists."""
+def shard_files(run, r):
+    """Every feature shard of a run's round r; their number is known once the manifest exists."""
     manifest = checkpoints.manifest.get().output.manifest
     images = pd.read_parquet(manifest, columns=["id"]).shape[0]
-    if METHOD == "deepercluster":
-        require_rows(SUPER_CLUSTERS, images, "kmeans.super_clusters")
+    if run_method(run) == "deepercluster":
+        require_rows(super_clusters(run), images, "kmeans.super_clusters")
     shards = shard_count(images, config["features"]["shard_size"])
-    return [f"results/rounds/{r}/features/shard-{i}.h5" for i in range(shards)]
+    return [f"{run}/rounds/{r}/features/shard-{i}.h5" for i in range(shards)]
 
 
-def sub_cluster_files(r):
-    """One level-2 clusters file per super-cluster of round r."""
-    return [f"results/rounds/{r}/clusters/sub-{s}.h5" for s in range(SUPER_CLUSTERS)]
+def sub_cluster_files(run, r):
+    """One level-2 clusters file per super-cluster of a run's round r."""
+    return [f"{run}/rounds/{r}/clusters/sub-{s}.h5" for s in range(super_clusters(run))]
 
 
 def round_file(name):
-    """An input function: results/rounds/{round}/<name>, where the method clusters (none for RotNet)."""
+    """An input function: results/rounds/{round}/<name> of the main run, where its method clusters (none
+    for RotNet)."""
     return lambda wildcards: (
         [] if METHOD == "rotnet" else [f"results/rounds/{wildcards.round}/{name}"]
     )
 
 
-# The pseudo-labels a round trains on (none for RotNet).
-round_labels = round_file("labels.parquet")
+def round_labels(wildcards):
+    """The pseudo-labels a round trains on (none for RotNet)."""
+    if run_method(wildcards.run) == "rotnet":
+        return []
+    return [f"{wildcards.run}/rounds/{wildcards.round}/labels.parquet"]
 
 
-def round_outputs(r):
-    """Every file round r's stages make: deleting any of them reruns it and what depends on it."""
+def round_outputs(run, r):
+    """Every file a run's round r's stages make: deleting any of them reruns it and what depends on it."""
     clustering = [
-        *shard_files(r),
-        f"results/rounds/{r}/pca.h5",
-        f"results/rounds/{r}/clusters/super.h5",
-        *sub_cluster_files(r),
-        f"results/rounds/{r}/labels.parquet",
+        *shard_files(run, r),
+        f"{run}/rounds/{r}/pca.h5",
+        f"{run}/rounds/{r}/clusters/super.h5",
+        *sub_cluster_files(run, r),
+        f"{run}/rounds/{r}/labels.parquet",
     ]
     return [
-        *([] if METHOD == "rotnet" else clustering),
-        f"results/rounds/{r}/checkpoint.pt",
+        *([] if run_method(run) == "rotnet" else clustering),
+        f"{run}/rounds/{r}/checkpoint.pt",
     ]
 
 
@@ -160,19 +192,20 @@ def round_benchmarks(wildcards):
     for r in range(1, ROUNDS + 1):
         jobs = ["checkpoint"]
         if METHOD != "rotnet":
-            shards = len(shard_files(r))
+            shards = len(shard_files("results", r))
             jobs += [f"features/shard-{i}" for i in range(shards)]
             jobs += ["pca", "clusters/super", "labels"]
-            jobs += [f"clusters/sub-{s}" for s in range(SUPER_CLUSTERS)]
+            jobs += [f"clusters/sub-{s}" for s in range(super_clusters("results"))]
         files += [f"results/benchmarks/rounds/{r}/{job}.tsv" for job in jobs]
     return files
 
 
 def default_targets(wildcards):
     """Every round's files and report figures, the last checkpoint and the summary (TSV and web page)."""
+    rounds = range(1, ROUNDS + 1)
     return [
-        *(output for r in range(1, ROUNDS + 1) for output in round_outputs(r)),
-        *(expand(ROUND_FIGURES.values(), round=range(1, ROUNDS + 1))),
+        *(output for r in rounds for output in round_outputs("results", r)),
+        *expand(ROUND_FIGURES.values(), round=rounds),
         "results/summary.tsv",
         "results/summary.html",
     ]
@@ -185,37 +218,41 @@ def round_seed(wildcards):
 
 def previous_checkpoint(wildcards):
     """Round r's features come from round r-1's checkpoint (round 0: the initial weights)."""
-    return f"results/rounds/{int(wildcards.round) - 1}/checkpoint.pt"
+    return f"{round_folder(wildcards.run, int(wildcards.round) - 1)}/checkpoint.pt"
 
 
 def previous_labels(wildcards):
     """The previous round's labels, for the NMI between consecutive rounds (none in round 1)."""
     r = int(wildcards.round)
-    return [f"results/rounds/{r - 1}/labels.parquet"] if r > 1 else []
+    return [f"{wildcards.run}/rounds/{r - 1}/labels.parquet"] if r > 1 else []
 
 
-# Evaluations (rules/evaluate.smk): results/evals/{name}/..., name = round-{r} or a key of checkpoints.
+# Evaluations (rules/evaluate.smk): {run}/evals/{name}/..., name = round-{r} or a key of checkpoints.
 EVAL = config["evaluation"]
 EVAL_MANIFEST = "results/data/eval/manifest.parquet"
 # The features stage's --shard-size for one shard holding every evaluation image.
 ALL_IMAGES = 2**31 - 1
-# The table's rows, in the paper's order.
-COMPARED = {
-    label: EVAL["compare"][label]
-    for label in ("random", "rotnet", "deepcluster", "deepercluster")
-    if EVAL["compare"][label]
-}
 
 
 wildcard_constraints:
     name="|".join([r"round-\d+", *map(re.escape, config["checkpoints"])]),
 
 
+def checkpoint_file(run, name):
+    """round-{r}: that round's checkpoint of the run; a registered name: its checked copy."""
+    if name.startswith("round-"):
+        return f"{round_folder(run, name.removeprefix('round-'))}/checkpoint.pt"
+    return f"results/checkpoints/{name}.pt"
+
+
 def eval_checkpoint(wildcards):
-    """round-{r}: that round's checkpoint; a registered name: its checked copy."""
-    if wildcards.name.startswith("round-"):
-        return f"results/rounds/{wildcards.name.removeprefix('round-')}/checkpoint.pt"
-    return f"results/checkpoints/{wildcards.name}.pt"
+    """The checkpoint that {run}/evals/{name} (or {run}/export/{name}.pth) evaluates."""
+    return checkpoint_file(wildcards.run, wildcards.name)
+
+
+def eval_folder(run, name):
+    """Where a checkpoint's evaluations are: round 0's are the main run's, as its checkpoint."""
+    return f"{'results' if name == 'round-0' else run}/evals/{name}"
 
 
 def registered(wildcards):
@@ -226,14 +263,16 @@ def registered(wildcards):
 
 
 def eval_rounds(filename):
-    """An input function: results/evals/{name}/<filename> of this checkpoint, and for round-{r} of
+    """An input function: {run}/evals/{name}/<filename> of this checkpoint, and for round-{r} of
     rounds 0..r (NMI over rounds)."""
 
     def files(wildcards):
         if wildcards.name.startswith("round-"):
             r = int(wildcards.name.removeprefix("round-"))
-            return [f"results/evals/round-{i}/{filename}" for i in range(r + 1)]
-        return [f"results/evals/{wildcards.name}/{filename}"]
+            names = [f"round-{i}" for i in range(r + 1)]
+        else:
+            names = [wildcards.name]
+        return [f"{eval_folder(wildcards.run, name)}/{filename}" for name in names]
 
     return files
 
@@ -251,14 +290,41 @@ def configured(key):
     return path
 
 
-def compared(wildcards):
-    """The evaluation files of every checkpoint in evaluation.compare (voc07, retrieval when configured)."""
-    if not COMPARED:
-        raise ValueError(
-            "evaluation.compare names no checkpoint: set some of its keys to make the table"
-        )
+# The table's rows, in the paper's order.
+ROW_ORDER = ["random", "rotnet", "deepcluster", "deepercluster"]
+
+
+def compared():
+    """The table's rows in the paper's order, as {method: (run, name)}: the checkpoint named under
+    evaluation.compare, else the random init (round 0) and each method's last round: the main run's for
+    the config's method, a run of its own under results/compare/{method} for the others.
+    """
+    runs = {method: run for run, method in RUNS.items()}
+    rows = {"random": ("results", "round-0")}
+    rows |= {method: (runs[method], f"round-{ROUNDS}") for method in runs}
+    return {
+        method: ("results", EVAL["compare"][method]) if EVAL["compare"][method] else row
+        for method, row in sorted(rows.items(), key=lambda row: ROW_ORDER.index(row[0]))
+    }
+
+
+COMPARED = compared()
+
+
+def compared_evals(wildcards):
+    """The evaluation files of every row of the table (voc07, retrieval when configured)."""
     kinds = ["linear.json", "knn.json", "nmi.json"]
     kinds += [f"{key}.json" for key in ("voc07", "retrieval") if EVAL[key]]
     return [
-        f"results/evals/{name}/{kind}" for name in COMPARED.values() for kind in kinds
+        f"{eval_folder(*row)}/{kind}" for row in COMPARED.values() for kind in kinds
     ]
+
+
+def compared_rounds(wildcards):
+    """Every file of the rounds of each row's run up to its checkpoint (its checked copy for a name)."""
+    files = []
+    for run, name in COMPARED.values():
+        last = int(name.removeprefix("round-")) if name.startswith("round-") else 0
+        files += [file for r in range(1, last + 1) for file in round_outputs(run, r)]
+        files.append(checkpoint_file(run, name))
+    return files

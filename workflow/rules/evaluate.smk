@@ -1,6 +1,8 @@
-# Evaluations of any checkpoint: results/evals/{name}/..., where name is round-{r} of this run or a
-# name under `checkpoints:` (checked and copied to results/checkpoints/{name}.pt). They only read a
-# checkpoint: when it exists and is up to date, nothing of its round is rerun.
+# Evaluations of any checkpoint: {run}/evals/{name}/..., where name is round-{r} of the run (results:
+# the main run; results/compare/{method}: the comparison's) or a name under `checkpoints:` (checked and
+# copied to results/checkpoints/{name}.pt). They only read a checkpoint: when it exists and is up to
+# date, nothing of its round is rerun. Rule compare: the table of random init, RotNet, DeepCluster and
+# DeeperCluster, training the runs it lacks.
 # Their input functions (eval_checkpoint, eval_rounds, ...) are in common.smk.
 
 
@@ -56,11 +58,11 @@ rule eval_features:
         manifest=EVAL_MANIFEST,
         checkpoint=eval_checkpoint,
     output:
-        "results/evals/{name}/features.h5",
+        "{run}/evals/{name}/features.h5",
     log:
-        "results/logs/evals/{name}/features.log",
+        "{run}/logs/evals/{name}/features.log",
     benchmark:
-        "results/benchmarks/evals/{name}/features.tsv"
+        "{run}/benchmarks/evals/{name}/features.tsv"
     conda:
         ENV
     threads: stage_cpus("evaluate")
@@ -80,13 +82,13 @@ rule eval_features:
 
 rule eval_pca:
     input:
-        "results/evals/{name}/features.h5",
+        "{run}/evals/{name}/features.h5",
     output:
-        "results/evals/{name}/pca.h5",
+        "{run}/evals/{name}/pca.h5",
     log:
-        "results/logs/evals/{name}/pca.log",
+        "{run}/logs/evals/{name}/pca.log",
     benchmark:
-        "results/benchmarks/evals/{name}/pca.tsv"
+        "{run}/benchmarks/evals/{name}/pca.tsv"
     conda:
         ENV
     threads: stage_cpus("evaluate")
@@ -105,14 +107,14 @@ rule eval_pca:
 
 rule eval_kmeans:
     input:
-        features="results/evals/{name}/features.h5",
-        pca="results/evals/{name}/pca.h5",
+        features="{run}/evals/{name}/features.h5",
+        pca="{run}/evals/{name}/pca.h5",
     output:
-        "results/evals/{name}/clusters.h5",
+        "{run}/evals/{name}/clusters.h5",
     log:
-        "results/logs/evals/{name}/clusters.log",
+        "{run}/logs/evals/{name}/clusters.log",
     benchmark:
-        "results/benchmarks/evals/{name}/clusters.tsv"
+        "{run}/benchmarks/evals/{name}/clusters.tsv"
     conda:
         ENV
     threads: stage_cpus("evaluate")
@@ -135,11 +137,11 @@ rule eval_probe_features:
         manifest=EVAL_MANIFEST,
         checkpoint=eval_checkpoint,
     output:
-        "results/evals/{name}/probe_features.h5",
+        "{run}/evals/{name}/probe_features.h5",
     log:
-        "results/logs/evals/{name}/probe_features.log",
+        "{run}/logs/evals/{name}/probe_features.log",
     benchmark:
-        "results/benchmarks/evals/{name}/probe_features.tsv"
+        "{run}/benchmarks/evals/{name}/probe_features.tsv"
     conda:
         ENV
     threads: stage_cpus("evaluate")
@@ -159,20 +161,24 @@ rule eval_probe_features:
 rule eval_linear:
     input:
         manifest=EVAL_MANIFEST,
-        features="results/evals/{name}/probe_features.h5",
+        features="{run}/evals/{name}/probe_features.h5",
     output:
-        json="results/evals/{name}/linear.json",
+        json="{run}/evals/{name}/linear.json",
         plot=report(
-            "results/evals/{name}/linear.png",
+            "{run}/evals/{name}/linear.png",
             caption="../report/linear.rst",
             category="Evaluations",
             subcategory="{name}",
-            labels={"checkpoint": "{name}", "evaluation": "linear probes per layer"},
+            labels={
+                "run": "{run}",
+                "checkpoint": "{name}",
+                "evaluation": "linear probes per layer",
+            },
         ),
     log:
-        "results/logs/evals/{name}/linear.log",
+        "{run}/logs/evals/{name}/linear.log",
     benchmark:
-        "results/benchmarks/evals/{name}/linear.tsv"
+        "{run}/benchmarks/evals/{name}/linear.tsv"
     conda:
         ENV
     threads: stage_cpus("evaluate")
@@ -194,19 +200,23 @@ rule eval_linear:
 rule eval_knn:
     input:
         manifest=EVAL_MANIFEST,
-        features="results/evals/{name}/features.h5",
+        features="{run}/evals/{name}/features.h5",
     output:
         report(
-            "results/evals/{name}/knn.json",
+            "{run}/evals/{name}/knn.json",
             caption="../report/knn.rst",
             category="Evaluations",
             subcategory="{name}",
-            labels={"checkpoint": "{name}", "evaluation": "k-NN top-1"},
+            labels={
+                "run": "{run}",
+                "checkpoint": "{name}",
+                "evaluation": "k-NN top-1",
+            },
         ),
     log:
-        "results/logs/evals/{name}/knn.log",
+        "{run}/logs/evals/{name}/knn.log",
     benchmark:
-        "results/benchmarks/evals/{name}/knn.tsv"
+        "{run}/benchmarks/evals/{name}/knn.tsv"
     conda:
         ENV
     threads: stage_cpus("evaluate")
@@ -227,18 +237,22 @@ rule eval_nmi:
         features=eval_rounds("features.h5"),
         pcas=eval_rounds("pca.h5"),
     output:
-        json="results/evals/{name}/nmi.json",
+        json="{run}/evals/{name}/nmi.json",
         plot=report(
-            "results/evals/{name}/nmi.png",
+            "{run}/evals/{name}/nmi.png",
             caption="../report/eval-nmi.rst",
             category="Evaluations",
             subcategory="{name}",
-            labels={"checkpoint": "{name}", "evaluation": "NMI of k-means"},
+            labels={
+                "run": "{run}",
+                "checkpoint": "{name}",
+                "evaluation": "NMI of k-means",
+            },
         ),
     log:
-        "results/logs/evals/{name}/nmi.log",
+        "{run}/logs/evals/{name}/nmi.log",
     benchmark:
-        "results/benchmarks/evals/{name}/nmi.tsv"
+        "{run}/benchmarks/evals/{name}/nmi.tsv"
     conda:
         ENV
     threads: stage_cpus("evaluate")
@@ -263,19 +277,23 @@ rule eval_nmi:
 rule eval_clusters:
     input:
         manifest=EVAL_MANIFEST,
-        clusters="results/evals/{name}/clusters.h5",
+        clusters="{run}/evals/{name}/clusters.h5",
     output:
         report(
-            "results/evals/{name}/clusters.png",
+            "{run}/evals/{name}/clusters.png",
             caption="../report/eval-clusters.rst",
             category="Evaluations",
             subcategory="{name}",
-            labels={"checkpoint": "{name}", "evaluation": "images of a few clusters"},
+            labels={
+                "run": "{run}",
+                "checkpoint": "{name}",
+                "evaluation": "images of a few clusters",
+            },
         ),
     log:
-        "results/logs/evals/{name}/clusters-png.log",
+        "{run}/logs/evals/{name}/clusters-png.log",
     benchmark:
-        "results/benchmarks/evals/{name}/clusters-png.tsv"
+        "{run}/benchmarks/evals/{name}/clusters-png.tsv"
     conda:
         ENV
     threads: stage_cpus("evaluate")
@@ -293,11 +311,11 @@ rule eval_voc07:
         voc=configured("voc07"),
         checkpoint=eval_checkpoint,
     output:
-        "results/evals/{name}/voc07.json",
+        "{run}/evals/{name}/voc07.json",
     log:
-        "results/logs/evals/{name}/voc07.log",
+        "{run}/logs/evals/{name}/voc07.log",
     benchmark:
-        "results/benchmarks/evals/{name}/voc07.tsv"
+        "{run}/benchmarks/evals/{name}/voc07.tsv"
     conda:
         ENV
     threads: stage_cpus("evaluate")
@@ -323,11 +341,11 @@ rule eval_retrieval:
         images=configured("retrieval"),
         checkpoint=eval_checkpoint,
     output:
-        "results/evals/{name}/retrieval.json",
+        "{run}/evals/{name}/retrieval.json",
     log:
-        "results/logs/evals/{name}/retrieval.log",
+        "{run}/logs/evals/{name}/retrieval.log",
     benchmark:
-        "results/benchmarks/evals/{name}/retrieval.tsv"
+        "{run}/benchmarks/evals/{name}/retrieval.tsv"
     conda:
         ENV
     threads: stage_cpus("evaluate")
@@ -347,23 +365,28 @@ rule eval_retrieval:
         " --checkpoint {input.checkpoint} --out {output} > {log} 2>&1"
 
 
-rule compare:
+rule compare_table:
     input:
-        compared,
+        compared_evals,
     output:
         table=report(
             "results/compare/table.md",
             caption="../report/compare.rst",
             category="Evaluations",
             subcategory="compare",
-            labels={"checkpoint": "compared", "evaluation": "table"},
+            labels={"run": "compare", "checkpoint": "compared", "evaluation": "table"},
         ),
+        tsv="results/compare/table.tsv",
         plot=report(
             "results/compare/linear.png",
             caption="../report/compare.rst",
             category="Evaluations",
             subcategory="compare",
-            labels={"checkpoint": "compared", "evaluation": "linear probes per layer"},
+            labels={
+                "run": "compare",
+                "checkpoint": "compared",
+                "evaluation": "linear probes per layer",
+            },
         ),
     log:
         "results/logs/compare/table.log",
@@ -377,9 +400,21 @@ rule compare:
     params:
         options=options(
             labels=list(COMPARED),
-            names=list(COMPARED.values()),
+            checkpoints=[checkpoint_file(*row) for row in COMPARED.values()],
+            evals=[eval_folder(*row) for row in COMPARED.values()],
             label_column=EVAL["label_column"],
         ),
     shell:
-        "python -m deepercluster compare {params.options} --evals results/evals"
-        " --out {output.table} --plot {output.plot} > {log} 2>&1"
+        "python -m deepercluster compare {params.options}"
+        " --out {output.table} --tsv {output.tsv} --plot {output.plot} > {log} 2>&1"
+
+
+# The target `snakemake compare`: the table, and every round of the runs behind it, so deleting any of
+# their files reruns it and what depends on it, as the default target for the main run.
+rule compare:
+    input:
+        compared_rounds,
+        "results/compare/table.md",
+        "results/compare/table.tsv",
+        "results/compare/linear.png",
+    localrule: True

@@ -1,4 +1,4 @@
-# A model to take away: results/export/{name}.pth, the backbone of any checkpoint (round-{r} or a name
+# A model to take away: {run}/export/{name}.pth, the backbone of any checkpoint (round-{r} or a name
 # under `checkpoints:`, as for the evaluations) as a plain state dict with the Sobel layer folded into
 # conv1, ready for supervised training. Its input function (eval_checkpoint) is in common.smk.
 
@@ -7,11 +7,11 @@ rule export:
     input:
         eval_checkpoint,
     output:
-        "results/export/{name}.pth",
+        "{run}/export/{name}.pth",
     log:
-        "results/logs/export/{name}.log",
+        "{run}/logs/export/{name}.log",
     benchmark:
-        "results/benchmarks/export/{name}.tsv"
+        "{run}/benchmarks/export/{name}.tsv"
     conda:
         ENV
     threads: stage_cpus("default")

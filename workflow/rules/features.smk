@@ -3,11 +3,11 @@ rule features:
         manifest="results/data/manifest.parquet",
         checkpoint=previous_checkpoint,
     output:
-        "results/rounds/{round}/features/shard-{shard}.h5",
+        "{run}/rounds/{round}/features/shard-{shard}.h5",
     log:
-        "results/logs/rounds/{round}/features/shard-{shard}.log",
+        "{run}/logs/rounds/{round}/features/shard-{shard}.log",
     benchmark:
-        "results/benchmarks/rounds/{round}/features/shard-{shard}.tsv"
+        "{run}/benchmarks/rounds/{round}/features/shard-{shard}.tsv"
     conda:
         ENV
     threads: stage_cpus("features")

@@ -24,7 +24,7 @@ rule round_figures:
     input:
         metrics="results/rounds/{round}/train/metrics.tsv",
         manifest="results/data/manifest.parquet",
-        labels=round_labels,
+        labels=round_file("labels.parquet"),
         sizes=round_file("cluster_sizes.tsv"),
         nmi=rounds_until("nmi.json"),
     output:

@@ -28,12 +28,12 @@ rule train:
         previous=previous_checkpoint,
         labels=round_labels,
     output:
-        checkpoint="results/rounds/{round}/checkpoint.pt",
-        metrics="results/rounds/{round}/train/metrics.tsv",
+        checkpoint="{run}/rounds/{round}/checkpoint.pt",
+        metrics="{run}/rounds/{round}/train/metrics.tsv",
     log:
-        "results/logs/rounds/{round}/checkpoint.log",
+        "{run}/logs/rounds/{round}/checkpoint.log",
     benchmark:
-        "results/benchmarks/rounds/{round}/checkpoint.tsv"
+        "{run}/benchmarks/rounds/{round}/checkpoint.tsv"
     wildcard_constraints:
         round=r"[1-9]\d*",
     localrule: True
@@ -43,8 +43,8 @@ rule train:
         seed=round_seed,
         allocation=training_allocation(),
         labels=lambda wildcards, input: options(labels=input.labels or None),
+        method=lambda wildcards: run_method(wildcards.run),
         options=options(
-            method=METHOD,
             launcher=config["launcher"],
             epochs=config["train"]["epochs_per_round"],
             batch_size=config["train"]["batch_size"],
@@ -57,9 +57,9 @@ rule train:
             workers=config["data"]["workers"],
         ),
     shell:
-        "python -m deepercluster train {params.options} {params.allocation} --round {wildcards.round}"
+        "python -m deepercluster train --method {params.method} {params.options} {params.allocation} --round {wildcards.round}"
         " --seed {params.seed} --manifest {input.manifest} --previous-checkpoint {input.previous}"
-        " {params.labels} --train-dir results/rounds/{wildcards.round}/train --out {output.checkpoint} > {log} 2>&1"
+        " {params.labels} --train-dir {wildcards.run}/rounds/{wildcards.round}/train --out {output.checkpoint} > {log} 2>&1"
 
 
 rule summary:

@@ -1,8 +1,9 @@
-"""Checkpoints side by side (DeeperCluster Table 3, Figure 2): ``results/compare/table.md`` and ``linear.png``.
+"""Checkpoints side by side (DeeperCluster Table 3, Figure 2): ``results/compare/table.md``, ``table.tsv``
+and ``linear.png``.
 
-Reads the evaluations already made under ``{evals}/{name}/``: linear.json, knn.json and
-nmi.json of every checkpoint, and voc07.json and retrieval.json where they exist. Trains
-nothing: the checkpoints come from runs made beforehand with the same budget.
+Reads each checkpoint's evaluations in its folder: linear.json, knn.json and nmi.json, and
+voc07.json and retrieval.json where they exist. The workflow's compare rule makes them, training
+each method's run with the same data and budget first.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+
+import pandas as pd
 
 from deepercluster.errors import EvaluationError
 from deepercluster.evaluate.common import accuracy_figure, save_figure
@@ -35,9 +38,10 @@ def read_evals(folder: Path) -> dict[str, dict]:
     return {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))}
 
 
-def table_row(label: str, name: str, evals: dict[str, dict], layers: list[str], label_column: str) -> list[str]:
+def table_row(label: str, checkpoint: str, evals: dict[str, dict], layers: list[str], label_column: str) -> list[str]:
+    """One row of table.md: top-1 (%) with its interval per column, NMI mean ± sd, mAPs where evaluated."""
     probes = {layer["layer"]: layer for layer in evals["linear"]["layers"]}
-    row = [label, f"`{name}`", *(with_interval(probes[layer]) if layer in probes else "" for layer in layers)]
+    row = [label, f"`{checkpoint}`", *(with_interval(probes[layer]) if layer in probes else "" for layer in layers)]
     nmi, sd = evals["nmi"]["nmi"].get(label_column), evals["nmi"]["nmi_sd"].get(label_column)
     row += [with_interval(evals["knn"]), "" if nmi is None else f"{nmi:.3f} ± {sd:.3f}"]
     voc07, retrieval = evals.get("voc07"), evals.get("retrieval")
@@ -45,29 +49,44 @@ def table_row(label: str, name: str, evals: dict[str, dict], layers: list[str], 
     return [*row, percent(retrieval["mAP"]) if retrieval else ""]
 
 
+def tsv_row(label: str, checkpoint: str, evals: dict[str, dict], layers: list[str], label_column: str) -> dict:
+    """The table's numbers of one row, as fractions: top-1 and its interval per column, NMI and its sd."""
+    probes = {layer["layer"]: layer for layer in evals["linear"]["layers"]}
+    scores = {f"linear_{layer}": probes.get(layer) for layer in layers} | {"knn": evals["knn"]}
+    row: dict = {"method": label, "checkpoint": checkpoint}
+    for column, result in scores.items():
+        low, high = result["ci95"] if result else (None, None)
+        row |= {column: result and result["top1"], f"{column}_low": low, f"{column}_high": high}
+    row |= {f"nmi_{label_column}": evals["nmi"]["nmi"].get(label_column)}
+    row |= {f"nmi_{label_column}_sd": evals["nmi"]["nmi_sd"].get(label_column)}
+    voc07, retrieval = evals.get("voc07"), evals.get("retrieval")
+    row |= {"voc07_fc6_8": voc07 and voc07["fc6_8"]["mAP"], "voc07_all": voc07 and voc07["all"]["mAP"]}
+    return row | {"retrieval": retrieval and retrieval["mAP"]}
+
+
 def compare(
     *,
     labels: list[str],
-    names: list[str],
+    checkpoints: list[str],
+    evals: list[str],
     out: str,
+    tsv: str,
     plot: str,
-    evals: str = "results/evals",
     label_column: str = "label",
 ) -> None:
-    """Stage 'compare': one row per checkpoint ``names[i]`` (shown as ``labels[i]``) -> ``out`` (markdown), ``plot``."""
-    if len(labels) != len(names):
-        raise ValueError(f"{len(labels)} labels for {len(names)} checkpoint names: give one label per name")
-    found = {name: read_evals(Path(evals) / name) for name in names}
-    layers = max(([layer["layer"] for layer in e["linear"]["layers"]] for e in found.values()), key=len)
-    header = ["method", "checkpoint", *(f"linear {layer}" for layer in layers), f"{found[names[0]]['knn']['k']}-NN",
+    """Stage 'compare': one row per checkpoint ``checkpoints[i]`` (shown as ``labels[i]``), evaluated in the
+    folder ``evals[i]`` -> ``out`` (markdown), ``tsv`` (its numbers), ``plot`` (linear top-1 per layer)."""
+    if not len(labels) == len(checkpoints) == len(evals):
+        raise ValueError(f"{len(labels)} labels, {len(checkpoints)} checkpoints, {len(evals)} folders: give one each")
+    found = [read_evals(Path(folder)) for folder in evals]
+    layers = max(([layer["layer"] for layer in e["linear"]["layers"]] for e in found), key=len)
+    header = ["method", "checkpoint", *(f"linear {layer}" for layer in layers), f"{found[0]['knn']['k']}-NN",
               f"NMI {label_column}", "VOC07 FC6-8 mAP", "VOC07 ALL mAP", "retrieval mAP"]  # fmt: skip
-    rows = [
-        table_row(label, name, found[name], layers, label_column) for label, name in zip(labels, names, strict=True)
-    ]
+    rows = list(zip(labels, checkpoints, found, strict=True))
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
-        *("| " + " | ".join(row) + " |" for row in rows),
+        *("| " + " | ".join(table_row(*row, layers, label_column)) + " |" for row in rows),
         "",
         f"Top-1 (%) [95% interval, bootstrapped over the images] of the converged linear probe of each conv layer "
         f"on the val split and of leave-one-out k-NN on every evaluation image; NMI of k-means on the features with "
@@ -76,5 +95,7 @@ def compare(
     log.info("\n%s", "\n".join(lines))
     with atomic_output(out) as partial:
         partial.write_text("\n".join(lines) + "\n")
-    curves = {label: found[name]["linear"]["layers"] for label, name in zip(labels, names, strict=True)}
-    save_figure(accuracy_figure(curves, 1 / found[names[0]]["linear"]["classes"]), plot)
+    with atomic_output(tsv) as partial:
+        pd.DataFrame([tsv_row(*row, layers, label_column) for row in rows]).to_csv(partial, sep="\t", index=False)
+    curves = {label: found_evals["linear"]["layers"] for label, _, found_evals in rows}
+    save_figure(accuracy_figure(curves, 1 / found[0]["linear"]["classes"]), plot)
