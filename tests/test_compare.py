@@ -4,10 +4,8 @@ evaluated and put side by side, on a really tiny real run of Fashion-MNIST image
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,19 +13,11 @@ import pandas as pd
 import pytest
 import yaml
 
+from test_evaluate import snakemake
+
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TRAINED = {"rotnet": "results/compare/rotnet", "deepcluster": "results/compare/deepcluster", "deepercluster": "results"}
-
-
-def snakemake(workdir: Path, config: dict, *args: str) -> subprocess.CompletedProcess:
-    """The repository's workflow in ``workdir`` with ``config`` (written to its config.yaml), on 2 cores."""
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", "config.yaml"]
-    return subprocess.run(
-        [*command, "--cores", "2", *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=900
-    )
 
 
 def tiny_config(method: str = "deepercluster") -> dict:
