@@ -20,6 +20,9 @@ link_profiles() {
         link="$folder/$name"
         if [ -L "$link" ] && [ "$(readlink "$link")" = "$target" ]; then
             continue
+        elif [ -L "$link" ] && [ ! -e "$link" ]; then  # a link into a checkout that was moved or deleted
+            echo "profile $name: $link -> $target (it linked to $(readlink "$link"), which no longer exists)"
+            ln -sfn "$target" "$link"
         elif [ -e "$link" ] || [ -L "$link" ]; then
             echo "warning: $link already exists and is not a link to $target: left as it is," \
                  "so 'snakemake --profile $name' uses it; to use this repository's, remove it and run" \

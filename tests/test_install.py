@@ -79,3 +79,13 @@ def test_install_leaves_a_different_profile_of_the_same_name_alone(checkout: Pat
     assert f"warning: {theirs} already exists and is not a link to" in linked.stderr
     assert "snakemake --profile profiles/slurm" in linked.stderr
     assert (tmp_path / "config" / "snakemake" / "local").is_symlink()
+
+
+def test_install_replaces_a_link_into_a_checkout_that_no_longer_exists(checkout: Path, tmp_path: Path) -> None:
+    env = user_env(tmp_path)
+    stale = tmp_path / "config" / "snakemake" / "slurm"
+    stale.parent.mkdir(parents=True)
+    stale.symlink_to(tmp_path / "deleted-checkout" / "profiles" / "slurm")
+    linked = link_profiles(checkout, env)
+    assert linked.returncode == 0 and "which no longer exists" in linked.stdout
+    assert stale.is_symlink() and stale.resolve() == (checkout / "profiles" / "slurm").resolve()
