@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -99,6 +100,15 @@ def is_local_job(pid: int, folder: Path) -> bool:
     return b"submitit.local._local" in command and str(folder).encode() in command
 
 
+def slurm_state(job: submitit.SlurmJob) -> str:
+    """The job's state as slurmctld sees it now (squeue: no accounting lag, no slurmdbd needed), else as
+    sacct recorded it (a job that left squeue)."""
+    queued = subprocess.run(["squeue", "-h", "-j", job.job_id, "-o", "%T"], capture_output=True, text=True)
+    if queued.returncode == 0 and queued.stdout.strip():
+        return queued.stdout.split()[0].upper()
+    return job.watcher.get_state(job.job_id, mode="force").split()[0].upper()
+
+
 def unfinished_job(record: Path, folder: Path, submission: dict[str, Any]) -> submitit.Job | None:
     """The job recorded in ``record`` when it still runs ``submission``; one still running something
     else, or a local one, is ended. None when there is no job to follow."""
@@ -113,7 +123,7 @@ def unfinished_job(record: Path, folder: Path, submission: dict[str, Any]) -> su
                     os.kill(pid, signal.SIGKILL)
         return None
     slurm = submitit.SlurmJob(folder, job["job_id"], tasks=tuple(range(job["submission"]["tasks"])))
-    state = slurm.watcher.get_state(slurm.job_id, mode="force").split()[0].upper()
+    state = slurm_state(slurm)
     if state not in UNFINISHED:
         return None
     if job["submission"] != submission:
