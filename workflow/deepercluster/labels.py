@@ -74,7 +74,9 @@ def make_labels(
     written = counts.set_index(["super_cluster", "sub_cluster"])["size"]
     assigned = labels.groupby(["super_cluster", "sub_cluster"]).size().reindex(written.index, fill_value=0)
     if not np.array_equal(assigned.to_numpy(), written.to_numpy()) or assigned.sum() != len(labels):
-        raise ValueError(f"the sizes in {', '.join(sub_files)} do not match their assignments: rerun sub_clusters")
+        raise ClustersError(
+            f"the sizes in {', '.join(sub_files)} do not match their assignments: delete them and rerun sub_clusters"
+        )
     flat = cluster_of(labels.set_index("id"))
     scores = {column: nmi(flat, images[column]) for column in metadata_columns(images.reset_index())}
     scores["previous_round"] = nmi(flat, cluster_of(read_labels(previous).set_index("id"))) if previous else None
