@@ -309,11 +309,12 @@ def feature_transform(image_size: int) -> Callable:
     )
 
 
-def train_transform(image_size: int) -> Callable:
-    """Augmenting: random resized crop and horizontal flip, normalised as ImageNet."""
+def train_transform(image_size: int, min_crop_scale: float = 0.08) -> Callable:
+    """Augmenting: random resized crop (of ``min_crop_scale`` to all of the image's area, torchvision's and the
+    papers' 0.08 by default) and horizontal flip, normalised as ImageNet."""
     return transforms.Compose(
         [
-            transforms.RandomResizedCrop(image_size),
+            transforms.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0)),
             transforms.RandomHorizontalFlip(),
             transforms.ToTensor(),
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),

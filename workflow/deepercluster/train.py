@@ -296,6 +296,7 @@ def train_block(
     weight_decay: float = 1e-5,
     dropout: float = 0.5,
     image_size: int = 32,
+    min_crop_scale: float = 0.08,
     workers: int = 0,
     checkpoint_every: int = 1000,
     seed: int = 0,
@@ -315,7 +316,8 @@ def train_block(
     last = Path(train_dir) / "last.pt"
     Path(train_dir).mkdir(parents=True, exist_ok=True)
     settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "momentum": momentum, "seed": seed,
-                "weight_decay": weight_decay, "dropout": dropout, "image_size": image_size}  # fmt: skip
+                "weight_decay": weight_decay, "dropout": dropout, "image_size": image_size,
+                "min_crop_scale": min_crop_scale}  # fmt: skip
     provenance = block_provenance(manifest=manifest, previous_checkpoint=previous_checkpoint, labels=labels,
                                   method=method, world_size=world_size, **settings)  # fmt: skip
 
@@ -327,7 +329,8 @@ def train_block(
     sampler = group_sampler(targets, layout, clusters, seed)
     group_batch = min(batch_size // layout.groups, len(sampler))
     iterations_per_epoch = len(sampler) // group_batch
-    dataset = RotatedImages(ImageDataset(images["path"].tolist(), images["id"].tolist(), train_transform(image_size)))
+    augment = train_transform(image_size, min_crop_scale)
+    dataset = RotatedImages(ImageDataset(images["path"].tolist(), images["id"].tolist(), augment))
     super_clusters, sub_clusters = (torch.tensor(clusters[c].to_numpy()) for c in ("super_cluster", "sub_cluster"))
 
     # Networks and optimiser: the backbone carries over, the heads are new each round.

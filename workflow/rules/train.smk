@@ -54,6 +54,7 @@ rule train:
             checkpoint_every=config["train"]["checkpoint_every"],
             dropout=config["train"]["dropout"],
             image_size=config["data"]["image_size"],
+            min_crop_scale=config["train"]["min_crop_scale"],
             workers=config["data"]["workers"],
         ),
     shell:
