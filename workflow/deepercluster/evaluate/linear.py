@@ -103,15 +103,18 @@ def fit_logistic(
     """
     weight = torch.zeros(x.shape[1], classes) if start is None else start[0].clone()
     bias = torch.zeros(classes) if start is None else start[1].clone()
-    weight.requires_grad_(True)
-    bias.requires_grad_(True)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iterations, tolerance_grad=1e-5,
                                   tolerance_change=1e-9, history_size=20, line_search_fn="strong_wolfe")  # fmt: skip
+    one_hot = F.one_hot(y, classes).to(x.dtype)
 
     def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(x @ weight + bias, y) + weight_decay / 2 * weight.pow(2).sum()
-        loss.backward()
+        # The gradient by hand: (softmax - one-hot)^T x reads x row-major, several times faster on CPU
+        # than autograd's x^T (softmax - one-hot) over a transposed x.
+        logits = x @ weight + bias
+        loss = F.cross_entropy(logits, y) + weight_decay / 2 * weight.pow(2).sum()
+        error = (logits.softmax(1) - one_hot) / len(y)
+        weight.grad = (error.t() @ x).t().contiguous() + weight_decay * weight
+        bias.grad = error.sum(0)
         return loss
 
     optimizer.step(closure)
