@@ -100,7 +100,7 @@ def group_sampler(targets: Targets, layout: Layout, clusters: pd.DataFrame, seed
         rotations = [layout.group % ROTATIONS]
         if targets.method == "deepercluster":
             images = np.flatnonzero(clusters["super_cluster"].to_numpy() == layout.group // ROTATIONS)
-    group_seed = int(np.random.SeedSequence([seed, layout.group]).generate_state(1)[0])
+    group_seed = derived_seed(seed, layout.group)
     return UniformClusterSampler(
         flat.to_numpy(), rotations=rotations, seed=group_seed, images=images, draws=len(clusters) // layout.groups
     )
@@ -334,7 +334,7 @@ def train_block(
     model, previous = load_model(previous_checkpoint)
     torch.manual_seed(seed)  # the same heads on every rank
     heads = Heads(model.feature_dim, targets)
-    torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))  # each rank's dropout
+    torch.manual_seed(derived_seed(seed, rank))  # each rank's dropout
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = dropout
