@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from deepercluster import methods
 from deepercluster.checkpoints import load_checkpoint, load_model, save_checkpoint
 from deepercluster.data import ImageDataset, train_transform
 from deepercluster.distributed import (
@@ -321,7 +322,7 @@ def train_block(
 
     # Data: the images, their clusters, this rank's group and a sampler uniform over its clusters.
     images = read_manifest(manifest)
-    clusters = cluster_table(images, None if method == "rotnet" else labels)
+    clusters = cluster_table(images, labels if methods.clusters(method) else None)
     targets = targets_for(method, clusters.groupby("super_cluster")["sub_cluster"].max().add(1).tolist())
     layout = layout_for(targets, rank, world_size)
     sampler = group_sampler(targets, layout, clusters, seed)
