@@ -50,7 +50,10 @@ def parser(stage: str | None) -> argparse.ArgumentParser:
     """The main parser; only ``stage``'s options are built, so only its module is imported."""
     main = argparse.ArgumentParser(prog="python -m deepercluster", description=__doc__)
     main.add_argument("--threads", type=int, default=None, help="CPU threads for torch and faiss")
-    main.add_argument("--tasks", type=int, default=1, help="ranks to run the stage on (srun in SLURM, else torchrun)")
+    # dest ranks: a stage's own --tasks (train's, the block's allocation) is one of its keyword arguments.
+    main.add_argument(
+        "--tasks", dest="ranks", type=int, default=1, help="ranks to run the stage on (srun in SLURM, else torchrun)"
+    )
     sub = main.add_subparsers(dest="stage", required=True)
     for name in STAGES:
         stage_parser = sub.add_parser(name)
@@ -60,28 +63,43 @@ def parser(stage: str | None) -> argparse.ArgumentParser:
     return main
 
 
+class Command(typing.NamedTuple):
+    """A parsed command line: the stage, its function's keyword arguments, its ranks and threads."""
+
+    stage: str
+    arguments: dict[str, typing.Any]
+    ranks: int
+    threads: int | None
+
+
+def parse_command(argv: list[str]) -> Command:
+    """``argv`` (the words after ``python -m deepercluster``) as the call of its stage."""
+    chosen = next((word for word in argv if word in STAGES), None)
+    arguments = vars(parser(chosen).parse_args(argv))
+    stage, ranks, threads = (arguments.pop(key) for key in ("stage", "ranks", "threads"))
+    return Command(stage, arguments, ranks, threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     # torch and faiss each bring an OpenMP runtime; busy-waiting threads of one starve the other.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = sys.argv[1:] if argv is None else argv
-    chosen = next((word for word in argv if word in STAGES), None)
-    options = vars(parser(chosen).parse_args(argv))
-    tasks = options.pop("tasks")
-    if tasks > 1:  # start the ranks, unless this process is one of them
+    command = parse_command(argv)
+    if command.ranks > 1:  # start the ranks, unless this process is one of them
         from deepercluster.distributed import RANK_PROCESS, rank_command
 
-        command = rank_command(tasks, argv)
-        if command is not None:
-            return subprocess.run(command, env={**os.environ, RANK_PROCESS: "1"}).returncode
-    stage, threads = load_stage(options.pop("stage")), options.pop("threads")
+        ranks = rank_command(command.ranks, argv)
+        if ranks is not None:
+            return subprocess.run(ranks, env={**os.environ, RANK_PROCESS: "1"}).returncode
+    stage = load_stage(command.stage)
     setup_logging()
-    if threads:
-        os.environ["OMP_NUM_THREADS"] = str(threads)  # faiss's OpenMP reads it when first used
+    if command.threads:
+        os.environ["OMP_NUM_THREADS"] = str(command.threads)  # faiss's OpenMP reads it when first used
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(command.threads)
     try:
-        stage(**options)
+        stage(**command.arguments)
     except INPUT_ERRORS as error:  # one line, even where it quotes a library's multi-line message
         logging.getLogger("deepercluster").error("%s", re.sub(r"\s*\n\s*", " ", str(error)))
         return 1

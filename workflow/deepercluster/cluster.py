@@ -16,6 +16,7 @@ from deepercluster.errors import ClustersError
 from deepercluster.files import sha256
 from deepercluster.formats import Clusters, Whitening, read_assignments, shard_rows, write_clusters
 from deepercluster.kmeans import KMeansResult, kmeans
+from deepercluster.seeds import derived_seed
 from deepercluster.shards import ShardSource, require_rows
 
 log = logging.getLogger(__name__)
@@ -23,8 +24,7 @@ log = logging.getLogger(__name__)
 
 def level_seed(seed: int, super_cluster: int | None) -> int:
     """The k-means seed of level 1 (``super_cluster`` None) or of one super-cluster's level 2."""
-    key = [seed] if super_cluster is None else [seed, 1 + super_cluster]
-    return int(np.random.SeedSequence(key).generate_state(1)[0])
+    return derived_seed(seed, 0 if super_cluster is None else 1 + super_cluster)
 
 
 def whitened_shards(shards: list[str], pca: str, cache_mb: float, keep_ids: np.ndarray | None = None) -> ShardSource:

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-METHODS = ("deepercluster", "deepcluster", "rotnet")
+from deepercluster.methods import METHODS, clusters
+
 ROTATIONS = 4  # 0, 90, 180, 270 degrees
 
 
@@ -42,7 +43,7 @@ def targets_for(method: str, sub_clusters_per_super: list[int]) -> Targets:
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    if method == "rotnet":
+    if not clusters(method):
         return Targets(method, ROTATIONS, ())
     if method == "deepcluster":
         if len(sub_clusters_per_super) != 1:

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from deepercluster.seeds import derived_seed
+
 
 class UniformClusterSampler:
     """(image index, rotation) pairs for one epoch, uniform over the clusters of ``images``.
@@ -46,7 +48,7 @@ class UniformClusterSampler:
 
     def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(indices, rotations) of ``epoch``, both of length ``draws``."""
-        rng = np.random.default_rng([self.seed, epoch])
+        rng = np.random.default_rng(derived_seed(self.seed, epoch))
         per_cluster = np.full(len(self.members), self.draws // len(self.members))
         per_cluster[rng.permutation(len(self.members))[: self.draws % len(self.members)]] += 1
         draws = [

@@ -1,12 +1,14 @@
 """Every workflow stage, by the name the rules call it: ``python -m deepercluster <stage> --arg ...``.
 
 Stages are named as ``module:function`` and imported on demand, so a stage pays only for
-the libraries it uses (torch, faiss and scikit-learn take seconds to import).
+the libraries it uses (torch, faiss and scikit-learn take seconds to import). ``options``
+writes a stage's keyword arguments as the command-line options its parser reads back.
 """
 
 from __future__ import annotations
 
 import importlib
+import shlex
 from collections.abc import Callable
 
 STAGES = {
@@ -51,3 +53,16 @@ def import_function(qualified: str) -> Callable[..., None]:
 def stage_options(name: str) -> list[Callable[..., None]]:
     """The functions whose keyword arguments are stage ``name``'s options."""
     return [load_stage(name), *([import_function(FORWARDED[name])] if name in FORWARDED else [])]
+
+
+def options(**values: object) -> str:
+    """Keyword arguments as a stage's command-line options: --name value, --flag/--no-flag, a list as
+    --name v1 v2 ...; None is left out (the stage's default)."""
+    words = []
+    for name, value in values.items():
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, bool):
+            words.append(flag if value else f"--no-{flag[2:]}")
+        elif value is not None:
+            words += [flag, *map(str, value if isinstance(value, list) else [value])]
+    return shlex.join(words)

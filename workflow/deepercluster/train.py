@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from deepercluster import methods
 from deepercluster.checkpoints import load_checkpoint, load_model, save_checkpoint
 from deepercluster.data import ImageDataset, train_transform
 from deepercluster.distributed import (
@@ -100,7 +101,7 @@ def group_sampler(targets: Targets, layout: Layout, clusters: pd.DataFrame, seed
         rotations = [layout.group % ROTATIONS]
         if targets.method == "deepercluster":
             images = np.flatnonzero(clusters["super_cluster"].to_numpy() == layout.group // ROTATIONS)
-    group_seed = int(np.random.SeedSequence([seed, layout.group]).generate_state(1)[0])
+    group_seed = derived_seed(seed, layout.group)
     return UniformClusterSampler(
         flat.to_numpy(), rotations=rotations, seed=group_seed, images=images, draws=len(clusters) // layout.groups
     )
@@ -323,7 +324,7 @@ def train_block(
 
     # Data: the images, their clusters, this rank's group and a sampler uniform over its clusters.
     images = read_manifest(manifest)
-    clusters = cluster_table(images, None if method == "rotnet" else labels)
+    clusters = cluster_table(images, labels if methods.clusters(method) else None)
     targets = targets_for(method, clusters.groupby("super_cluster")["sub_cluster"].max().add(1).tolist())
     layout = layout_for(targets, rank, world_size)
     sampler = group_sampler(targets, layout, clusters, seed)
@@ -337,7 +338,7 @@ def train_block(
     model, previous = load_model(previous_checkpoint)
     torch.manual_seed(seed)  # the same heads on every rank
     heads = Heads(model.feature_dim, targets)
-    torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))  # each rank's dropout
+    torch.manual_seed(derived_seed(seed, rank))  # each rank's dropout
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = dropout

@@ -9,9 +9,9 @@ rule pca:
         "{run}/benchmarks/rounds/{round}/pca.tsv"
     conda:
         ENV
-    threads: stage_cpus("pca")
+    threads: stage_threads(RESOURCES, "pca")
     resources:
-        **stage_resources("pca"),
+        **job_resources(RESOURCES, "pca"),
     params:
         seed=round_seed,
         options=options(
@@ -36,12 +36,12 @@ rule super_clusters:
         "{run}/benchmarks/rounds/{round}/clusters/super.tsv"
     conda:
         ENV
-    threads: stage_cpus("super_clusters")
+    threads: stage_threads(RESOURCES, "super_clusters")
     resources:
-        **stage_resources("super_clusters"),
+        **job_resources(RESOURCES, "super_clusters"),
     params:
         seed=round_seed,
-        super_clusters=lambda wildcards: super_clusters(wildcards.run),
+        super_clusters=lambda wildcards: run_super_clusters(wildcards.run),
         options=options(
             iterations=config["kmeans"]["iterations"],
             cache_mb=config["kmeans"]["cache_mb"],
@@ -64,9 +64,9 @@ rule sub_clusters:
         "{run}/benchmarks/rounds/{round}/clusters/sub-{super_cluster}.tsv"
     conda:
         ENV
-    threads: stage_cpus("sub_clusters")
+    threads: stage_threads(RESOURCES, "sub_clusters")
     resources:
-        **stage_resources("sub_clusters"),
+        **job_resources(RESOURCES, "sub_clusters"),
     params:
         seed=round_seed,
         options=options(
@@ -96,9 +96,9 @@ rule labels:
         "{run}/benchmarks/rounds/{round}/labels.tsv"
     conda:
         ENV
-    threads: stage_cpus("labels")
+    threads: stage_threads(RESOURCES, "labels")
     resources:
-        **stage_resources("labels"),
+        **job_resources(RESOURCES, "labels"),
     params:
         previous=lambda wildcards, input: options(previous=input.previous or None),
     shell:

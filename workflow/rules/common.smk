@@ -1,10 +1,13 @@
 import re
-import shlex
 
 import pandas as pd
 
 from deepercluster.config import validate_config
+from deepercluster.methods import clusters, runs, super_clusters
+from deepercluster.resources import job_resources, stage_threads, training_allocation
+from deepercluster.seeds import derived_seed
 from deepercluster.shards import require_rows, shard_count
+from deepercluster.stages import options
 
 validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 
@@ -18,31 +21,20 @@ wildcard_constraints:
 ENV = "../../envs/deepercluster.yaml"
 METHOD = config["method"]
 ROUNDS = config["rounds"]
+RESOURCES = config["resources"]
 # Runs, each a folder {run} holding rounds/, evals/, logs/, benchmarks/: the main run (results, the
 # config's method) and, for the comparison (rule compare), one run of each other method with the same
 # config under results/compare/{method}. They share the data and round 0 (the seeded random init).
-RUNS = {
-    "results": METHOD,
-    **{
-        f"results/compare/{method}": method
-        for method in ("rotnet", "deepcluster", "deepercluster")
-        if method != METHOD
-    },
-}
+RUNS = runs(METHOD)
 
 
 wildcard_constraints:
     run="|".join(map(re.escape, RUNS)),
 
 
-def run_method(run):
-    """The method a run trains with."""
-    return RUNS[run]
-
-
-def super_clusters(run):
-    """A run's super-clusters: DeepCluster is the one-super-cluster case; RotNet clusters nothing."""
-    return 1 if run_method(run) == "deepcluster" else config["kmeans"]["super_clusters"]
+def run_super_clusters(run):
+    """m of a run's rounds, by its method (methods.super_clusters)."""
+    return super_clusters(RUNS[run], config["kmeans"]["super_clusters"])
 
 
 def round_folder(run, r):
@@ -50,86 +42,33 @@ def round_folder(run, r):
     return f"{'results' if int(r) == 0 else run}/rounds/{r}"
 
 
-def options(**values):
-    """Config values as a stage's command-line options: --name value, --flag/--no-flag; None is left out."""
-    words = []
-    for name, value in values.items():
-        flag = f"--{name.replace('_', '-')}"
-        if isinstance(value, bool):
-            words.append(flag if value else f"--no-{flag[2:]}")
-        elif value is not None:
-            words += [flag, *map(str, value if isinstance(value, list) else [value])]
-    return shlex.join(words)
-
-
-def stage_resources(stage):
-    """Snakemake resources of a stage's jobs: resources.default, overridden by resources.<stage>."""
-    wanted = {**config["resources"]["default"], **config["resources"].get(stage, {})}
-    resources = {
-        key: wanted[key]
-        for key in ("runtime", "mem_mb", "cpus_per_task", "tasks", "nodes")
-    }
-    if wanted["gpus"]:
-        resources["gpu"] = wanted["gpus"]
-    if wanted["gpus"] and wanted["gpu_model"]:
-        resources["gpu_model"] = wanted["gpu_model"]
-    if wanted["tasks"] > 1:
-        resources["mpi"] = (
-            "srun"  # the stage starts its ranks itself (python -m deepercluster --tasks)
-        )
-    for key in ("slurm_partition", "slurm_account"):
-        if wanted[key]:
-            resources[key] = wanted[key]
-    return resources
-
-
-def stage_cpus(stage):
-    """Threads of a stage's jobs: its cpus_per_task."""
-    return stage_resources(stage)["cpus_per_task"]
-
-
-def training_allocation():
-    """The training block's allocation, as options of `python -m deepercluster train`."""
-    wanted = {**config["resources"]["default"], **config["resources"].get("train", {})}
-    return options(
-        tasks=wanted["tasks"],
-        nodes=wanted["nodes"],
-        gpus_per_node=wanted["gpus"],
-        gpu_model=wanted["gpu_model"],
-        cpus_per_task=wanted["cpus_per_task"],
-        mem_mb=wanted["mem_mb"],
-        timeout_min=wanted["runtime"],
-        slurm_partition=wanted["slurm_partition"],
-        slurm_account=wanted["slurm_account"],
-    )
-
-
 def shard_files(run, r):
     """Every feature shard of a run's round r; their number is known once the manifest exists."""
     manifest = checkpoints.manifest.get().output.manifest
     images = pd.read_parquet(manifest, columns=["id"]).shape[0]
-    if run_method(run) == "deepercluster":
-        require_rows(super_clusters(run), images, "kmeans.super_clusters")
+    require_rows(run_super_clusters(run), images, "kmeans.super_clusters")
     shards = shard_count(images, config["features"]["shard_size"])
     return [f"{run}/rounds/{r}/features/shard-{i}.h5" for i in range(shards)]
 
 
 def sub_cluster_files(run, r):
     """One level-2 clusters file per super-cluster of a run's round r."""
-    return [f"{run}/rounds/{r}/clusters/sub-{s}.h5" for s in range(super_clusters(run))]
+    return [
+        f"{run}/rounds/{r}/clusters/sub-{s}.h5" for s in range(run_super_clusters(run))
+    ]
 
 
 def round_file(name):
     """An input function: results/rounds/{round}/<name> of the main run, where its method clusters (none
     for RotNet)."""
     return lambda wildcards: (
-        [] if METHOD == "rotnet" else [f"results/rounds/{wildcards.round}/{name}"]
+        [f"results/rounds/{wildcards.round}/{name}"] if clusters(METHOD) else []
     )
 
 
 def round_labels(wildcards):
     """The pseudo-labels a round trains on (none for RotNet)."""
-    if run_method(wildcards.run) == "rotnet":
+    if not clusters(RUNS[wildcards.run]):
         return []
     return [f"{wildcards.run}/rounds/{wildcards.round}/labels.parquet"]
 
@@ -144,14 +83,14 @@ def round_outputs(run, r):
         f"{run}/rounds/{r}/labels.parquet",
     ]
     return [
-        *([] if run_method(run) == "rotnet" else clustering),
+        *(clustering if clusters(RUNS[run]) else []),
         f"{run}/rounds/{r}/checkpoint.pt",
     ]
 
 
 def round_files(name):
     """results/rounds/{r}/<name> of every round, where the method clusters (none for RotNet)."""
-    if METHOD == "rotnet":
+    if not clusters(METHOD):
         return []
     return [f"results/rounds/{r}/{name}" for r in range(1, ROUNDS + 1)]
 
@@ -161,13 +100,13 @@ FIGURES = "results/rounds/{round}/figures"
 ROUND_FIGURES = {
     "training": f"{FIGURES}/training.png",
     **(
-        {}
-        if METHOD == "rotnet"
-        else {
+        {
             "sizes_plot": f"{FIGURES}/cluster_sizes.png",
             "nmi_plot": f"{FIGURES}/nmi.png",
             "grid": f"{FIGURES}/clusters.png",
         }
+        if clusters(METHOD)
+        else {}
     ),
 }
 
@@ -191,11 +130,11 @@ def round_benchmarks(wildcards):
     files = []
     for r in range(1, ROUNDS + 1):
         jobs = ["checkpoint"]
-        if METHOD != "rotnet":
+        if clusters(METHOD):
             shards = len(shard_files("results", r))
             jobs += [f"features/shard-{i}" for i in range(shards)]
             jobs += ["pca", "clusters/super", "labels"]
-            jobs += [f"clusters/sub-{s}" for s in range(super_clusters("results"))]
+            jobs += [f"clusters/sub-{s}" for s in range(run_super_clusters("results"))]
         files += [f"results/benchmarks/rounds/{r}/{job}.tsv" for job in jobs]
     return files
 
@@ -212,8 +151,8 @@ def default_targets(wildcards):
 
 
 def round_seed(wildcards):
-    """Each round's own seed, derived from the config's."""
-    return config["seed"] + 1000 * int(wildcards.round)
+    """Each round's own seed, derived from the config's (seeds.derived_seed)."""
+    return derived_seed(config["seed"], int(wildcards.round))
 
 
 def previous_checkpoint(wildcards):

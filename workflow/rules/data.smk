@@ -10,7 +10,7 @@ checkpoint manifest:
         ENV
     threads: max(1, config["data"]["workers"])
     resources:
-        **stage_resources("manifest"),
+        **job_resources(RESOURCES, "manifest"),
     params:
         options=options(
             seed=config["seed"],

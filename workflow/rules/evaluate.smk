@@ -16,15 +16,20 @@ rule eval_manifest:
         "results/benchmarks/data/eval/manifest.tsv"
     conda:
         ENV
-    threads: stage_cpus("evaluate")
+    threads: stage_threads(RESOURCES, "evaluate")
     resources:
-        **stage_resources("evaluate"),
+        **job_resources(RESOURCES, "evaluate"),
     params:
         options=options(
             seed=config["seed"],
             verify_images=config["data"]["verify_images"],
             workers=config["data"]["workers"],
-            **EVAL["data"],
+            source=EVAL["data"]["source"],
+            path=EVAL["data"]["path"],
+            path_column=EVAL["data"]["path_column"],
+            label_from_folder=EVAL["data"]["label_from_folder"],
+            split=EVAL["data"]["split"],
+            max_images=EVAL["data"]["max_images"],
         ),
     shell:
         "python -m deepercluster manifest {params.options}"
@@ -42,9 +47,9 @@ rule import_checkpoint:
         "results/benchmarks/checkpoints/{name}.tsv"
     conda:
         ENV
-    threads: stage_cpus("evaluate")
+    threads: stage_threads(RESOURCES, "evaluate")
     resources:
-        **stage_resources("evaluate"),
+        **job_resources(RESOURCES, "evaluate"),
     params:
         options=lambda wildcards: options(
             arch=registered(wildcards)["arch"], sobel=registered(wildcards)["sobel"]
@@ -65,9 +70,9 @@ rule eval_features:
         "{run}/benchmarks/evals/{name}/features.tsv"
     conda:
         ENV
-    threads: stage_cpus("evaluate")
+    threads: stage_threads(RESOURCES, "evaluate")
     resources:
-        **stage_resources("evaluate"),
+        **job_resources(RESOURCES, "evaluate"),
     params:
         options=options(
             shard_size=ALL_IMAGES,
@@ -91,9 +96,9 @@ rule eval_pca:
         "{run}/benchmarks/evals/{name}/pca.tsv"
     conda:
         ENV
-    threads: stage_cpus("evaluate")
+    threads: stage_threads(RESOURCES, "evaluate")
     resources:
-        **stage_resources("evaluate"),
+        **job_resources(RESOURCES, "evaluate"),
     params:
         options=options(
             seed=config["seed"],
@@ -117,9 +122,9 @@ rule eval_kmeans:
         "{run}/benchmarks/evals/{name}/clusters.tsv"
     conda:
         ENV
-    threads: stage_cpus("evaluate")
+    threads: stage_threads(RESOURCES, "evaluate")
     resources:
-        **stage_resources("evaluate"),
+        **job_resources(RESOURCES, "evaluate"),
     params:
         options=options(
             seed=config["seed"],
@@ -144,9 +149,9 @@ rule eval_probe_features:
         "{run}/benchmarks/evals/{name}/probe_features.tsv"
     conda:
         ENV
-    threads: stage_cpus("evaluate")
+    threads: stage_threads(RESOURCES, "evaluate")
     resources:
-        **stage_resources("evaluate"),
+        **job_resources(RESOURCES, "evaluate"),
     params:
         options=options(
             image_size=config["data"]["image_size"],
@@ -181,9 +186,9 @@ rule eval_linear:
         "{run}/benchmarks/evals/{name}/linear.tsv"
     conda:
         ENV
-    threads: stage_cpus("evaluate")
+    threads: stage_threads(RESOURCES, "evaluate")
     resources:
-        **stage_resources("evaluate"),
+        **job_resources(RESOURCES, "evaluate"),
     params:
         options=options(
             seed=config["seed"],
@@ -219,9 +224,9 @@ rule eval_knn:
         "{run}/benchmarks/evals/{name}/knn.tsv"
     conda:
         ENV
-    threads: stage_cpus("evaluate")
+    threads: stage_threads(RESOURCES, "evaluate")
     resources:
-        **stage_resources("evaluate"),
+        **job_resources(RESOURCES, "evaluate"),
     params:
         options=options(
             seed=config["seed"], k=EVAL["knn_k"], label_column=EVAL["label_column"]
@@ -255,9 +260,9 @@ rule eval_nmi:
         "{run}/benchmarks/evals/{name}/nmi.tsv"
     conda:
         ENV
-    threads: stage_cpus("evaluate")
+    threads: stage_threads(RESOURCES, "evaluate")
     resources:
-        **stage_resources("evaluate"),
+        **job_resources(RESOURCES, "evaluate"),
     params:
         options=options(
             seed=config["seed"],
@@ -296,9 +301,9 @@ rule eval_clusters:
         "{run}/benchmarks/evals/{name}/clusters-png.tsv"
     conda:
         ENV
-    threads: stage_cpus("evaluate")
+    threads: stage_threads(RESOURCES, "evaluate")
     resources:
-        **stage_resources("evaluate"),
+        **job_resources(RESOURCES, "evaluate"),
     params:
         options=options(seed=config["seed"], shown=EVAL["clusters_shown"]),
     shell:
@@ -318,9 +323,9 @@ rule eval_voc07:
         "{run}/benchmarks/evals/{name}/voc07.tsv"
     conda:
         ENV
-    threads: stage_cpus("evaluate")
+    threads: stage_threads(RESOURCES, "evaluate")
     resources:
-        **stage_resources("evaluate"),
+        **job_resources(RESOURCES, "evaluate"),
     params:
         options=options(
             seed=config["seed"],
@@ -348,9 +353,9 @@ rule eval_retrieval:
         "{run}/benchmarks/evals/{name}/retrieval.tsv"
     conda:
         ENV
-    threads: stage_cpus("evaluate")
+    threads: stage_threads(RESOURCES, "evaluate")
     resources:
-        **stage_resources("evaluate"),
+        **job_resources(RESOURCES, "evaluate"),
     params:
         options=options(
             seed=config["seed"],
@@ -394,9 +399,9 @@ rule compare_table:
         "results/benchmarks/compare/table.tsv"
     conda:
         ENV
-    threads: stage_cpus("evaluate")
+    threads: stage_threads(RESOURCES, "evaluate")
     resources:
-        **stage_resources("evaluate"),
+        **job_resources(RESOURCES, "evaluate"),
     params:
         options=options(
             labels=list(COMPARED),

@@ -14,9 +14,9 @@ rule export:
         "{run}/benchmarks/export/{name}.tsv"
     conda:
         ENV
-    threads: stage_cpus("default")
+    threads: stage_threads(RESOURCES, "default")
     resources:
-        **stage_resources("default"),
+        **job_resources(RESOURCES, "default"),
     params:
         options=options(image_size=config["data"]["image_size"]),
     shell:

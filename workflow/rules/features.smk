@@ -10,9 +10,9 @@ rule features:
         "{run}/benchmarks/rounds/{round}/features/shard-{shard}.tsv"
     conda:
         ENV
-    threads: stage_cpus("features")
+    threads: stage_threads(RESOURCES, "features")
     resources:
-        **stage_resources("features"),
+        **job_resources(RESOURCES, "features"),
     params:
         options=options(
             shard_size=config["features"]["shard_size"],

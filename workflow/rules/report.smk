@@ -35,9 +35,9 @@ rule round_figures:
         "results/benchmarks/rounds/{round}/figures.tsv"
     conda:
         ENV
-    threads: stage_cpus("report")
+    threads: stage_threads(RESOURCES, "report")
     resources:
-        **stage_resources("report"),
+        **job_resources(RESOURCES, "report"),
     params:
         options=options(seed=config["seed"], shown=EVAL["clusters_shown"]),
         figures=figure_options,

@@ -9,14 +9,15 @@ rule initial_checkpoint:
         "results/benchmarks/rounds/0/checkpoint.tsv"
     conda:
         ENV
-    threads: stage_cpus("initial_checkpoint")
+    threads: stage_threads(RESOURCES, "initial_checkpoint")
     resources:
-        **stage_resources("initial_checkpoint"),
+        **job_resources(RESOURCES, "initial_checkpoint"),
     params:
         options=options(
             seed=config["seed"],
             init_checkpoint=config["init_checkpoint"],
-            **config["model"],
+            arch=config["model"]["arch"],
+            sobel=config["model"]["sobel"],
         ),
     shell:
         "python -m deepercluster init {params.options} --out {output} > {log} 2>&1"
@@ -41,9 +42,9 @@ rule train:
         ENV
     params:
         seed=round_seed,
-        allocation=training_allocation(),
+        allocation=training_allocation(RESOURCES),
         labels=lambda wildcards, input: options(labels=input.labels or None),
-        method=lambda wildcards: run_method(wildcards.run),
+        method=lambda wildcards: RUNS[wildcards.run],
         options=options(
             launcher=config["launcher"],
             epochs=config["train"]["epochs_per_round"],
@@ -88,9 +89,9 @@ rule summary:
         "results/benchmarks/summary.tsv"
     conda:
         ENV
-    threads: stage_cpus("summary")
+    threads: stage_threads(RESOURCES, "summary")
     resources:
-        **stage_resources("summary"),
+        **job_resources(RESOURCES, "summary"),
     params:
         clustering=lambda wildcards, input: options(
             nmi=input.nmi or None, sizes=input.sizes or None

@@ -17,11 +17,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from deepercluster.cluster import level_seed, whitened_shards
+from deepercluster.cluster import whitened_shards
 from deepercluster.evaluate.common import save_figure, write_json
 from deepercluster.formats import metadata_columns, read_manifest
 from deepercluster.kmeans import kmeans
 from deepercluster.labels import nmi
+from deepercluster.seeds import derived_seed
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 def seeded_clusterings(features: str, pca: str, k: int, seeds: int, iterations: int, seed: int) -> list[pd.Series]:
     """``seeds`` k-means clusterings of one features file, each a cluster per image indexed by id."""
     source = whitened_shards([features], pca, cache_mb=float("inf"))
-    results = [kmeans(source, k, iterations, level_seed(seed + s, None)) for s in range(seeds)]
+    results = [kmeans(source, k, iterations, derived_seed(seed, s)) for s in range(seeds)]
     return [pd.Series(result.assignments, index=result.ids) for result in results]
 
 

@@ -33,6 +33,7 @@ from deepercluster.files import sha256
 from deepercluster.logs import progress
 from deepercluster.models import ConvNet
 from deepercluster.objectives import linear_head
+from deepercluster.seeds import derived_seed
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +147,10 @@ def crop_scores(
     head.eval()
     scores = np.zeros((len(paths), head[-1].out_features))
     for crop in range(TEST_CROPS):
-        torch.manual_seed(seed + crop)  # the crops of the main process, and (through the loader's seed) of workers
+        crop_seed = derived_seed(seed, crop)
+        torch.manual_seed(crop_seed)  # the crops of the main process, and (through the loader's seed) of workers
         loader = image_loader(
-            paths, np.arange(len(paths)), train_transform(image_size), batch_size, workers, seed=seed + crop
+            paths, np.arange(len(paths)), train_transform(image_size), batch_size, workers, seed=crop_seed
         )
         for x, rows in progress(loader, f"voc07 test crop {crop + 1}/{TEST_CROPS}", total=len(loader), unit="batch"):
             scores[rows.numpy()] += torch.sigmoid(head(model(x.to(device())))).cpu().double().numpy()

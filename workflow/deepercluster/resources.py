@@ -1,0 +1,53 @@
+"""What a stage's jobs ask for: the config's ``resources.default``, overridden by ``resources.<stage>``.
+
+The rules take a job's Snakemake resources and threads from here, and the training block's
+allocation (submitted by the train stage itself) as options of ``python -m deepercluster train``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deepercluster.stages import options
+
+
+def allocation(resources: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The resources of ``stage``'s jobs: ``resources.default``, overridden by ``resources.<stage>``."""
+    return {**resources["default"], **resources.get(stage, {})}
+
+
+def stage_threads(resources: dict[str, Any], stage: str) -> int:
+    """Threads of a stage's jobs (torch and faiss): its cpus_per_task."""
+    return allocation(resources, stage)["cpus_per_task"]
+
+
+def job_resources(resources: dict[str, Any], stage: str) -> dict[str, Any]:
+    """Snakemake resources of a stage's jobs (read by the SLURM executor)."""
+    wanted = allocation(resources, stage)
+    job = {key: wanted[key] for key in ("runtime", "mem_mb", "cpus_per_task", "tasks", "nodes")}
+    if wanted["gpus"]:
+        job["gpu"] = wanted["gpus"]
+        if wanted["gpu_model"]:
+            job["gpu_model"] = wanted["gpu_model"]
+    if wanted["tasks"] > 1:
+        job["mpi"] = "srun"  # the stage starts its ranks itself (python -m deepercluster --tasks)
+    for key in ("slurm_partition", "slurm_account"):
+        if wanted[key]:
+            job[key] = wanted[key]
+    return job
+
+
+def training_allocation(resources: dict[str, Any]) -> str:
+    """The training block's allocation (``resources.train``), as options of ``python -m deepercluster train``."""
+    wanted = allocation(resources, "train")
+    return options(
+        tasks=wanted["tasks"],
+        nodes=wanted["nodes"],
+        gpus_per_node=wanted["gpus"],
+        gpu_model=wanted["gpu_model"],
+        cpus_per_task=wanted["cpus_per_task"],
+        mem_mb=wanted["mem_mb"],
+        timeout_min=wanted["runtime"],
+        slurm_partition=wanted["slurm_partition"],
+        slurm_account=wanted["slurm_account"],
+    )
