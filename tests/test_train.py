@@ -72,7 +72,9 @@ def test_each_method_loss_equals_cross_entropy_by_hand(batch, method: str) -> No
         assert heads.super_class is None and "loss_super" not in out
     if method != "rotnet":
         w = [
-            cross_entropy_by_hand(head_logits(heads.sub_class[g], feature[n : n + 1]), sub_cluster[n : n + 1].numpy())
+            cross_entropy_by_hand(
+                head_logits(heads.sub_class[str(g)], feature[n : n + 1]), sub_cluster[n : n + 1].numpy()
+            )
             for n, g in enumerate(target.tolist())
         ]
         assert out["loss_sub"].item() == pytest.approx(np.mean(w), rel=1e-10)
@@ -278,6 +280,63 @@ def test_four_ranks_in_the_papers_layout_train_rotnet(block_inputs, tmp_path: Pa
     assert "Layout(groups=4, group=3, part=0, parts=1)" in logs[3].read_text()
     metrics = pd.read_csv(tmp_path / "metrics.tsv", sep="\t")
     assert metrics["iteration"].tolist() == list(range(600 // 40)) and metrics["loss_super"].notna().all()
+
+
+# Losses of the 15 iterations of test_four_ranks_in_the_papers_layout_train_deepercluster by the code before
+# ranks held their group's head only (every rank held all four), on the same inputs.
+LOSSES_BEFORE = [
+    3.6927228,
+    3.6923695,
+    3.6904395,
+    3.6916158,
+    3.6936388,
+    3.6994686,
+    3.7030358,
+    3.6936355,
+    3.7002244,
+    3.7034645,
+    3.7028847,
+    3.6992679,
+    3.7155948,
+    3.7098372,
+    3.7057295,
+]
+
+
+def test_four_ranks_in_the_papers_layout_train_deepercluster(block_inputs, tmp_path: Path) -> None:
+    """DeeperCluster with m = 1 super-cluster on 4 local ranks: a training group per rotation, each rank holding
+    its group's sub-class head only, saved by the group in its own file; the losses are those of every rank
+    holding every head, to float32 rounding (the world's all-reduce no longer carries the other heads' zeros,
+    so gloo sums the rest in another order)."""
+    from deepercluster.launch import train
+
+    labels = pd.read_parquet(block_inputs["labels"])
+    pd.DataFrame({"id": labels["id"], "super_cluster": 0, "sub_cluster": labels["super_cluster"] + 2 * labels[
+        "sub_cluster"]}).to_parquet(tmp_path / "labels.parquet")  # fmt: skip
+    inputs = {**block_inputs, "labels": str(tmp_path / "labels.parquet"), "epochs": 1, "batch_size": 40,
+              "checkpoint_every": 4}  # fmt: skip
+    train(launcher="local", tasks=4, cpus_per_task=1, train_dir=str(tmp_path), out=str(tmp_path / "ck.pt"), **inputs)
+    logs = [p.read_text() for p in sorted((tmp_path / "submitit").glob("*_log.err"))]
+    for rank, log in enumerate(logs):
+        assert f"Layout(groups=4, group={rank}, part=0, parts=1)" in log
+        assert f"rank {rank} holds sub-class heads [{rank}]: {256 * 10 + 10} parameters" in log  # W_g: 10 x 256
+    assert len(logs) == 4
+    for g in range(4):  # the last save only: the earlier ones are removed
+        (group,) = tmp_path.glob(f"last-group{g}-*.pt")
+        assert group.name == f"last-group{g}-epoch1-batch0.pt"
+        assert sorted(load_checkpoint(group)["sub_class"]) == [f"{g}.1.bias", f"{g}.1.weight"]
+    assert sorted(load_checkpoint(tmp_path / "ck.pt")["heads"]) == [
+        "sub_class.0.1.bias", "sub_class.0.1.weight", "super_class.1.bias", "super_class.1.weight"]  # fmt: skip
+    metrics = pd.read_csv(tmp_path / "metrics.tsv", sep="\t")
+    np.testing.assert_allclose(metrics["loss"], LOSSES_BEFORE, rtol=2e-6)
+
+    # Run again, every rank resumes from last.pt and its group's file at the block's end: the same weights.
+    first = block_weights(tmp_path / "ck.pt")
+    train(launcher="local", tasks=4, cpus_per_task=1, train_dir=str(tmp_path), out=str(tmp_path / "ck.pt"), **inputs)
+    logs = "".join(p.read_text() for p in (tmp_path / "submitit").glob("*_log.err"))
+    assert logs.count("resuming round 1 at epoch 1, batch 0") == 4
+    for key, tensor in block_weights(tmp_path / "ck.pt").items():
+        assert torch.equal(tensor, first[key]), key
 
 
 def test_a_rerun_ends_the_local_block_its_killed_predecessor_started(block_inputs, tmp_path: Path, caplog) -> None:

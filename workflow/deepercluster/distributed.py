@@ -2,7 +2,8 @@
 
 Every other module asks ``get_rank()``/``get_world_size()`` and reduces through
 ``all_reduce_sum``, which is the identity on one process: one code path for a laptop
-and for 64 GPUs.
+and for 64 GPUs. Process groups smaller than the world (a DeeperCluster training group,
+which alone holds its sub-class head) are made here too, by ``group_of_ranks``.
 """
 
 from __future__ import annotations
@@ -96,15 +97,40 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all ranks in place (identity on one process) and return it."""
+def group_of_ranks(size: int) -> dist.ProcessGroup | None:
+    """This rank's process group when the world is cut into consecutive sets of ``size`` ranks (ranks
+    0..size-1, then size..2 size-1...); None, meaning the world, when one set is the whole world.
+
+    Every rank takes part in creating every set's group (``torch.distributed.new_group`` is collective).
+    """
+    world_size = get_world_size()
+    if size == world_size:
+        return None
+    groups = [dist.new_group(list(range(first, first + size))) for first in range(0, world_size, size)]
+    return groups[get_rank() // size]
+
+
+def group_size(group: dist.ProcessGroup | None) -> int:
+    """The number of ranks of ``group`` (None: the world)."""
+    return get_world_size() if group is None else dist.get_world_size(group)
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for on one process)."""
     if get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum ``tensor`` over the ranks of ``group`` (None: all ranks) in place (identity on one process)
+    and return it."""
+    if group_size(group) > 1:
         if dist.get_backend() == "nccl":
             on_gpu = tensor.cuda()
-            dist.all_reduce(on_gpu)
+            dist.all_reduce(on_gpu, group=group)
             tensor.copy_(on_gpu)
         else:
-            dist.all_reduce(tensor)
+            dist.all_reduce(tensor, group=group)
     return tensor
 
 
@@ -171,21 +197,22 @@ def global_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def synchronise_gradients(parameters: list[nn.Parameter], divisors: list[int]) -> None:
-    """Sum each parameter's gradient over all ranks and divide it by its divisor, in one all-reduce.
+def synchronise_gradients(parameters: list[nn.Parameter], group: dist.ProcessGroup | None = None) -> None:
+    """Average each parameter's gradient over the ranks of ``group`` (None: all ranks), in one all-reduce.
 
     A parameter no rank computed a gradient for keeps ``grad = None`` (SGD then skips it, as
     on one process); one that only some ranks used counts zeros for the others.
     """
-    if get_world_size() == 1:
+    ranks = group_size(group)
+    if ranks == 1 or not parameters:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
     used = torch.tensor([float(p.grad is not None) for p in parameters], device=grads[0].device)
-    flat = all_reduce_sum(torch.cat([*(g.flatten() for g in grads), used]))
+    flat = all_reduce_sum(torch.cat([*(g.flatten() for g in grads), used]), group)
     used, offset = flat[-len(parameters) :], 0
-    for p, divisor, was_used in zip(parameters, divisors, used.tolist(), strict=True):
+    for p, was_used in zip(parameters, used.tolist(), strict=True):
         n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p) / divisor if was_used else None
+        p.grad = flat[offset : offset + n].view_as(p) / ranks if was_used else None
         offset += n
 
 

@@ -1,7 +1,8 @@
 """The training block of a round: ``epochs`` epochs on the round's pseudo-labels, resumable exactly.
 
 ``train_block`` reads top to bottom: ranks, data, networks, optimiser, resume, loop. It saves
-``train/last.pt`` (model, heads, optimiser, sampler position, every rank's RNG state) every
+``train/last.pt`` (model, heads, optimiser, sampler position, every rank's RNG state; each
+training group's sub-class heads in a file of the group's beside it) every
 ``checkpoint_every`` iterations, at every epoch end, and at the iteration where the
 pre-emption signal (SIGUSR2, sent by SLURM before a time-out or pre-emption) arrives, before
 handing over to submitit to requeue the job. Run again after a kill, it resumes from there
@@ -18,9 +19,12 @@ when the block ends.
 Ranks (DeeperCluster, section "Distributed training"): when the number of ranks is a
 multiple of the number of super-classes, ranks form one training group per super-class
 and each rank of group g sees only super-class g's images at its rotation; the backbone
-and the super-class head are shared by all ranks, a sub-class head only inside its group.
-Otherwise every rank takes its share of each global batch. Either way BatchNorm statistics
-are computed over the global batch and every rank holds identical weights.
+and the super-class head are held by all ranks and their gradients averaged over all, the
+sub-class head W_g only by group g's ranks, its gradients averaged inside the group (a
+process group per training group). Otherwise (fewer ranks than groups: one process on a
+laptop) every rank takes its share of each global batch and holds every head. Either way
+BatchNorm statistics are computed over the global batch and the ranks holding a weight
+hold it identically.
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ from deepercluster.data import ImageDataset, train_transform
 from deepercluster.distributed import (
     all_gather_objects,
     all_reduce_sum,
+    barrier,
     global_batchnorm,
+    group_of_ranks,
     init_distributed,
     is_main_process,
     synchronise_gradients,
@@ -254,31 +260,73 @@ def block_provenance(
     return {**hashes, "method": method, "world_size": world_size, **settings}
 
 
-def save_state(path: Path, modules: dict[str, Any], provenance: dict[str, Any], epoch: int, batch: int) -> None:
-    """last.pt: the state dicts of ``modules`` (model, heads, optimizer), every rank's RNG state, the position
-    (``batch`` of ``epoch`` runs next) and the provenance. Every rank calls it; rank 0 writes."""
-    rngs = all_gather_objects(rng_state())
+@dataclass(frozen=True)
+class BlockState:
+    """What last.pt restores by name: the ``shared`` modules every rank holds (model, super-class head,
+    their optimiser) and the ``held`` ones only this rank's training group holds (its sub-class heads
+    and their optimiser)."""
+
+    shared: dict[str, Any]
+    held: dict[str, Any]
+
+
+def present(**modules: Any) -> dict[str, Any]:
+    """``modules`` but those that are None (DeepCluster has no super-class head, RotNet no sub-class heads)."""
+    return {name: module for name, module in modules.items() if module is not None}
+
+
+def group_file(last: Path, group: int, epoch: int, batch: int) -> Path:
+    """The file of training group ``group``'s ``held`` state saved with last.pt at (``epoch``, ``batch``)."""
+    return last.with_name(f"last-group{group}-epoch{epoch}-batch{batch}.pt")
+
+
+def save_state(
+    last: Path, state: BlockState, layout: Layout, provenance: dict[str, Any], epoch: int, batch: int
+) -> None:
+    """last.pt (rank 0): the ``shared`` state, every rank's RNG state, the position (``batch`` of ``epoch``
+    runs next) and the provenance; and each group's file (the group's first rank): its ``held`` state.
+    Every rank calls it.
+
+    A group's file is named by the position and written before last.pt, and the older ones are removed
+    once last.pt no longer names them: a kill at any point leaves a last.pt whose group files exist.
+    """
+    own = group_file(last, layout.group, epoch, batch)
+    if layout.part == 0:
+        save_checkpoint(own, {**{k: v.state_dict() for k, v in state.held.items()}, "provenance": provenance})
+    rngs = all_gather_objects(rng_state())  # a collective: once it returns, every group's file is written
     if is_main_process():
-        state = {name: module.state_dict() for name, module in modules.items()}
-        save_checkpoint(path, {**state, "rng": rngs, "epoch": epoch, "batch": batch, "provenance": provenance})
+        shared = {k: v.state_dict() for k, v in state.shared.items()}
+        save_checkpoint(last, {**shared, "rng": rngs, "epoch": epoch, "batch": batch, "provenance": provenance})
+    barrier()
+    if layout.part == 0:
+        for older in set(last.parent.glob(f"last-group{layout.group}-*.pt")) - {own}:
+            older.unlink()
 
 
-def resume_state(path: Path, modules: dict[str, Any], provenance: dict[str, Any], rank: int) -> tuple[int, int]:
-    """(epoch, batch) to start at: restored from last.pt when it was written for this very block, else (0, 0),
-    saying which settings differ."""
-    if not path.exists():
+def resume_state(
+    last: Path, state: BlockState, layout: Layout, provenance: dict[str, Any], rank: int
+) -> tuple[int, int]:
+    """(epoch, batch) to start at: restored from last.pt and this rank's group file when they were written
+    for this very block, else (0, 0), saying which settings differ."""
+    if not last.exists():
         return 0, 0
-    state = load_checkpoint(path)
-    saved = state.get("provenance", {})
+    shared = load_checkpoint(last)
+    saved = shared.get("provenance", {})
     if saved != provenance:
         changed = [k for k in sorted({*saved, *provenance}) if saved.get(k) != provenance.get(k)]
         differences = ", ".join(f"{k} {saved.get(k)} -> {provenance.get(k)}" for k in changed)
-        log.warning("%s is not resumed: it was written for another block (%s); starting afresh", path, differences)
+        log.warning("%s is not resumed: it was written for another block (%s); starting afresh", last, differences)
         return 0, 0
-    for name, module in modules.items():
-        module.load_state_dict(state[name])
-    set_rng_state(state["rng"][rank])
-    return state["epoch"], state["batch"]
+    own = group_file(last, layout.group, shared["epoch"], shared["batch"])
+    held = load_checkpoint(own) if own.exists() else {}
+    if held.get("provenance") != provenance:
+        log.warning("%s is not resumed: its training group's file %s is missing or of another block; starting afresh",
+                    last, own)  # fmt: skip
+        return 0, 0
+    for name, module in {**state.shared, **state.held}.items():
+        module.load_state_dict({**shared, **held}[name])
+    set_rng_state(shared["rng"][rank])
+    return shared["epoch"], shared["batch"]
 
 
 def train_block(
@@ -304,7 +352,9 @@ def train_block(
 ) -> None:
     """Stage 'train' (inside its launcher): round ``round``'s training block; writes ``out``.
 
-    ``batch_size`` is the global batch, split evenly over the ranks.
+    ``batch_size`` is the global batch, split evenly over the ranks. ``out`` holds the backbone
+    the next round starts from, and the heads rank 0 holds: every head when ranks are fewer
+    than training groups; the super-class head and W_0 in the paper's layout.
     """
     # Ranks: one process, or every task of the job.
     context = init_distributed()
@@ -327,6 +377,7 @@ def train_block(
     clusters = cluster_table(images, labels if methods.clusters(method) else None)
     targets = targets_for(method, clusters.groupby("super_cluster")["sub_cluster"].max().add(1).tolist())
     layout = layout_for(targets, rank, world_size)
+    group = group_of_ranks(layout.parts)  # the ranks holding this rank's sub-class heads (None: all)
     sampler = group_sampler(targets, layout, clusters, seed)
     group_batch = min(batch_size // layout.groups, len(sampler))
     iterations_per_epoch = len(sampler) // group_batch
@@ -334,10 +385,11 @@ def train_block(
     dataset = RotatedImages(ImageDataset(images["path"].tolist(), images["id"].tolist(), augment))
     super_clusters, sub_clusters = (torch.tensor(clusters[c].to_numpy()) for c in ("super_cluster", "sub_cluster"))
 
-    # Networks and optimiser: the backbone carries over, the heads are new each round.
+    # Networks and optimisers: the backbone carries over, the heads are new each round; this rank holds
+    # the sub-class heads of its group's super-class, or all of them when its group is every super-class.
     model, previous = load_model(previous_checkpoint)
     torch.manual_seed(seed)  # the same heads on every rank
-    heads = Heads(model.feature_dim, targets)
+    heads = Heads(model.feature_dim, targets, holds=[layout.group] if layout.groups > 1 else None)
     torch.manual_seed(derived_seed(seed, rank))  # each rank's dropout
     for module in model.modules():
         if isinstance(module, nn.Dropout):
@@ -345,14 +397,22 @@ def train_block(
     model = global_batchnorm(model)
     model.to(device).train()
     heads.to(device).train()
-    shared = [p for p in [*model.parameters(), *heads.parameters()] if p.requires_grad]
-    in_group = {id(p) for p in heads.sub_class.parameters()}
-    divisors = [layout.parts if id(p) in in_group else world_size for p in shared]
-    optimizer = torch.optim.SGD(shared, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    held = list(heads.sub_class.parameters())
+    held_ids = {id(p) for p in held}
+    shared = [p for p in [*model.parameters(), *heads.parameters()] if p.requires_grad and id(p) not in held_ids]
+    # Gradients averaged over each set of ranks holding the weights: one all-reduce when that is every rank.
+    reductions = [(shared + held, None)] if group is None else [(shared, None), (held, group)]
+    sgd = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+    optimizer = torch.optim.SGD(shared, **sgd)
+    held_optimizer = torch.optim.SGD(held, **sgd) if held else None
+    optimizers = [optimizer, *present(held=held_optimizer).values()]
 
-    # Resume by name from train/last.pt when it was written for this very block.
-    modules = {"model": model, "heads": heads, "optimizer": optimizer}
-    start_epoch, start_batch = resume_state(last, modules, provenance, rank)
+    # Resume by name from train/last.pt (and this group's file) when it was written for this very block.
+    state = BlockState(
+        shared=present(model=model, super_class=heads.super_class, optimizer=optimizer),
+        held=present(sub_class=heads.sub_class, sub_class_optimizer=held_optimizer),
+    )
+    start_epoch, start_batch = resume_state(last, state, layout, provenance, rank)
     if (start_epoch, start_batch) != (0, 0):
         log.info("resuming round %d at epoch %d, batch %d from %s", round, start_epoch, start_batch, last)
     iteration = start_epoch * iterations_per_epoch + start_batch
@@ -362,6 +422,8 @@ def train_block(
     # The loop.
     log.info("round %d: %s on %d images, %d epochs x %d iterations of %d on %d ranks (%s), heads %s", round, method,
              len(dataset), epochs, iterations_per_epoch, batch_size, world_size, layout, targets)  # fmt: skip
+    log.info("rank %d holds sub-class heads [%s]: %d parameters", rank, ",".join(heads.sub_class),
+             sum(p.numel() for p in held))  # fmt: skip
     for epoch in range(start_epoch, epochs):
         indices, rotations = sampler.epoch(epoch)
         batches = RankBatches(indices, rotations, group_batch, layout, start_batch, seed, epoch)
@@ -376,10 +438,13 @@ def train_block(
             x, rotation = x.to(device, non_blocking=True), rotation.to(device)
             super_target = super_class(targets, super_clusters[index].to(device), rotation)
             losses = heads(model(x), super_target, sub_clusters[index].to(device))
-            optimizer.zero_grad(set_to_none=True)
+            for o in optimizers:
+                o.zero_grad(set_to_none=True)
             losses["loss"].backward()
-            synchronise_gradients(shared, divisors)
-            optimizer.step()
+            for parameters, ranks in reductions:
+                synchronise_gradients(parameters, ranks)
+            for o in optimizers:
+                o.step()
 
             row, stop = mean_over_ranks(losses, preemption.signalled, world_size)
             now, iteration = time.perf_counter(), iteration + 1
@@ -388,7 +453,7 @@ def train_block(
             tick = now
             if iteration % checkpoint_every == 0 or stop:
                 metrics.flush()
-                save_state(last, modules, provenance, epoch, batch + 1)
+                save_state(last, state, layout, provenance, epoch, batch + 1)
             if stop:
                 log.warning("pre-emption signal: saved %s at epoch %d, batch %d; requeuing", last, epoch, batch + 1)
                 preemption.hand_over()
@@ -397,7 +462,7 @@ def train_block(
                          " ".join(f"{k} {v:.3f}" for k, v in row.items()))  # fmt: skip
         metrics.flush()
         start_batch = 0
-        save_state(last, modules, provenance, epoch + 1, 0)
+        save_state(last, state, layout, provenance, epoch + 1, 0)
     preemption.restore()
     metrics.publish(Path(train_dir) / "metrics.tsv")
 
