@@ -140,8 +140,11 @@ def probe_layer(
     fit_y, select_y = (torch.from_numpy(targets[train[rows]]) for rows in (~held_out, held_out))
     selection, solutions, start = {}, {}, None
     for weight_decay in sorted(weight_decays, reverse=True):  # each fit starts from the more regularised one
-        solutions[weight_decay] = start = fit_logistic(fit_x, fit_y, classes, weight_decay, max_iterations, start)[:2]
+        weight, bias, iterations = fit_logistic(fit_x, fit_y, classes, weight_decay, max_iterations, start)
+        solutions[weight_decay] = start = (weight, bias)
         selection[weight_decay] = float(((select_x @ start[0] + start[1]).argmax(1) == select_y).float().mean())
+        log.info("  weight decay %g: held-out top-1 %.4f after %d L-BFGS iterations", weight_decay,
+                 selection[weight_decay], iterations)  # fmt: skip
     chosen = max(weight_decays, key=lambda wd: (selection[wd], wd))  # ties: the stronger regularisation
     train_x, val_x = standardise(x[train], x[val])
     train_y = torch.from_numpy(targets[train])
@@ -178,6 +181,7 @@ def linear_probe(
         layers = []
         for name, pool in zip(names, pools, strict=True):
             x = f[name][:][position].astype(np.float32)
+            log.info("%s (%d dims): choosing the weight decay on a held-out fifth of the train split", name, x.shape[1])
             result = probe_layer(x, data.targets, data.val, len(data.classes), weight_decays, seed, max_iterations)
             log.info("%s (%d dims): val top-1 %.4f, 95%% interval %s, weight decay %g, %d L-BFGS iterations",
                      name, x.shape[1], result["top1"], np.round(result["ci95"], 4).tolist(), result["weight_decay"],
