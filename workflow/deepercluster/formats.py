@@ -101,7 +101,8 @@ def read_chunks(paths: Sequence[str], chunk_rows: int = 16384) -> Iterator[Chunk
             n = f["ids"].shape[0]
             for start in range(0, n, chunk_rows):
                 stop = min(start + chunk_rows, n)
-                yield f["ids"][start:stop].astype(np.int64), f["features"][start:stop].astype(np.float32)
+                ids, x = f["ids"][start:stop], f["features"][start:stop]
+                yield ids.astype(np.int64, copy=False), x.astype(np.float32, copy=False)
 
 
 def read_rows(path: str | os.PathLike, positions: np.ndarray, chunk_rows: int = 16384) -> Iterator[np.ndarray]:
@@ -114,7 +115,7 @@ def read_rows(path: str | os.PathLike, positions: np.ndarray, chunk_rows: int = 
     blocks = positions // chunk_rows
     with open_shard(path) as f:
         for block in np.unique(blocks):
-            yield f["features"][positions[blocks == block]].astype(np.float32)
+            yield f["features"][positions[blocks == block]].astype(np.float32, copy=False)
 
 
 @dataclass

@@ -125,7 +125,9 @@ class RotatedImages(Dataset):
     def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int, int]:
         index, rotation, sample_seed = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
+            # the CPU generator only (the transforms'): torch.manual_seed would also queue a CUDA/XPU/MPS
+            # seeding, formatting a stack trace for each, and reseed the GPU's dropout generator
+            torch.default_generator.manual_seed(sample_seed)
             image, _ = self.images[index]
         return torch.rot90(image, rotation, dims=(1, 2)), index, rotation
 

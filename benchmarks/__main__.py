@@ -1,0 +1,121 @@
+"""``python -m benchmarks [--quick] [--slurm] [--only NAME ...]``: the table of ratios, then the measured throughputs.
+
+Run from the repository root (or ``benchmarks/run``); the package is imported from ``workflow/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Sizes: small but past the caches, so the whole run takes about 10 minutes on 2 cores; --quick about 1.
+FULL = {
+    "kmeans": {"rows": 200_000, "dim": 128, "k": 1024, "iterations": 10, "repeats": 2},
+    "images": 3000,
+    "features": {"batch_size": 256, "repeats": 3},
+    "training": {"batch_size": 64, "repeats": 3},
+    "io": {"rows": 200_000, "dim": 256, "repeats": 6},
+    "memory": {"rows": 100_000, "dim": 256, "k": 64},
+    "head": {"k": 80_000, "dim": 4096, "batch": 48},  # the paper's: one group's W_g, 48 images per GPU
+}
+QUICK = {
+    "kmeans": {"rows": 20_000, "dim": 64, "k": 100, "iterations": 5, "repeats": 1},
+    "images": 300,
+    "features": {"batch_size": 100, "repeats": 1},
+    "training": {"batch_size": 32, "repeats": 1},
+    "io": {"rows": 20_000, "dim": 128, "repeats": 2},
+    "memory": {"rows": 20_000, "dim": 64, "k": 16},
+    "head": {"k": 8_000, "dim": 4096, "batch": 48},
+}
+CASES = ("kmeans", "features", "training", "io", "memory", "head", "workflow")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of about a minute")
+    parser.add_argument(
+        "--slurm",
+        action="store_true",
+        help="also measure the workflow overhead on the SLURM cluster of $SLURM_CONF (tests/slurm/cluster.sh start)",
+    )
+    parser.add_argument("--only", nargs="+", choices=CASES, default=list(CASES), help="run only these benchmarks")
+    return parser.parse_args(argv)
+
+
+def prepare_environment() -> None:
+    """The package from this checkout, in this process and its children; quiet progress bars."""
+    sys.path.insert(0, str(REPO / "workflow"))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO / "workflow"), str(REPO), os.environ.get("PYTHONPATH")])
+    )
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch's and faiss's OpenMP pools, as the CLI sets it
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def run(args: argparse.Namespace, work: Path):  # -> Report
+    from benchmarks import cases
+    from benchmarks.inputs import image_round
+
+    sizes, report = QUICK if args.quick else FULL, cases.Report()
+    if args.slurm and not os.environ.get("SLURM_CONF"):
+        sys.exit('--slurm needs a running cluster: eval "$(tests/slurm/cluster.sh start)" sets SLURM_CONF')
+    if "kmeans" in args.only:
+        cases.kmeans_case(report, work, **sizes["kmeans"])
+    if {"features", "training"} & set(args.only):
+        images = image_round(work / "images", sizes["images"])
+        if "features" in args.only:
+            cases.features_case(report, images, work, **sizes["features"])
+        if "training" in args.only:
+            cases.training_case(report, images, work, **sizes["training"])
+    if "io" in args.only:
+        cases.shard_io_case(report, work, **sizes["io"])
+    if "memory" in args.only:
+        cases.memory_case(report, work, **sizes["memory"])
+    if "head" in args.only:
+        cases.head_memory_case(report, **sizes["head"])
+    if "workflow" in args.only:
+        cases.workflow_case(report, work, args.quick, slurm=False)
+        if args.slurm:
+            cases.workflow_case(report, work, args.quick, slurm=True)
+    return report
+
+
+def print_table(report, seconds: float, quick: bool) -> None:
+    header = ("benchmark", "sizes", "ours", "baseline", "ratio", "goal", "result")
+    lines = [
+        header,
+        *(
+            (r.name, r.sizes, r.ours, r.baseline, f"{r.ratio:.3f}", r.goal, "pass" if r.passed else "FAIL")
+            for r in report.rows
+        ),
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print(" | ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+    print(f"\nmeasured throughputs (CPU, {os.cpu_count()} cores; docs/scale.md scales them):")
+    for name, value in report.figures:
+        print(f"  {name}: {value}")
+    print(
+        f"\n{'quick' if quick else 'full'} run: {seconds:.0f} s; "
+        f"{sum(not r.passed for r in report.rows)} of {len(report.rows)} goals missed"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    prepare_environment()
+    tick = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="deepercluster-bench-") as work:
+        report = run(args, Path(work))
+    print_table(report, time.perf_counter() - tick, args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The benchmarks' inputs, made by the package's own stages: synthetic feature shards, real Fashion-MNIST images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from deepercluster.checkpoints import initial_checkpoint
+from deepercluster.data import build_manifest
+from deepercluster.formats import write_shard
+from deepercluster.pca import fit_pca
+
+IMAGE_SIZE = 32
+
+
+def synthetic_shards(folder: Path, rows: int, dim: int, shard_rows: int, seed: int = 0) -> list[str]:
+    """``rows`` float32 rows of a 64-centre Gaussian mixture in ``dim`` dimensions, as feature shards."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(64, dim)).astype(np.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for start in range(0, rows, shard_rows):
+        n = min(shard_rows, rows - start)
+        x = centres[rng.integers(0, len(centres), n)] + rng.normal(scale=0.5, size=(n, dim)).astype(np.float32)
+        paths.append(str(folder / f"shard-{len(paths)}.h5"))
+        write_shard(paths[-1], x, np.arange(start, start + n), checkpoint_sha256="synthetic")
+    return paths
+
+
+def whitening_file(shards: list[str], out: Path, sample_size: int) -> str:
+    """The PCA stage's ``pca.h5`` over ``shards`` (all directions kept, as DeeperCluster does)."""
+    fit_pca(shards=shards, out=str(out), sample_size=sample_size, seed=0)
+    return str(out)
+
+
+@dataclass(frozen=True)
+class ImageRound:
+    """Real Fashion-MNIST images through the manifest and init stages, and labels from their true classes."""
+
+    manifest: str
+    checkpoint: str
+    labels: str
+    paths: list[str]
+    ids: list[int]
+
+
+def image_round(folder: Path, images: int) -> ImageRound:
+    """``images`` Fashion-MNIST images, a random small_convnet, labels 2 super-clusters x 5 sub-clusters."""
+    manifest, checkpoint = str(folder / "manifest.parquet"), str(folder / "checkpoint.pt")
+    build_manifest(
+        source="fashion-mnist",
+        path=str(folder / "fashion-mnist"),
+        manifest=manifest,
+        skipped=str(folder / "skipped.tsv"),
+        max_images=images,
+        seed=0,
+    )
+    initial_checkpoint(arch="small_convnet", sobel=True, seed=0, out=checkpoint)
+    frame = pd.read_parquet(manifest)
+    classes = frame["label"].astype("category").cat.codes.to_numpy().astype(np.int64)
+    labels = str(folder / "labels.parquet")
+    pd.DataFrame({"id": frame["id"], "super_cluster": classes % 2, "sub_cluster": classes // 2}).to_parquet(labels)
+    return ImageRound(manifest, checkpoint, labels, frame["path"].tolist(), frame["id"].tolist())
