@@ -31,6 +31,7 @@ from deepercluster.evaluate.compare import compare
 from deepercluster.evaluate.external import import_checkpoint
 from deepercluster.evaluate.knn import knn, knn_predict
 from deepercluster.evaluate.linear import (
+    CHECK_EVERY,
     activation_shapes,
     fit_logistic,
     linear_probe,
@@ -157,6 +158,15 @@ def test_linear_probe_converges_to_the_optimum_scikit_learn_finds(real_data, tmp
     np.testing.assert_allclose(weight.numpy(), reference.coef_.T, atol=2e-3)
     ours = (val @ weight + bias).argmax(1).numpy()
     assert np.mean(ours == reference.predict(val.double().numpy())) >= 119 / 120
+
+    # Told to watch a held-out set, the probe stops once that set's top-1 stops moving: on a check,
+    # before the optimum, with the top-1 it has at the optimum (to one image in 120).
+    val_y = torch.from_numpy(data.targets[data.val])
+    early_weight, early_bias, early = fit_logistic(train, torch.from_numpy(data.targets[~data.val]), 10, 1e-2, 500,
+                                                   held_out=(val, val_y))  # fmt: skip
+    assert early % CHECK_EVERY == 0 and early < iterations, (early, iterations)
+    assert abs(np.mean((val @ early_weight + early_bias).argmax(1).numpy() == data.targets[data.val])
+               - np.mean(ours == data.targets[data.val])) <= 1 / 120  # fmt: skip
 
 
 def test_frozen_backbone_keeps_batchnorm_statistics(real_data) -> None:

@@ -88,6 +88,10 @@ def probe_features(
         )
 
 
+CHECK_EVERY = 25  # L-BFGS iterations between two looks at the held-out top-1
+STILL = 0.001  # a held-out top-1 that moved less than this over CHECK_EVERY iterations has stopped moving
+
+
 def fit_logistic(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -95,16 +99,19 @@ def fit_logistic(
     weight_decay: float,
     max_iterations: int,
     start: tuple[torch.Tensor, torch.Tensor] | None = None,
+    held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Multinomial logistic regression, mean cross-entropy + weight_decay / 2 * |W|^2, by full-batch L-BFGS
-    from ``start`` (W, b; zeros by default).
+    from ``start`` (W, b; zeros by default), for at most ``max_iterations`` iterations.
 
-    Returns (W, b, iterations); fewer iterations than ``max_iterations`` means it converged.
+    With ``held_out`` (x, y), it also stops once the held-out top-1 moved less than ``STILL`` over the last
+    ``CHECK_EVERY`` iterations. Returns (W, b, iterations); fewer than ``max_iterations``: it stopped before.
     """
     weight = torch.zeros(x.shape[1], classes) if start is None else start[0].clone()
     bias = torch.zeros(classes) if start is None else start[1].clone()
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iterations, tolerance_grad=1e-5,
-                                  tolerance_change=1e-9, history_size=20, line_search_fn="strong_wolfe")  # fmt: skip
+    chunk = min(CHECK_EVERY, max_iterations) if held_out is not None else max_iterations
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=chunk, tolerance_grad=1e-5, tolerance_change=1e-9,
+                                  history_size=20, line_search_fn="strong_wolfe")  # fmt: skip
     one_hot = F.one_hot(y, classes).to(x.dtype)
 
     def closure() -> torch.Tensor:
@@ -117,8 +124,23 @@ def fit_logistic(
         bias.grad = error.sum(0)
         return loss
 
-    optimizer.step(closure)
-    return weight.detach(), bias.detach(), int(optimizer.state[weight]["n_iter"])
+    def held_out_top1() -> float:
+        return float(((held_out[0] @ weight + bias).argmax(1) == held_out[1]).float().mean())
+
+    iterations, top1 = 0, held_out_top1() if held_out is not None else 0.0
+    while iterations < max_iterations:
+        optimizer.param_groups[0]["max_iter"] = min(chunk, max_iterations - iterations)
+        before = optimizer.state[weight].get("n_iter", 0)
+        optimizer.step(closure)  # L-BFGS keeps its history from one call to the next
+        done = optimizer.state[weight]["n_iter"] - before
+        iterations += done
+        if done < optimizer.param_groups[0]["max_iter"]:
+            break  # converged
+        if held_out is not None:
+            top1, previous = held_out_top1(), top1
+            if abs(top1 - previous) < STILL:
+                break
+    return weight.detach(), bias.detach(), iterations
 
 
 def standardise(train: np.ndarray, *others: np.ndarray) -> list[torch.Tensor]:
@@ -138,9 +160,11 @@ def probe_layer(
     held_out[np.random.default_rng(seed).permutation(len(train))[: round(len(train) * SELECTION_FRACTION)]] = True
     fit_x, select_x = standardise(x[train[~held_out]], x[train[held_out]])
     fit_y, select_y = (torch.from_numpy(targets[train[rows]]) for rows in (~held_out, held_out))
-    selection, solutions, start = {}, {}, None
+    selection, solutions, steps, start = {}, {}, {}, None
     for weight_decay in sorted(weight_decays, reverse=True):  # each fit starts from the more regularised one
-        weight, bias, iterations = fit_logistic(fit_x, fit_y, classes, weight_decay, max_iterations, start)
+        weight, bias, iterations = fit_logistic(fit_x, fit_y, classes, weight_decay, max_iterations, start,
+                                                held_out=(select_x, select_y))  # fmt: skip
+        steps[weight_decay] = iterations
         solutions[weight_decay] = start = (weight, bias)
         selection[weight_decay] = float(((select_x @ start[0] + start[1]).argmax(1) == select_y).float().mean())
         log.info("  weight decay %g: held-out top-1 %.4f after %d L-BFGS iterations", weight_decay,
@@ -148,7 +172,8 @@ def probe_layer(
     chosen = max(weight_decays, key=lambda wd: (selection[wd], wd))  # ties: the stronger regularisation
     train_x, val_x = standardise(x[train], x[val])
     train_y = torch.from_numpy(targets[train])
-    weight, bias, iterations = fit_logistic(train_x, train_y, classes, chosen, max_iterations, solutions[chosen])
+    # The refit on the whole train split runs as many iterations as the chosen fit needed to stop moving.
+    weight, bias, iterations = fit_logistic(train_x, train_y, classes, chosen, steps[chosen], solutions[chosen])
     correct = ((val_x @ weight + bias).argmax(1) == torch.from_numpy(targets[val])).numpy()
     return {
         "top1": float(correct.mean()),
@@ -156,7 +181,7 @@ def probe_layer(
         "weight_decay": chosen,
         "selection_top1": {str(wd): top1 for wd, top1 in selection.items()},
         "iterations": iterations,
-        "converged": iterations < max_iterations,
+        "converged": steps[chosen] < max_iterations,
     }
 
 
