@@ -119,6 +119,11 @@ def read_rows(path: str | os.PathLike, positions: np.ndarray, chunk_rows: int = 
             yield f["features"][positions[blocks == block]].astype(np.float32, copy=False)
 
 
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Each row of ``x`` L2-normalised (a zero row stays zero), in ``x``'s dtype."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 @dataclass
 class Whitening:
     """x -> L2-normalise((x - mean) @ projection), projection = eigenvectors * eigenvalue^-1/2."""
@@ -136,8 +141,7 @@ class Whitening:
         return ((x - self.mean) @ self.projection).astype(np.float32)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        w = self.whiten(x)
-        return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
+        return unit_rows(self.whiten(x))
 
     @classmethod
     def load(cls, path: str) -> Whitening:
