@@ -19,7 +19,7 @@ from deepercluster.checkpoints import initial_checkpoint, load_model
 from deepercluster.cluster import cluster_sub, cluster_super
 from deepercluster.data import ImageDataset, feature_transform
 from deepercluster.errors import CheckpointError
-from deepercluster.formats import read_assignments, read_manifest
+from deepercluster.formats import read_clusters, read_manifest
 from deepercluster.labels import make_labels
 from deepercluster.models import build_model
 
@@ -81,13 +81,12 @@ def test_labels_from_two_levels(real_data, tmp_path: Path) -> None:
     assert list(labels.columns) == ["id", "super_cluster", "sub_cluster"]
     assert sorted(labels["id"]) == list(range(600)) and labels["id"].is_unique
     labels = labels.set_index("id").sort_index()
-    _, super_assignments = read_assignments(super_file)
-    assert np.array_equal(labels["super_cluster"].to_numpy(), super_assignments)
+    assert np.array_equal(labels["super_cluster"].to_numpy(), read_clusters(super_file).assignments)
     assert labels["sub_cluster"].between(0, 3).all()
     for s, path in enumerate(sub_files):
-        sub_ids, sub_assignments = read_assignments(path)
-        assert np.array_equal(sub_ids, labels.index[labels["super_cluster"] == s])
-        assert np.array_equal(labels.loc[sub_ids, "sub_cluster"].to_numpy(), sub_assignments)
+        level2 = read_clusters(path)
+        assert np.array_equal(level2.ids, labels.index[labels["super_cluster"] == s])
+        assert np.array_equal(labels.loc[level2.ids, "sub_cluster"].to_numpy(), level2.assignments)
 
     sizes = pd.read_csv(outputs["sizes.tsv"], sep="\t")
     assert list(sizes.columns) == ["super_cluster", "sub_cluster", "size"]
@@ -100,11 +99,7 @@ def test_labels_from_two_levels(real_data, tmp_path: Path) -> None:
         int(((labels["super_cluster"] == s) & (labels["sub_cluster"] == c)).sum()) for s in range(3) for c in range(4)
     ]
     assert sizes["size"].tolist() == counted and sum(counted) == 600
-    file_sizes = []
-    for path in sub_files:
-        with h5py.File(path) as f:
-            file_sizes += f["sizes"][:].tolist()
-    assert sizes["size"].tolist() == file_sizes
+    assert sizes["size"].tolist() == [size for path in sub_files for size in read_clusters(path).sizes]
 
     scores = json.loads(Path(outputs["nmi.json"]).read_text())
     assert set(scores) == {"label", "split", "previous_round"}

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from deepercluster.files import sha256
+from deepercluster.formats import read_clusters
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_CONFIG = REPO / ".test" / "config.yaml"
@@ -49,8 +50,7 @@ def snakemake(workdir: Path, *args: str, **config: object) -> subprocess.Complet
 
 def clusters_file_sizes(round_dir: Path, name: str) -> list[int]:
     """The ``sizes`` of ``clusters/{name}.h5``: k-means' own count of each cluster, empty ones included."""
-    with h5py.File(round_dir / "clusters" / f"{name}.h5") as f:
-        return f["sizes"][:].tolist()
+    return read_clusters(str(round_dir / "clusters" / f"{name}.h5")).sizes.tolist()
 
 
 def modification_times(workdir: Path) -> dict[str, int]:

@@ -14,7 +14,7 @@ import numpy as np
 from deepercluster.distributed import gather_objects, init_distributed
 from deepercluster.errors import ClustersError
 from deepercluster.files import sha256
-from deepercluster.formats import Clusters, Whitening, read_assignments, shard_rows, write_clusters
+from deepercluster.formats import Clusters, Whitening, read_clusters, shard_rows, write_clusters
 from deepercluster.kmeans import KMeansResult, kmeans
 from deepercluster.seeds import derived_seed
 from deepercluster.shards import ShardSource, require_rows
@@ -41,8 +41,8 @@ def write_result(out: str, result: KMeansResult, **attrs: object) -> None:
     if gathered is None:
         return
     ids, assignments = (np.concatenate(parts) for parts in zip(*gathered, strict=True))
-    clusters = Clusters(result.centroids, ids, assignments, result.objective, result.reseeded, result.sizes)
-    write_clusters(out, clusters, **attrs)
+    clusters = Clusters(ids, assignments, result.sizes, result.objective, result.reseeded, attrs)
+    write_clusters(out, clusters, result.centroids)
 
 
 def cluster_super(
@@ -79,8 +79,8 @@ def cluster_sub(
 
     A super-cluster with fewer images than k gets one sub-cluster per image, with a warning.
     """
-    ids, assignments = read_assignments(super_file)
-    members = ids[assignments == super_cluster]
+    level1 = read_clusters(super_file)
+    members = level1.ids[level1.assignments == super_cluster]
     if len(members) == 0:
         raise ClustersError(
             f"super-cluster {super_cluster} of {super_file} is empty: delete it and rerun the super_clusters stage"

@@ -4,7 +4,8 @@ one place; free of torch and faiss, so the light stages (labels, eval-nmi) impor
 - ``manifest.parquet``: ``id`` (0..N-1), ``path``, then metadata columns.
 - a feature shard ``shard-{i}.h5``: ``features`` (n x d float32), ``ids`` (n int64), provenance attributes.
 - ``pca.h5``: a ``Whitening``: ``mean``, ``projection``, ``eigenvalues`` (float32), fit attributes.
-- a clusters file (``super.h5``, ``sub-{s}.h5``): ``Clusters``, ``ids`` and ``assignments`` sorted by id.
+- a clusters file (``super.h5``, ``sub-{s}.h5``): ``centroids`` and a ``Clusters``, ``ids`` and ``assignments``
+  sorted by id.
 """
 
 from __future__ import annotations
@@ -118,6 +119,11 @@ def read_rows(path: str | os.PathLike, positions: np.ndarray, chunk_rows: int = 
             yield f["features"][positions[blocks == block]].astype(np.float32, copy=False)
 
 
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Each row of ``x`` L2-normalised (a zero row stays zero), in ``x``'s dtype."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 @dataclass
 class Whitening:
     """x -> L2-normalise((x - mean) @ projection), projection = eigenvectors * eigenvalue^-1/2."""
@@ -135,8 +141,7 @@ class Whitening:
         return ((x - self.mean) @ self.projection).astype(np.float32)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        w = self.whiten(x)
-        return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
+        return unit_rows(self.whiten(x))
 
     @classmethod
     def load(cls, path: str) -> Whitening:
@@ -154,54 +159,42 @@ class Whitening:
 
 @dataclass
 class Clusters:
-    """The datasets of a clusters file: a k-means result over every rank's rows."""
+    """A clusters file: a k-means result over every rank's rows, but its centroids (written, never read back)."""
 
-    centroids: np.ndarray  # [k, d] float32
     ids: np.ndarray  # [n] int64
     assignments: np.ndarray  # [n] int64: cluster of each of those rows
+    sizes: np.ndarray  # [k] int64, empty clusters included (0)
     objective: np.ndarray  # [passes]: sum of squared distances at each assignment pass
     reseeded: np.ndarray  # [passes]: empty clusters re-seeded after each pass
-    sizes: np.ndarray  # [k] int64
+    attrs: dict[str, object]  # level, seed, ... (super_cluster for level 2); read back with k
 
 
-def write_clusters(path: str, clusters: Clusters, **attrs: object) -> None:
-    """A clusters file, ``ids`` and ``assignments`` sorted by id; attributes ``k`` and ``attrs``."""
+CLUSTERS_DATASETS = ("ids", "assignments", "sizes", "objective", "reseeded")
+
+
+def write_clusters(path: str, clusters: Clusters, centroids: np.ndarray) -> None:
+    """A clusters file: ``centroids`` ([k, d] float32), ``clusters`` with ``ids`` and ``assignments`` sorted by id,
+    and its attributes with ``k``."""
     order = np.argsort(clusters.ids)
     with atomic_output(path) as partial, h5py.File(partial, "w") as f:
-        f["centroids"] = clusters.centroids
+        f["centroids"] = centroids
         f["ids"] = clusters.ids[order]
         f["assignments"] = clusters.assignments[order]
         f["objective"] = clusters.objective
         f["reseeded"] = clusters.reseeded
         f["sizes"] = clusters.sizes
-        f.attrs.update(k=len(clusters.centroids), **attrs)
+        f.attrs.update(k=len(centroids), **clusters.attrs)
 
 
-def open_clusters(path: str) -> h5py.File:
-    """Open a clusters file for reading; a missing, truncated or foreign one gets one message and the fix."""
+def read_clusters(path: str) -> Clusters:
+    """A clusters file in one read; a missing, truncated or foreign one gets one message and the fix."""
     try:
         f = h5py.File(path, "r")
     except OSError as error:
         raise ClustersError(f"clusters file {path} is unreadable ({error}): delete it and rerun its stage") from error
-    if "ids" not in f or "assignments" not in f:
-        f.close()
-        raise ClustersError(f"{path} lacks 'ids' and 'assignments', so it is no clusters file: delete it and rerun")
-    return f
-
-
-def read_assignments(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, assignments) of a clusters file."""
-    with open_clusters(path) as f:
-        return f["ids"][:], f["assignments"][:]
-
-
-def read_sizes(path: str) -> np.ndarray:
-    """The size of every cluster of a clusters file, empty clusters included (0)."""
-    with open_clusters(path) as f:
-        return f["sizes"][:]
-
-
-def clusters_attrs(path: str) -> dict[str, object]:
-    """The attributes of a clusters file: ``k``, ``level``, ``seed``... (``super_cluster`` for level 2)."""
-    with open_clusters(path) as f:
-        return dict(f.attrs)
+    with f:
+        missing = [name for name in CLUSTERS_DATASETS if name not in f]
+        if missing:
+            names = ", ".join(missing)
+            raise ClustersError(f"{path} lacks the datasets {names}, so it is no clusters file: delete it and rerun")
+        return Clusters(**{name: f[name][:] for name in CLUSTERS_DATASETS}, attrs=dict(f.attrs))

@@ -11,7 +11,7 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from deepercluster.errors import ClustersError
 from deepercluster.files import atomic_output
-from deepercluster.formats import clusters_attrs, metadata_columns, read_assignments, read_manifest, read_sizes
+from deepercluster.formats import metadata_columns, read_clusters, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +49,19 @@ def make_labels(
     and against ``previous`` (the previous round's labels) when given.
     """
     images = read_manifest(manifest).set_index("id")
-    ids, super_cluster = read_assignments(super_file)
+    level1 = read_clusters(super_file)
+    ids, super_cluster = level1.ids, level1.assignments
     sub_cluster = np.full(len(ids), -1, np.int64)
     sizes_rows = []
     for s, path in enumerate(sub_files):
-        attrs = clusters_attrs(path)
-        if int(attrs.get("super_cluster", -1)) != s:
+        level2 = read_clusters(path)
+        if int(level2.attrs.get("super_cluster", -1)) != s:
             raise ClustersError(f"{path} is not the sub-clusters of super-cluster {s}: delete it and rerun")
-        sizes_rows += [(s, j, int(size)) for j, size in enumerate(read_sizes(path))]
-        sub_ids, sub_assignments = read_assignments(path)
-        position = np.searchsorted(ids, sub_ids)
+        sizes_rows += [(s, j, int(size)) for j, size in enumerate(level2.sizes)]
+        position = np.searchsorted(ids, level2.ids)
         if not (super_cluster[position] == s).all():
             raise ClustersError(f"{path} does not match {super_file}: delete it and rerun its sub_clusters stage")
-        sub_cluster[position] = sub_assignments
+        sub_cluster[position] = level2.assignments
     if len(ids) != len(images) or (sub_cluster < 0).any() or not np.array_equal(ids, images.index.to_numpy()):
         raise ClustersError(
             f"{super_file} and the sub-cluster files do not cover every image of {manifest} once: "

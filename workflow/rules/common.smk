@@ -21,6 +21,8 @@ wildcard_constraints:
 ENV = "../../envs/deepercluster.yaml"
 METHOD = config["method"]
 ROUNDS = config["rounds"]
+# The rounds that train: 1..rounds (round 0 is the random init).
+TRAINED_ROUNDS = range(1, ROUNDS + 1)
 RESOURCES = config["resources"]
 # Runs, each a folder {run} holding rounds/, evals/, logs/, benchmarks/: the main run (results, the
 # config's method) and, for the comparison (rule compare), one run of each other method with the same
@@ -58,19 +60,17 @@ def sub_cluster_files(run, r):
     ]
 
 
+def clustering_files(run, name, rounds):
+    """{run}/rounds/{r}/<name> of each of the rounds, where the run's method clusters (none for RotNet)."""
+    return [f"{run}/rounds/{r}/{name}" for r in rounds] if clusters(RUNS[run]) else []
+
+
 def round_file(name):
-    """An input function: results/rounds/{round}/<name> of the main run, where its method clusters (none
-    for RotNet)."""
-    return lambda wildcards: (
-        [f"results/rounds/{wildcards.round}/{name}"] if clusters(METHOD) else []
+    """An input function: {run}/rounds/{round}/<name>, {run} the main run in rules without that wildcard
+    (clustering_files)."""
+    return lambda wildcards: clustering_files(
+        wildcards.get("run", "results"), name, [wildcards.round]
     )
-
-
-def round_labels(wildcards):
-    """The pseudo-labels a round trains on (none for RotNet)."""
-    if not clusters(RUNS[wildcards.run]):
-        return []
-    return [f"{wildcards.run}/rounds/{wildcards.round}/labels.parquet"]
 
 
 def round_outputs(run, r):
@@ -86,13 +86,6 @@ def round_outputs(run, r):
         *(clustering if clusters(RUNS[run]) else []),
         f"{run}/rounds/{r}/checkpoint.pt",
     ]
-
-
-def round_files(name):
-    """results/rounds/{r}/<name> of every round, where the method clusters (none for RotNet)."""
-    if not clusters(METHOD):
-        return []
-    return [f"results/rounds/{r}/{name}" for r in range(1, ROUNDS + 1)]
 
 
 # The report's figures of round {round} (rules/report.smk), each flagged for `snakemake --report`.
@@ -112,8 +105,10 @@ ROUND_FIGURES = {
 
 
 def rounds_until(name):
-    """An input function: results/rounds/{i}/<name> of rounds 1..{round} (none for RotNet)."""
-    return lambda wildcards: round_files(name)[: int(wildcards.round)]
+    """An input function: results/rounds/{i}/<name> of rounds 1..{round} (clustering_files)."""
+    return lambda wildcards: clustering_files(
+        "results", name, range(1, int(wildcards.round) + 1)
+    )
 
 
 def figure_options(wildcards, input, output):
@@ -128,7 +123,7 @@ def figure_options(wildcards, input, output):
 def round_benchmarks(wildcards):
     """The benchmark file of every job of every round: the summary's stage times."""
     files = []
-    for r in range(1, ROUNDS + 1):
+    for r in TRAINED_ROUNDS:
         jobs = ["checkpoint"]
         if clusters(METHOD):
             shards = len(shard_files("results", r))
@@ -141,10 +136,9 @@ def round_benchmarks(wildcards):
 
 def default_targets(wildcards):
     """Every round's files and report figures, the last checkpoint and the summary (TSV and web page)."""
-    rounds = range(1, ROUNDS + 1)
     return [
-        *(output for r in rounds for output in round_outputs("results", r)),
-        *expand(ROUND_FIGURES.values(), round=rounds),
+        *(output for r in TRAINED_ROUNDS for output in round_outputs("results", r)),
+        *expand(ROUND_FIGURES.values(), round=TRAINED_ROUNDS),
         "results/summary.tsv",
         "results/summary.html",
     ]

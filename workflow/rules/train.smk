@@ -27,7 +27,7 @@ rule train:
     input:
         manifest="results/data/manifest.parquet",
         previous=previous_checkpoint,
-        labels=round_labels,
+        labels=round_file("labels.parquet"),
     output:
         checkpoint="{run}/rounds/{round}/checkpoint.pt",
         metrics="{run}/rounds/{round}/train/metrics.tsv",
@@ -66,9 +66,9 @@ rule train:
 
 rule summary:
     input:
-        metrics=[f"results/rounds/{r}/train/metrics.tsv" for r in range(1, ROUNDS + 1)],
-        nmi=round_files("nmi.json"),
-        sizes=round_files("cluster_sizes.tsv"),
+        metrics=[f"results/rounds/{r}/train/metrics.tsv" for r in TRAINED_ROUNDS],
+        nmi=clustering_files("results", "nmi.json", TRAINED_ROUNDS),
+        sizes=clustering_files("results", "cluster_sizes.tsv", TRAINED_ROUNDS),
         benchmarks=round_benchmarks,
     output:
         tsv=report(

@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 
 from deepercluster.data import ImageDataset
 from deepercluster.evaluate.common import save_figure
-from deepercluster.formats import metadata_columns, read_assignments, read_manifest
+from deepercluster.formats import metadata_columns, read_clusters, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ def cluster_grid(
     *, manifest: str, clusters: str, out: str, shown: int = 6, per_cluster: int = 9, seed: int = 0, side: int = 64
 ) -> None:
     """Stage 'eval-clusters': ``per_cluster`` random images of ``shown`` random clusters of ``clusters`` -> ``out``."""
-    ids, cluster_of_image = read_assignments(clusters)
-    assignment = pd.Series(cluster_of_image, index=ids)
+    found = read_clusters(clusters)
+    assignment = pd.Series(found.assignments, index=found.ids)
     save_figure(grid_figure(read_manifest(manifest), assignment, shown, per_cluster, seed, side), out)
 
 

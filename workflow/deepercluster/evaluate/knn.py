@@ -10,7 +10,7 @@ import pandas as pd
 from deepercluster.errors import ShardError
 from deepercluster.evaluate.backbone import LabelledSet, labelled_images
 from deepercluster.evaluate.common import bootstrap_interval, write_json
-from deepercluster.formats import open_shard, read_chunks
+from deepercluster.formats import open_shard, read_chunks, unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +29,6 @@ def read_features(path: str, data: LabelledSet) -> tuple[np.ndarray, dict]:
     return x[position], attrs
 
 
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def knn_predict(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -47,10 +42,10 @@ def knn_predict(
 
     With ``leave_one_out`` the queries are the train rows themselves, and none votes for itself.
     """
-    train, k = unit_rows(train_x), min(k, len(train_x) - leave_one_out)
+    train, k = unit_rows(np.asarray(train_x, np.float64)), min(k, len(train_x) - leave_one_out)
     predictions = []
     for start in range(0, len(query_x), chunk_rows):
-        similarity = unit_rows(query_x[start : start + chunk_rows]) @ train.T
+        similarity = unit_rows(np.asarray(query_x[start : start + chunk_rows], np.float64)) @ train.T
         if leave_one_out:
             rows = np.arange(len(similarity))
             similarity[rows, start + rows] = -np.inf

@@ -27,7 +27,7 @@ from deepercluster.errors import EvaluationError
 from deepercluster.evaluate.backbone import conv_activations, device, frozen_backbone, image_loader
 from deepercluster.evaluate.common import average_precision, write_json
 from deepercluster.files import sha256
-from deepercluster.formats import Whitening, write_shard
+from deepercluster.formats import Whitening, unit_rows, write_shard
 from deepercluster.logs import progress
 from deepercluster.models import ConvNet
 from deepercluster.pca import fit_pca
@@ -95,8 +95,7 @@ def fit_region_whitening(
 def rmac(regions: np.ndarray, whitening: Whitening) -> np.ndarray:
     """[images, d] R-MAC descriptors: whiten + L2 each region vector, sum over regions, L2."""
     images, count, channels = regions.shape
-    whitened = whitening(regions.reshape(-1, channels)).reshape(images, count, -1).sum(1)
-    return whitened / np.maximum(np.linalg.norm(whitened, axis=1, keepdims=True), 1e-12)
+    return unit_rows(whitening(regions.reshape(-1, channels)).reshape(images, count, -1).sum(1))
 
 
 def read_image_list(images: str) -> pd.DataFrame:
