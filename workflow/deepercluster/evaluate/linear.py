@@ -198,7 +198,7 @@ def linear_probe(
     seed: int = 0,
 ) -> None:
     """Stage 'eval-linear': top-1 on the val split of a converged linear probe per conv layer -> ``out``, ``plot``."""
-    weight_decays = weight_decays or [1e-4, 1e-3, 1e-2]
+    weight_decays = weight_decays or [1e-3, 1e-2, 1e-1]
     data = labelled_split(manifest, label_column, val_fraction, seed)
     with h5py.File(features, "r") as f:
         position = np.searchsorted(f["ids"][:], data.ids)
