@@ -303,6 +303,14 @@ LOSSES_BEFORE = [
 ]
 
 
+def one_super_cluster(block_inputs: dict[str, object], tmp_path: Path) -> str:
+    """Labels of m = 1 super-cluster whose 10 sub-clusters are the 2 x 5 of ``block_inputs``'s labels."""
+    labels = pd.read_parquet(block_inputs["labels"])
+    pd.DataFrame({"id": labels["id"], "super_cluster": 0, "sub_cluster": labels["super_cluster"] + 2 * labels[
+        "sub_cluster"]}).to_parquet(tmp_path / "labels.parquet")  # fmt: skip
+    return str(tmp_path / "labels.parquet")
+
+
 def test_four_ranks_in_the_papers_layout_train_deepercluster(block_inputs, tmp_path: Path) -> None:
     """DeeperCluster with m = 1 super-cluster on 4 local ranks: a training group per rotation, each rank holding
     its group's sub-class head only, saved by the group in its own file; the losses are those of every rank
@@ -310,16 +318,13 @@ def test_four_ranks_in_the_papers_layout_train_deepercluster(block_inputs, tmp_p
     so gloo sums the rest in another order)."""
     from deepercluster.launch import train
 
-    labels = pd.read_parquet(block_inputs["labels"])
-    pd.DataFrame({"id": labels["id"], "super_cluster": 0, "sub_cluster": labels["super_cluster"] + 2 * labels[
-        "sub_cluster"]}).to_parquet(tmp_path / "labels.parquet")  # fmt: skip
-    inputs = {**block_inputs, "labels": str(tmp_path / "labels.parquet"), "epochs": 1, "batch_size": 40,
+    inputs = {**block_inputs, "labels": one_super_cluster(block_inputs, tmp_path), "epochs": 1, "batch_size": 40,
               "checkpoint_every": 4}  # fmt: skip
     train(launcher="local", tasks=4, cpus_per_task=1, train_dir=str(tmp_path), out=str(tmp_path / "ck.pt"), **inputs)
     logs = [p.read_text() for p in sorted((tmp_path / "submitit").glob("*_log.err"))]
     for rank, log in enumerate(logs):
         assert f"Layout(groups=4, group={rank}, part=0, parts=1)" in log
-        assert f"rank {rank} holds sub-class heads [{rank}]: {256 * 10 + 10} parameters" in log  # W_g: 10 x 256
+        assert f"rank {rank} holds sub-class heads [{rank}] (part 0 of 1): {256 * 10 + 10} parameters" in log
     assert len(logs) == 4
     for g in range(4):  # the last save only: the earlier ones are removed
         (group,) = tmp_path.glob(f"last-group{g}-*.pt")
@@ -362,3 +367,47 @@ def test_a_rerun_ends_the_local_block_its_killed_predecessor_started(block_input
     assert not Path(f"/proc/{earlier}").exists() or "Z" in Path(f"/proc/{earlier}/stat").read_text().split()[2]
     metrics = pd.read_csv(tmp_path / "metrics.tsv", sep="\t")
     assert metrics["iteration"].tolist() == list(range(3 * 600 // 50))
+
+
+def test_eight_ranks_split_each_groups_sub_class_head_and_train_as_four_holding_it_whole(
+    block_inputs, tmp_path: Path
+) -> None:
+    """DeeperCluster with m = 1 on 8 local ranks: 4 training groups of 2 ranks, each rank holding 5 of its group's
+    10 sub-classes (the softmax taken over both) and saving them in its own file. The losses, accuracies and
+    weights are those of 4 ranks each holding its group's head whole, to float32 rounding; dropout is off, the
+    one draw that depends on the rank. 8 ranks sum the backbone's gradients in another order than 4: weights
+    of up to 0.3 then differ by up to 6.5e-6 after the 15 steps, as much with 8 ranks holding W_g whole (the
+    code before the split, measured), whose weights the split ones match to 1.2e-7.
+    Run again, every rank resumes its part: the same weights."""
+    from deepercluster.launch import train
+
+    inputs = {**block_inputs, "labels": one_super_cluster(block_inputs, tmp_path), "epochs": 1, "batch_size": 40,
+              "checkpoint_every": 8, "dropout": 0.0}  # fmt: skip
+    runs = {tasks: tmp_path / f"{tasks}-ranks" for tasks in (4, 8)}
+    for tasks, train_dir in runs.items():
+        train(launcher="local", tasks=tasks, cpus_per_task=1, train_dir=str(train_dir), out=str(train_dir / "ck.pt"),
+              **inputs)  # fmt: skip
+    logs = [p.read_text() for p in sorted((runs[8] / "submitit").glob("*_log.err"))]
+    assert len(logs) == 8
+    for rank, log in enumerate(logs):
+        g, part = divmod(rank, 2)
+        assert f"Layout(groups=4, group={g}, part={part}, parts=2)" in log
+        assert f"rank {rank} holds sub-class heads [{g}] (part {part} of 2): {256 * 5 + 5} parameters" in log
+        (own,) = runs[8].glob(f"last-group{g}-part{part}-*.pt")
+        assert own.name == f"last-group{g}-part{part}-epoch1-batch0.pt"
+        assert load_checkpoint(own)["sub_class"][f"{g}.1.weight"].shape == (5, 256)
+    metrics = [pd.read_csv(train_dir / "metrics.tsv", sep="\t") for train_dir in runs.values()]
+    for column in ("loss", "loss_super", "loss_sub", "acc_super", "acc_sub"):
+        np.testing.assert_allclose(metrics[1][column], metrics[0][column], rtol=1e-5, err_msg=column)
+    whole, split = (block_weights(train_dir / "ck.pt") for train_dir in runs.values())
+    assert split["heads.sub_class.0.1.weight"].shape == (5, 256)  # rank 0's part of W_0
+    whole["heads.sub_class.0.1.weight"] = whole["heads.sub_class.0.1.weight"][:5]
+    whole["heads.sub_class.0.1.bias"] = whole["heads.sub_class.0.1.bias"][:5]
+    assert whole.keys() == split.keys()
+    for key, tensor in whole.items():
+        torch.testing.assert_close(split[key], tensor, rtol=1e-5, atol=1e-5)
+
+    train(launcher="local", tasks=8, cpus_per_task=1, train_dir=str(runs[8]), out=str(runs[8] / "ck.pt"), **inputs)
+    assert "".join(p.read_text() for p in (runs[8] / "submitit").glob("*_log.err")).count("resuming round 1") == 8
+    for key, tensor in block_weights(runs[8] / "ck.pt").items():
+        assert torch.equal(tensor, split[key]), key

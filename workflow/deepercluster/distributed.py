@@ -231,3 +231,87 @@ class _AllReduceSum(torch.autograd.Function):
 def differentiable_all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, through which gradients flow back to every rank."""
     return _AllReduceSum.apply(tensor)
+
+
+def all_gather(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The ``tensor`` of every rank of ``group`` (None: all ranks; the same shape on each), concatenated
+    along the first dimension in rank order."""
+    parts = [torch.empty_like(tensor) for _ in range(group_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+class _AllGather(torch.autograd.Function):
+    """``all_gather``; a rank's rows then feed every rank's loss, so their gradient is the sum of every rank's."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, tensor: torch.Tensor, group: dist.ProcessGroup | None
+    ) -> torch.Tensor:
+        ctx.group, ctx.rows = group, len(tensor)
+        return all_gather(tensor, group)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        first = dist.get_rank(ctx.group) * ctx.rows
+        return all_reduce_sum(grad.contiguous().clone(), ctx.group)[first : first + ctx.rows], None
+
+
+def differentiable_all_gather(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Every rank's ``tensor`` (see ``all_gather``), through which gradients flow back to the rank it came from."""
+    return _AllGather.apply(tensor, group)
+
+
+class _ShardedCrossEntropy(torch.autograd.Function):
+    """The cross-entropy of each row over classes split between the ranks of a group (a model-parallel softmax).
+
+    A rank holds the ``logits`` of its classes ``first``... for every row; the rows' maximum logit,
+    sum of exponentials and target logit are all-reduced inside the group, so every rank returns
+    every row's loss and predicted class (the first class of the highest logit, as ``argmax``).
+    The losses being the same on every rank, the gradient of this rank's logits is that of the sum
+    of every rank's use of them: the upstream gradients are summed over the group.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, logits: torch.Tensor, target: torch.Tensor, first: int,
+        group: dist.ProcessGroup | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        rows, classes = logits.shape
+        local = target - first
+        mine = (local >= 0) & (local < classes)
+        if classes:
+            top, arg = logits.max(1)
+        else:  # fewer classes than ranks: this rank holds none
+            top, arg = logits.new_full((rows,), -torch.inf), target.new_zeros(rows)
+        high = top.clone()
+        dist.all_reduce(high, dist.ReduceOp.MAX, group=group)
+        exp = (logits - high[:, None]).exp()
+        picked = logits.new_zeros(rows)
+        picked[mine] = logits[mine, local[mine]] - high[mine]
+        sums = torch.stack([exp.sum(1), picked])
+        dist.all_reduce(sums, group=group)
+        predicted = torch.where(top == high, arg + first, torch.iinfo(torch.int64).max)
+        dist.all_reduce(predicted, dist.ReduceOp.MIN, group=group)
+        ctx.save_for_backward(exp / sums[0][:, None], local, mine)
+        ctx.group = group
+        ctx.mark_non_differentiable(predicted)
+        return sums[0].log() - sums[1], predicted
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, _: torch.Tensor
+    ) -> tuple[torch.Tensor, None, None, None]:
+        softmax, local, mine = ctx.saved_tensors
+        grad = all_reduce_sum(grad.clone(), ctx.group)
+        grad_logits = softmax * grad[:, None]
+        grad_logits[mine, local[mine]] -= grad[mine]
+        return grad_logits, None, None, None
+
+
+def sharded_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, first: int, group: dist.ProcessGroup | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's cross-entropy and predicted class over the classes of every rank of ``group``, of which this
+    rank holds the ``logits`` of classes ``first``...; the same on every rank of the group."""
+    return _ShardedCrossEntropy.apply(logits, target, first, group)

@@ -9,19 +9,23 @@
 Heads put ReLU then a Linear (N(0, 0.01) init) on the feature; they are created anew for
 each round, the backbone carries over. A rank builds only the sub-class heads it ``holds``
 (in the paper's layout, its training group's W_g): the others would be 4m - 1 heads of
-k x feature_dim weights it never uses.
+k x feature_dim weights it never uses; and of W_g only its ``shard``, 1/p of the classes, when
+the group's p ranks split it (the softmax is then taken over the group's ranks).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from itertools import pairwise
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
+from deepercluster.distributed import all_gather, differentiable_all_gather, sharded_cross_entropy
 from deepercluster.methods import METHODS, clusters
 
 ROTATIONS = 4  # 0, 90, 180, 270 degrees
@@ -73,8 +77,15 @@ def linear_head(in_features: int, classes: int, device: str = "cpu") -> nn.Seque
     return head
 
 
-def skip_linear_head(in_features: int, classes: int, chunk: int = 1 << 16) -> None:
-    """Draw from the CPU RNG what ``linear_head(in_features, classes)`` draws, keeping nothing.
+def class_part(classes: int, part: int, parts: int) -> range:
+    """The classes of ``part`` when ``classes`` are split into ``parts`` consecutive runs of (nearly) equal size."""
+    return range(classes * part // parts, classes * (part + 1) // parts)
+
+
+def draw_linear_rows(in_features: int, classes: int, rows: range, chunk: int = 1 << 16) -> torch.Tensor:
+    """The weight rows (classes) ``rows`` of the head ``linear_head(in_features, classes)`` draws, drawn from
+    the CPU RNG as it draws them, in chunks: it keeps those rows and one chunk, and leaves the RNG
+    where ``linear_head`` leaves it (no rows: the head is skipped).
 
     ``nn.Linear`` draws its weight and bias uniformly, then the weight is redrawn N(0, 0.01):
     one draw per uniform element, and ``normal_`` draws one per element plus 16 when the count
@@ -85,13 +96,41 @@ def skip_linear_head(in_features: int, classes: int, chunk: int = 1 << 16) -> No
     bounds = [*range(0, n, chunk), n]
     if len(bounds) > 2 and bounds[-1] - bounds[-2] < 16:
         bounds.pop(-2)
-    sizes = [b - a for a, b in pairwise(bounds)]
-    scratch = torch.empty(max(sizes))
-    for size in sizes:
-        scratch[:size].uniform_()  # nn.Linear's weight
+    scratch = torch.empty(max(b - a for a, b in pairwise(bounds)))
+    kept, first, stop = torch.empty(len(rows), in_features), rows.start * in_features, rows.stop * in_features
+
+    def draw(fill: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for a, b in pairwise(bounds):
+            fill(scratch[: b - a])
+            low, high = max(a, first), min(b, stop)
+            if low < high:
+                kept.view(-1)[low - first : high - first] = scratch[low - a : high - a]
+
+    draw(torch.Tensor.uniform_)  # nn.Linear's weight
     torch.empty(classes).uniform_()  # nn.Linear's bias
-    for size in sizes:
-        scratch[:size].normal_()
+    draw(lambda t: t.normal_(0, 0.01))
+    return kept
+
+
+def linear_head_rows(in_features: int, classes: int, rows: range) -> nn.Sequential:
+    """The classes ``rows`` of ``linear_head(in_features, classes)``, bit for bit, without building the rest."""
+    head = nn.Sequential(nn.ReLU(inplace=False), skip_init(nn.Linear, in_features, len(rows)))
+    head[1].weight.data = draw_linear_rows(in_features, classes, rows)
+    nn.init.zeros_(head[1].bias)
+    return head
+
+
+def sharded_sub_class(
+    head: nn.Sequential, feature: torch.Tensor, target: torch.Tensor, first: int, group: dist.ProcessGroup
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy and predicted class of each of this rank's rows for a head whose classes are split over
+    the ranks of ``group`` (``head`` holds classes ``first``...): every rank's features are gathered, each
+    rank scores its classes on the group's rows, and the softmax is taken over every rank's classes."""
+    rows, part = len(feature), dist.get_rank(group)
+    gathered = differentiable_all_gather(head[0](feature), group)
+    loss, predicted = sharded_cross_entropy(head[1](gathered), all_gather(target, group), first, group)
+    own = slice(part * rows, (part + 1) * rows)
+    return loss[own], predicted[own]
 
 
 class Heads(nn.Module):
@@ -99,24 +138,33 @@ class Heads(nn.Module):
     (``sub_class``, by super-class: all of them when ``holds`` is None), on the CPU or, to measure
     their sizes without allocating them, on the meta device.
 
+    ``shard`` = (part, parts) splits each W_g held by classes over the ``parts`` ranks of ``group``
+    (the paper's training group, whose rows are all of super-class g): this rank holds the classes
+    ``class_part(k, part, parts)`` and the sub-class loss is a softmax over every rank's classes.
+
     Every head is drawn from the RNG in the order V, W_0, W_1...: a head not held is skipped
-    by drawing what it would draw, so that each head held is the one a rank holding every
-    head builds, bit for bit.
+    by drawing what it would draw, so that each head held, or each part of it, is the one a
+    rank holding every head builds, bit for bit.
     """
 
     def __init__(
-        self, feature_dim: int, targets: Targets, holds: Collection[int] | None = None, device: str = "cpu"
-    ) -> None:
+        self, feature_dim: int, targets: Targets, holds: Collection[int] | None = None,
+        shard: tuple[int, int] = (0, 1), group: dist.ProcessGroup | None = None, device: str = "cpu",
+    ) -> None:  # fmt: skip
         super().__init__()
-        self.targets = targets
+        self.targets, (self.part, self.parts), self.group = targets, shard, group
         super_classes = targets.super_classes
         self.super_class = linear_head(feature_dim, super_classes, device) if super_classes > 1 else None
         self.sub_class = nn.ModuleDict()
         for g, k in enumerate(targets.sub_classes):
-            if holds is None or g in holds:
-                self.sub_class[str(g)] = linear_head(feature_dim, k, device)
-            elif device != "meta":  # the meta device draws nothing
-                skip_linear_head(feature_dim, k)
+            rows = class_part(k, *shard)
+            if holds is not None and g not in holds:
+                if device != "meta":  # the meta device draws nothing
+                    draw_linear_rows(feature_dim, k, range(0))
+            elif len(rows) == k or device == "meta":
+                self.sub_class[str(g)] = linear_head(feature_dim, len(rows), device)
+            else:
+                self.sub_class[str(g)] = linear_head_rows(feature_dim, k, rows)
 
     def forward(
         self, feature: torch.Tensor, super_target: torch.Tensor, sub_target: torch.Tensor
@@ -127,7 +175,13 @@ class Heads(nn.Module):
             logits = self.super_class(feature)
             out["loss_super"] = F.cross_entropy(logits, super_target)
             out["acc_super"] = (logits.argmax(1) == super_target).float().mean()
-        if len(self.sub_class):
+        if self.parts > 1:
+            ((g, head),) = self.sub_class.items()
+            first = class_part(self.targets.sub_classes[int(g)], self.part, self.parts).start
+            loss, predicted = sharded_sub_class(head, feature, sub_target, first, self.group)
+            out["loss_sub"] = loss.sum() / len(feature)
+            out["acc_sub"] = (predicted == sub_target).sum().float() / len(feature)
+        elif len(self.sub_class):
             loss, correct = feature.new_zeros(()), feature.new_zeros(())
             for g in super_target.unique().tolist():
                 rows = super_target == g

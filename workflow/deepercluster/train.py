@@ -20,9 +20,12 @@ Ranks (DeeperCluster, section "Distributed training"): when the number of ranks 
 multiple of the number of super-classes, ranks form one training group per super-class
 and each rank of group g sees only super-class g's images at its rotation; the backbone
 and the super-class head are held by all ranks and their gradients averaged over all, the
-sub-class head W_g only by group g's ranks, its gradients averaged inside the group (a
-process group per training group). Otherwise (fewer ranks than groups: one process on a
-laptop) every rank takes its share of each global batch and holds every head. Either way
+sub-class head W_g only by group g's ranks (a process group per training group): each holds
+1/p of its classes, and the softmax over them all is taken inside the group (the group's
+features gathered, the rows' max, sum of exponentials and target logit all-reduced), so a
+rank of the paper's layout holds k/p x D weights, not k x D. Otherwise (fewer ranks than
+groups: one process on a laptop) every rank takes its share of each global batch and holds
+every head. Either way
 BatchNorm statistics are computed over the global batch and the ranks holding a weight
 hold it identically.
 """
@@ -88,6 +91,12 @@ class Layout:
     group: int
     part: int
     parts: int
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        """(part, parts) of W_g's classes this rank holds: the group's ranks split them in the paper's layout;
+        (0, 1), every class, when every rank holds every head (one group)."""
+        return (self.part, self.parts) if self.groups > 1 else (0, 1)
 
 
 def layout_for(targets: Targets, rank: int, world_size: int) -> Layout:
@@ -277,31 +286,34 @@ def present(**modules: Any) -> dict[str, Any]:
     return {name: module for name, module in modules.items() if module is not None}
 
 
-def group_file(last: Path, group: int, epoch: int, batch: int) -> Path:
-    """The file of training group ``group``'s ``held`` state saved with last.pt at (``epoch``, ``batch``)."""
-    return last.with_name(f"last-group{group}-epoch{epoch}-batch{batch}.pt")
+def group_file(last: Path, layout: Layout, epoch: int, batch: int) -> Path:
+    """The file of this rank's ``held`` state saved with last.pt at (``epoch``, ``batch``): its training group's,
+    or, when the group's ranks split W_g, its part's."""
+    part, parts = layout.shard
+    return last.with_name(f"last-group{layout.group}{f'-part{part}' if parts > 1 else ''}-epoch{epoch}-batch{batch}.pt")
 
 
 def save_state(
     last: Path, state: BlockState, layout: Layout, provenance: dict[str, Any], epoch: int, batch: int
 ) -> None:
     """last.pt (rank 0): the ``shared`` state, every rank's RNG state, the position (``batch`` of ``epoch``
-    runs next) and the provenance; and each group's file (the group's first rank): its ``held`` state.
-    Every rank calls it.
+    runs next) and the provenance; and each group's file (the group's first rank), or each part's
+    when the group's ranks split W_g (every rank): its ``held`` state. Every rank calls it.
 
     A group's file is named by the position and written before last.pt, and the older ones are removed
     once last.pt no longer names them: a kill at any point leaves a last.pt whose group files exist.
     """
-    own = group_file(last, layout.group, epoch, batch)
-    if layout.part == 0:
+    own = group_file(last, layout, epoch, batch)
+    writes = layout.part == 0 or layout.shard[1] > 1
+    if writes:
         save_checkpoint(own, {**{k: v.state_dict() for k, v in state.held.items()}, "provenance": provenance})
     rngs = all_gather_objects(rng_state())  # a collective: once it returns, every group's file is written
     if is_main_process():
         shared = {k: v.state_dict() for k, v in state.shared.items()}
         save_checkpoint(last, {**shared, "rng": rngs, "epoch": epoch, "batch": batch, "provenance": provenance})
     barrier()
-    if layout.part == 0:
-        for older in set(last.parent.glob(f"last-group{layout.group}-*.pt")) - {own}:
+    if writes:
+        for older in set(last.parent.glob(own.name.replace(f"-epoch{epoch}-batch{batch}", "-*"))) - {own}:
             older.unlink()
 
 
@@ -319,7 +331,7 @@ def resume_state(
         differences = ", ".join(f"{k} {saved.get(k)} -> {provenance.get(k)}" for k in changed)
         log.warning("%s is not resumed: it was written for another block (%s); starting afresh", last, differences)
         return 0, 0
-    own = group_file(last, layout.group, shared["epoch"], shared["batch"])
+    own = group_file(last, layout, shared["epoch"], shared["batch"])
     held = load_checkpoint(own) if own.exists() else {}
     if held.get("provenance") != provenance:
         log.warning("%s is not resumed: its training group's file %s is missing or of another block; starting afresh",
@@ -356,7 +368,7 @@ def train_block(
 
     ``batch_size`` is the global batch, split evenly over the ranks. ``out`` holds the backbone
     the next round starts from, and the heads rank 0 holds: every head when ranks are fewer
-    than training groups; the super-class head and W_0 in the paper's layout.
+    than training groups; the super-class head and its part of W_0 in the paper's layout.
     """
     # Ranks: one process, or every task of the job.
     context = init_distributed()
@@ -391,7 +403,8 @@ def train_block(
     # the sub-class heads of its group's super-class, or all of them when its group is every super-class.
     model, previous = load_model(previous_checkpoint)
     torch.manual_seed(seed)  # the same heads on every rank
-    heads = Heads(model.feature_dim, targets, holds=[layout.group] if layout.groups > 1 else None)
+    heads = Heads(model.feature_dim, targets, holds=[layout.group] if layout.groups > 1 else None,
+                  shard=layout.shard, group=group)  # fmt: skip
     torch.manual_seed(derived_seed(seed, rank))  # each rank's dropout
     for module in model.modules():
         if isinstance(module, nn.Dropout):
@@ -403,7 +416,14 @@ def train_block(
     held_ids = {id(p) for p in held}
     shared = [p for p in [*model.parameters(), *heads.parameters()] if p.requires_grad and id(p) not in held_ids]
     # Gradients averaged over each set of ranks holding the weights: one all-reduce when that is every rank.
-    reductions = [(shared + held, None)] if group is None else [(shared, None), (held, group)]
+    # A part of W_g needs none: its backward saw every row of the group, so its gradient is already the sum
+    # over the group's ranks, divided by their number into the average.
+    parts = layout.shard[1]
+    if group is None:
+        reductions = [(shared + held, None)]
+    else:
+        reductions = [(shared, None), (held, group)] if parts == 1 else [(shared, None)]
+    summed = held if parts > 1 else []
     sgd = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
     optimizer = torch.optim.SGD(shared, **sgd)
     held_optimizer = torch.optim.SGD(held, **sgd) if held else None
@@ -424,8 +444,8 @@ def train_block(
     # The loop.
     log.info("round %d: %s on %d images, %d epochs x %d iterations of %d on %d ranks (%s), heads %s", round, method,
              len(dataset), epochs, iterations_per_epoch, batch_size, world_size, layout, targets)  # fmt: skip
-    log.info("rank %d holds sub-class heads [%s]: %d parameters", rank, ",".join(heads.sub_class),
-             sum(p.numel() for p in held))  # fmt: skip
+    log.info("rank %d holds sub-class heads [%s] (part %d of %d): %d parameters", rank, ",".join(heads.sub_class),
+             *layout.shard, sum(p.numel() for p in held))  # fmt: skip
     for epoch in range(start_epoch, epochs):
         indices, rotations = sampler.epoch(epoch)
         batches = RankBatches(indices, rotations, group_batch, layout, start_batch, seed, epoch)
@@ -445,6 +465,8 @@ def train_block(
             losses["loss"].backward()
             for parameters, ranks in reductions:
                 synchronise_gradients(parameters, ranks)
+            for p in summed:
+                p.grad /= parts
             for o in optimizers:
                 o.step()
 
