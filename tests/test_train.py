@@ -282,24 +282,25 @@ def test_four_ranks_in_the_papers_layout_train_rotnet(block_inputs, tmp_path: Pa
     assert metrics["iteration"].tolist() == list(range(600 // 40)) and metrics["loss_super"].notna().all()
 
 
-# Losses of the 15 iterations of test_four_ranks_in_the_papers_layout_train_deepercluster by the code before
-# ranks held their group's head only (every rank held all four), on the same inputs.
-LOSSES_BEFORE = [
-    3.6927228,
-    3.6923695,
-    3.6904395,
-    3.6916158,
-    3.6936388,
-    3.6994686,
-    3.7030358,
-    3.6936355,
-    3.7002244,
-    3.7034645,
-    3.7028847,
-    3.6992679,
-    3.7155948,
-    3.7098372,
-    3.7057295,
+# Losses of the 15 iterations of test_four_ranks_in_the_papers_layout_train_deepercluster, recorded when every
+# rank came to hold only its group's head (they then equalled, to rtol 2e-6, those of every rank holding all
+# four) and again when the seeds became seeds.derived_seed's.
+LOSSES_RECORDED = [
+    3.6888041,
+    3.6915472,
+    3.6839311,
+    3.7016759,
+    3.7011337,
+    3.6995218,
+    3.6875949,
+    3.7020514,
+    3.7054009,
+    3.7124119,
+    3.6985118,
+    3.7062721,
+    3.7035339,
+    3.7204156,
+    3.7097561,
 ]
 
 
@@ -313,9 +314,7 @@ def one_super_cluster(block_inputs: dict[str, object], tmp_path: Path) -> str:
 
 def test_four_ranks_in_the_papers_layout_train_deepercluster(block_inputs, tmp_path: Path) -> None:
     """DeeperCluster with m = 1 super-cluster on 4 local ranks: a training group per rotation, each rank holding
-    its group's sub-class head only, saved by the group in its own file; the losses are those of every rank
-    holding every head, to float32 rounding (the world's all-reduce no longer carries the other heads' zeros,
-    so gloo sums the rest in another order)."""
+    its group's sub-class head only, saved by the group in its own file; the losses are the recorded ones."""
     from deepercluster.launch import train
 
     inputs = {**block_inputs, "labels": one_super_cluster(block_inputs, tmp_path), "epochs": 1, "batch_size": 40,
@@ -333,7 +332,7 @@ def test_four_ranks_in_the_papers_layout_train_deepercluster(block_inputs, tmp_p
     assert sorted(load_checkpoint(tmp_path / "ck.pt")["heads"]) == [
         "sub_class.0.1.bias", "sub_class.0.1.weight", "super_class.1.bias", "super_class.1.weight"]  # fmt: skip
     metrics = pd.read_csv(tmp_path / "metrics.tsv", sep="\t")
-    np.testing.assert_allclose(metrics["loss"], LOSSES_BEFORE, rtol=2e-6)
+    np.testing.assert_allclose(metrics["loss"], LOSSES_RECORDED, rtol=2e-6)
 
     # Run again, every rank resumes from last.pt and its group's file at the block's end: the same weights.
     first = block_weights(tmp_path / "ck.pt")
