@@ -22,7 +22,8 @@ FULL = {
     "training": {"batch_size": 64, "repeats": 3},
     "io": {"rows": 200_000, "dim": 256, "repeats": 6},
     "memory": {"rows": 100_000, "dim": 256, "k": 64},
-    "head": {"k": 80_000, "dim": 4096, "batch": 48},  # the paper's: one group's W_g, 48 images per GPU
+    # The paper's layout: one rank's part of its group's W_g (k = 80,000 over p = 4 ranks), 48 images per GPU.
+    "head": {"k": 80_000, "dim": 4096, "batch": 48, "parts": 4},
 }
 QUICK = {
     "kmeans": {"rows": 20_000, "dim": 64, "k": 100, "iterations": 5, "repeats": 1},
@@ -31,7 +32,7 @@ QUICK = {
     "training": {"batch_size": 32, "repeats": 1},
     "io": {"rows": 20_000, "dim": 128, "repeats": 2},
     "memory": {"rows": 20_000, "dim": 64, "k": 16},
-    "head": {"k": 8_000, "dim": 4096, "batch": 48},
+    "head": {"k": 8_000, "dim": 4096, "batch": 48, "parts": 4},
 }
 CASES = ("kmeans", "features", "training", "io", "memory", "head", "workflow")
 

@@ -18,7 +18,7 @@ BENCHMARKS = [
     "shard read throughput",
     "PCA peak RSS, 4N vs N",
     "k-means peak RSS, 4N vs N",
-    "sub-class head memory (one group)",
+    "sub-class head memory (one rank)",
     "workflow overhead (local)",
 ]
 
