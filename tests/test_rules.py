@@ -26,7 +26,8 @@ import yaml
 
 from deepercluster.__main__ import Command, parse_command
 from deepercluster.config import validate_config
-from deepercluster.resources import allocation
+from deepercluster.errors import ConfigError
+from deepercluster.resources import allocation, require_array_fits
 from deepercluster.seeds import derived_seed
 from deepercluster.stages import stage_options
 
@@ -256,3 +257,12 @@ def test_every_rules_options_parse_back_into_its_stages_arguments(tmp_path: Path
     levels = [call.arguments for call in calls["super_clusters"]]
     assert {a["super_clusters"] for a in levels} == {1, full["kmeans"]["super_clusters"]}  # DeepCluster: m = 1
     assert len({a["seed"] for a in levels}) == last  # each round its own seed
+
+
+def test_a_job_array_the_slurm_plugin_would_never_submit_is_refused() -> None:
+    require_array_fits("features", 960, "features,sub_clusters", 1000)  # a round's shards fit in --jobs
+    require_array_fits("features", 960, "sub_clusters", 100)  # not an array
+    require_array_fits("features", 960, None, 100)  # not on SLURM
+    for arrays in ("features, sub_clusters", "all"):
+        with pytest.raises(ConfigError, match=r"features, which has 960 jobs per round, more than jobs \(100\)"):
+            require_array_fits("features", 960, arrays, 100)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from deepercluster.errors import ConfigError
 from deepercluster.stages import options
 
 
@@ -51,3 +52,19 @@ def training_allocation(resources: dict[str, Any]) -> str:
         slurm_partition=wanted["slurm_partition"],
         slurm_account=wanted["slurm_account"],
     )
+
+
+def require_array_fits(rule: str, count: int, array_jobs: str | None, jobs: int | None) -> None:
+    """Refuse a job array that snakemake-executor-plugin-slurm 2.8 would never submit.
+
+    With ``slurm-array-jobs`` naming ``rule``, the plugin submits the rule's ready jobs as one array only when
+    Snakemake hands it all of them at once (or a whole array chunk); the others stay "running" forever. So a
+    round's ``count`` jobs of the rule must fit in ``jobs`` (snakemake's ``--jobs``).
+    """
+    arrays = {name.strip() for name in (array_jobs or "").replace(";", ",").split(",")}
+    if ({rule, "all"} & arrays) and jobs is not None and count > jobs:
+        raise ConfigError(
+            f"profiles/slurm/config.yaml: slurm-array-jobs includes {rule}, which has {count} jobs per round, more "
+            f"than jobs ({jobs}): the SLURM plugin would wait forever; raise jobs to at least {count}, or drop "
+            f"{rule} from slurm-array-jobs"
+        )

@@ -4,7 +4,12 @@ import pandas as pd
 
 from deepercluster.config import validate_config
 from deepercluster.methods import clusters, runs, super_clusters
-from deepercluster.resources import job_resources, stage_threads, training_allocation
+from deepercluster.resources import (
+    job_resources,
+    require_array_fits,
+    stage_threads,
+    training_allocation,
+)
 from deepercluster.seeds import derived_seed
 from deepercluster.shards import require_rows, shard_count
 from deepercluster.stages import options
@@ -44,17 +49,25 @@ def round_folder(run, r):
     return f"{'results' if int(r) == 0 else run}/rounds/{r}"
 
 
+def fits_job_array(rule, count):
+    """Refuse a round's ``count`` jobs of ``rule`` as a SLURM job array the plugin would never submit."""
+    array_jobs = getattr(workflow.executor_settings, "array_jobs", None)
+    require_array_fits(rule, count, array_jobs, workflow.resource_settings.nodes)
+
+
 def shard_files(run, r):
     """Every feature shard of a run's round r; their number is known once the manifest exists."""
     manifest = checkpoints.manifest.get().output.manifest
     images = pd.read_parquet(manifest, columns=["id"]).shape[0]
     require_rows(run_super_clusters(run), images, "kmeans.super_clusters")
     shards = shard_count(images, config["features"]["shard_size"])
+    fits_job_array("features", shards)
     return [f"{run}/rounds/{r}/features/shard-{i}.h5" for i in range(shards)]
 
 
 def sub_cluster_files(run, r):
     """One level-2 clusters file per super-cluster of a run's round r."""
+    fits_job_array("sub_clusters", run_super_clusters(run))
     return [
         f"{run}/rounds/{r}/clusters/sub-{s}.h5" for s in range(run_super_clusters(run))
     ]
