@@ -67,10 +67,9 @@ def shard_files(run, r):
 
 def sub_cluster_files(run, r):
     """One level-2 clusters file per super-cluster of a run's round r."""
-    fits_job_array("sub_clusters", run_super_clusters(run))
-    return [
-        f"{run}/rounds/{r}/clusters/sub-{s}.h5" for s in range(run_super_clusters(run))
-    ]
+    m = run_super_clusters(run)
+    fits_job_array("sub_clusters", m)
+    return [f"{run}/rounds/{r}/clusters/sub-{s}.h5" for s in range(m)]
 
 
 def clustering_files(run, name, rounds):
@@ -88,16 +87,16 @@ def round_file(name):
 
 def round_outputs(run, r):
     """Every file a run's round r's stages make: deleting any of them reruns it and what depends on it."""
-    clustering = [
+    trained = f"{run}/rounds/{r}/checkpoint.pt"
+    if not clusters(RUNS[run]):  # RotNet: the training block alone
+        return [trained]
+    return [
         *shard_files(run, r),
         f"{run}/rounds/{r}/pca.h5",
         f"{run}/rounds/{r}/clusters/super.h5",
         *sub_cluster_files(run, r),
         f"{run}/rounds/{r}/labels.parquet",
-    ]
-    return [
-        *(clustering if clusters(RUNS[run]) else []),
-        f"{run}/rounds/{r}/checkpoint.pt",
+        trained,
     ]
 
 
