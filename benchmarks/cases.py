@@ -27,17 +27,20 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader
 
-from benchmarks.inputs import IMAGE_SIZE, ImageRound, synthetic_shards, whitening_file
+from benchmarks.inputs import DEFAULTS, IMAGE_SIZE, ImageRound, synthetic_shards, whitening_file
 from deepercluster.checkpoints import load_model
-from deepercluster.cluster import cluster_super, level_seed
-from deepercluster.data import ImageDataset, feature_transform, train_transform
+from deepercluster.cluster.kmeans import initial_centroids
+from deepercluster.cluster.levels import cluster_super, level_seed
+from deepercluster.cluster.rows import ShardSource
+from deepercluster.data.images import ImageDataset, feature_transform, train_transform
 from deepercluster.distributed import init_distributed
 from deepercluster.features import extract_features
-from deepercluster.formats import Whitening, read_chunks, write_shard
-from deepercluster.kmeans import initial_centroids
-from deepercluster.objectives import Heads, linear_head, super_class, targets_for
-from deepercluster.shards import ShardSource
-from deepercluster.train import train_block
+from deepercluster.formats.features import read_chunks, write_shard
+from deepercluster.formats.labels import read_labels
+from deepercluster.formats.whitening import Whitening
+from deepercluster.methods import METHODS
+from deepercluster.nn.heads import Heads, linear_head, targets_for
+from deepercluster.train.block import train_block
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 1e6
@@ -105,7 +108,8 @@ def kmeans_case(report: Report, work: Path, rows: int, dim: int, k: int, iterati
     pca = whitening_file(shards, work / "kmeans" / "pca.h5", sample_size=rows)
     whitening, seed, out = Whitening.load(pca), 0, work / "kmeans" / "super.h5"
     start = initial_centroids(ShardSource(shards, whitening, whitening.dim), k, level_seed(seed, None))
-    stage = {"shards": shards, "pca": pca, "out": str(out), "super_clusters": k, "iterations": iterations, "seed": seed}
+    stage = {"shards": shards, "pca": pca, "out": str(out), "super_clusters": k, "iterations": iterations, "seed": seed,
+             "cache_mb": DEFAULTS["kmeans"]["cache_mb"]}  # fmt: skip
     faiss_objective = []
 
     def bare() -> None:
@@ -183,6 +187,7 @@ def features_case(report: Report, images: ImageRound, work: Path, batch_size: in
             image_size=IMAGE_SIZE,
             out=str(work / "shard-0.h5"),
             batch_size=batch_size,
+            workers=0,
         )
 
     @torch.no_grad()
@@ -221,9 +226,7 @@ def training_case(report: Report, images: ImageRound, work: Path, batch_size: in
             method="deepercluster",
             round=1,
             labels=images.labels,
-            epochs=1,
-            batch_size=batch_size,
-            image_size=IMAGE_SIZE,
+            **{**block_settings(), "epochs": 1, "batch_size": batch_size, "image_size": IMAGE_SIZE},
         )
 
     ours_s, bare_s = timed_pair(repeats, ours, lambda: bare_training(images, batch_size))
@@ -245,9 +248,11 @@ def training_case(report: Report, images: ImageRound, work: Path, batch_size: in
 def bare_training(images: ImageRound, batch_size: int) -> None:
     """The plain loop: shuffled DataLoader, random rotations, forward, both heads' loss, backward, SGD step."""
     model, _ = load_model(images.checkpoint)
-    table = pd.read_parquet(images.labels).set_index("id").loc[images.ids]
+    labels = read_labels(images.labels)
+    table = labels.table.set_index("id").loc[images.ids]
     supers, subs = (torch.tensor(table[c].to_numpy(np.int64)) for c in ("super_cluster", "sub_cluster"))
-    targets = targets_for("deepercluster", table.groupby("super_cluster")["sub_cluster"].max().add(1).tolist())
+    method = METHODS["deepercluster"]
+    targets = targets_for(method, labels.sub_clusters)
     torch.manual_seed(0)
     heads = Heads(model.feature_dim, targets)
     model.train()
@@ -258,7 +263,7 @@ def bare_training(images: ImageRound, batch_size: int) -> None:
     for x, index in loader:
         rotation = torch.randint(0, 4, (len(x),))
         x = torch.stack([torch.rot90(image, int(r), dims=(1, 2)) for image, r in zip(x, rotation, strict=True)])
-        losses = heads(model(x), super_class(targets, supers[index], rotation), subs[index])
+        losses = heads(model(x), method.super_class(supers[index], rotation), subs[index])
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()
@@ -326,9 +331,9 @@ def memory_case(report: Report, work: Path, rows: int, dim: int, k: int) -> None
     peaks = {}
     for n, paths in shards.items():
         out = str(work / f"memory-{n}")
-        peaks["PCA", n] = peak_rss(
-            [*stage, "pca", "--shards", *paths, "--out", out + ".pca.h5", "--sample-size", str(sample)]
-        )
+        floor = str(DEFAULTS["pca"]["eigenvalue_floor"])
+        pca_stage = ["pca", "--shards", *paths, "--out", out + ".pca.h5", "--sample-size", str(sample), "--seed", "0"]
+        peaks["PCA", n] = peak_rss([*stage, *pca_stage, "--eigenvalue-floor", floor])
         peaks["k-means", n] = peak_rss(
             [
                 *stage,
@@ -436,3 +441,10 @@ def workflow_case(report: Report, work: Path, quick: bool, slurm: bool) -> None:
         f"workflow overhead ({where})", sizes, f"{wall:.1f} s wall", f"{in_job:.1f} s in jobs", wall / in_job, "<=", 1.1
     )
     report.figure(f"per-job overhead ({where})", f"{(wall - in_job) / len(jobs):.2f} s")
+
+
+def block_settings() -> dict:
+    """The training block's settings from the schema's defaults (the benchmark sets epochs, batch, image size)."""
+    train = DEFAULTS["train"]
+    keys = ("lr", "momentum", "weight_decay", "dropout", "min_crop_scale", "checkpoint_every")
+    return {**{key: train[key] for key in keys}, "workers": 0, "seed": 0}

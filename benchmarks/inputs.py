@@ -9,11 +9,16 @@ import numpy as np
 import pandas as pd
 
 from deepercluster.checkpoints import initial_checkpoint
-from deepercluster.data import build_manifest
-from deepercluster.formats import write_shard
-from deepercluster.pca import fit_pca
+from deepercluster.cluster.pca import fit_pca
+from deepercluster.config import validate_config
+from deepercluster.data.manifest import build_manifest
+from deepercluster.formats.features import write_shard
+from deepercluster.formats.labels import Labels, write_labels
 
 IMAGE_SIZE = 32
+
+# The schema's defaults, every stage setting the benchmarks do not choose themselves.
+DEFAULTS = validate_config({})
 
 
 def synthetic_shards(folder: Path, rows: int, dim: int, shard_rows: int, seed: int = 0) -> list[str]:
@@ -32,7 +37,9 @@ def synthetic_shards(folder: Path, rows: int, dim: int, shard_rows: int, seed: i
 
 def whitening_file(shards: list[str], out: Path, sample_size: int) -> str:
     """The PCA stage's ``pca.h5`` over ``shards`` (all directions kept, as DeeperCluster does)."""
-    fit_pca(shards=shards, out=str(out), sample_size=sample_size, seed=0)
+    pca = DEFAULTS["pca"]
+    fit_pca(shards=shards, out=str(out), dim=None, sample_size=sample_size, seed=0,
+            eigenvalue_floor=pca["eigenvalue_floor"])  # fmt: skip
     return str(out)
 
 
@@ -57,10 +64,16 @@ def image_round(folder: Path, images: int) -> ImageRound:
         skipped=str(folder / "skipped.tsv"),
         max_images=images,
         seed=0,
+        label_from_folder=True,
+        path_column="path",
+        split=None,
+        verify_images=False,
+        workers=0,
     )
-    initial_checkpoint(arch="small_convnet", sobel=True, seed=0, out=checkpoint)
+    initial_checkpoint(arch="small_convnet", sobel=True, seed=0, out=checkpoint, init_checkpoint=None)
     frame = pd.read_parquet(manifest)
     classes = frame["label"].astype("category").cat.codes.to_numpy().astype(np.int64)
     labels = str(folder / "labels.parquet")
-    pd.DataFrame({"id": frame["id"], "super_cluster": classes % 2, "sub_cluster": classes // 2}).to_parquet(labels)
+    table = pd.DataFrame({"id": frame["id"], "super_cluster": classes % 2, "sub_cluster": classes // 2})
+    write_labels(labels, Labels(table, [5, 5]))
     return ImageRound(manifest, checkpoint, labels, frame["path"].tolist(), frame["id"].tolist())

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from defaults import feature_settings, manifest_settings, pca_settings
+
 # torch and faiss each bring their own OpenMP runtime; with the default (spinning) wait
 # policy the two thread pools fight over the cores and every k-means pass on small chunks
 # becomes ~50x slower on a 2-core machine. Passive waiting changes no result, only speed.
@@ -43,10 +45,10 @@ class RealData:
 def real_data(tmp_path_factory: pytest.TempPathFactory) -> RealData:
     """600 real Fashion-MNIST images through the manifest, init, features and pca stages."""
     from deepercluster.checkpoints import initial_checkpoint
-    from deepercluster.data import build_manifest
+    from deepercluster.cluster.pca import fit_pca
+    from deepercluster.data.manifest import build_manifest
     from deepercluster.features import extract_features
-    from deepercluster.pca import fit_pca
-    from deepercluster.shards import shard_count
+    from deepercluster.plan import shard_count
 
     root = tmp_path_factory.mktemp("round0")
     manifest, checkpoint = str(root / "manifest.parquet"), str(root / "checkpoint.pt")
@@ -55,10 +57,9 @@ def real_data(tmp_path_factory: pytest.TempPathFactory) -> RealData:
         path=str(root / "fashion-mnist"),
         manifest=manifest,
         skipped=str(root / "skipped.tsv"),
-        max_images=IMAGES,
-        seed=0,
+        **manifest_settings(max_images=IMAGES, split=None),  # both splits
     )
-    initial_checkpoint(arch="small_convnet", sobel=True, seed=0, out=checkpoint)
+    initial_checkpoint(arch="small_convnet", sobel=True, seed=0, out=checkpoint, init_checkpoint=None)
     shards = []
     for shard in range(shard_count(IMAGES, SHARD_SIZE)):
         shards.append(str(root / f"shard-{shard}.h5"))
@@ -67,11 +68,11 @@ def real_data(tmp_path_factory: pytest.TempPathFactory) -> RealData:
             checkpoint=checkpoint,
             shard=shard,
             shard_size=SHARD_SIZE,
-            image_size=IMAGE_SIZE,
             out=shards[-1],
+            **feature_settings(image_size=IMAGE_SIZE),
         )
     pca = str(root / "pca.h5")
-    fit_pca(shards=shards, out=pca, sample_size=100_000, seed=0)
+    fit_pca(shards=shards, out=pca, **pca_settings(sample_size=100_000, seed=0))
     return RealData(root, manifest, checkpoint, shards, pca)
 
 
@@ -91,8 +92,8 @@ def raw_features(real_data: RealData) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="session")
 def whitened(real_data: RealData) -> tuple[np.ndarray, np.ndarray]:
     """(ids, PCA-whitened and L2-normalised features) of every shard, through ``ShardSource``."""
-    from deepercluster.formats import Whitening
-    from deepercluster.shards import ShardSource
+    from deepercluster.cluster.rows import ShardSource
+    from deepercluster.formats.whitening import Whitening
 
     whitening = Whitening.load(real_data.pca)
     chunks = list(ShardSource(real_data.shards, whitening, whitening.dim).chunks())
@@ -130,8 +131,11 @@ def class_labels(real_data: RealData, tmp_path: Path) -> str:
     """A labels table for the real images made from their true classes: 2 super-clusters x 5 sub-clusters."""
     import pandas as pd
 
+    from deepercluster.formats.labels import Labels, write_labels
+
     manifest = pd.read_parquet(real_data.manifest)
     classes = manifest["label"].astype("category").cat.codes.to_numpy()
     labels = tmp_path / "labels.parquet"
-    pd.DataFrame({"id": manifest["id"], "super_cluster": classes % 2, "sub_cluster": classes // 2}).to_parquet(labels)
+    table = pd.DataFrame({"id": manifest["id"], "super_cluster": classes % 2, "sub_cluster": classes // 2})
+    write_labels(labels, Labels(table, [5, 5]))
     return str(labels)

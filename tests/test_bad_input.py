@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -21,13 +22,16 @@ import torch
 from PIL import Image
 
 from deepercluster.__main__ import main
-from deepercluster.cluster import cluster_super
+from deepercluster.cluster.levels import cluster_super
 from deepercluster.config import ConfigError, validate_config
-from deepercluster.data import ImageDataset, build_manifest
+from deepercluster.data.images import ImageDataset
+from deepercluster.data.manifest import build_manifest
 from deepercluster.errors import ClustersError
 from deepercluster.features import extract_features
-from deepercluster.formats import read_manifest
-from deepercluster.models import build_model
+from deepercluster.formats.manifest import read_manifest
+from deepercluster.nn.models import build_model
+from deepercluster.stages import options
+from defaults import feature_settings, kmeans_settings, manifest_settings, pca_settings
 from test_workflow import snakemake
 
 pytestmark = pytest.mark.usefixtures("single_process")
@@ -46,9 +50,13 @@ def one_line_error(done: subprocess.CompletedProcess) -> str:
     return done.stderr.strip().splitlines()[-1]
 
 
+# The manifest stage's settings from the schema's defaults, every image kept.
+MANIFEST_SETTINGS = shlex.split(options(**manifest_settings(max_images=None, split=None)))
+
+
 def manifest_of(folder: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return cli(
-        "manifest", *("--source", "folder", "--path", str(folder)),
+        "manifest", *("--source", "folder", "--path", str(folder)), *MANIFEST_SETTINGS,
         *("--manifest", str(out / "manifest.parquet"), "--skipped", str(out / "skipped.tsv"), *extra),
     )  # fmt: skip
 
@@ -64,7 +72,7 @@ def test_an_input_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path: Path
     done = cli(
         "compare", *("--labels", "a", "b", "--checkpoints", "x", "y", "--evals", "x"),
         *("--out", str(tmp_path / "table.md"), "--tsv", str(tmp_path / "table.tsv")),
-        *("--plot", str(tmp_path / "linear.png")),
+        *("--plot", str(tmp_path / "linear.png"), "--label-column", "label"),
     )  # fmt: skip
     assert (
         done.returncode == 1 and "Traceback" in done.stderr and "ValueError: 2 labels, 2 checkpoints, 1" in done.stderr
@@ -72,18 +80,19 @@ def test_an_input_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path: Path
 
 
 def test_main_lets_a_programming_error_through(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import deepercluster.data
+    import deepercluster.data.manifest
 
-    @functools.wraps(deepercluster.data.build_manifest)  # the same options
+    @functools.wraps(deepercluster.data.manifest.build_manifest)  # the same options
     def broken(**_: object) -> None:
         raise FileNotFoundError("a bug, not the user's input")
 
-    monkeypatch.setattr(deepercluster.data, "build_manifest", broken)
-    args = ["manifest", "--source", "folder", "--path", str(tmp_path), "--manifest", "m", "--skipped", "s"]
+    monkeypatch.setattr(deepercluster.data.manifest, "build_manifest", broken)
+    args = ["manifest", "--source", "folder", "--path", str(tmp_path), "--manifest", "m", "--skipped", "s",
+            *shlex.split(options(**manifest_settings()))]  # fmt: skip
     with pytest.raises(FileNotFoundError, match="a bug"):
         main(args)
     with pytest.raises(TypeError):  # a wrong type through the Python API
-        build_manifest(source="folder", path=None, manifest="m", skipped="s")
+        build_manifest(source="folder", path=None, manifest="m", skipped="s", **manifest_settings())
 
 
 # 2. Bad input.
@@ -138,7 +147,7 @@ def test_every_image_mode_is_read_as_8_bit_rgb(tmp_path: Path) -> None:
 def build(tmp_path: Path, folder: Path, **kwargs: object) -> tuple[pd.DataFrame, pd.DataFrame]:
     build_manifest(
         source="folder", path=str(folder), manifest=str(tmp_path / "manifest.parquet"),
-        skipped=str(tmp_path / "skipped.tsv"), **kwargs,
+        skipped=str(tmp_path / "skipped.tsv"), **manifest_settings(**{"max_images": None, "split": None, **kwargs}),
     )  # fmt: skip
     return read_manifest(str(tmp_path / "manifest.parquet")), pd.read_csv(tmp_path / "skipped.tsv", sep="\t")
 
@@ -166,7 +175,8 @@ def test_an_8000_pixel_jpeg_is_read_in_bounded_memory(real_data, tmp_path: Path)
         frame[frame["path"].str.endswith(name)].to_parquet(manifest)
         stage = [
             "features", "--manifest", str(manifest), "--checkpoint", real_data.checkpoint,
-            "--shard", "0", "--shard-size", "10", "--image-size", "32", "--out", str(out),
+            "--shard", "0", "--shard-size", "10", "--image-size", "32", "--batch-size", "64", "--workers", "0",
+            "--out", str(out),
         ]  # fmt: skip
         measured = subprocess.run(
             [sys.executable, "-c", PEAK_MB, *stage], capture_output=True, text=True, timeout=300, check=True
@@ -190,7 +200,7 @@ def test_spaces_and_non_ascii_names_work_end_to_end(real_data, tmp_path: Path) -
     assert set(frame["label"]) == {"classe ü"}
     out = tmp_path / "shard é.h5"
     extract_features(manifest=str(tmp_path / "manifest.parquet"), checkpoint=real_data.checkpoint, shard=0,
-                     shard_size=10, image_size=32, out=str(out))  # fmt: skip
+                     shard_size=10, out=str(out), **feature_settings())  # fmt: skip
     with h5py.File(out) as f:
         assert f["ids"][:].tolist() == [0, 1, 2]
         assert not np.allclose(f["features"][0], f["features"][1])
@@ -203,7 +213,7 @@ def write_table(path: Path, column: str, paths: list[str]) -> Path:
 
 def test_a_table_without_its_path_column(tmp_path: Path) -> None:
     table = write_table(tmp_path / "t.csv", "file", ["a.png"])
-    line = one_line_error(cli("manifest", "--source", "table", "--path", str(table), "--manifest",
+    line = one_line_error(cli("manifest", *MANIFEST_SETTINGS, "--source", "table", "--path", str(table), "--manifest",
                               str(tmp_path / "m.parquet"), "--skipped", str(tmp_path / "s.tsv")))  # fmt: skip
     assert f"{table} has no column 'path' (it has file, user); set data.path_column" in line
 
@@ -213,14 +223,14 @@ def test_a_table_of_missing_files(tmp_path: Path) -> None:
     table = write_table(tmp_path / "t.csv", "path", ["here.png", "gone.png", "never/there.jpg"])
     # Missing files are skipped and listed even when images are not decoded.
     build_manifest(source="table", path=str(table), manifest=str(tmp_path / "m.parquet"),
-                   skipped=str(tmp_path / "s.tsv"), verify_images=False)  # fmt: skip
+                   skipped=str(tmp_path / "s.tsv"), **manifest_settings(verify_images=False, split=None))  # fmt: skip
     assert read_manifest(str(tmp_path / "m.parquet"))["path"].tolist() == [str(good)]
     skipped = pd.read_csv(tmp_path / "s.tsv", sep="\t")
     assert skipped["path"].tolist() == [str(tmp_path / "gone.png"), str(tmp_path / "never" / "there.jpg")]
     assert (skipped["error"] == "FileNotFoundError: no such file").all()
     # None readable: one error naming one of them and where the others are listed.
     table = write_table(tmp_path / "none.csv", "path", ["gone.png"])
-    line = one_line_error(cli("manifest", "--source", "table", "--path", str(table), "--manifest",
+    line = one_line_error(cli("manifest", *MANIFEST_SETTINGS, "--source", "table", "--path", str(table), "--manifest",
                               str(tmp_path / "m2.parquet"), "--skipped", str(tmp_path / "s2.tsv")))  # fmt: skip
     assert f"no readable images in {table}" in line and str(tmp_path / "gone.png") in line
     assert str(tmp_path / "s2.tsv") in line and not (tmp_path / "m2.parquet").exists()
@@ -230,7 +240,7 @@ def test_a_table_listing_a_path_twice(tmp_path: Path) -> None:
     rgb_image(tmp_path / "one.png")
     rgb_image(tmp_path / "two.png")
     table = write_table(tmp_path / "t.csv", "path", ["one.png", "two.png", str(tmp_path / "one.png")])
-    line = one_line_error(cli("manifest", "--source", "table", "--path", str(table), "--manifest",
+    line = one_line_error(cli("manifest", *MANIFEST_SETTINGS, "--source", "table", "--path", str(table), "--manifest",
                               str(tmp_path / "m.parquet"), "--skipped", str(tmp_path / "s.tsv")))  # fmt: skip
     assert f"{table} lists {tmp_path / 'one.png'} 2 times (rows 1, 3" in line and "keep one row per image" in line
     assert not (tmp_path / "m.parquet").exists()
@@ -279,11 +289,9 @@ def test_every_number_in_the_schema_is_bounded() -> None:
 
 
 def test_more_super_clusters_than_images(real_data, tmp_path: Path) -> None:
-    with pytest.raises(
-        ClustersError, match=r"kmeans\.super_clusters \(evaluation\.clusters\) is 601, more than the 600 images"
-    ):
+    with pytest.raises(ClustersError, match=r"kmeans\.super_clusters is 601, more than the 600 images"):
         cluster_super(shards=real_data.shards, pca=real_data.pca, out=str(tmp_path / "super.h5"),
-                      super_clusters=601, iterations=1, seed=0)  # fmt: skip
+                      super_clusters=601, **kmeans_settings(iterations=1))  # fmt: skip
     assert not (tmp_path / "super.h5").exists()
 
 
@@ -300,7 +308,15 @@ def test_a_truncated_shard_given_to_pca(real_data, tmp_path: Path) -> None:
     data = Path(real_data.shards[0]).read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
     line = one_line_error(
-        cli("pca", "--shards", str(truncated), *real_data.shards[1:], "--out", str(tmp_path / "pca.h5"))
+        cli(
+            "pca",
+            "--shards",
+            str(truncated),
+            *real_data.shards[1:],
+            "--out",
+            str(tmp_path / "pca.h5"),
+            *shlex.split(options(**pca_settings())),
+        )
     )
     assert f"feature shard {truncated} is unreadable" in line and "delete it and rerun snakemake" in line
     assert not (tmp_path / "pca.h5").exists()
@@ -309,14 +325,14 @@ def test_a_truncated_shard_given_to_pca(real_data, tmp_path: Path) -> None:
 def test_a_registered_checkpoint_that_cannot_be_used(real_data, tmp_path: Path) -> None:
     out = str(tmp_path / "imported.pt")
     missing = tmp_path / "nowhere.pt"
-    line = one_line_error(cli("import-checkpoint", "--source", str(missing), "--out", out))
+    line = one_line_error(cli("import-checkpoint", "--source", str(missing), "--out", out, "--sobel"))
     assert f"checkpoint {missing} does not exist: check the path in the config" in line
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint")
-    line = one_line_error(cli("import-checkpoint", "--source", str(text), "--out", out))
+    line = one_line_error(cli("import-checkpoint", "--source", str(text), "--out", out, "--sobel"))
     assert f"checkpoint {text} is unreadable" in line and "not a PyTorch file" in line
     line = one_line_error(
-        cli("import-checkpoint", "--source", real_data.checkpoint, "--arch", "alexnet_bn", "--out", out)
+        cli("import-checkpoint", "--source", real_data.checkpoint, "--arch", "alexnet_bn", "--sobel", "--out", out)
     )
     assert f"{real_data.checkpoint} is a small_convnet with sobel=True, its checkpoints entry says alexnet_bn" in line
     foreign = tmp_path / "alexnet.pth"

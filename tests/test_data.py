@@ -10,17 +10,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from deepercluster.data import (
-    FASHION_MNIST_CLASSES,
-    SOURCES,
-    ImageDataset,
-    UnreadableImageError,
-    build_manifest,
-    feature_transform,
-    train_transform,
-)
-from deepercluster.errors import DataError
-from deepercluster.formats import metadata_columns, read_manifest
+from deepercluster.data.images import ImageDataset, feature_transform, train_transform
+from deepercluster.data.manifest import FASHION_MNIST_CLASSES, SOURCES, build_manifest
+from deepercluster.errors import DataError, UnreadableImageError
+from deepercluster.formats.manifest import metadata_columns, read_manifest
+from defaults import manifest_settings
 
 IDX = Path("/usr/share/datasets/fashion-mnist")
 
@@ -41,7 +35,8 @@ def _corrupt(path: Path) -> Path:
 
 def _build(tmp_path: Path, **kwargs) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run the manifest stage into tmp_path; return the manifest and the skipped table."""
-    build_manifest(manifest=str(tmp_path / "manifest.parquet"), skipped=str(tmp_path / "skipped.tsv"), **kwargs)
+    build_manifest(manifest=str(tmp_path / "manifest.parquet"), skipped=str(tmp_path / "skipped.tsv"),
+                   **manifest_settings(**{"max_images": None, "split": None, **kwargs}))  # fmt: skip
     return read_manifest(str(tmp_path / "manifest.parquet")), pd.read_csv(tmp_path / "skipped.tsv", sep="\t")
 
 

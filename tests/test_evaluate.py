@@ -21,8 +21,9 @@ from sklearn.metrics import average_precision_score, normalized_mutual_info_scor
 from sklearn.neighbors import KNeighborsClassifier
 
 from deepercluster.checkpoints import load_model
-from deepercluster.cluster import cluster_super
-from deepercluster.data import feature_transform
+from deepercluster.cluster.levels import cluster_flat
+from deepercluster.cluster.pca import fit_pca, fit_whitening
+from deepercluster.data.images import feature_transform
 from deepercluster.errors import CheckpointError
 from deepercluster.evaluate.backbone import conv_activations, frozen_backbone, labelled_split
 from deepercluster.evaluate.clusters import cluster_grid, dominant_values
@@ -41,7 +42,6 @@ from deepercluster.evaluate.linear import (
 )
 from deepercluster.evaluate.nmi import cluster_nmi, seeded_clusterings
 from deepercluster.evaluate.retrieval import (
-    fit_region_whitening,
     image_regions,
     region_vectors,
     retrieval,
@@ -49,13 +49,22 @@ from deepercluster.evaluate.retrieval import (
     rmac_regions,
 )
 from deepercluster.evaluate.voc07 import class_average_precisions, crop_scores, fine_tune, image_paths, read_voc, voc07
-from deepercluster.features import extract_features
+from deepercluster.features import extract_all
 from deepercluster.files import sha256
-from deepercluster.formats import read_manifest
-from deepercluster.models import build_model
-from deepercluster.pca import fit_pca
+from deepercluster.formats.manifest import read_manifest
+from deepercluster.nn.models import build_model
+from defaults import eval_settings, feature_settings, kmeans_settings, pca_settings
 
 pytestmark = pytest.mark.usefixtures("single_process")
+
+
+def linear_settings(**changes: object) -> dict[str, object]:
+    """eval-linear's settings as the rule passes them, from the schema's defaults."""
+    evaluation = eval_settings()
+    return {"label_column": evaluation["label_column"], "val_fraction": evaluation["val_fraction"],
+            "weight_decays": evaluation["probe_weight_decays"], "max_iterations": evaluation["probe_iterations"],
+            "seed": 0, **changes}  # fmt: skip
+
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -66,14 +75,7 @@ VOC_CLASSES = {"Trouser": "trouser", "Bag": "bag", "Sneaker": "sneaker", "Dress"
 def features_file(real_data, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The 'features' stage's output holding every image of the manifest, as the eval_features rule makes it."""
     out = str(tmp_path_factory.mktemp("eval") / "features.h5")
-    extract_features(
-        manifest=real_data.manifest,
-        checkpoint=real_data.checkpoint,
-        shard=0,
-        shard_size=2**31 - 1,
-        image_size=32,
-        out=out,
-    )
+    extract_all(manifest=real_data.manifest, checkpoint=real_data.checkpoint, out=out, **feature_settings())
     return out
 
 
@@ -82,14 +84,14 @@ def clusters_files(features_file: str, tmp_path_factory: pytest.TempPathFactory)
     """Two k-means clusterings of those features (k=8 and k=5), as the eval_pca and eval_kmeans rules make them."""
     folder = tmp_path_factory.mktemp("eval-clusters")
     pca = str(folder / "pca.h5")
-    fit_pca(shards=[features_file], out=pca, dim=32, seed=0)
+    fit_pca(shards=[features_file], out=pca, **pca_settings(dim=32))
     outputs = []
     with pytest.MonkeyPatch.context() as patch:  # a world of one (the function-scoped single_process comes later)
         for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID"):
             patch.delenv(name, raising=False)
         for k in (8, 5):
             outputs.append(str(folder / f"clusters-{k}.h5"))
-            cluster_super(shards=[features_file], pca=pca, out=outputs[-1], super_clusters=k, iterations=5, seed=k)
+            cluster_flat(features=features_file, pca=pca, out=outputs[-1], k=k, **kmeans_settings(iterations=5, seed=k))
     return outputs
 
 
@@ -109,7 +111,8 @@ def test_probe_dims_are_reference_tables() -> None:
 
 def test_probe_features_are_each_conv_layers_pooled_activations(real_data, tmp_path: Path) -> None:
     out = tmp_path / "probe_features.h5"
-    probe_features(checkpoint=real_data.checkpoint, manifest=real_data.manifest, out=str(out), batch_size=100)
+    probe_features(checkpoint=real_data.checkpoint, manifest=real_data.manifest, out=str(out),
+                   **feature_settings(batch_size=100))  # fmt: skip
     model, _ = frozen_backbone(real_data.checkpoint)
     manifest = read_manifest(real_data.manifest)
     picked = [0, 137, 599]
@@ -130,9 +133,9 @@ def test_linear_probe_converges_to_the_optimum_scikit_learn_finds(real_data, tmp
     from sklearn.linear_model import LogisticRegression
 
     cache, out, plot = tmp_path / "probe_features.h5", tmp_path / "linear.json", tmp_path / "linear.png"
-    probe_features(checkpoint=real_data.checkpoint, manifest=real_data.manifest, out=str(cache))
-    linear_probe(features=str(cache), manifest=real_data.manifest, out=str(out), plot=str(plot), seed=0,
-                 weight_decays=[1e-2, 1e-1])  # fmt: skip
+    probe_features(checkpoint=real_data.checkpoint, manifest=real_data.manifest, out=str(cache), **feature_settings())
+    linear_probe(features=str(cache), manifest=real_data.manifest, out=str(out), plot=str(plot),
+                 **linear_settings(weight_decays=[1e-2, 1e-1]))  # fmt: skip
     result = json.loads(out.read_text())
     assert [layer["layer"] for layer in result["layers"]] == ["conv1", "conv2", "conv3"]
     assert [layer["dim"] for layer in result["layers"]] == [9248, 9216, 8192]
@@ -180,7 +183,7 @@ def test_frozen_backbone_keeps_batchnorm_statistics(real_data) -> None:
 
 def test_knn_matches_scikit_learn_leave_one_out(real_data, features_file: str, tmp_path: Path) -> None:
     out = tmp_path / "knn.json"
-    knn(manifest=real_data.manifest, features=features_file, out=str(out), k=20, seed=0)
+    knn(manifest=real_data.manifest, features=features_file, out=str(out), k=20, seed=0, label_column="label")
     result = json.loads(out.read_text())
 
     manifest = read_manifest(real_data.manifest)
@@ -204,10 +207,10 @@ def test_knn_matches_scikit_learn_leave_one_out(real_data, features_file: str, t
 def test_nmi_is_the_mean_over_seeds_per_column_and_across_rounds(real_data, features_file: str, tmp_path) -> None:
     pcas = [str(tmp_path / f"pca-{dim}.h5") for dim in (32, 16)]
     for pca, dim in zip(pcas, (32, 16), strict=True):
-        fit_pca(shards=[features_file], out=pca, dim=dim, seed=0)
+        fit_pca(shards=[features_file], out=pca, **pca_settings(dim=dim))
     out, plot = tmp_path / "nmi.json", tmp_path / "nmi.png"
     cluster_nmi(manifest=real_data.manifest, features=[features_file] * 2, pcas=pcas, out=str(out), plot=str(plot),
-                k=5, seeds=3, iterations=5, first_round=3)  # fmt: skip
+                k=5, seeds=3, iterations=5, seed=0, first_round=3)  # fmt: skip
     result = json.loads(out.read_text())
     manifest = read_manifest(real_data.manifest).set_index("id")
     assert (result["k"], result["images"], result["seeds"]) == (5, 600, 3)
@@ -225,7 +228,8 @@ def test_nmi_is_the_mean_over_seeds_per_column_and_across_rounds(real_data, feat
     assert 0 < result["nmi"]["label"] < 1 and result["nmi_sd"]["label"] > 0 and plot.read_bytes().startswith(PNG_MAGIC)
 
     single = tmp_path / "single.json"
-    cluster_nmi(manifest=real_data.manifest, features=[features_file], pcas=pcas[:1], out=str(single), plot=str(plot))
+    cluster_nmi(manifest=real_data.manifest, features=[features_file], pcas=pcas[:1], out=str(single), plot=str(plot),
+                k=5, seeds=3, iterations=5, seed=0)  # fmt: skip
     assert json.loads(single.read_text())["rounds"] is None
 
 
@@ -252,14 +256,14 @@ def test_a_plain_state_dict_is_wrapped_into_our_format(real_data, tmp_path: Path
     assert all(torch.equal(wrapped.state_dict()[k], v) for k, v in state.items())
 
     with pytest.raises(CheckpointError, match="arch and sobel"):
-        import_checkpoint(source=str(tmp_path / "plain.pt"), out=str(tmp_path / "x.pt"))
+        import_checkpoint(source=str(tmp_path / "plain.pt"), out=str(tmp_path / "x.pt"), arch=None, sobel=True)
     with pytest.raises(CheckpointError, match="alexnet_bn"):
         import_checkpoint(source=str(tmp_path / "plain.pt"), out=str(tmp_path / "x.pt"), arch="alexnet_bn", sobel=True)
     # One of ours is copied as it is; a contradicting arch in its entry is an error.
-    import_checkpoint(source=real_data.checkpoint, out=str(tmp_path / "ours.pt"))
+    import_checkpoint(source=real_data.checkpoint, out=str(tmp_path / "ours.pt"), arch=None, sobel=True)
     assert sha256(tmp_path / "ours.pt") == sha256(real_data.checkpoint)
     with pytest.raises(CheckpointError, match="vgg16_bn"):
-        import_checkpoint(source=real_data.checkpoint, out=str(tmp_path / "x.pt"), arch="vgg16_bn")
+        import_checkpoint(source=real_data.checkpoint, out=str(tmp_path / "x.pt"), arch="vgg16_bn", sobel=True)
     assert not (tmp_path / "x.pt").exists()
 
 
@@ -330,7 +334,8 @@ def test_voc07_trains_fc6_8_and_all_on_a_tiny_layout(real_data, tmp_path: Path) 
     assert set(np.unique(trainval.to_numpy())) == {-1, 0, 1}
 
     out = tmp_path / "voc07.json"
-    voc07(voc=str(voc), checkpoint=real_data.checkpoint, out=str(out), epochs=3, batch_size=16, seed=0)
+    voc07(voc=str(voc), checkpoint=real_data.checkpoint, out=str(out), epochs=3, batch_size=16, seed=0, lr=0.01,
+          weight_decay=1e-4, image_size=32, workers=0)  # fmt: skip
     result = json.loads(out.read_text())
     assert result["crops"] == 10 and result["test_images"] == 40
     for setting in ("fc6_8", "all"):
@@ -388,7 +393,8 @@ def test_retrieval_map_matches_scikit_learn(real_data, tmp_path: Path) -> None:
     manifest = read_manifest(real_data.manifest)
     images = make_retrieval_list(tmp_path / "lists", manifest)
     out = tmp_path / "retrieval.json"
-    retrieval(images=str(images), checkpoint=real_data.checkpoint, out=str(out), dim=64, seed=0)
+    retrieval(images=str(images), checkpoint=real_data.checkpoint, out=str(out), dim=64, eigenvalue_floor=1e-5,
+              **feature_settings())  # fmt: skip
     result = json.loads(out.read_text())
     assert (result["queries"], result["database_images"], result["whitening_images"]) == (12, 120, 100)
     assert result["regions_per_image"] == 14 and result["dim"] == 64 and result["whitening_learnt_on"] == "whitening"
@@ -397,7 +403,7 @@ def test_retrieval_map_matches_scikit_learn(real_data, tmp_path: Path) -> None:
     model, _ = frozen_backbone(real_data.checkpoint)
     paths = manifest["path"].iloc[:232].tolist()
     regions = image_regions(model, paths, 32, 256, 0)
-    whitening = fit_region_whitening(regions[132:].reshape(-1, 128), real_data.checkpoint, 64, 1e-5, 0)
+    whitening, _ = fit_whitening([regions[132:].reshape(-1, 128)], 64, 1e-5)
     descriptors = rmac(regions, whitening)
     assert np.allclose(np.linalg.norm(descriptors, axis=1), 1, atol=1e-5)
     labels = manifest["label"].iloc[:232].to_numpy()
@@ -425,7 +431,8 @@ def test_compare_puts_checkpoints_side_by_side(tmp_path: Path) -> None:
     (tmp_path / "evals" / "ours" / "retrieval.json").write_text(json.dumps({"mAP": 0.25}))
     out, tsv, plot = tmp_path / "table.md", tmp_path / "table.tsv", tmp_path / "linear.png"
     compare(labels=["random", "deepercluster"], checkpoints=["round-0", "ours"], out=str(out), tsv=str(tsv),
-            plot=str(plot), evals=[str(tmp_path / "evals" / name) for name in ("round-0", "ours")])  # fmt: skip
+            plot=str(plot), evals=[str(tmp_path / "evals" / name) for name in ("round-0", "ours")],
+            label_column="label")  # fmt: skip
     assert out.read_text().splitlines()[:4] == [
         "| method | checkpoint | linear conv1 | linear conv2 | linear conv3 | 20-NN | NMI label"
         " | VOC07 FC6-8 mAP | VOC07 ALL mAP | retrieval mAP |",

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from deepercluster.checkpoints import initial_checkpoint, load_model
-from deepercluster.data import IMAGENET_MEAN, ImageDataset, feature_transform
-from deepercluster.export import export_model
+from deepercluster.data.images import IMAGENET_MEAN, ImageDataset, feature_transform
 from deepercluster.files import sha256
-from deepercluster.models import build_model, fold_sobel
+from deepercluster.nn.models import build_model, fold_sobel
+from deepercluster.report.export import export_model
 from test_workflow import snakemake
 
 
@@ -57,7 +57,7 @@ def test_export_of_a_sobel_checkpoint_computes_the_same_feature_on_real_images(r
         "small_convnet", True, 256, 32,
     )  # fmt: skip
     assert export["mean"].tolist() == pytest.approx(IMAGENET_MEAN) and export["std"].shape == (3,)
-    assert export["checkpoint_sha256"] == sha256(real_data.checkpoint)
+    assert export["provenance"]["checkpoint_sha256"] == sha256(real_data.checkpoint)
     assert model.sobel is None and model.features[0].weight.shape == (32, 3, 5, 5)
 
     images = real_images(real_data.manifest, 64, 32)
@@ -74,7 +74,7 @@ def test_export_of_a_sobel_checkpoint_computes_the_same_feature_on_real_images(r
 @pytest.mark.parametrize(("arch", "kernel"), [("vgg16_bn", 5), ("alexnet_bn", 13)])
 def test_vgg16_and_alexnet_exports_load_strictly_and_agree_at_224_px(real_data, tmp_path: Path, arch, kernel) -> None:
     checkpoint = str(tmp_path / "checkpoint.pt")
-    initial_checkpoint(arch=arch, sobel=True, seed=0, out=checkpoint)
+    initial_checkpoint(arch=arch, sobel=True, seed=0, out=checkpoint, init_checkpoint=None)
     original, _ = load_model(checkpoint)
     original.eval()
     _, model = exported(checkpoint, tmp_path / "model.pth", image_size=224)
@@ -102,7 +102,7 @@ def test_the_export_rule_builds_from_the_round_checkpoint(tmp_path: Path) -> Non
     assert "rule export:" in run.stderr and "rule summary:" not in run.stderr
     round_1 = tmp_path / "results/rounds/1/checkpoint.pt"
     export = torch.load(tmp_path / "results/export/round-1.pth", weights_only=True)
-    assert export["checkpoint_sha256"] == sha256(round_1) and export["image_size"] == 32
+    assert export["provenance"]["checkpoint_sha256"] == sha256(round_1) and export["image_size"] == 32
     folded = fold_sobel(load_model(round_1)[0]).state_dict()
     assert export["state_dict"].keys() == folded.keys()
     assert all(torch.equal(export["state_dict"][key], value) for key, value in folded.items())

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from deepercluster.objectives import Heads, class_part, targets_for
+from deepercluster.methods import METHODS
+from deepercluster.nn.heads import Heads, class_part, targets_for
 
 GiB = 2**30
 
@@ -19,7 +20,7 @@ GiB = 2**30
 @pytest.mark.parametrize(("feature_dim", "sub_clusters"), [(256, [10, 7]), (33, [5, 3]), (3, [2, 4])])
 def test_a_head_held_alone_is_the_head_every_head_holds(feature_dim: int, sub_clusters: list[int]) -> None:
     """Bit for bit, and the RNG is left where building every head leaves it; sizes of 16 elements and not."""
-    targets = targets_for("deepercluster", sub_clusters)
+    targets = targets_for(METHODS["deepercluster"], sub_clusters)
     torch.manual_seed(3)
     every = Heads(feature_dim, targets).state_dict()
     after_every = torch.get_rng_state()
@@ -37,14 +38,14 @@ def test_the_parts_of_a_head_split_by_classes_are_its_rows(feature_dim: int, cla
     """Each rank of a group builds its part of W_g (chunked draws, part boundaries anywhere in a chunk of 16,
     a part with no class when the classes are fewer than the ranks): the parts stack to the whole, bit for bit,
     and the RNG is left where building the whole leaves it."""
-    targets = targets_for("deepercluster", [classes, 2])
+    targets = targets_for(METHODS["deepercluster"], [classes, 2])
     torch.manual_seed(3)
     whole = Heads(feature_dim, targets, holds=[1]).state_dict()
     after_whole = torch.get_rng_state()
     shards = []
     for part in range(parts):
         torch.manual_seed(3)
-        shards.append(Heads(feature_dim, targets, holds=[1], shard=(part, parts)).state_dict())
+        shards.append(Heads(feature_dim, targets, holds=[1], part=(part, parts)).state_dict())
         assert torch.equal(torch.get_rng_state(), after_whole)
         assert torch.equal(shards[-1]["super_class.1.weight"], whole["super_class.1.weight"])
     for key in ("sub_class.1.1.weight", "sub_class.1.1.bias"):
@@ -57,14 +58,14 @@ def split_head_step(rank: int, ranks: int, port: int) -> None:
     """One rank of a group of ``ranks``: W_5 (super-cluster 1 at rotation 1: 5 classes) split over the group against
     W_5 whole on the group's rows: loss, accuracy and gradients."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=ranks)
-    targets, rows = targets_for("deepercluster", [11, 5]), 6
+    targets, rows = targets_for(METHODS["deepercluster"], [11, 5]), 6
     generator = torch.Generator().manual_seed(0)
     feature = torch.randn(ranks * rows, 33, generator=generator)
     super_target, sub_target = torch.full((ranks * rows,), 5), torch.randint(0, 5, (ranks * rows,), generator=generator)
     torch.manual_seed(3)
     whole = Heads(33, targets, holds=[5])
     torch.manual_seed(3)
-    split = Heads(33, targets, holds=[5], shard=(rank, ranks), group=dist.group.WORLD)
+    split = Heads(33, targets, holds=[5], part=(rank, ranks), group=dist.group.WORLD)
     classes, own = class_part(5, rank, ranks), slice(rank * rows, (rank + 1) * rows)
     whole_feature, own_feature = feature.clone().requires_grad_(), feature[own].clone().requires_grad_()
     expected = whole(whole_feature, super_target, sub_target)
@@ -113,7 +114,7 @@ def test_a_rank_of_the_papers_layout_holds_its_groups_head_only() -> None:
     """m = 4 super-clusters of k = 80,000 sub-clusters, 4096-d features: 16 training groups. Before, every
     rank built all 16 sub-class heads (19.5 GiB of weights) and all-reduced gradients for all of them, so
     each had a gradient and a momentum buffer (3 x 19.5 GiB); a rank of group 5 now holds W_5 alone."""
-    targets = targets_for("deepercluster", [80_000] * 4)
+    targets = targets_for(METHODS["deepercluster"], [80_000] * 4)
     every = Heads(4096, targets, device="meta")
     held = Heads(4096, targets, holds=[5], device="meta")
     assert len(every.sub_class) == 16 and list(held.sub_class) == ["5"]
@@ -129,8 +130,8 @@ def test_a_rank_of_the_papers_layout_holds_its_groups_head_only() -> None:
 def test_a_rank_of_the_papers_layout_holds_a_quarter_of_its_groups_head_in_under_2_gib() -> None:
     """64 ranks: 16 groups of p = 4 ranks. Rank 1 of group 5 holds classes 20,000-39,999 of W_5 (20,000 x 4097
     floats, 0.305 GiB) and V: with gradients and momentum, 0.92 GiB, below the issue's 2 GiB (W_5 whole: 3.66)."""
-    targets = targets_for("deepercluster", [80_000] * 4)
-    part = Heads(4096, targets, holds=[5], shard=(1, 4), device="meta")
+    targets = targets_for(METHODS["deepercluster"], [80_000] * 4)
+    part = Heads(4096, targets, holds=[5], part=(1, 4), device="meta")
     assert class_part(80_000, 1, 4) == range(20_000, 40_000)
     assert part.sub_class["5"][1].weight.shape == (20_000, 4096)
     after_step = step_bytes(part, super_class=5, batch=4 * 48)  # the group's rows, gathered

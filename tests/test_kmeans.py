@@ -13,11 +13,8 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import deepercluster.kmeans as kmeans_module
-from deepercluster.cluster import cluster_super, whitened_shards
-from deepercluster.distributed import gather_objects, init_distributed
-from deepercluster.formats import Whitening
-from deepercluster.kmeans import (
+import deepercluster.cluster.kmeans as kmeans_module
+from deepercluster.cluster.kmeans import (
     SPLIT_EPS,
     centroid_index,
     initial_centroids,
@@ -25,8 +22,12 @@ from deepercluster.kmeans import (
     nearest_centroid,
     split_empty_clusters,
 )
+from deepercluster.cluster.levels import cluster_super, whitened_shards
+from deepercluster.cluster.rows import ShardSource
+from deepercluster.distributed import gather_objects, init_distributed
+from deepercluster.formats.whitening import Whitening
 from deepercluster.seeds import id_hash
-from deepercluster.shards import ShardSource
+from defaults import kmeans_settings
 
 pytestmark = pytest.mark.usefixtures("single_process")
 
@@ -100,7 +101,7 @@ def _cluster_on_rank(rank: int, world_size: int, port: int, shards: list[str], p
     # This rank's share of the shards, as the stage takes it.
     rows = whitened_shards(shards, pca, cache_mb=64).count
     Path(f"{out}.rank{rank}.rows").write_text(str(rows))
-    cluster_super(shards=shards, pca=pca, out=out, super_clusters=8, iterations=6, seed=5)
+    cluster_super(shards=shards, pca=pca, out=out, super_clusters=8, **kmeans_settings(iterations=6, seed=5))
     # The assignments travel to the writing rank only: the others get nothing back.
     Path(f"{out}.rank{rank}.gathered").write_text(repr(gather_objects(f"from {rank}")))
     dist.barrier()
@@ -110,7 +111,9 @@ def _cluster_on_rank(rank: int, world_size: int, port: int, shards: list[str], p
 def test_two_ranks_match_one_rank(real_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     one, two = str(tmp_path / "one" / "super.h5"), str(tmp_path / "two" / "super.h5")
     (tmp_path / "two").mkdir()
-    cluster_super(shards=real_data.shards, pca=real_data.pca, out=one, super_clusters=8, iterations=6, seed=5)
+    cluster_super(
+        shards=real_data.shards, pca=real_data.pca, out=one, super_clusters=8, **kmeans_settings(iterations=6, seed=5)
+    )
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # two CPU ranks on gloo, even on a GPU machine
     mp.spawn(
         _cluster_on_rank,

@@ -24,22 +24,25 @@ def test_heavy_rules_run_their_stage_on_its_cpus_per_task(real_data, tmp_path: P
     assert run.returncode == 0, run.stderr[-3000:]
     threads = {}
     for line in run.stdout.splitlines():
-        command = re.search(r"python -m deepercluster --threads (\d+) (?:--tasks \d+ )?([\w-]+) ", line)
+        command = re.search(r"python -m deepercluster --threads (\d+) (?:--ranks \d+ )?([\w-]+) ", line)
         if command:
             threads.setdefault(command[2], set()).add(int(command[1]))
     assert threads == {"features": {3}, "pca": {5}, "super-clusters": {3}, "sub-clusters": {3}}, run.stdout[-3000:]
 
 
 def test_light_stages_import_neither_torch_nor_faiss() -> None:
-    """labels and summary read the stages' files through deepercluster.formats, not through k-means."""
+    """labels and summary read the stages' files through deepercluster.formats, not through k-means; the plan,
+    which Snakemake imports to parse the workflow, needs neither."""
+    modules = ("manifest", "features", "whitening", "clusters", "labels", "metrics", "evals")
+    formats = ", ".join(f"deepercluster.formats.{m}" for m in modules)
     check = (
-        "import sys, deepercluster.labels, deepercluster.summary, deepercluster.formats\n"
+        f"import sys, deepercluster.cluster.labels, deepercluster.report.summary, deepercluster.plan, {formats}\n"
         "print(sorted(m for m in ('torch', 'faiss') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
     # ...while the clustering stage does import both: the check above can tell.
-    check = check.replace("deepercluster.labels", "deepercluster.cluster")
+    check = check.replace("deepercluster.cluster.labels", "deepercluster.cluster.levels")
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "['faiss', 'torch']", done.stderr

@@ -16,12 +16,14 @@ import torch
 from sklearn.metrics import normalized_mutual_info_score
 
 from deepercluster.checkpoints import initial_checkpoint, load_model
-from deepercluster.cluster import cluster_sub, cluster_super
-from deepercluster.data import ImageDataset, feature_transform
+from deepercluster.cluster.labels import make_labels
+from deepercluster.cluster.levels import cluster_sub, cluster_super
+from deepercluster.data.images import ImageDataset, feature_transform
 from deepercluster.errors import CheckpointError
-from deepercluster.formats import read_clusters, read_manifest
-from deepercluster.labels import make_labels
-from deepercluster.models import build_model
+from deepercluster.formats.clusters import read_clusters
+from deepercluster.formats.manifest import read_manifest
+from deepercluster.nn.models import build_model
+from defaults import kmeans_settings
 
 pytestmark = pytest.mark.usefixtures("single_process")
 
@@ -62,7 +64,7 @@ def test_shards_hold_every_id_once(real_data, raw_features) -> None:
 
 def test_labels_from_two_levels(real_data, tmp_path: Path) -> None:
     super_file = str(tmp_path / "super.h5")
-    common = {"shards": real_data.shards, "pca": real_data.pca, "iterations": 5, "seed": 0}
+    common = {"shards": real_data.shards, "pca": real_data.pca, **kmeans_settings(iterations=5, seed=0)}
     cluster_super(out=super_file, super_clusters=3, **common)
     sub_files = [str(tmp_path / f"sub-{s}.h5") for s in range(3)]
     for s, path in enumerate(sub_files):
@@ -144,7 +146,7 @@ def test_cli_missing_checkpoint_one_line_error(real_data, tmp_path: Path) -> Non
     done = _cli(
         "features",
         *("--manifest", real_data.manifest, "--checkpoint", str(missing), "--shard", "0"),
-        *("--shard-size", "200", "--image-size", "32", "--out", str(out)),
+        *("--shard-size", "200", "--image-size", "32", "--batch-size", "64", "--workers", "0", "--out", str(out)),
     )
     assert done.returncode == 1
     assert "Traceback" not in done.stderr

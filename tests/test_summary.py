@@ -10,10 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from deepercluster.cluster import cluster_sub, cluster_super
-from deepercluster.labels import make_labels
-from deepercluster.summary import summarize
-from deepercluster.train import METRICS
+from deepercluster.cluster.labels import make_labels
+from deepercluster.cluster.levels import cluster_sub, cluster_super
+from deepercluster.formats.metrics import COLUMNS
+from deepercluster.report.summary import summarize
+from defaults import kmeans_settings
 
 
 def empty_one_sub_cluster(path: str, emptied: int, into: int) -> int:
@@ -28,7 +29,7 @@ def empty_one_sub_cluster(path: str, emptied: int, into: int) -> int:
 
 
 def test_an_empty_sub_cluster_is_listed_with_size_zero_and_counted_by_the_summary(real_data, tmp_path: Path) -> None:
-    common = {"shards": real_data.shards, "pca": real_data.pca, "iterations": 3, "seed": 0}
+    common = {"shards": real_data.shards, "pca": real_data.pca, **kmeans_settings(iterations=3, seed=0)}
     super_file = str(tmp_path / "super.h5")
     cluster_super(out=super_file, super_clusters=2, **common)
     sub_files = [str(tmp_path / f"sub-{s}.h5") for s in range(2)]
@@ -47,13 +48,13 @@ def test_an_empty_sub_cluster_is_listed_with_size_zero_and_counted_by_the_summar
     rows = [
         {"round": 1, "epoch": e, "iteration": i, "loss": 2.0 - i / 10} for e in (0, 1) for i in range(2 * e, 2 * e + 2)
     ]
-    pd.DataFrame(rows, columns=METRICS).to_csv(metrics, sep="\t", index=False)
+    pd.DataFrame(rows, columns=COLUMNS).to_csv(metrics, sep="\t", index=False)
     benchmark = tmp_path / "benchmarks/rounds/1/clusters/sub-0.tsv"
     benchmark.parent.mkdir(parents=True)
     benchmark.write_text("s\th:m:s\n2.5\t0:00:02\n")
     out = tmp_path / "summary.tsv"
     summarize(metrics=[str(metrics)], nmi=[files["nmi.json"]], sizes=[files["cluster_sizes.tsv"]],
-              benchmarks=[str(benchmark)], out=str(out))  # fmt: skip
+              benchmarks={"1": {"sub_clusters": [str(benchmark)]}}, out=str(out))  # fmt: skip
     row = pd.read_csv(out, sep="\t").iloc[0]
     assert row["round"] == 1 and row["clusters"] == 8 and row["empty_clusters"] == 1 and row["size_min"] == 0
     assert row["nmi_label"] == pytest.approx(json.loads(Path(files["nmi.json"]).read_text())["label"], rel=1e-3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,11 +18,16 @@ import pytest
 import torch
 
 from deepercluster.checkpoints import load_checkpoint
-from deepercluster.distributed import GlobalBatchNorm2d
-from deepercluster.errors import CheckpointError
-from deepercluster.objectives import Heads, super_class, targets_for
-from deepercluster.sampler import UniformClusterSampler
-from deepercluster.train import Layout, RankBatches, group_sampler, layout_for, train_block
+from deepercluster.errors import CheckpointError, ClustersError
+from deepercluster.formats.labels import Labels, read_labels, write_labels
+from deepercluster.methods import METHODS
+from deepercluster.nn.heads import Heads, targets_for
+from deepercluster.nn.layers import GlobalBatchNorm2d
+from deepercluster.stages import options
+from deepercluster.train.batches import Layout, RankBatches, group_sampler, layout_for
+from deepercluster.train.block import train_block
+from deepercluster.train.sampler import UniformClusterSampler
+from defaults import allocation_settings, block_settings
 
 
 def cross_entropy_by_hand(logits: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -49,14 +55,16 @@ def batch() -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("method", ["deepercluster", "deepcluster", "rotnet"])
 def test_each_method_loss_equals_cross_entropy_by_hand(batch, method: str) -> None:
     feature, super_cluster, sub_cluster, rotation = batch
-    if method == "deepcluster":
+    if method != "deepercluster":  # one super-cluster (RotNet: no clusters), DeepCluster no rotation
         super_cluster = torch.zeros_like(super_cluster)
-    targets = targets_for(method, [3] if method == "deepcluster" else [3, 3])
+    if method == "deepcluster":
+        rotation = torch.zeros_like(rotation)
+    targets = targets_for(METHODS[method], [3, 3] if method == "deepercluster" else [3])
     torch.manual_seed(0)
     heads = Heads(6, targets).double().requires_grad_(False)
     for p in heads.parameters():  # larger weights than the N(0, 0.01) init, so the losses are not all log(k)
         torch.nn.init.normal_(p, 0, 1)
-    target = super_class(targets, super_cluster, rotation)
+    target = METHODS[method].super_class(super_cluster, rotation)
     out = heads(torch.from_numpy(feature), target, sub_cluster)
 
     expected_total = 0.0
@@ -132,17 +140,24 @@ def block_inputs(real_data, class_labels: str) -> dict[str, object]:
         "labels": class_labels,
         "method": "deepercluster",
         "round": 1,
-        "epochs": 2,
-        "batch_size": 50,
-        "checkpoint_every": 2,
-        "seed": 7,
+        **block_settings(epochs=2, batch_size=50, checkpoint_every=2, seed=7),
     }
 
 
+def local(tasks: int) -> dict[str, object]:
+    """The allocation of a block of ``tasks`` local ranks of one CPU each."""
+    return allocation_settings(launcher="local", tasks=tasks, cpus_per_task=1)
+
+
 def block_command(inputs: dict[str, object], train_dir: Path) -> list[str]:
-    options = {**inputs, "train_dir": train_dir, "out": train_dir / "checkpoint.pt"}
-    words = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
-    return [sys.executable, "-m", "deepercluster", "train", "--launcher=debug", *words]
+    """The stage's command line running the block in its own process (launcher debug)."""
+    arguments = {
+        **allocation_settings(launcher="debug"),
+        **inputs,
+        "train_dir": train_dir,
+        "out": train_dir / "checkpoint.pt",
+    }
+    return [sys.executable, "-m", "deepercluster", "train", *shlex.split(options(**arguments))]
 
 
 def test_a_killed_block_resumes_to_the_same_weights(block_inputs, tmp_path: Path) -> None:
@@ -174,11 +189,33 @@ def test_a_killed_block_resumes_to_the_same_weights(block_inputs, tmp_path: Path
     pd.testing.assert_frame_equal(metrics[0], metrics[1])
 
 
+def test_a_trailing_empty_sub_cluster_keeps_its_class_in_the_head(block_inputs, tmp_path: Path) -> None:
+    """k comes from the labels' own record of it: super-cluster 1's last sub-cluster is empty (k-means left it so),
+    and its head still has the k = 6 classes the clustering made, not the 5 the images use."""
+    labels = read_labels(block_inputs["labels"])
+    write_labels(tmp_path / "trailing.parquet", Labels(labels.table, [5, 6]))
+    out = tmp_path / "ck.pt"
+    train_block(**{**block_inputs, "epochs": 1, "labels": str(tmp_path / "trailing.parquet")},
+                train_dir=str(tmp_path / "train"), out=str(out))  # fmt: skip
+    heads = load_checkpoint(out)["heads"]
+    assert [heads[f"sub_class.{g}.1.weight"].shape[0] for g in range(8)] == [5] * 4 + [6] * 4
+    assert load_checkpoint(out)["targets"]["sub_classes"] == (5,) * 4 + (6,) * 4
+
+
+def test_labels_outside_their_recorded_k_are_refused(block_inputs, tmp_path: Path) -> None:
+    labels = read_labels(block_inputs["labels"])
+    write_labels(tmp_path / "short.parquet", Labels(labels.table, [5, 4]))
+    with pytest.raises(ClustersError, match=r"labels images outside its 2 super-clusters of k = \[5, 4\]"):
+        train_block(**{**block_inputs, "labels": str(tmp_path / "short.parquet")}, train_dir=str(tmp_path),
+                    out=str(tmp_path / "ck.pt"))  # fmt: skip
+
+
 def test_a_last_checkpoint_of_other_labels_is_not_resumed(block_inputs, tmp_path: Path) -> None:
     train_dir = tmp_path / "train"
     train_block(**{**block_inputs, "epochs": 1}, train_dir=str(train_dir), out=str(train_dir / "first.pt"))
-    other = pd.read_parquet(block_inputs["labels"]).assign(sub_cluster=lambda t: (t["sub_cluster"] + 1) % 5)
-    other.to_parquet(tmp_path / "other.parquet")
+    labels = read_labels(block_inputs["labels"])
+    other = labels.table.assign(sub_cluster=lambda t: (t["sub_cluster"] + 1) % 5)
+    write_labels(tmp_path / "other.parquet", Labels(other, labels.sub_clusters))
     train_block(
         **{**block_inputs, "epochs": 1, "labels": str(tmp_path / "other.parquet")},
         train_dir=str(train_dir),
@@ -188,7 +225,7 @@ def test_a_last_checkpoint_of_other_labels_is_not_resumed(block_inputs, tmp_path
     assert metrics["iteration"].tolist() == list(range(600 // 50))  # trained afresh, not resumed past the end
     # Each checkpoint names the exact bytes it was trained from (hashed here independently of the package).
     for out, labels in (("first.pt", block_inputs["labels"]), ("second.pt", tmp_path / "other.parquet")):
-        provenance = load_checkpoint(train_dir / out)
+        provenance = load_checkpoint(train_dir / out)["provenance"]
         assert provenance["labels_sha256"] == hashlib.sha256(Path(labels).read_bytes()).hexdigest(), out
         previous = Path(block_inputs["previous_checkpoint"]).read_bytes()
         assert provenance["previous_sha256"] == hashlib.sha256(previous).hexdigest(), out
@@ -202,9 +239,9 @@ def block_weights(path: Path) -> dict[str, torch.Tensor]:
 def test_a_finished_block_rerun_with_another_lr_trains_afresh(block_inputs, tmp_path: Path, caplog) -> None:
     one_epoch = {**block_inputs, "epochs": 1, "checkpoint_every": 1000}
     train_dir = tmp_path / "train"
-    train_block(**one_epoch, lr=0.05, train_dir=str(train_dir), out=str(tmp_path / "first.pt"))
-    train_block(**one_epoch, lr=0.5, train_dir=str(train_dir), out=str(tmp_path / "rerun.pt"))
-    train_block(**one_epoch, lr=0.5, train_dir=str(tmp_path / "fresh"), out=str(tmp_path / "fresh.pt"))
+    train_block(**{**one_epoch, "lr": 0.05}, train_dir=str(train_dir), out=str(tmp_path / "first.pt"))
+    train_block(**{**one_epoch, "lr": 0.5}, train_dir=str(train_dir), out=str(tmp_path / "rerun.pt"))
+    train_block(**{**one_epoch, "lr": 0.5}, train_dir=str(tmp_path / "fresh"), out=str(tmp_path / "fresh.pt"))
     first, rerun, fresh = (block_weights(tmp_path / f"{name}.pt") for name in ("first", "rerun", "fresh"))
     assert not torch.equal(first["model.features.0.weight"], rerun["model.features.0.weight"])
     for key, tensor in fresh.items():
@@ -231,18 +268,17 @@ def test_a_checkpoint_holding_a_python_object_is_refused_unopened(real_data, tmp
 
 
 def test_ranks_form_one_training_group_per_super_class_when_they_divide_evenly() -> None:
-    deeper = targets_for("deepercluster", [3, 3])  # 2 super-clusters x 4 rotations = 8 super-classes
+    deeper = targets_for(METHODS["deepercluster"], [3, 3])  # 2 super-clusters x 4 rotations = 8 super-classes
     assert layout_for(deeper, rank=5, world_size=16) == Layout(groups=8, group=2, part=1, parts=2)
     assert layout_for(deeper, rank=1, world_size=2) == Layout(groups=1, group=0, part=1, parts=2)  # 2 < 8
-    assert layout_for(targets_for("deepcluster", [5]), rank=3, world_size=4).groups == 1
-    assert layout_for(targets_for("rotnet", []), rank=3, world_size=4) == Layout(4, 3, 0, 1)
+    assert layout_for(targets_for(METHODS["deepcluster"], [5]), rank=3, world_size=4).groups == 1
+    assert layout_for(targets_for(METHODS["rotnet"], [1]), rank=3, world_size=4) == Layout(4, 3, 0, 1)
 
 
 def test_a_group_sees_only_its_super_cluster_at_its_rotation() -> None:
-    clusters = pd.DataFrame({"super_cluster": [0, 0, 0, 1, 1, 1, 1, 1], "sub_cluster": [0, 1, 1, 0, 0, 1, 2, 2]})
-    targets = targets_for("deepercluster", [2, 3])
+    table = pd.DataFrame({"super_cluster": [0, 0, 0, 1, 1, 1, 1, 1], "sub_cluster": [0, 1, 1, 0, 0, 1, 2, 2]})
     layout = Layout(groups=8, group=6, part=0, parts=1)  # super-class 6 = super-cluster 1 at rotation 2
-    indices, rotations = group_sampler(targets, layout, clusters, seed=0).epoch(0)
+    indices, rotations = group_sampler(METHODS["deepercluster"], layout, Labels(table, [2, 3]), seed=0).epoch(0)
     assert len(indices) == 1 and set(indices) <= {3, 4, 5, 6, 7} and set(rotations) == {2}
     group_batches = RankBatches(np.arange(8), np.zeros(8, int), 4, Layout(1, 0, 1, 2), 0, seed=0, epoch=0)
     assert [[key[0] for key in batch] for batch in group_batches] == [[2, 3], [6, 7]]  # rank 1's half of each
@@ -274,7 +310,12 @@ def test_four_ranks_in_the_papers_layout_train_rotnet(block_inputs, tmp_path: Pa
     from deepercluster.launch import train
 
     inputs = {**block_inputs, "method": "rotnet", "labels": None, "epochs": 1, "batch_size": 40}
-    train(launcher="local", tasks=4, cpus_per_task=1, train_dir=str(tmp_path), out=str(tmp_path / "ck.pt"), **inputs)
+    train(
+        **allocation_settings(launcher="local", tasks=4, cpus_per_task=1),
+        train_dir=str(tmp_path),
+        out=str(tmp_path / "ck.pt"),
+        **inputs,
+    )
     logs = sorted((tmp_path / "submitit").glob("*_log.err"))
     assert len(logs) == 4
     assert "Layout(groups=4, group=3, part=0, parts=1)" in logs[3].read_text()
@@ -306,9 +347,10 @@ LOSSES_RECORDED = [
 
 def one_super_cluster(block_inputs: dict[str, object], tmp_path: Path) -> str:
     """Labels of m = 1 super-cluster whose 10 sub-clusters are the 2 x 5 of ``block_inputs``'s labels."""
-    labels = pd.read_parquet(block_inputs["labels"])
-    pd.DataFrame({"id": labels["id"], "super_cluster": 0, "sub_cluster": labels["super_cluster"] + 2 * labels[
-        "sub_cluster"]}).to_parquet(tmp_path / "labels.parquet")  # fmt: skip
+    labels = read_labels(block_inputs["labels"]).table
+    table = pd.DataFrame({"id": labels["id"], "super_cluster": 0,
+                          "sub_cluster": labels["super_cluster"] + 2 * labels["sub_cluster"]})  # fmt: skip
+    write_labels(tmp_path / "labels.parquet", Labels(table, [10]))
     return str(tmp_path / "labels.parquet")
 
 
@@ -319,7 +361,12 @@ def test_four_ranks_in_the_papers_layout_train_deepercluster(block_inputs, tmp_p
 
     inputs = {**block_inputs, "labels": one_super_cluster(block_inputs, tmp_path), "epochs": 1, "batch_size": 40,
               "checkpoint_every": 4}  # fmt: skip
-    train(launcher="local", tasks=4, cpus_per_task=1, train_dir=str(tmp_path), out=str(tmp_path / "ck.pt"), **inputs)
+    train(
+        **allocation_settings(launcher="local", tasks=4, cpus_per_task=1),
+        train_dir=str(tmp_path),
+        out=str(tmp_path / "ck.pt"),
+        **inputs,
+    )
     logs = [p.read_text() for p in sorted((tmp_path / "submitit").glob("*_log.err"))]
     for rank, log in enumerate(logs):
         assert f"Layout(groups=4, group={rank}, part=0, parts=1)" in log
@@ -336,7 +383,12 @@ def test_four_ranks_in_the_papers_layout_train_deepercluster(block_inputs, tmp_p
 
     # Run again, every rank resumes from last.pt and its group's file at the block's end: the same weights.
     first = block_weights(tmp_path / "ck.pt")
-    train(launcher="local", tasks=4, cpus_per_task=1, train_dir=str(tmp_path), out=str(tmp_path / "ck.pt"), **inputs)
+    train(
+        **allocation_settings(launcher="local", tasks=4, cpus_per_task=1),
+        train_dir=str(tmp_path),
+        out=str(tmp_path / "ck.pt"),
+        **inputs,
+    )
     logs = "".join(p.read_text() for p in (tmp_path / "submitit").glob("*_log.err"))
     assert logs.count("resuming round 1 at epoch 1, batch 0") == 4
     for key, tensor in block_weights(tmp_path / "ck.pt").items():
@@ -344,8 +396,8 @@ def test_four_ranks_in_the_papers_layout_train_deepercluster(block_inputs, tmp_p
 
 
 def test_a_rerun_ends_the_local_block_its_killed_predecessor_started(block_inputs, tmp_path: Path, caplog) -> None:
-    settings = {**block_inputs, "epochs": 3, "launcher": "local", "cpus_per_task": 1, "train_dir": str(tmp_path),
-                "out": str(tmp_path / "ck.pt")}  # fmt: skip
+    settings = {**block_inputs, "epochs": 3, **allocation_settings(launcher="local", cpus_per_task=1),
+                "train_dir": str(tmp_path), "out": str(tmp_path / "ck.pt")}  # fmt: skip
     launched = subprocess.Popen(
         [sys.executable, "-c", f"from deepercluster.launch import train; train(**{settings!r})"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -384,7 +436,7 @@ def test_eight_ranks_split_each_groups_sub_class_head_and_train_as_four_holding_
               "checkpoint_every": 8, "dropout": 0.0}  # fmt: skip
     runs = {tasks: tmp_path / f"{tasks}-ranks" for tasks in (4, 8)}
     for tasks, train_dir in runs.items():
-        train(launcher="local", tasks=tasks, cpus_per_task=1, train_dir=str(train_dir), out=str(train_dir / "ck.pt"),
+        train(**local(tasks), train_dir=str(train_dir), out=str(train_dir / "ck.pt"),
               **inputs)  # fmt: skip
     logs = [p.read_text() for p in sorted((runs[8] / "submitit").glob("*_log.err"))]
     assert len(logs) == 8
@@ -406,7 +458,12 @@ def test_eight_ranks_split_each_groups_sub_class_head_and_train_as_four_holding_
     for key, tensor in whole.items():
         torch.testing.assert_close(split[key], tensor, rtol=1e-5, atol=1e-5)
 
-    train(launcher="local", tasks=8, cpus_per_task=1, train_dir=str(runs[8]), out=str(runs[8] / "ck.pt"), **inputs)
+    train(
+        **allocation_settings(launcher="local", tasks=8, cpus_per_task=1),
+        train_dir=str(runs[8]),
+        out=str(runs[8] / "ck.pt"),
+        **inputs,
+    )
     assert "".join(p.read_text() for p in (runs[8] / "submitit").glob("*_log.err")).count("resuming round 1") == 8
     for key, tensor in block_weights(runs[8] / "ck.pt").items():
         assert torch.equal(tensor, split[key]), key

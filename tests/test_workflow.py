@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from deepercluster.files import sha256
-from deepercluster.formats import read_clusters
+from deepercluster.formats.clusters import read_clusters
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_CONFIG = REPO / ".test" / "config.yaml"
@@ -107,8 +107,8 @@ def test_a_checkpoint_of_round_r_feeds_round_r_plus_1(deepercluster_run: Path) -
     first, second = (
         torch.load(deepercluster_run / f"results/rounds/{r}/checkpoint.pt", weights_only=True) for r in (1, 2)
     )
-    assert second["previous_sha256"] == sha256(deepercluster_run / "results/rounds/1/checkpoint.pt")
-    assert second["labels_sha256"] == sha256(deepercluster_run / "results/rounds/2/labels.parquet")
+    assert second["provenance"]["previous_sha256"] == sha256(deepercluster_run / "results/rounds/1/checkpoint.pt")
+    assert second["provenance"]["labels_sha256"] == sha256(deepercluster_run / "results/rounds/2/labels.parquet")
     # The backbone carried over and trained on: round 2's weights differ from round 1's.
     assert not torch.equal(first["model"]["features.0.weight"], second["model"]["features.0.weight"])
 
@@ -165,7 +165,7 @@ def test_deleting_an_output_reruns_only_it_and_its_dependents(
 def test_the_other_methods_run_two_rounds(tmp_path_factory: pytest.TempPathFactory, method: str) -> None:
     workdir = run_method(tmp_path_factory, method)
     checkpoint = torch.load(workdir / "results/rounds/2/checkpoint.pt", weights_only=True)
-    assert checkpoint["method"] == method
+    assert checkpoint["provenance"]["method"] == method
     metrics = pd.read_csv(workdir / "results/rounds/2/train/metrics.tsv", sep="\t")
     summary = pd.read_csv(workdir / "results/summary.tsv", sep="\t")
     figures = sorted(path.name for path in (workdir / "results/rounds/2/figures").iterdir())

@@ -19,6 +19,7 @@ import yaml
 
 from deepercluster.checkpoints import load_checkpoint
 from deepercluster.launch import train
+from defaults import allocation_settings, block_settings
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -53,9 +54,9 @@ def test_one_round_through_the_slurm_profile(tmp_path: Path) -> None:
 
 def super_clusters(workdir: Path, out: str, tasks: int, real_data) -> np.ndarray:
     """Level 1 on the real shards as one SLURM job of ``tasks`` tasks; (centroids, assignments)."""
-    stage = [sys.executable, "-m", "deepercluster", "--tasks", str(tasks), "super-clusters", "--out", out]
+    stage = [sys.executable, "-m", "deepercluster", "--ranks", str(tasks), "super-clusters", "--out", out]
     stage += ["--shards", *real_data.shards, "--pca", real_data.pca, "--super-clusters", "3"]
-    stage += ["--iterations", "5", "--seed", "0"]
+    stage += ["--iterations", "5", "--seed", "0", "--cache-mb", "4096"]
     subprocess.run(["sbatch", "--wait", f"--ntasks={tasks}", "--cpus-per-task=1", f"--output={out}.log",
                     "--wrap", " ".join(stage)], cwd=workdir, env={**os.environ, "PATH": VENV_PATH},
                    check=True, timeout=300, capture_output=True)  # fmt: skip
@@ -76,8 +77,8 @@ def block(real_data, class_labels: str) -> dict[str, object]:
     """A DeeperCluster block on the real 600 images, labels from the true classes, no dropout."""
     return {
         "manifest": real_data.manifest, "previous_checkpoint": real_data.checkpoint, "labels": class_labels,
-        "method": "deepercluster", "round": 1, "epochs": 1, "batch_size": 40, "dropout": 0.0, "seed": 3,
-        "launcher": "slurm", "cpus_per_task": 1, "timeout_min": 10,
+        "method": "deepercluster", "round": 1, **block_settings(epochs=1, batch_size=40, dropout=0.0, seed=3),
+        **allocation_settings(launcher="slurm", cpus_per_task=1, timeout_min=10),
     }  # fmt: skip
 
 
@@ -93,7 +94,8 @@ def test_two_task_block_equals_one_task_on_the_same_global_batch(block, tmp_path
     # near-tie the other way on one side, a difference training then amplifies: one step is where the claim holds.
     one_step = {**block, "batch_size": 600}
     for tasks in (1, 2):
-        train(**one_step, tasks=tasks, train_dir=str(tmp_path / f"tasks{tasks}"), out=str(tmp_path / f"{tasks}.pt"))
+        folder = {"train_dir": str(tmp_path / f"tasks{tasks}"), "out": str(tmp_path / f"{tasks}.pt")}
+        train(**{**one_step, "tasks": tasks}, **folder)
     one, two = weights(tmp_path / "1.pt"), weights(tmp_path / "2.pt")
     assert one.keys() == two.keys()
     for key in one:

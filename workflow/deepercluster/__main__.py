@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import logging
 import os
 import re
@@ -34,12 +35,17 @@ def add_stage_options(parser: argparse.ArgumentParser, stage: Callable) -> None:
         flag = "--" + name.replace("_", "-")
         kind = hints[name]
         args = [a for a in typing.get_args(kind) if a is not type(None)]
-        if typing.get_origin(kind) is not list and len(args) == 1 and typing.get_origin(args[0]) is list:
-            kind = args[0]  # list[T] | None: a list option that may be left out
-        required = parameter.default is inspect.Parameter.empty
-        default = None if required else parameter.default
+        containers = (list, dict)
+        if typing.get_origin(kind) not in containers and len(args) == 1 and typing.get_origin(args[0]) in containers:
+            kind = args[0]  # list[T] | None, dict[K, V] | None: an option that may be left out
+        # An optional value (``X | None``) without a default is None when its option is left out, as ``options``
+        # leaves out None.
+        required = parameter.default is inspect.Parameter.empty and type(None) not in typing.get_args(hints[name])
+        default = None if parameter.default is inspect.Parameter.empty else parameter.default
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, required=required)
+        elif typing.get_origin(kind) is dict:
+            parser.add_argument(flag, type=json.loads, default=default, required=required)
         elif typing.get_origin(kind) is list:
             parser.add_argument(flag, nargs="+", type=typing.get_args(kind)[0], default=default, required=required)
         else:
@@ -50,10 +56,7 @@ def parser(stage: str | None) -> argparse.ArgumentParser:
     """The main parser; only ``stage``'s options are built, so only its module is imported."""
     main = argparse.ArgumentParser(prog="python -m deepercluster", description=__doc__)
     main.add_argument("--threads", type=int, default=None, help="CPU threads for torch and faiss")
-    # dest ranks: a stage's own --tasks (train's, the block's allocation) is one of its keyword arguments.
-    main.add_argument(
-        "--tasks", dest="ranks", type=int, default=1, help="ranks to run the stage on (srun in SLURM, else torchrun)"
-    )
+    main.add_argument("--ranks", type=int, default=1, help="ranks to run the stage on (srun in SLURM, else torchrun)")
     sub = main.add_subparsers(dest="stage", required=True)
     for name in STAGES:
         stage_parser = sub.add_parser(name)
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = parse_command(argv)
     if command.ranks > 1:  # start the ranks, unless this process is one of them
-        from deepercluster.distributed import RANK_PROCESS, rank_command
+        from deepercluster.launch import RANK_PROCESS, rank_command
 
         ranks = rank_command(command.ranks, argv)
         if ranks is not None:

@@ -1,10 +1,18 @@
-"""Checkpoints: dicts with fixed keys, restored strictly by name, saved atomically.
+"""Every checkpoint file: dicts with fixed keys, restored strictly by name, saved atomically. One layout:
 
-A model checkpoint holds ``arch``, ``sobel``, ``round`` and ``model`` (the backbone's
-state dict); a training block adds its heads, optimiser, sampler and RNG states. They hold
-plain data only (dicts, lists, tensors, numbers, strings) and are loaded with
+- a model checkpoint (a round's ``checkpoint.pt``, round 0's, a registered checkpoint's copy):
+  ``arch``, ``sobel``, ``round``, ``model`` (the backbone's state dict), what the block adds (``heads``,
+  ``targets``), and ``provenance``, a dict of what it was made from (its inputs' sha256, its settings);
+- a training block's state (``train/last.pt`` and its group files): the state dict of each object under the
+  name it is restored by (``model``, ``super_class``, ``optimizer``...), ``rng``, ``epoch``, ``batch`` and the
+  same ``provenance``;
+- an export (``export/{name}.pth``): ``state_dict``, ``arch``, ``folded_sobel``, ``feature_dim``, ``image_size``,
+  ``mean``, ``std`` and ``provenance``.
+
+They hold plain data only (dicts, lists, tensors, numbers, strings) and are loaded with
 ``weights_only=True``: a file holding any other Python object is refused, never unpickled,
-so loading a checkpoint, ours or a foreign one, cannot run code.
+so loading a checkpoint, ours or a foreign one, cannot run code. A model checkpoint written before
+provenance was nested (its keys at the top level) is read as if it were.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import torch
 
 from deepercluster.errors import CheckpointError
 from deepercluster.files import atomic_output
-from deepercluster.models import ConvNet, build_model
+from deepercluster.nn.models import ConvNet, build_model
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,34 @@ def unreadable(path: str | os.PathLike, error: Exception) -> CheckpointError:
     )
 
 
+MODEL_KEYS = ("arch", "sobel", "round", "model")
+
+
+def model_checkpoint(
+    *, arch: str, sobel: bool, round: int | None, model: dict[str, Any], provenance: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
+    """A model checkpoint's dict: the backbone ``model`` (a state dict) of ``arch``, what the block adds
+    (``extra``: heads, targets) and its ``provenance``."""
+    return {"arch": arch, "sobel": sobel, "round": round, "model": model, **extra, "provenance": provenance}
+
+
+def exported_model(
+    *, state_dict: dict[str, Any], arch: str, folded_sobel: bool, feature_dim: int, image_size: int,
+    mean: torch.Tensor, std: torch.Tensor, provenance: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """An export's dict: the backbone as a plain state dict for supervised training, and how to feed it."""
+    return {"state_dict": state_dict, "arch": arch, "folded_sobel": folded_sobel, "feature_dim": feature_dim,
+            "image_size": image_size, "mean": mean, "std": std, "provenance": provenance}  # fmt: skip
+
+
+def provenance_of(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """What a model checkpoint was made from: its ``provenance``, or in the older layout every key but the
+    model's and the block's."""
+    if "provenance" in checkpoint:
+        return checkpoint["provenance"]
+    return {k: v for k, v in checkpoint.items() if k not in {*MODEL_KEYS, "heads", "targets"}}
+
+
 def load_model(path: str | os.PathLike) -> tuple[ConvNet, dict[str, Any]]:
     """(backbone, checkpoint) of a model checkpoint, restored strictly: every key must match by name."""
     checkpoint = load_checkpoint(path)
@@ -73,7 +109,7 @@ def load_model(path: str | os.PathLike) -> tuple[ConvNet, dict[str, Any]]:
     return model, checkpoint
 
 
-def initial_checkpoint(*, arch: str, sobel: bool, seed: int, out: str, init_checkpoint: str | None = None) -> None:
+def initial_checkpoint(*, arch: str, sobel: bool, seed: int, out: str, init_checkpoint: str | None) -> None:
     """Stage 'init': round 0's checkpoint, a seeded random init or a copy of ``init_checkpoint``."""
     if init_checkpoint:
         _, checkpoint = load_model(init_checkpoint)
@@ -90,4 +126,6 @@ def initial_checkpoint(*, arch: str, sobel: bool, seed: int, out: str, init_chec
     torch.manual_seed(seed)
     model = build_model(arch, sobel)
     log.info("round 0 is a random %s (sobel=%s, seed %d)", arch, sobel, seed)
-    save_checkpoint(out, {"arch": arch, "sobel": sobel, "round": 0, "model": model.state_dict()})
+    save_checkpoint(
+        out, model_checkpoint(arch=arch, sobel=sobel, round=0, model=model.state_dict(), provenance={"seed": seed})
+    )

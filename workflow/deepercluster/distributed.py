@@ -1,16 +1,16 @@
-"""The one place that starts ranks and reads rank variables: torchrun, SLURM tasks, or one process.
+"""The one place that joins ranks into a process group and reads rank variables (torchrun's, SLURM's, submitit's,
+or none: one process), and the plain collectives every stage reduces through.
 
-Every other module asks ``get_rank()``/``get_world_size()`` and reduces through
-``all_reduce_sum``, which is the identity on one process: one code path for a laptop
-and for 64 GPUs. Process groups smaller than the world (a DeeperCluster training group,
-which alone holds its sub-class head) are made here too, by ``group_of_ranks``.
+Every other module asks ``get_rank()``/``get_world_size()`` and reduces through ``all_reduce_sum``, which
+is the identity on one process: one code path for a laptop and for 64 GPUs. Process groups smaller than
+the world (a DeeperCluster training group, which alone holds its sub-class head) are made here too, by
+``group_of_ranks``. The processes themselves are started by ``deepercluster.launch``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass
 
 import submitit
@@ -26,27 +26,7 @@ log = logging.getLogger(__name__)
 class Distributed:
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
-
-
-# Set in the processes that ``rank_command`` starts, so that they run the stage instead of starting ranks again.
-RANK_PROCESS = "DEEPERCLUSTER_RANK_PROCESS"
-
-
-def rank_command(tasks: int, argv: list[str]) -> list[str] | None:
-    """The command that runs ``python -m deepercluster argv`` as ``tasks`` ranks, or None when this
-    process should run the stage itself (one task, or already one of the ranks).
-
-    Inside a SLURM allocation the ranks are SLURM tasks (``srun``); elsewhere, local processes
-    (``torch.distributed.run``, i.e. torchrun).
-    """
-    if tasks <= 1 or os.environ.get(RANK_PROCESS):
-        return None
-    stage = [sys.executable, "-m", "deepercluster", *argv]
-    if "SLURM_JOB_ID" in os.environ:
-        return ["srun", f"--ntasks={tasks}", "--kill-on-bad-exit=1", *stage]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tasks}", *stage[1:]]
 
 
 def _export_rank_variables() -> None:
@@ -74,7 +54,7 @@ def init_distributed() -> Distributed:
     cuda = torch.cuda.is_available()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1:
-        return Distributed(0, 1, 0, torch.device("cuda" if cuda else "cpu"))
+        return Distributed(0, 1, torch.device("cuda" if cuda else "cpu"))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
@@ -82,7 +62,7 @@ def init_distributed() -> Distributed:
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
         log.info("rank %d of %d joined the process group (%s)", rank, world_size, dist.get_backend())
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    return Distributed(rank, world_size, local_rank, device)
+    return Distributed(rank, world_size, device)
 
 
 def get_rank() -> int:
@@ -152,49 +132,12 @@ def gather_objects(obj: object) -> list[object] | None:
     return gathered
 
 
-class GlobalBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm whose training statistics are over every rank's batch, on CPU (gloo) and GPU alike.
-
-    DeeperCluster needs it: the ranks of a training group see one super-class each, so a
-    rank's own batch statistics would be those of a single class. The sums travel through
-    a differentiable all-reduce, so gradients flow through the global statistics.
-
-    The sums are accumulated in float64, where adding float32 values is exact in practice, so
-    the statistics do not depend on how the global batch is split over ranks: one rank and
-    many compute the same normalised activations, bit for bit (float32 sums of 40 images or
-    of 2 x 20 round differently, and a max-pool near-tie then routes a gradient elsewhere).
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
-        channels = x.shape[1]
-        count = torch.full((1,), x.numel() / channels, dtype=torch.float64, device=x.device)
-        sums = [x.sum((0, 2, 3), dtype=torch.float64), (x * x).sum((0, 2, 3), dtype=torch.float64)]
-        total = differentiable_all_reduce(torch.cat([*sums, count]))
-        n = total[-1]
-        mean = total[:channels] / n
-        var = total[channels : 2 * channels] / n - mean * mean
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            self.running_mean.lerp_(mean.to(x.dtype), self.momentum)
-            self.running_var.lerp_((var * n / (n - 1)).to(x.dtype), self.momentum)
-        shape = (1, channels, 1, 1)
-        scale = (self.weight / torch.sqrt(var + self.eps)).to(x.dtype)
-        return (x - mean.to(x.dtype).view(shape)) * scale.view(shape) + self.bias.view(shape)
-
-
-def global_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm2d of ``module`` by a ``GlobalBatchNorm2d`` holding the same state
-    (on one rank too: one code path, whatever the number of ranks)."""
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
-            synced = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum)
-            synced.load_state_dict(child.state_dict())
-            setattr(module, name, synced.to(child.weight.device))
-        else:
-            global_batchnorm(child)
-    return module
+def all_gather(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The ``tensor`` of every rank of ``group`` (None: all ranks; the same shape on each), concatenated
+    along the first dimension in rank order."""
+    parts = [torch.empty_like(tensor) for _ in range(group_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts)
 
 
 def synchronise_gradients(parameters: list[nn.Parameter], group: dist.ProcessGroup | None = None) -> None:
@@ -214,104 +157,3 @@ def synchronise_gradients(parameters: list[nn.Parameter], group: dist.ProcessGro
         n = p.numel()
         p.grad = flat[offset : offset + n].view_as(p) / ranks if was_used else None
         offset += n
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks; the gradient of a sum over ranks is the sum of the ranks' gradients."""
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, tensor: torch.Tensor) -> torch.Tensor:
-        return all_reduce_sum(tensor.clone())
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
-        return all_reduce_sum(grad.clone())
-
-
-def differentiable_all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, through which gradients flow back to every rank."""
-    return _AllReduceSum.apply(tensor)
-
-
-def all_gather(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """The ``tensor`` of every rank of ``group`` (None: all ranks; the same shape on each), concatenated
-    along the first dimension in rank order."""
-    parts = [torch.empty_like(tensor) for _ in range(group_size(group))]
-    dist.all_gather(parts, tensor.contiguous(), group=group)
-    return torch.cat(parts)
-
-
-class _AllGather(torch.autograd.Function):
-    """``all_gather``; a rank's rows then feed every rank's loss, so their gradient is the sum of every rank's."""
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx, tensor: torch.Tensor, group: dist.ProcessGroup | None
-    ) -> torch.Tensor:
-        ctx.group, ctx.rows = group, len(tensor)
-        return all_gather(tensor, group)
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        first = dist.get_rank(ctx.group) * ctx.rows
-        return all_reduce_sum(grad.contiguous().clone(), ctx.group)[first : first + ctx.rows], None
-
-
-def differentiable_all_gather(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Every rank's ``tensor`` (see ``all_gather``), through which gradients flow back to the rank it came from."""
-    return _AllGather.apply(tensor, group)
-
-
-class _ShardedCrossEntropy(torch.autograd.Function):
-    """The cross-entropy of each row over classes split between the ranks of a group (a model-parallel softmax).
-
-    A rank holds the ``logits`` of its classes ``first``... for every row; the rows' maximum logit,
-    sum of exponentials and target logit are all-reduced inside the group, so every rank returns
-    every row's loss and predicted class (the first class of the highest logit, as ``argmax``).
-    The losses being the same on every rank, the gradient of this rank's logits is that of the sum
-    of every rank's use of them: the upstream gradients are summed over the group.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx, logits: torch.Tensor, target: torch.Tensor, first: int,
-        group: dist.ProcessGroup | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        rows, classes = logits.shape
-        local = target - first
-        mine = (local >= 0) & (local < classes)
-        if classes:
-            top, arg = logits.max(1)
-        else:  # fewer classes than ranks: this rank holds none
-            top, arg = logits.new_full((rows,), -torch.inf), target.new_zeros(rows)
-        high = top.clone()
-        dist.all_reduce(high, dist.ReduceOp.MAX, group=group)
-        exp = (logits - high[:, None]).exp()
-        picked = logits.new_zeros(rows)
-        picked[mine] = logits[mine, local[mine]] - high[mine]
-        sums = torch.stack([exp.sum(1), picked])
-        dist.all_reduce(sums, group=group)
-        predicted = torch.where(top == high, arg + first, torch.iinfo(torch.int64).max)
-        dist.all_reduce(predicted, dist.ReduceOp.MIN, group=group)
-        ctx.save_for_backward(exp / sums[0][:, None], local, mine)
-        ctx.group = group
-        ctx.mark_non_differentiable(predicted)
-        return sums[0].log() - sums[1], predicted
-
-    @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, _: torch.Tensor
-    ) -> tuple[torch.Tensor, None, None, None]:
-        softmax, local, mine = ctx.saved_tensors
-        grad = all_reduce_sum(grad.clone(), ctx.group)
-        grad_logits = softmax * grad[:, None]
-        grad_logits[mine, local[mine]] -= grad[mine]
-        return grad_logits, None, None, None
-
-
-def sharded_cross_entropy(
-    logits: torch.Tensor, target: torch.Tensor, first: int, group: dist.ProcessGroup | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's cross-entropy and predicted class over the classes of every rank of ``group``, of which this
-    rank holds the ``logits`` of classes ``first``...; the same on every rank of the group."""
-    return _ShardedCrossEntropy.apply(logits, target, first, group)

@@ -36,5 +36,9 @@ class UnreadableImageError(InputError):
     """An image of the manifest that can no longer be read."""
 
 
+class TrainingInputError(InputError):
+    """Training settings or inputs that cannot make a block (batch size vs ranks, labels vs manifest, launcher)."""
+
+
 class OutOfSpaceError(InputError):
     """The disk of an output is full; nothing finished was lost, the output was not written."""

@@ -1,18 +1,21 @@
-"""Feature extraction of one shard: the penultimate ("the feature") output of round r-1's model."""
+"""Feature extraction: the penultimate output ("the feature") of a checkpoint's model, for one shard of a round's
+images (stage 'features') or for every evaluation image (stage 'eval-features')."""
 
 from __future__ import annotations
 
 import logging
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
 from deepercluster.checkpoints import load_model
-from deepercluster.data import ImageDataset, feature_transform
+from deepercluster.data.images import ImageDataset, feature_transform
 from deepercluster.errors import ShardError
 from deepercluster.files import sha256
-from deepercluster.formats import read_manifest, write_shard
+from deepercluster.formats.features import write_shard
+from deepercluster.formats.manifest import read_manifest
 from deepercluster.logs import progress
 
 log = logging.getLogger(__name__)
@@ -20,30 +23,36 @@ log = logging.getLogger(__name__)
 LAYER = "classifier output before ReLU (penultimate)"
 
 
-@torch.no_grad()
 def extract_features(
-    *,
-    manifest: str,
-    checkpoint: str,
-    shard: int,
-    shard_size: int,
-    image_size: int,
-    out: str,
-    batch_size: int = 256,
-    workers: int = 0,
-) -> None:
-    """Stage 'features': rows ``[shard * shard_size, (shard + 1) * shard_size)`` of the manifest.
-
-    Centre crop, no rotation, no flip; the model in eval mode (BatchNorm running statistics,
-    no dropout). Writes ``features`` (n x d float32) and ``ids`` (n int64) with the
-    checkpoint's sha256, the layer and the transform as attributes.
-    """
+    *, manifest: str, checkpoint: str, shard: int, shard_size: int, image_size: int, out: str, batch_size: int,
+    workers: int,
+) -> None:  # fmt: skip
+    """Stage 'features': rows ``[shard * shard_size, (shard + 1) * shard_size)`` of the manifest -> a shard."""
     rows = read_manifest(manifest).iloc[shard * shard_size : (shard + 1) * shard_size]
     if rows.empty:
         raise ShardError(
             f"shard {shard} of {manifest} is empty: features.shard_size changed since the manifest; "
             "delete results/rounds/*/features and rerun"
         )
+    write_features(rows, manifest, checkpoint, image_size, out, batch_size, workers, f"features shard {shard}",
+                   shard=shard)  # fmt: skip
+
+
+def extract_all(*, manifest: str, checkpoint: str, image_size: int, out: str, batch_size: int, workers: int) -> None:
+    """Stage 'eval-features': every image of the (evaluation) manifest -> one features file."""
+    write_features(read_manifest(manifest), manifest, checkpoint, image_size, out, batch_size, workers, "features")
+
+
+@torch.no_grad()
+def write_features(
+    rows: pd.DataFrame, manifest: str, checkpoint: str, image_size: int, out: str, batch_size: int, workers: int,
+    what: str, **attrs: object,
+) -> None:  # fmt: skip
+    """The features of the images ``rows`` of ``manifest`` -> ``out`` (``formats.features``).
+
+    Centre crop, no rotation, no flip; the model in eval mode (BatchNorm running statistics, no dropout).
+    The shard's attributes: the checkpoint and its sha256, the layer, the transform, the manifest's sha256.
+    """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_model(checkpoint)
     model.to(device).eval()
@@ -57,20 +66,11 @@ def extract_features(
     features = np.zeros((len(rows), model.feature_dim), np.float32)
     ids = np.zeros(len(rows), np.int64)
     start = 0
-    for images, batch_ids in progress(loader, f"features shard {shard}", total=len(loader), unit="batch"):
+    for images, batch_ids in progress(loader, what, total=len(loader), unit="batch"):
         stop = start + len(batch_ids)
         features[start:stop] = model(images.to(device, non_blocking=True)).float().cpu().numpy()
         ids[start:stop] = batch_ids.numpy()
         start = stop
-    log.info("shard %d: %d images, %d-d features from %s", shard, len(ids), features.shape[1], checkpoint)
-    write_shard(
-        out,
-        features,
-        ids,
-        checkpoint=str(checkpoint),
-        checkpoint_sha256=sha256(checkpoint),
-        layer=LAYER,
-        transform=repr(transform),
-        manifest_sha256=sha256(manifest),
-        shard=shard,
-    )
+    log.info("%s: %d images, %d-d features from %s", what, len(ids), features.shape[1], checkpoint)
+    write_shard(out, features, ids, checkpoint=str(checkpoint), checkpoint_sha256=sha256(checkpoint), layer=LAYER,
+                transform=repr(transform), manifest_sha256=sha256(manifest), **attrs)  # fmt: skip

@@ -1,4 +1,5 @@
-"""The one place that knows submitit: where a training block runs, and waiting for it.
+"""The one place that starts ranks: a stage's ranks (``rank_command``: srun inside a SLURM allocation,
+torchrun elsewhere), and a training block's through submitit, where it runs and waiting for it.
 
 ``launcher: local`` runs the block in a separate process on this machine, ``slurm`` as a
 SLURM job, ``debug`` in this process (tests). The rule that calls ``train`` waits for the
@@ -29,10 +30,9 @@ from typing import Any
 import submitit
 import torch
 
-from deepercluster.errors import InputError
+from deepercluster.errors import InputError, TrainingInputError
 from deepercluster.files import atomic_output
 from deepercluster.logs import setup_logging
-from deepercluster.train import TrainingInputError, train_block
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,25 @@ LAUNCHERS = ("local", "slurm", "debug")
 # SLURM states of a job that may still run the block (sacct's, through submitit).
 UNFINISHED = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
               "RESIZING", "SUSPENDED", "PREEMPTED"}  # fmt: skip
+
+
+# Set in the processes that ``rank_command`` starts, so that they run the stage instead of starting ranks again.
+RANK_PROCESS = "DEEPERCLUSTER_RANK_PROCESS"
+
+
+def rank_command(ranks: int, argv: list[str]) -> list[str] | None:
+    """The command that runs ``python -m deepercluster argv`` as ``ranks`` ranks, or None when this
+    process should run the stage itself (one task, or already one of the ranks).
+
+    Inside a SLURM allocation the ranks are SLURM tasks (``srun``); elsewhere, local processes
+    (``torch.distributed.run``, i.e. torchrun).
+    """
+    if ranks <= 1 or os.environ.get(RANK_PROCESS):
+        return None
+    stage = [sys.executable, "-m", "deepercluster", *argv]
+    if "SLURM_JOB_ID" in os.environ:
+        return ["srun", f"--ntasks={ranks}", "--kill-on-bad-exit=1", *stage]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *stage[1:]]
 
 
 class TrainingBlockFailed(InputError):
@@ -54,6 +73,8 @@ class TrainingBlock(submitit.helpers.Checkpointable):
         self.threads = threads
 
     def __call__(self, **block: Any) -> None:
+        from deepercluster.train.block import train_block  # imported here: starting a stage's ranks needs none of it
+
         setup_logging()
         torch.set_num_threads(self.threads)
         train_block(**block)
@@ -136,16 +157,16 @@ def unfinished_job(record: Path, folder: Path, submission: dict[str, Any]) -> su
 
 def train(
     *,
-    launcher: str = "local",
-    tasks: int = 1,
-    nodes: int = 1,
-    gpus_per_node: int = 0,
-    gpu_model: str | None = None,
-    cpus_per_task: int = 2,
-    mem_mb: int | None = None,
-    timeout_min: int = 1440,
-    slurm_partition: str | None = None,
-    slurm_account: str | None = None,
+    launcher: str,
+    tasks: int,
+    nodes: int,
+    gpus_per_node: int,
+    gpu_model: str | None,
+    cpus_per_task: int,
+    mem_mb: int | None,
+    timeout_min: int,
+    slurm_partition: str | None,
+    slurm_account: str | None,
     **block: Any,
 ) -> None:
     """Stage 'train': submit round r's training block with ``launcher`` as ``tasks`` ranks, and wait for it.

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
 from collections.abc import Iterable, Iterator
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import TypeVar
 
 from tqdm import tqdm
@@ -42,3 +45,22 @@ def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str 
         dynamic_ncols=interactive,
         ascii=not interactive,
     )
+
+
+def code_version() -> str:
+    """The package's version, and the git commit of its checkout when it is one ("0.1.0, git 1a2b3c4"; "+" for
+    uncommitted changes): what a block logs at its start, with its settings."""
+    try:
+        found = version("deepercluster")
+    except PackageNotFoundError:
+        found = "unknown"
+    git = ["git", "-C", str(Path(__file__).parent)]
+    try:
+        sha = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return found
+    if sha.returncode:
+        return found
+    return f"{found}, git {sha.stdout.strip()}{'+' if dirty.stdout.strip() else ''}"

@@ -1,29 +1,59 @@
-"""The three methods and what each clusters: DeepCluster is DeeperCluster's one-super-cluster case;
-RotNet clusters nothing (its rounds train on rotations alone).
+"""The methods, each one record: what its rounds cluster, whether it rotates, and how a sample's super-cluster and
+rotation make its super-class. Every other module asks the record, never compares method names.
 
-The rules (which stages a round runs, its super-cluster count, the comparison's runs) and the
-training block (its targets) read the switch from here.
+DeeperCluster (Eq. 5) predicts the super-class (super-cluster x rotation) with a head V over 4m classes,
+and the sub-cluster with the head W_s of the sample's super-class. DeepCluster is its one-super-cluster
+case without rotation: one head over the k clusters. RotNet clusters nothing: a 4-way rotation head.
 """
 
 from __future__ import annotations
 
-METHODS = ("deepercluster", "deepcluster", "rotnet")
+from dataclasses import dataclass
+
+ROTATIONS = 4  # 0, 90, 180, 270 degrees
 
 
-def clusters(method: str) -> bool:
-    """Whether ``method``'s rounds cluster the features (all but RotNet)."""
-    return method != "rotnet"
+@dataclass(frozen=True)
+class Method:
+    name: str
+    clusters: bool  # its rounds cluster the features (k-means, pseudo-labels); RotNet's do not
+    rotates: bool  # each image is turned by one of ROTATIONS quarter turns, part of its super-class
+    one_super_cluster: bool  # m is 1 whatever kmeans.super_clusters says (DeepCluster; RotNet has no clusters)
+
+    @property
+    def rotations(self) -> int:
+        """Rotations a super-cluster is split into: its super-classes (1 without rotation)."""
+        return ROTATIONS if self.rotates else 1
+
+    def super_clusters(self, configured: int) -> int:
+        """m, the super-clusters of the method's rounds (DeeperCluster: the configured m)."""
+        return 1 if self.one_super_cluster else configured
+
+    def super_classes(self, super_clusters: int) -> int:
+        """Classes of the super-class head V: super-cluster x rotation (1: no such head)."""
+        return super_clusters * self.rotations
+
+    def super_class(self, super_cluster, rotation):
+        """The super-class of each sample: its super-cluster's class at its rotation (RotNet: the rotation,
+        its super-cluster being 0; DeepCluster: 0, its rotation being 0)."""
+        return super_cluster * self.rotations + rotation
+
+    def sub_classes(self, sub_clusters: list[int]) -> tuple[int, ...]:
+        """Classes of each sub-class head W_g, g a super-class: the k of its super-cluster (RotNet: no W_g)."""
+        if not self.clusters:
+            return ()
+        return tuple(sub_clusters[g // self.rotations] for g in range(self.super_classes(len(sub_clusters))))
 
 
-def super_clusters(method: str, configured: int) -> int:
-    """m, the super-clusters of ``method``'s rounds: the configured m for DeeperCluster, 1 for DeepCluster,
-    none for RotNet."""
-    if not clusters(method):
-        return 0
-    return 1 if method == "deepcluster" else configured
+METHODS = {
+    "deepercluster": Method("deepercluster", clusters=True, rotates=True, one_super_cluster=False),
+    "deepcluster": Method("deepcluster", clusters=True, rotates=False, one_super_cluster=True),
+    "rotnet": Method("rotnet", clusters=False, rotates=True, one_super_cluster=True),
+}
 
 
-def runs(method: str) -> dict[str, str]:
-    """Every run, as {folder: method}: the main run (``results``, the config's ``method``) and, for the
-    comparison, one run of each other method under ``results/compare/{method}``."""
-    return {"results": method, **{f"results/compare/{other}": other for other in METHODS if other != method}}
+def method(name: str) -> Method:
+    """The method named ``name``; an unknown name raises ``ValueError`` listing the valid ones."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
+    return METHODS[name]

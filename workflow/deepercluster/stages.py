@@ -8,21 +8,24 @@ writes a stage's keyword arguments as the command-line options its parser reads 
 from __future__ import annotations
 
 import importlib
+import json
 import shlex
 from collections.abc import Callable
 
 STAGES = {
-    "manifest": "deepercluster.data:build_manifest",
+    "manifest": "deepercluster.data.manifest:build_manifest",
     "init": "deepercluster.checkpoints:initial_checkpoint",
     "features": "deepercluster.features:extract_features",
-    "pca": "deepercluster.pca:fit_pca",
-    "super-clusters": "deepercluster.cluster:cluster_super",
-    "sub-clusters": "deepercluster.cluster:cluster_sub",
-    "labels": "deepercluster.labels:make_labels",
+    "pca": "deepercluster.cluster.pca:fit_pca",
+    "super-clusters": "deepercluster.cluster.levels:cluster_super",
+    "sub-clusters": "deepercluster.cluster.levels:cluster_sub",
+    "labels": "deepercluster.cluster.labels:make_labels",
     "train": "deepercluster.launch:train",
-    "summary": "deepercluster.summary:summarize",
-    "report-round": "deepercluster.report:round_figures",
+    "summary": "deepercluster.report.summary:summarize",
+    "report-round": "deepercluster.report.figures:round_figures",
     "import-checkpoint": "deepercluster.evaluate.external:import_checkpoint",
+    "eval-features": "deepercluster.features:extract_all",
+    "eval-kmeans": "deepercluster.cluster.levels:cluster_flat",
     "eval-probe-features": "deepercluster.evaluate.linear:probe_features",
     "eval-linear": "deepercluster.evaluate.linear:linear_probe",
     "eval-knn": "deepercluster.evaluate.knn:knn",
@@ -31,11 +34,11 @@ STAGES = {
     "eval-voc07": "deepercluster.evaluate.voc07:voc07",
     "eval-retrieval": "deepercluster.evaluate.retrieval:retrieval",
     "compare": "deepercluster.evaluate.compare:compare",
-    "export": "deepercluster.export:export_model",
+    "export": "deepercluster.report.export:export_model",
 }
 
 # Stages that forward their other keyword arguments to another function, whose options they take too.
-FORWARDED = {"train": "deepercluster.train:train_block"}
+FORWARDED = {"train": "deepercluster.train.block:train_block"}
 
 
 def load_stage(name: str) -> Callable[..., None]:
@@ -57,12 +60,14 @@ def stage_options(name: str) -> list[Callable[..., None]]:
 
 def options(**values: object) -> str:
     """Keyword arguments as a stage's command-line options: --name value, --flag/--no-flag, a list as
-    --name v1 v2 ...; None is left out (the stage's default)."""
+    --name v1 v2 ..., a dict as --name '{json}'; None is left out (the stage's None)."""
     words = []
     for name, value in values.items():
         flag = f"--{name.replace('_', '-')}"
         if isinstance(value, bool):
             words.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, dict):
+            words += [flag, json.dumps(value)]
         elif value is not None:
             words += [flag, *map(str, value if isinstance(value, list) else [value])]
     return shlex.join(words)

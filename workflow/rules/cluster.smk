@@ -1,12 +1,12 @@
 rule pca:
     input:
-        lambda wildcards: shard_files(wildcards.run, wildcards.round),
+        shard_files,
     output:
-        "{run}/rounds/{round}/pca.h5",
+        PCA,
     log:
-        "{run}/logs/rounds/{round}/pca.log",
+        log_file(PCA),
     benchmark:
-        "{run}/benchmarks/rounds/{round}/pca.tsv"
+        benchmark_file(PCA)
     conda:
         ENV
     threads: stage_threads(RESOURCES, "pca")
@@ -26,14 +26,14 @@ rule pca:
 
 rule super_clusters:
     input:
-        shards=lambda wildcards: shard_files(wildcards.run, wildcards.round),
-        pca="{run}/rounds/{round}/pca.h5",
+        shards=shard_files,
+        pca=PCA,
     output:
-        "{run}/rounds/{round}/clusters/super.h5",
+        SUPER,
     log:
-        "{run}/logs/rounds/{round}/clusters/super.log",
+        log_file(SUPER),
     benchmark:
-        "{run}/benchmarks/rounds/{round}/clusters/super.tsv"
+        benchmark_file(SUPER)
     conda:
         ENV
     threads: stage_threads(RESOURCES, "super_clusters")
@@ -41,27 +41,27 @@ rule super_clusters:
         **job_resources(RESOURCES, "super_clusters"),
     params:
         seed=round_seed,
-        super_clusters=lambda wildcards: run_super_clusters(wildcards.run),
+        super_clusters=lambda wildcards: PLAN.super_clusters(wildcards.run),
         options=options(
             iterations=config["kmeans"]["iterations"],
             cache_mb=config["kmeans"]["cache_mb"],
         ),
     shell:
-        "python -m deepercluster --threads {threads} --tasks {resources.tasks} super-clusters --super-clusters {params.super_clusters} {params.options} --seed {params.seed}"
+        "python -m deepercluster --threads {threads} --ranks {resources.tasks} super-clusters --super-clusters {params.super_clusters} {params.options} --seed {params.seed}"
         " --shards {input.shards} --pca {input.pca} --out {output} > {log} 2>&1"
 
 
 rule sub_clusters:
     input:
-        shards=lambda wildcards: shard_files(wildcards.run, wildcards.round),
-        pca="{run}/rounds/{round}/pca.h5",
-        super_file="{run}/rounds/{round}/clusters/super.h5",
+        shards=shard_files,
+        pca=PCA,
+        super_file=SUPER,
     output:
-        "{run}/rounds/{round}/clusters/sub-{super_cluster}.h5",
+        SUB,
     log:
-        "{run}/logs/rounds/{round}/clusters/sub-{super_cluster}.log",
+        log_file(SUB),
     benchmark:
-        "{run}/benchmarks/rounds/{round}/clusters/sub-{super_cluster}.tsv"
+        benchmark_file(SUB)
     conda:
         ENV
     threads: stage_threads(RESOURCES, "sub_clusters")
@@ -75,25 +75,25 @@ rule sub_clusters:
             cache_mb=config["kmeans"]["cache_mb"],
         ),
     shell:
-        "python -m deepercluster --threads {threads} --tasks {resources.tasks} sub-clusters {params.options} --seed {params.seed}"
+        "python -m deepercluster --threads {threads} --ranks {resources.tasks} sub-clusters {params.options} --seed {params.seed}"
         " --super-cluster {wildcards.super_cluster} --shards {input.shards} --pca {input.pca}"
         " --super-file {input.super_file} --out {output} > {log} 2>&1"
 
 
 rule labels:
     input:
-        manifest="results/data/manifest.parquet",
-        super_file="{run}/rounds/{round}/clusters/super.h5",
-        sub_files=lambda wildcards: sub_cluster_files(wildcards.run, wildcards.round),
+        manifest=MANIFEST,
+        super_file=SUPER,
+        sub_files=sub_cluster_files,
         previous=previous_labels,
     output:
-        labels="{run}/rounds/{round}/labels.parquet",
-        sizes="{run}/rounds/{round}/cluster_sizes.tsv",
-        nmi="{run}/rounds/{round}/nmi.json",
+        labels=LABELS,
+        sizes=SIZES,
+        nmi=ROUND_NMI,
     log:
-        "{run}/logs/rounds/{round}/labels.log",
+        log_file(LABELS),
     benchmark:
-        "{run}/benchmarks/rounds/{round}/labels.tsv"
+        benchmark_file(LABELS)
     conda:
         ENV
     threads: stage_threads(RESOURCES, "labels")

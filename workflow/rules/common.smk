@@ -1,9 +1,36 @@
+# Validation, the plan of the runs (deepercluster.plan: every path template and which files a config plans),
+# and the small input functions the rules share.
 import re
 
-import pandas as pd
-
+from deepercluster.cluster.rows import require_rows
 from deepercluster.config import validate_config
-from deepercluster.methods import clusters, runs, super_clusters
+from deepercluster.formats.manifest import manifest_size
+from deepercluster.plan import (
+    CHECKPOINT,
+    COMPARE,
+    EVAL_FILE,
+    EVAL_MANIFEST,
+    EVAL_SKIPPED,
+    EXPORT,
+    IMPORTED,
+    LABELS,
+    MAIN,
+    MANIFEST,
+    METRICS,
+    PCA,
+    ROUND_NMI,
+    SHARD,
+    SIZES,
+    SKIPPED,
+    SUB,
+    SUMMARY,
+    SUPER,
+    TRAIN_DIR,
+    Plan,
+    benchmark_file,
+    fill,
+    log_file,
+)
 from deepercluster.resources import (
     job_resources,
     require_array_fits,
@@ -11,42 +38,29 @@ from deepercluster.resources import (
     training_allocation,
 )
 from deepercluster.seeds import derived_seed
-from deepercluster.shards import require_rows, shard_count
 from deepercluster.stages import options
 
 validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
+
+ENV = "../../envs/deepercluster.yaml"
+RESOURCES = config["resources"]
+EVAL = config["evaluation"]
+PLAN = Plan(config)
+# The rounds that train: 1..rounds (round 0 is the random init).
+TRAINED_ROUNDS = range(1, PLAN.rounds + 1)
 
 
 wildcard_constraints:
     round=r"\d+",
     shard=r"\d+",
     super_cluster=r"\d+",
+    run="|".join(map(re.escape, PLAN.runs)),
+    name="|".join([r"round-\d+", *map(re.escape, config["checkpoints"])]),
 
 
-ENV = "../../envs/deepercluster.yaml"
-METHOD = config["method"]
-ROUNDS = config["rounds"]
-# The rounds that train: 1..rounds (round 0 is the random init).
-TRAINED_ROUNDS = range(1, ROUNDS + 1)
-RESOURCES = config["resources"]
-# Runs, each a folder {run} holding rounds/, evals/, logs/, benchmarks/: the main run (results, the
-# config's method) and, for the comparison (rule compare), one run of each other method with the same
-# config under results/compare/{method}. They share the data and round 0 (the seeded random init).
-RUNS = runs(METHOD)
-
-
-wildcard_constraints:
-    run="|".join(map(re.escape, RUNS)),
-
-
-def run_super_clusters(run):
-    """m of a run's rounds, by its method (methods.super_clusters)."""
-    return super_clusters(RUNS[run], config["kmeans"]["super_clusters"])
-
-
-def round_folder(run, r):
-    """{run}/rounds/{r}; round 0, the random init, is the main run's, shared by every run."""
-    return f"{'results' if int(r) == 0 else run}/rounds/{r}"
+def images():
+    """The number of images, known once the manifest exists (a checkpoint rule)."""
+    return manifest_size(checkpoints.manifest.get().output.manifest)
 
 
 def fits_job_array(rule, count):
@@ -55,104 +69,45 @@ def fits_job_array(rule, count):
     require_array_fits(rule, count, array_jobs, workflow.resource_settings.nodes)
 
 
-def shard_files(run, r):
-    """Every feature shard of a run's round r; their number is known once the manifest exists."""
-    manifest = checkpoints.manifest.get().output.manifest
-    images = pd.read_parquet(manifest, columns=["id"]).shape[0]
-    require_rows(run_super_clusters(run), images, "kmeans.super_clusters")
-    shards = shard_count(images, config["features"]["shard_size"])
-    fits_job_array("features", shards)
-    return [f"{run}/rounds/{r}/features/shard-{i}.h5" for i in range(shards)]
-
-
-def sub_cluster_files(run, r):
-    """One level-2 clusters file per super-cluster of a run's round r."""
-    m = run_super_clusters(run)
-    fits_job_array("sub_clusters", m)
-    return [f"{run}/rounds/{r}/clusters/sub-{s}.h5" for s in range(m)]
-
-
-def clustering_files(run, name, rounds):
-    """{run}/rounds/{r}/<name> of each of the rounds, where the run's method clusters (none for RotNet)."""
-    return [f"{run}/rounds/{r}/{name}" for r in rounds] if clusters(RUNS[run]) else []
-
-
-def round_file(name):
-    """An input function: {run}/rounds/{round}/<name>, {run} the main run in rules without that wildcard
-    (clustering_files)."""
-    return lambda wildcards: clustering_files(
-        wildcards.get("run", "results"), name, [wildcards.round]
-    )
-
-
-def round_outputs(run, r):
-    """Every file a run's round r's stages make: deleting any of them reruns it and what depends on it."""
-    trained = f"{run}/rounds/{r}/checkpoint.pt"
-    if not clusters(RUNS[run]):  # RotNet: the training block alone
-        return [trained]
-    return [
-        *shard_files(run, r),
-        f"{run}/rounds/{r}/pca.h5",
-        f"{run}/rounds/{r}/clusters/super.h5",
-        *sub_cluster_files(run, r),
-        f"{run}/rounds/{r}/labels.parquet",
-        trained,
-    ]
-
-
-# The report's figures of round {round} (rules/report.smk), each flagged for `snakemake --report`.
-FIGURES = "results/rounds/{round}/figures"
-ROUND_FIGURES = {
-    "training": f"{FIGURES}/training.png",
-    **(
-        {
-            "sizes_plot": f"{FIGURES}/cluster_sizes.png",
-            "nmi_plot": f"{FIGURES}/nmi.png",
-            "grid": f"{FIGURES}/clusters.png",
-        }
-        if clusters(METHOD)
-        else {}
-    ),
-}
-
-
-def rounds_until(name):
-    """An input function: results/rounds/{i}/<name> of rounds 1..{round} (clustering_files)."""
-    return lambda wildcards: clustering_files(
-        "results", name, range(1, int(wildcards.round) + 1)
-    )
-
-
-def figure_options(wildcards, input, output):
-    """The stage's figure paths, and the round's clustering files where the method clusters."""
-    clustering = dict(
-        manifest=input.manifest, labels=input.labels, sizes=input.sizes, nmi=input.nmi
-    )
-    figures = {name: getattr(output, name) for name in ROUND_FIGURES}
-    return options(**figures, **(clustering if input.labels else {}))
-
-
-def round_benchmarks(wildcards):
-    """The benchmark file of every job of every round: the summary's stage times."""
-    files = []
-    for r in TRAINED_ROUNDS:
-        jobs = ["checkpoint"]
-        if clusters(METHOD):
-            shards = len(shard_files("results", r))
-            jobs += [f"features/shard-{i}" for i in range(shards)]
-            jobs += ["pca", "clusters/super", "labels"]
-            jobs += [f"clusters/sub-{s}" for s in range(run_super_clusters("results"))]
-        files += [f"results/benchmarks/rounds/{r}/{job}.tsv" for job in jobs]
+def shard_files(wildcards):
+    """Every feature shard of the run's round (which must hold at least m images)."""
+    count = images()
+    require_rows(PLAN.super_clusters(wildcards.run), count, "kmeans.super_clusters")
+    files = PLAN.shard_files(wildcards.run, wildcards.round, count)
+    fits_job_array("features", len(files))
     return files
+
+
+def sub_cluster_files(wildcards):
+    """One level-2 clusters file per super-cluster of the run's round."""
+    files = PLAN.sub_cluster_files(wildcards.run, wildcards.round)
+    fits_job_array("sub_clusters", len(files))
+    return files
+
+
+def round_file(template):
+    """An input function: ``template`` of {run} (the main run in rules without that wildcard) and {round}, where
+    the run's method clusters (none for RotNet)."""
+    return lambda wildcards: PLAN.clustering_files(
+        wildcards.get("run", MAIN), template, [wildcards.round]
+    )
+
+
+def rounds_until(template):
+    """An input function: ``template`` of the main run's rounds 1..{round}, where its method clusters."""
+    return lambda wildcards: PLAN.clustering_files(
+        MAIN, template, range(1, int(wildcards.round) + 1)
+    )
 
 
 def default_targets(wildcards):
     """Every round's files and report figures, the last checkpoint and the summary (TSV and web page)."""
+    count = images()
     return [
-        *(output for r in TRAINED_ROUNDS for output in round_outputs("results", r)),
-        *expand(ROUND_FIGURES.values(), round=TRAINED_ROUNDS),
-        "results/summary.tsv",
-        "results/summary.html",
+        *(path for r in TRAINED_ROUNDS for path in PLAN.round_outputs(MAIN, r, count)),
+        *(path for r in TRAINED_ROUNDS for path in PLAN.figures(r).values()),
+        f"{SUMMARY}.tsv",
+        f"{SUMMARY}.html",
     ]
 
 
@@ -162,42 +117,19 @@ def round_seed(wildcards):
 
 
 def previous_checkpoint(wildcards):
-    """Round r's features come from round r-1's checkpoint (round 0: the initial weights)."""
-    return f"{round_folder(wildcards.run, int(wildcards.round) - 1)}/checkpoint.pt"
+    """Round r's features and block start from round r-1's checkpoint (round 0: the initial weights)."""
+    return PLAN.checkpoint(wildcards.run, int(wildcards.round) - 1)
 
 
 def previous_labels(wildcards):
     """The previous round's labels, for the NMI between consecutive rounds (none in round 1)."""
     r = int(wildcards.round)
-    return [f"{wildcards.run}/rounds/{r - 1}/labels.parquet"] if r > 1 else []
-
-
-# Evaluations (rules/evaluate.smk): {run}/evals/{name}/..., name = round-{r} or a key of checkpoints.
-EVAL = config["evaluation"]
-EVAL_MANIFEST = "results/data/eval/manifest.parquet"
-# The features stage's --shard-size for one shard holding every evaluation image.
-ALL_IMAGES = 2**31 - 1
-
-
-wildcard_constraints:
-    name="|".join([r"round-\d+", *map(re.escape, config["checkpoints"])]),
-
-
-def checkpoint_file(run, name):
-    """round-{r}: that round's checkpoint of the run; a registered name: its checked copy."""
-    if name.startswith("round-"):
-        return f"{round_folder(run, name.removeprefix('round-'))}/checkpoint.pt"
-    return f"results/checkpoints/{name}.pt"
+    return [fill(LABELS, run=wildcards.run, round=r - 1)] if r > 1 else []
 
 
 def eval_checkpoint(wildcards):
     """The checkpoint that {run}/evals/{name} (or {run}/export/{name}.pth) evaluates."""
-    return checkpoint_file(wildcards.run, wildcards.name)
-
-
-def eval_folder(run, name):
-    """Where a checkpoint's evaluations are: round 0's are the main run's, as its checkpoint."""
-    return f"{'results' if name == 'round-0' else run}/evals/{name}"
+    return PLAN.checkpoint_file(wildcards.run, wildcards.name)
 
 
 def registered(wildcards):
@@ -207,9 +139,9 @@ def registered(wildcards):
     return {"arch": None, "sobel": True, **entry}
 
 
-def eval_rounds(filename):
-    """An input function: {run}/evals/{name}/<filename> of this checkpoint, and for round-{r} of
-    rounds 0..r (NMI over rounds)."""
+def eval_rounds(kind):
+    """An input function: {run}/evals/{name}/<kind> of this checkpoint, and for round-{r} of rounds 0..r (NMI
+    over rounds)."""
 
     def files(wildcards):
         if wildcards.name.startswith("round-"):
@@ -217,7 +149,7 @@ def eval_rounds(filename):
             names = [f"round-{i}" for i in range(r + 1)]
         else:
             names = [wildcards.name]
-        return [f"{eval_folder(wildcards.run, name)}/{filename}" for name in names]
+        return [f"{PLAN.eval_folder(wildcards.run, name)}/{kind}" for name in names]
 
     return files
 
@@ -235,25 +167,13 @@ def configured(key):
     return path
 
 
-# The table's rows, in the paper's order.
-ROW_ORDER = ["random", "rotnet", "deepcluster", "deepercluster"]
+def summary_benchmarks(wildcards):
+    """The benchmark file of every job of every round of the main run, by round and stage."""
+    count = images()
+    return {r: PLAN.round_benchmarks(r, count) for r in TRAINED_ROUNDS}
 
 
-def compared():
-    """The table's rows in the paper's order, as {method: (run, name)}: the checkpoint named under
-    evaluation.compare, else the random init (round 0) and each method's last round: the main run's for
-    the config's method, a run of its own under results/compare/{method} for the others.
-    """
-    runs = {method: run for run, method in RUNS.items()}
-    rows = {"random": ("results", "round-0")}
-    rows |= {method: (runs[method], f"round-{ROUNDS}") for method in runs}
-    return {
-        method: ("results", EVAL["compare"][method]) if EVAL["compare"][method] else row
-        for method, row in sorted(rows.items(), key=lambda row: ROW_ORDER.index(row[0]))
-    }
-
-
-COMPARED = compared()
+COMPARED = PLAN.compared()
 
 
 def compared_evals(wildcards):
@@ -261,15 +181,78 @@ def compared_evals(wildcards):
     kinds = ["linear.json", "knn.json", "nmi.json"]
     kinds += [f"{key}.json" for key in ("voc07", "retrieval") if EVAL[key]]
     return [
-        f"{eval_folder(*row)}/{kind}" for row in COMPARED.values() for kind in kinds
+        f"{PLAN.eval_folder(*row)}/{kind}"
+        for row in COMPARED.values()
+        for kind in kinds
     ]
 
 
 def compared_rounds(wildcards):
     """Every file of the rounds of each row's run up to its checkpoint (its checked copy for a name)."""
-    files = []
+    count, files = images(), []
     for run, name in COMPARED.values():
         last = int(name.removeprefix("round-")) if name.startswith("round-") else 0
-        files += [file for r in range(1, last + 1) for file in round_outputs(run, r)]
-        files.append(checkpoint_file(run, name))
+        files += [
+            path
+            for r in range(1, last + 1)
+            for path in PLAN.round_outputs(run, r, count)
+        ]
+        files.append(PLAN.checkpoint_file(run, name))
     return files
+
+
+# Report flags (`snakemake --report`): each evaluation's figure or table, the comparison's, each round's figures.
+
+
+def evaluation(kind):
+    """{run}/evals/{name}/<kind>: an evaluation's file."""
+    return fill(EVAL_FILE, kind=kind)
+
+
+def reported(kind, caption, title):
+    """An evaluation's file flagged for the report, under the checkpoint's name."""
+    return report(
+        evaluation(kind),
+        caption=f"../report/{caption}.rst",
+        category="Evaluations",
+        subcategory="{name}",
+        labels={"run": "{run}", "checkpoint": "{name}", "evaluation": title},
+    )
+
+
+def compared_report(name, title):
+    """A file of results/compare/ flagged for the report."""
+    return report(
+        f"{COMPARE}/{name}",
+        caption="../report/compare.rst",
+        category="Evaluations",
+        subcategory="compare",
+        labels={"run": "compare", "checkpoint": "compared", "evaluation": title},
+    )
+
+
+FIGURE_TITLES = {
+    "training": "training curves",
+    "sizes_plot": "cluster sizes",
+    "nmi_plot": "NMI over rounds",
+    "grid": "images of a few clusters",
+}
+ROUND_REPORT = {
+    name: report(
+        path,
+        caption=f"../report/{name}.rst",
+        category="Rounds",
+        subcategory="round {round}",
+        labels={"round": "{round}", "figure": FIGURE_TITLES[name]},
+    )
+    for name, path in PLAN.figures().items()
+}
+
+
+def figure_options(wildcards, input, output):
+    """The stage's figure paths, and the round's clustering files where the method clusters."""
+    clustering = dict(
+        manifest=input.manifest, labels=input.labels, sizes=input.sizes, nmi=input.nmi
+    )
+    figures = {name: getattr(output, name) for name in ROUND_REPORT}
+    return options(**figures, **(clustering if input.labels else {}))

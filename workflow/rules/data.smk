@@ -1,11 +1,11 @@
 checkpoint manifest:
     output:
-        manifest="results/data/manifest.parquet",
-        skipped="results/data/skipped.tsv",
+        manifest=MANIFEST,
+        skipped=SKIPPED,
     log:
-        "results/logs/data/manifest.log",
+        log_file(MANIFEST),
     benchmark:
-        "results/benchmarks/data/manifest.tsv"
+        benchmark_file(MANIFEST)
     conda:
         ENV
     threads: max(1, config["data"]["workers"])

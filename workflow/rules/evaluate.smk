@@ -3,17 +3,17 @@
 # copied to results/checkpoints/{name}.pt). They only read a checkpoint: when it exists and is up to
 # date, nothing of its round is rerun. Rule compare: the table of random init, RotNet, DeepCluster and
 # DeeperCluster, training the runs it lacks.
-# Their input functions (eval_checkpoint, eval_rounds, ...) are in common.smk.
+# Their input functions (eval_checkpoint, eval_rounds, ...) and report flags are in common.smk.
 
 
 rule eval_manifest:
     output:
         manifest=EVAL_MANIFEST,
-        skipped="results/data/eval/skipped.tsv",
+        skipped=EVAL_SKIPPED,
     log:
-        "results/logs/data/eval/manifest.log",
+        log_file(EVAL_MANIFEST),
     benchmark:
-        "results/benchmarks/data/eval/manifest.tsv"
+        benchmark_file(EVAL_MANIFEST)
     conda:
         ENV
     threads: stage_threads(RESOURCES, "evaluate")
@@ -40,11 +40,11 @@ rule import_checkpoint:
     input:
         lambda wildcards: registered(wildcards)["path"],
     output:
-        "results/checkpoints/{name}.pt",
+        IMPORTED,
     log:
-        "results/logs/checkpoints/{name}.log",
+        log_file(IMPORTED),
     benchmark:
-        "results/benchmarks/checkpoints/{name}.tsv"
+        benchmark_file(IMPORTED)
     conda:
         ENV
     threads: stage_threads(RESOURCES, "evaluate")
@@ -63,11 +63,11 @@ rule eval_features:
         manifest=EVAL_MANIFEST,
         checkpoint=eval_checkpoint,
     output:
-        "{run}/evals/{name}/features.h5",
+        evaluation("features.h5"),
     log:
-        "{run}/logs/evals/{name}/features.log",
+        log_file(evaluation("features.h5")),
     benchmark:
-        "{run}/benchmarks/evals/{name}/features.tsv"
+        benchmark_file(evaluation("features.h5"))
     conda:
         ENV
     threads: stage_threads(RESOURCES, "evaluate")
@@ -75,25 +75,24 @@ rule eval_features:
         **job_resources(RESOURCES, "evaluate"),
     params:
         options=options(
-            shard_size=ALL_IMAGES,
             batch_size=config["features"]["batch_size"],
             image_size=config["data"]["image_size"],
             workers=config["data"]["workers"],
         ),
     shell:
-        "python -m deepercluster --threads {threads} features {params.options} --shard 0"
+        "python -m deepercluster --threads {threads} eval-features {params.options}"
         " --manifest {input.manifest} --checkpoint {input.checkpoint} --out {output} > {log} 2>&1"
 
 
 rule eval_pca:
     input:
-        "{run}/evals/{name}/features.h5",
+        evaluation("features.h5"),
     output:
-        "{run}/evals/{name}/pca.h5",
+        evaluation("pca.h5"),
     log:
-        "{run}/logs/evals/{name}/pca.log",
+        log_file(evaluation("pca.h5")),
     benchmark:
-        "{run}/benchmarks/evals/{name}/pca.tsv"
+        benchmark_file(evaluation("pca.h5"))
     conda:
         ENV
     threads: stage_threads(RESOURCES, "evaluate")
@@ -112,14 +111,14 @@ rule eval_pca:
 
 rule eval_kmeans:
     input:
-        features="{run}/evals/{name}/features.h5",
-        pca="{run}/evals/{name}/pca.h5",
+        features=evaluation("features.h5"),
+        pca=evaluation("pca.h5"),
     output:
-        "{run}/evals/{name}/clusters.h5",
+        evaluation("kmeans.h5"),
     log:
-        "{run}/logs/evals/{name}/clusters.log",
+        log_file(evaluation("kmeans.h5")),
     benchmark:
-        "{run}/benchmarks/evals/{name}/clusters.tsv"
+        benchmark_file(evaluation("kmeans.h5"))
     conda:
         ENV
     threads: stage_threads(RESOURCES, "evaluate")
@@ -128,13 +127,13 @@ rule eval_kmeans:
     params:
         options=options(
             seed=config["seed"],
-            super_clusters=EVAL["clusters"],
+            k=EVAL["clusters"],
             iterations=config["kmeans"]["iterations"],
             cache_mb=config["kmeans"]["cache_mb"],
         ),
     shell:
-        "python -m deepercluster --threads {threads} super-clusters {params.options}"
-        " --shards {input.features} --pca {input.pca} --out {output} > {log} 2>&1"
+        "python -m deepercluster --threads {threads} eval-kmeans {params.options}"
+        " --features {input.features} --pca {input.pca} --out {output} > {log} 2>&1"
 
 
 rule eval_probe_features:
@@ -142,11 +141,11 @@ rule eval_probe_features:
         manifest=EVAL_MANIFEST,
         checkpoint=eval_checkpoint,
     output:
-        "{run}/evals/{name}/probe_features.h5",
+        evaluation("probe_features.h5"),
     log:
-        "{run}/logs/evals/{name}/probe_features.log",
+        log_file(evaluation("probe_features.h5")),
     benchmark:
-        "{run}/benchmarks/evals/{name}/probe_features.tsv"
+        benchmark_file(evaluation("probe_features.h5"))
     conda:
         ENV
     threads: stage_threads(RESOURCES, "evaluate")
@@ -166,24 +165,14 @@ rule eval_probe_features:
 rule eval_linear:
     input:
         manifest=EVAL_MANIFEST,
-        features="{run}/evals/{name}/probe_features.h5",
+        features=evaluation("probe_features.h5"),
     output:
-        json="{run}/evals/{name}/linear.json",
-        plot=report(
-            "{run}/evals/{name}/linear.png",
-            caption="../report/linear.rst",
-            category="Evaluations",
-            subcategory="{name}",
-            labels={
-                "run": "{run}",
-                "checkpoint": "{name}",
-                "evaluation": "linear probes per layer",
-            },
-        ),
+        json=evaluation("linear.json"),
+        plot=reported("linear.png", "linear", "linear probes per layer"),
     log:
-        "{run}/logs/evals/{name}/linear.log",
+        log_file(evaluation("linear.json")),
     benchmark:
-        "{run}/benchmarks/evals/{name}/linear.tsv"
+        benchmark_file(evaluation("linear.json"))
     conda:
         ENV
     threads: stage_threads(RESOURCES, "evaluate")
@@ -205,23 +194,13 @@ rule eval_linear:
 rule eval_knn:
     input:
         manifest=EVAL_MANIFEST,
-        features="{run}/evals/{name}/features.h5",
+        features=evaluation("features.h5"),
     output:
-        report(
-            "{run}/evals/{name}/knn.json",
-            caption="../report/knn.rst",
-            category="Evaluations",
-            subcategory="{name}",
-            labels={
-                "run": "{run}",
-                "checkpoint": "{name}",
-                "evaluation": "k-NN top-1",
-            },
-        ),
+        reported("knn.json", "knn", "k-NN top-1"),
     log:
-        "{run}/logs/evals/{name}/knn.log",
+        log_file(evaluation("knn.json")),
     benchmark:
-        "{run}/benchmarks/evals/{name}/knn.tsv"
+        benchmark_file(evaluation("knn.json"))
     conda:
         ENV
     threads: stage_threads(RESOURCES, "evaluate")
@@ -242,22 +221,12 @@ rule eval_nmi:
         features=eval_rounds("features.h5"),
         pcas=eval_rounds("pca.h5"),
     output:
-        json="{run}/evals/{name}/nmi.json",
-        plot=report(
-            "{run}/evals/{name}/nmi.png",
-            caption="../report/eval-nmi.rst",
-            category="Evaluations",
-            subcategory="{name}",
-            labels={
-                "run": "{run}",
-                "checkpoint": "{name}",
-                "evaluation": "NMI of k-means",
-            },
-        ),
+        json=evaluation("nmi.json"),
+        plot=reported("nmi.png", "eval-nmi", "NMI of k-means"),
     log:
-        "{run}/logs/evals/{name}/nmi.log",
+        log_file(evaluation("nmi.json")),
     benchmark:
-        "{run}/benchmarks/evals/{name}/nmi.tsv"
+        benchmark_file(evaluation("nmi.json"))
     conda:
         ENV
     threads: stage_threads(RESOURCES, "evaluate")
@@ -282,23 +251,13 @@ rule eval_nmi:
 rule eval_clusters:
     input:
         manifest=EVAL_MANIFEST,
-        clusters="{run}/evals/{name}/clusters.h5",
+        clusters=evaluation("kmeans.h5"),
     output:
-        report(
-            "{run}/evals/{name}/clusters.png",
-            caption="../report/eval-clusters.rst",
-            category="Evaluations",
-            subcategory="{name}",
-            labels={
-                "run": "{run}",
-                "checkpoint": "{name}",
-                "evaluation": "images of a few clusters",
-            },
-        ),
+        reported("clusters.png", "eval-clusters", "images of a few clusters"),
     log:
-        "{run}/logs/evals/{name}/clusters-png.log",
+        log_file(evaluation("clusters.png")),
     benchmark:
-        "{run}/benchmarks/evals/{name}/clusters-png.tsv"
+        benchmark_file(evaluation("clusters.png"))
     conda:
         ENV
     threads: stage_threads(RESOURCES, "evaluate")
@@ -316,11 +275,11 @@ rule eval_voc07:
         voc=configured("voc07"),
         checkpoint=eval_checkpoint,
     output:
-        "{run}/evals/{name}/voc07.json",
+        evaluation("voc07.json"),
     log:
-        "{run}/logs/evals/{name}/voc07.log",
+        log_file(evaluation("voc07.json")),
     benchmark:
-        "{run}/benchmarks/evals/{name}/voc07.tsv"
+        benchmark_file(evaluation("voc07.json"))
     conda:
         ENV
     threads: stage_threads(RESOURCES, "evaluate")
@@ -346,11 +305,11 @@ rule eval_retrieval:
         images=configured("retrieval"),
         checkpoint=eval_checkpoint,
     output:
-        "{run}/evals/{name}/retrieval.json",
+        evaluation("retrieval.json"),
     log:
-        "{run}/logs/evals/{name}/retrieval.log",
+        log_file(evaluation("retrieval.json")),
     benchmark:
-        "{run}/benchmarks/evals/{name}/retrieval.tsv"
+        benchmark_file(evaluation("retrieval.json"))
     conda:
         ENV
     threads: stage_threads(RESOURCES, "evaluate")
@@ -358,7 +317,6 @@ rule eval_retrieval:
         **job_resources(RESOURCES, "evaluate"),
     params:
         options=options(
-            seed=config["seed"],
             image_size=config["data"]["image_size"],
             dim=EVAL["retrieval_dim"],
             eigenvalue_floor=config["pca"]["eigenvalue_floor"],
@@ -374,29 +332,13 @@ rule compare_table:
     input:
         compared_evals,
     output:
-        table=report(
-            "results/compare/table.md",
-            caption="../report/compare.rst",
-            category="Evaluations",
-            subcategory="compare",
-            labels={"run": "compare", "checkpoint": "compared", "evaluation": "table"},
-        ),
-        tsv="results/compare/table.tsv",
-        plot=report(
-            "results/compare/linear.png",
-            caption="../report/compare.rst",
-            category="Evaluations",
-            subcategory="compare",
-            labels={
-                "run": "compare",
-                "checkpoint": "compared",
-                "evaluation": "linear probes per layer",
-            },
-        ),
+        table=compared_report("table.md", "table"),
+        tsv=f"{COMPARE}/table.tsv",
+        plot=compared_report("linear.png", "linear probes per layer"),
     log:
-        "results/logs/compare/table.log",
+        log_file(f"{COMPARE}/table.md"),
     benchmark:
-        "results/benchmarks/compare/table.tsv"
+        benchmark_file(f"{COMPARE}/table.md")
     conda:
         ENV
     threads: stage_threads(RESOURCES, "evaluate")
@@ -405,8 +347,8 @@ rule compare_table:
     params:
         options=options(
             labels=list(COMPARED),
-            checkpoints=[checkpoint_file(*row) for row in COMPARED.values()],
-            evals=[eval_folder(*row) for row in COMPARED.values()],
+            checkpoints=[PLAN.checkpoint_file(*row) for row in COMPARED.values()],
+            evals=[PLAN.eval_folder(*row) for row in COMPARED.values()],
             label_column=EVAL["label_column"],
         ),
     shell:
@@ -419,7 +361,7 @@ rule compare_table:
 rule compare:
     input:
         compared_rounds,
-        "results/compare/table.md",
-        "results/compare/table.tsv",
-        "results/compare/linear.png",
+        f"{COMPARE}/table.md",
+        f"{COMPARE}/table.tsv",
+        f"{COMPARE}/linear.png",
     localrule: True

@@ -7,11 +7,11 @@ rule export:
     input:
         eval_checkpoint,
     output:
-        "{run}/export/{name}.pth",
+        EXPORT,
     log:
-        "{run}/logs/export/{name}.log",
+        log_file(EXPORT),
     benchmark:
-        "{run}/benchmarks/export/{name}.tsv"
+        benchmark_file(EXPORT)
     conda:
         ENV
     threads: stage_threads(RESOURCES, "default")

@@ -1,13 +1,13 @@
 rule features:
     input:
-        manifest="results/data/manifest.parquet",
+        manifest=MANIFEST,
         checkpoint=previous_checkpoint,
     output:
-        "{run}/rounds/{round}/features/shard-{shard}.h5",
+        SHARD,
     log:
-        "{run}/logs/rounds/{round}/features/shard-{shard}.log",
+        log_file(SHARD),
     benchmark:
-        "{run}/benchmarks/rounds/{round}/features/shard-{shard}.tsv"
+        benchmark_file(SHARD)
     conda:
         ENV
     threads: stage_threads(RESOURCES, "features")

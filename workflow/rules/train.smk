@@ -2,11 +2,11 @@ rule initial_checkpoint:
     input:
         config["init_checkpoint"] or [],
     output:
-        "results/rounds/0/checkpoint.pt",
+        fill(CHECKPOINT, run=MAIN, round=0),
     log:
-        "results/logs/rounds/0/checkpoint.log",
+        log_file(fill(CHECKPOINT, run=MAIN, round=0)),
     benchmark:
-        "results/benchmarks/rounds/0/checkpoint.tsv"
+        benchmark_file(fill(CHECKPOINT, run=MAIN, round=0))
     conda:
         ENV
     threads: stage_threads(RESOURCES, "initial_checkpoint")
@@ -25,16 +25,16 @@ rule initial_checkpoint:
 
 rule train:
     input:
-        manifest="results/data/manifest.parquet",
+        manifest=MANIFEST,
         previous=previous_checkpoint,
-        labels=round_file("labels.parquet"),
+        labels=round_file(LABELS),
     output:
-        checkpoint="{run}/rounds/{round}/checkpoint.pt",
-        metrics="{run}/rounds/{round}/train/metrics.tsv",
+        checkpoint=CHECKPOINT,
+        metrics=METRICS,
     log:
-        "{run}/logs/rounds/{round}/checkpoint.log",
+        log_file(CHECKPOINT),
     benchmark:
-        "{run}/benchmarks/rounds/{round}/checkpoint.tsv"
+        benchmark_file(CHECKPOINT)
     wildcard_constraints:
         round=r"[1-9]\d*",
     localrule: True
@@ -44,7 +44,8 @@ rule train:
         seed=round_seed,
         allocation=training_allocation(RESOURCES),
         labels=lambda wildcards, input: options(labels=input.labels or None),
-        method=lambda wildcards: RUNS[wildcards.run],
+        method=lambda wildcards: PLAN.runs[wildcards.run].name,
+        train_dir=TRAIN_DIR,
         options=options(
             launcher=config["launcher"],
             epochs=config["train"]["epochs_per_round"],
@@ -61,41 +62,4 @@ rule train:
     shell:
         "python -m deepercluster train --method {params.method} {params.options} {params.allocation} --round {wildcards.round}"
         " --seed {params.seed} --manifest {input.manifest} --previous-checkpoint {input.previous}"
-        " {params.labels} --train-dir {wildcards.run}/rounds/{wildcards.round}/train --out {output.checkpoint} > {log} 2>&1"
-
-
-rule summary:
-    input:
-        metrics=[f"results/rounds/{r}/train/metrics.tsv" for r in TRAINED_ROUNDS],
-        nmi=clustering_files("results", "nmi.json", TRAINED_ROUNDS),
-        sizes=clustering_files("results", "cluster_sizes.tsv", TRAINED_ROUNDS),
-        benchmarks=round_benchmarks,
-    output:
-        tsv=report(
-            "results/summary.tsv",
-            caption="../report/summary.rst",
-            category="Run",
-            labels={"table": "summary, one row per round (TSV)"},
-        ),
-        html=report(
-            "results/summary.html",
-            caption="../report/summary.rst",
-            category="Run",
-            labels={"table": "summary, one row per round"},
-        ),
-    log:
-        "results/logs/summary.log",
-    benchmark:
-        "results/benchmarks/summary.tsv"
-    conda:
-        ENV
-    threads: stage_threads(RESOURCES, "summary")
-    resources:
-        **job_resources(RESOURCES, "summary"),
-    params:
-        clustering=lambda wildcards, input: options(
-            nmi=input.nmi or None, sizes=input.sizes or None
-        ),
-    shell:
-        "python -m deepercluster summary --metrics {input.metrics} {params.clustering}"
-        " --benchmarks {input.benchmarks} --out {output.tsv} --html {output.html} > {log} 2>&1"
+        " {params.labels} --train-dir {params.train_dir} --out {output.checkpoint} > {log} 2>&1"

@@ -15,10 +15,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from deepercluster.checkpoints import load_model
-from deepercluster.data import ImageDataset
+from deepercluster.data.images import ImageDataset
 from deepercluster.errors import EvaluationError
-from deepercluster.formats import read_manifest
-from deepercluster.models import ConvNet
+from deepercluster.formats.manifest import read_manifest
+from deepercluster.nn.models import ConvNet
 
 PROBE_MAX_DIM = 10_000  # linear probes read conv activations average-pooled below this dimension
 
@@ -66,11 +66,6 @@ class LabelledSet:
     targets: np.ndarray  # [n] int64, index into classes
     classes: list[str]
     val: np.ndarray  # [n] bool
-
-    def part(self, val: bool) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """(paths, ids, targets) of the val (True) or train (False) split."""
-        rows = self.val == val
-        return self.paths[rows].tolist(), self.ids[rows], self.targets[rows]
 
 
 def labelled_images(manifest: str, label_column: str) -> LabelledSet:

@@ -12,9 +12,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 from PIL import Image, ImageOps
 
-from deepercluster.data import ImageDataset
+from deepercluster.data.images import ImageDataset
 from deepercluster.evaluate.common import save_figure
-from deepercluster.formats import metadata_columns, read_clusters, read_manifest
+from deepercluster.formats.clusters import read_clusters
+from deepercluster.formats.manifest import metadata_columns, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def dominant_values(members: pd.DataFrame, columns: list[str]) -> list[str]:
 
 
 def cluster_grid(
-    *, manifest: str, clusters: str, out: str, shown: int = 6, per_cluster: int = 9, seed: int = 0, side: int = 64
+    *, manifest: str, clusters: str, out: str, shown: int, seed: int, per_cluster: int = 9, side: int = 64
 ) -> None:
     """Stage 'eval-clusters': ``per_cluster`` random images of ``shown`` random clusters of ``clusters`` -> ``out``."""
     found = read_clusters(clusters)

@@ -1,11 +1,9 @@
-"""What the evaluations share that needs no network: average precision, the linear-probe figure, and
-JSON and PNG outputs written atomically (a killed stage leaves no finished-looking file)."""
+"""What the evaluations share that needs no network: average precision, bootstrap intervals, the linear-probe
+figure, and PNG outputs written atomically (a killed stage leaves no finished-looking file)."""
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -35,11 +33,6 @@ def bootstrap_interval(correct: np.ndarray, seed: int, resamples: int = 1000) ->
     rng = np.random.default_rng(seed)
     means = np.array([correct[rng.integers(0, len(correct), len(correct))].mean() for _ in range(resamples)])
     return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
-
-
-def write_json(path: str | os.PathLike, value: Any) -> None:
-    with atomic_output(path) as partial:
-        partial.write_text(json.dumps(value, indent=2) + "\n")
 
 
 def save_figure(figure: Figure, path: str | os.PathLike) -> None:

@@ -8,7 +8,6 @@ each method's run with the same data and budget first.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pandas as pd
 from deepercluster.errors import EvaluationError
 from deepercluster.evaluate.common import accuracy_figure, save_figure
 from deepercluster.files import atomic_output
+from deepercluster.formats.evals import read_evaluations
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def read_evals(folder: Path) -> dict[str, dict]:
     """Every ``*.json`` evaluation of one checkpoint's folder, by file stem."""
     if not (folder / "linear.json").exists():
         raise EvaluationError(f"{folder}/linear.json does not exist: make the evaluations of {folder.name} first")
-    return {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))}
+    return read_evaluations(folder)
 
 
 def table_row(label: str, checkpoint: str, evals: dict[str, dict], layers: list[str], label_column: str) -> list[str]:
@@ -72,7 +72,7 @@ def compare(
     out: str,
     tsv: str,
     plot: str,
-    label_column: str = "label",
+    label_column: str,
 ) -> None:
     """Stage 'compare': one row per checkpoint ``checkpoints[i]`` (shown as ``labels[i]``), evaluated in the
     folder ``evals[i]`` -> ``out`` (markdown), ``tsv`` (its numbers), ``plot`` (linear top-1 per layer)."""

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from deepercluster.checkpoints import load_checkpoint, load_model, save_checkpoint
+from deepercluster.checkpoints import load_checkpoint, load_model, model_checkpoint, save_checkpoint
 from deepercluster.errors import CheckpointError
 from deepercluster.files import atomic_output, sha256
-from deepercluster.models import build_model
+from deepercluster.nn.models import build_model
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,8 @@ HEAD_PREFIX = "top_layer."
 
 
 def wrap_state_dict(state_dict: dict[str, torch.Tensor], *, arch: str, sobel: bool, source: str) -> dict[str, Any]:
-    """Our checkpoint format (``arch``, ``sobel``, ``round``, ``model``) around a plain state dict of ``arch``."""
+    """Our model checkpoint (``checkpoints.model_checkpoint``) around a plain state dict of ``arch``; its
+    provenance is the source file and its sha256."""
     if isinstance(state_dict.get("state_dict"), dict):
         state_dict = state_dict["state_dict"]
     weights = {}
@@ -52,7 +53,8 @@ def wrap_state_dict(state_dict: dict[str, torch.Tensor], *, arch: str, sobel: bo
             "check checkpoints.<name>.arch and .sobel in the config"
         )
     model.load_state_dict(weights, strict=True)
-    return {"arch": arch, "sobel": sobel, "round": None, "model": model.state_dict(), "source": source}
+    provenance = {"source": source, "source_sha256": sha256(source)}
+    return model_checkpoint(arch=arch, sobel=sobel, round=None, model=model.state_dict(), provenance=provenance)
 
 
 def state_dict_differences(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
@@ -65,7 +67,7 @@ def state_dict_differences(expected: dict[str, torch.Tensor], given: dict[str, t
     return ", ".join(f"{len(keys)} keys {kind}, e.g. {keys[0]}" for kind, keys in kinds.items() if keys)
 
 
-def import_checkpoint(*, source: str, out: str, arch: str | None = None, sobel: bool = True) -> None:
+def import_checkpoint(*, source: str, out: str, arch: str | None, sobel: bool) -> None:
     """Stage 'import-checkpoint': ``out`` = ``source`` if it is ours, else ``source`` as a plain state dict of
     ``arch`` (with ``sobel``) in our format. Given ``arch``, one of ours must have that arch and ``sobel``."""
     state = load_checkpoint(source)
@@ -87,4 +89,4 @@ def import_checkpoint(*, source: str, out: str, arch: str | None = None, sobel: 
         )
     wrapped = wrap_state_dict(state, arch=arch, sobel=sobel, source=source)
     log.info("%s: a plain %s state dict (sobel=%s), %d tensors", source, arch, sobel, len(wrapped["model"]))
-    save_checkpoint(out, {**wrapped, "source_sha256": sha256(source)})
+    save_checkpoint(out, wrapped)

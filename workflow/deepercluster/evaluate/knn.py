@@ -9,8 +9,10 @@ import pandas as pd
 
 from deepercluster.errors import ShardError
 from deepercluster.evaluate.backbone import LabelledSet, labelled_images
-from deepercluster.evaluate.common import bootstrap_interval, write_json
-from deepercluster.formats import open_shard, read_chunks, unit_rows
+from deepercluster.evaluate.common import bootstrap_interval
+from deepercluster.formats.evals import write_json
+from deepercluster.formats.features import open_shard, read_chunks
+from deepercluster.formats.whitening import unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ def knn_predict(
     return np.concatenate(predictions) if predictions else np.zeros(0, np.int64)
 
 
-def knn(*, manifest: str, features: str, out: str, k: int = 20, label_column: str = "label", seed: int = 0) -> None:
+def knn(*, manifest: str, features: str, out: str, k: int, label_column: str, seed: int) -> None:
     """Stage 'eval-knn': leave-one-out ``k``-NN (cosine) top-1 over every labelled image -> ``out``.
 
     Each image is classified by the vote of its k nearest other images; the 95% interval is

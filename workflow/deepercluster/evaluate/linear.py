@@ -18,12 +18,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deepercluster.data import feature_transform
+from deepercluster.data.images import feature_transform
 from deepercluster.evaluate.backbone import (
     conv_activations,
     device,
@@ -33,11 +32,13 @@ from deepercluster.evaluate.backbone import (
     layer_names,
     probe_pool_size,
 )
-from deepercluster.evaluate.common import accuracy_figure, bootstrap_interval, save_figure, write_json
-from deepercluster.files import atomic_output, sha256
-from deepercluster.formats import read_manifest
+from deepercluster.evaluate.common import accuracy_figure, bootstrap_interval, save_figure
+from deepercluster.files import sha256
+from deepercluster.formats.evals import write_json
+from deepercluster.formats.features import probe_attributes, probe_features_writer, read_probe_layer
+from deepercluster.formats.manifest import read_manifest
 from deepercluster.logs import progress
-from deepercluster.models import ConvNet
+from deepercluster.nn.models import ConvNet
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,7 @@ def pooled(activations: list[torch.Tensor], pools: list[tuple[int, int]]) -> lis
 
 
 @torch.no_grad()
-def probe_features(
-    *, checkpoint: str, manifest: str, out: str, image_size: int = 32, batch_size: int = 256, workers: int = 0
-) -> None:
+def probe_features(*, checkpoint: str, manifest: str, out: str, image_size: int, batch_size: int, workers: int) -> None:
     """Stage 'eval-probe-features': every conv layer's pooled activations of every image of ``manifest``."""
     images = read_manifest(manifest)
     model, state = frozen_backbone(checkpoint)
@@ -73,19 +72,13 @@ def probe_features(
     log.info("probe features of %s (%s) on %d images: %s, pooled dims %s", checkpoint, state["arch"], len(images),
              names, [dim for _, dim in pools])  # fmt: skip
     loader = image_loader(images["path"], images["id"], feature_transform(image_size), batch_size, workers)
-    with atomic_output(out) as partial, h5py.File(partial, "w") as f:
-        f["ids"] = images["id"].to_numpy(np.int64)
-        layers = [
-            f.create_dataset(name, (len(images), dim), np.float16) for name, (_, dim) in zip(names, pools, strict=True)
-        ]
+    dims = {name: dim for name, (_, dim) in zip(names, pools, strict=True)}
+    attrs = {"checkpoint_sha256": sha256(checkpoint), "arch": state["arch"], "pools": [s for s, _ in pools]}
+    with probe_features_writer(out, images["id"].to_numpy(), dims, **attrs) as write:
         start = 0
         for x, ids in progress(loader, "probe features", total=len(loader), unit="batch"):
-            for layer, values in zip(layers, pooled(conv_activations(model, x.to(device())), pools), strict=True):
-                layer[start : start + len(ids)] = values.cpu().numpy()
+            write(start, [values.cpu().numpy() for values in pooled(conv_activations(model, x.to(device())), pools)])
             start += len(ids)
-        f.attrs.update(
-            checkpoint_sha256=sha256(checkpoint), arch=state["arch"], layers=names, pools=[s for s, _ in pools]
-        )
 
 
 CHECK_EVERY = 25  # L-BFGS iterations between two looks at the held-out top-1
@@ -191,27 +184,24 @@ def linear_probe(
     manifest: str,
     out: str,
     plot: str,
-    label_column: str = "label",
-    val_fraction: float = 0.2,
-    weight_decays: list[float] | None = None,
-    max_iterations: int = 200,
-    seed: int = 0,
+    label_column: str,
+    val_fraction: float,
+    weight_decays: list[float],
+    max_iterations: int,
+    seed: int,
 ) -> None:
     """Stage 'eval-linear': top-1 on the val split of a converged linear probe per conv layer -> ``out``, ``plot``."""
-    weight_decays = weight_decays or [1e-3, 1e-2, 1e-1]
     data = labelled_split(manifest, label_column, val_fraction, seed)
-    with h5py.File(features, "r") as f:
-        position = np.searchsorted(f["ids"][:], data.ids)
-        names, pools, attrs = list(f.attrs["layers"]), list(f.attrs["pools"]), dict(f.attrs)
-        layers = []
-        for name, pool in zip(names, pools, strict=True):
-            x = f[name][:][position].astype(np.float32)
-            log.info("%s (%d dims): choosing the weight decay on a held-out fifth of the train split", name, x.shape[1])
-            result = probe_layer(x, data.targets, data.val, len(data.classes), weight_decays, seed, max_iterations)
-            log.info("%s (%d dims): val top-1 %.4f, 95%% interval %s, weight decay %g, %d L-BFGS iterations",
-                     name, x.shape[1], result["top1"], np.round(result["ci95"], 4).tolist(), result["weight_decay"],
-                     result["iterations"])  # fmt: skip
-            layers.append({"layer": name, "pool": int(pool), "dim": int(x.shape[1]), **result})
+    attrs = probe_attributes(features)
+    layers = []
+    for name, pool in zip(attrs["layers"], attrs["pools"], strict=True):
+        x = read_probe_layer(features, name, data.ids)
+        log.info("%s (%d dims): choosing the weight decay on a held-out fifth of the train split", name, x.shape[1])
+        result = probe_layer(x, data.targets, data.val, len(data.classes), weight_decays, seed, max_iterations)
+        log.info("%s (%d dims): val top-1 %.4f, 95%% interval %s, weight decay %g, %d L-BFGS iterations",
+                 name, x.shape[1], result["top1"], np.round(result["ci95"], 4).tolist(), result["weight_decay"],
+                 result["iterations"])  # fmt: skip
+        layers.append({"layer": name, "pool": int(pool), "dim": int(x.shape[1]), **result})
     write_json(out, {
         "features": features, "checkpoint_sha256": str(attrs["checkpoint_sha256"]), "arch": str(attrs["arch"]),
         "label_column": label_column, "classes": len(data.classes), "train_images": int((~data.val).sum()),

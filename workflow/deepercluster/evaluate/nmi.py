@@ -17,11 +17,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from deepercluster.cluster import whitened_shards
-from deepercluster.evaluate.common import save_figure, write_json
-from deepercluster.formats import metadata_columns, read_manifest
-from deepercluster.kmeans import kmeans
-from deepercluster.labels import nmi
+from deepercluster.cluster.kmeans import kmeans
+from deepercluster.cluster.labels import nmi
+from deepercluster.cluster.levels import whitened_shards
+from deepercluster.evaluate.common import save_figure
+from deepercluster.formats.evals import write_json
+from deepercluster.formats.manifest import metadata_columns, read_manifest
 from deepercluster.seeds import derived_seed
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,10 @@ def cluster_nmi(
     pcas: list[str],
     out: str,
     plot: str,
-    k: int = 10,
-    seeds: int = 5,
-    iterations: int = 10,
-    seed: int = 0,
+    k: int,
+    seeds: int,
+    iterations: int,
+    seed: int,
     first_round: int | None = None,
 ) -> None:
     """Stage 'eval-nmi': NMI of k-means clusters with every metadata column of ``manifest`` -> ``out``, ``plot``.

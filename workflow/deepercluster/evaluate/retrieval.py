@@ -15,22 +15,22 @@ image matches a query when their groups are equal.
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from deepercluster.data import feature_transform
+from deepercluster.cluster.pca import fit_whitening
+from deepercluster.data.images import feature_transform
 from deepercluster.errors import EvaluationError
 from deepercluster.evaluate.backbone import conv_activations, device, frozen_backbone, image_loader
-from deepercluster.evaluate.common import average_precision, write_json
+from deepercluster.evaluate.common import average_precision
 from deepercluster.files import sha256
-from deepercluster.formats import Whitening, unit_rows, write_shard
+from deepercluster.formats.evals import write_json
+from deepercluster.formats.whitening import Whitening, unit_rows
 from deepercluster.logs import progress
-from deepercluster.models import ConvNet
-from deepercluster.pca import fit_pca
+from deepercluster.nn.models import ConvNet
 
 log = logging.getLogger(__name__)
 
@@ -80,18 +80,6 @@ def image_regions(model: ConvNet, paths: list[str], image_size: int, batch_size:
     return torch.cat(batches).numpy().astype(np.float32)
 
 
-def fit_region_whitening(
-    regions: np.ndarray, checkpoint: str, dim: int | None, eigenvalue_floor: float, seed: int
-) -> Whitening:
-    """PCA-whitening of region vectors [n, channels], fitted by the 'pca' stage on them written as one shard."""
-    with tempfile.TemporaryDirectory() as folder:
-        shard, out = Path(folder) / "regions.h5", Path(folder) / "pca.h5"
-        write_shard(shard, regions, np.arange(len(regions)), checkpoint_sha256=sha256(checkpoint))
-        fit_pca(shards=[str(shard)], out=str(out), dim=dim, sample_size=len(regions), seed=seed,
-                eigenvalue_floor=eigenvalue_floor)  # fmt: skip
-        return Whitening.load(str(out))
-
-
 def rmac(regions: np.ndarray, whitening: Whitening) -> np.ndarray:
     """[images, d] R-MAC descriptors: whiten + L2 each region vector, sum over regions, L2."""
     images, count, channels = regions.shape
@@ -122,17 +110,9 @@ def query_average_precisions(
 
 
 def retrieval(
-    *,
-    images: str,
-    checkpoint: str,
-    out: str,
-    image_size: int = 32,
-    dim: int | None = None,
-    eigenvalue_floor: float = 1e-5,
-    batch_size: int = 256,
-    seed: int = 0,
-    workers: int = 0,
-) -> None:
+    *, images: str, checkpoint: str, out: str, image_size: int, dim: int | None, eigenvalue_floor: float,
+    batch_size: int, workers: int,
+) -> None:  # fmt: skip
     """Stage 'eval-retrieval': R-MAC mAP of the queries of ``images`` (a CSV) against its database -> ``out``."""
     table = read_image_list(images)
     model, _ = frozen_backbone(checkpoint)
@@ -141,7 +121,7 @@ def retrieval(
     if learn_on == "database":
         log.warning("%s has no whitening rows: the PCA-whitening is learnt on the database", images)
     learning = regions[(table["role"] == learn_on).to_numpy()]
-    whitening = fit_region_whitening(learning.reshape(-1, regions.shape[2]), checkpoint, dim, eigenvalue_floor, seed)
+    whitening, _ = fit_whitening([learning.reshape(-1, regions.shape[2])], dim, eigenvalue_floor)
     descriptors = rmac(regions, whitening)
     query, database = (table["role"] == "query").to_numpy(), (table["role"] == "database").to_numpy()
     groups = table["group"].to_numpy()

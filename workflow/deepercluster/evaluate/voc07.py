@@ -25,14 +25,15 @@ import torch
 import torch.nn.functional as F
 
 from deepercluster.checkpoints import load_model
-from deepercluster.data import train_transform
+from deepercluster.data.images import train_transform
 from deepercluster.errors import EvaluationError
 from deepercluster.evaluate.backbone import device, image_loader
-from deepercluster.evaluate.common import average_precision, write_json
+from deepercluster.evaluate.common import average_precision
 from deepercluster.files import sha256
+from deepercluster.formats.evals import write_json
 from deepercluster.logs import progress
-from deepercluster.models import ConvNet
-from deepercluster.objectives import linear_head
+from deepercluster.nn.heads import linear_head
+from deepercluster.nn.models import ConvNet
 from deepercluster.seeds import derived_seed
 
 log = logging.getLogger(__name__)
@@ -100,19 +101,9 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def fine_tune(
-    checkpoint: str,
-    setting: str,
-    paths: list[str],
-    targets: np.ndarray,
-    *,
-    image_size: int,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
-    seed: int,
-    workers: int,
-) -> tuple[ConvNet, torch.nn.Module]:
+    checkpoint: str, setting: str, paths: list[str], targets: np.ndarray, *, image_size: int, epochs: int,
+    batch_size: int, lr: float, weight_decay: float, seed: int, workers: int,
+) -> tuple[ConvNet, torch.nn.Module]:  # fmt: skip
     """The checkpoint's model and a new fc8 trained on (``paths``, ``targets``) in ``setting``."""
     model, _ = load_model(checkpoint)
     torch.manual_seed(seed)
@@ -172,13 +163,13 @@ def voc07(
     voc: str,
     checkpoint: str,
     out: str,
-    image_size: int = 32,
-    epochs: int = 20,
-    batch_size: int = 128,
-    lr: float = 0.01,
-    weight_decay: float = 1e-4,
-    seed: int = 0,
-    workers: int = 0,
+    image_size: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    workers: int,
 ) -> None:
     """Stage 'eval-voc07': test AP per class and mAP of the FC6-8 and ALL settings -> ``out``."""
     trainval, test = read_voc(voc)

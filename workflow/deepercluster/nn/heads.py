@@ -9,7 +9,7 @@
 Heads put ReLU then a Linear (N(0, 0.01) init) on the feature; they are created anew for
 each round, the backbone carries over. A rank builds only the sub-class heads it ``holds``
 (in the paper's layout, its training group's W_g): the others would be 4m - 1 heads of
-k x feature_dim weights it never uses; and of W_g only its ``shard``, 1/p of the classes, when
+k x feature_dim weights it never uses; and of W_g only its ``part``, 1/p of the classes, when
 the group's p ranks split it (the softmax is then taken over the group's ranks).
 """
 
@@ -25,49 +25,26 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-from deepercluster.distributed import all_gather, differentiable_all_gather, sharded_cross_entropy
-from deepercluster.methods import METHODS, clusters
-
-ROTATIONS = 4  # 0, 90, 180, 270 degrees
+from deepercluster.distributed import all_gather
+from deepercluster.methods import Method
+from deepercluster.nn.layers import differentiable_all_gather, sharded_cross_entropy
 
 
 @dataclass(frozen=True)
 class Targets:
-    """What a method predicts: ``super_classes`` classes for V, ``sub_classes[g]`` for W_g."""
+    """What a method predicts: ``super_classes`` classes for V (1: no V), ``sub_classes[g]`` for W_g."""
 
     method: str
     super_classes: int
     sub_classes: tuple[int, ...]
 
-    @property
-    def rotates(self) -> bool:
-        return self.method != "deepcluster"
 
-
-def targets_for(method: str, sub_clusters_per_super: list[int]) -> Targets:
-    """The targets of ``method`` given the number of sub-clusters of each super-cluster.
-
-    RotNet ignores the clusters: 4 rotation classes and no sub-class heads.
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    if not clusters(method):
-        return Targets(method, ROTATIONS, ())
-    if method == "deepcluster":
-        if len(sub_clusters_per_super) != 1:
-            raise ValueError(f"deepcluster needs 1 super-cluster, the labels have {len(sub_clusters_per_super)}")
-        return Targets(method, 1, tuple(sub_clusters_per_super))
-    per_class = [k for k in sub_clusters_per_super for _ in range(ROTATIONS)]
-    return Targets(method, ROTATIONS * len(sub_clusters_per_super), tuple(per_class))
-
-
-def super_class(targets: Targets, super_cluster: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """The super-class of each sample: (super-cluster, rotation) for DeeperCluster, the rotation for RotNet."""
-    if targets.method == "rotnet":
-        return rotation
-    if targets.method == "deepcluster":
-        return torch.zeros_like(super_cluster)
-    return super_cluster * ROTATIONS + rotation
+def targets_for(method: Method, sub_clusters: list[int]) -> Targets:
+    """The targets of ``method`` given k of each of its super-clusters (RotNet: one, ignored)."""
+    if method.one_super_cluster and len(sub_clusters) != 1:
+        raise ValueError(f"{method.name} needs 1 super-cluster, the labels have {len(sub_clusters)}")
+    super_classes = method.super_classes(len(sub_clusters))
+    return Targets(method.name, super_classes, method.sub_classes(sub_clusters))
 
 
 def linear_head(in_features: int, classes: int, device: str = "cpu") -> nn.Sequential:
@@ -138,7 +115,7 @@ class Heads(nn.Module):
     (``sub_class``, by super-class: all of them when ``holds`` is None), on the CPU or, to measure
     their sizes without allocating them, on the meta device.
 
-    ``shard`` = (part, parts) splits each W_g held by classes over the ``parts`` ranks of ``group``
+    ``part`` = (part, parts) splits each W_g held by classes over the ``parts`` ranks of ``group``
     (the paper's training group, whose rows are all of super-class g): this rank holds the classes
     ``class_part(k, part, parts)`` and the sub-class loss is a softmax over every rank's classes.
 
@@ -149,15 +126,15 @@ class Heads(nn.Module):
 
     def __init__(
         self, feature_dim: int, targets: Targets, holds: Collection[int] | None = None,
-        shard: tuple[int, int] = (0, 1), group: dist.ProcessGroup | None = None, device: str = "cpu",
+        part: tuple[int, int] = (0, 1), group: dist.ProcessGroup | None = None, device: str = "cpu",
     ) -> None:  # fmt: skip
         super().__init__()
-        self.targets, (self.part, self.parts), self.group = targets, shard, group
+        self.targets, (self.part, self.parts), self.group = targets, part, group
         super_classes = targets.super_classes
         self.super_class = linear_head(feature_dim, super_classes, device) if super_classes > 1 else None
         self.sub_class = nn.ModuleDict()
         for g, k in enumerate(targets.sub_classes):
-            rows = class_part(k, *shard)
+            rows = class_part(k, *part)
             if holds is not None and g not in holds:
                 if device != "meta":  # the meta device draws nothing
                     draw_linear_rows(feature_dim, k, range(0))

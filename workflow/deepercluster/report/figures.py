@@ -8,9 +8,7 @@ One job per round (stage 'report-round') writes them all: the training curves of
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,12 +18,11 @@ from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
 from deepercluster.evaluate.clusters import grid_figure
 from deepercluster.evaluate.common import save_figure
 from deepercluster.evaluate.nmi import nmi_figure
-from deepercluster.formats import read_manifest
-from deepercluster.labels import cluster_of, read_labels
+from deepercluster.formats.labels import read_labels, read_round_nmi, read_sizes
+from deepercluster.formats.manifest import read_manifest
+from deepercluster.formats.metrics import HEADS, read_metrics
 
 log = logging.getLogger(__name__)
-
-HEADS = ("super", "sub")
 
 
 def training_figure(metrics: pd.DataFrame, title: str) -> Figure:
@@ -72,7 +69,7 @@ def sizes_figure(sizes: pd.Series, title: str) -> Figure:
 
 def nmi_rounds(nmi: list[str]) -> list[dict]:
     """Rounds 1..r's ``nmi.json`` as the rows ``nmi_figure`` plots (no spread: one clustering per round)."""
-    scores = [json.loads(Path(path).read_text()) for path in nmi]
+    scores = [read_round_nmi(path) for path in nmi]
     return [{"round": r, "nmi": s, "nmi_sd": dict.fromkeys(s)} for r, s in enumerate(scores, start=1)]
 
 
@@ -88,8 +85,8 @@ def round_figures(
     sizes_plot: str | None = None,
     nmi_plot: str | None = None,
     grid: str | None = None,
-    shown: int = 6,
-    seed: int = 0,
+    shown: int,
+    seed: int,
 ) -> None:
     """Stage 'report-round': round ``round``'s figures -> ``training``, and where it clusters ``sizes_plot``,
     ``nmi_plot`` and ``grid``.
@@ -102,12 +99,12 @@ def round_figures(
         raise ValueError("give every clustering file and plot (manifest to grid), or none of them for RotNet")
     if nmi is not None and len(nmi) != round:
         raise ValueError(f"{len(nmi)} nmi files for round {round}: give rounds 1..{round}'s")
-    save_figure(training_figure(pd.read_csv(metrics, sep="\t"), f"round {round}: training"), training)
+    save_figure(training_figure(read_metrics(metrics), f"round {round}: training"), training)
     if labels is None:
         return
-    save_figure(sizes_figure(pd.read_csv(sizes, sep="\t")["size"], f"round {round}"), sizes_plot)
+    save_figure(sizes_figure(read_sizes(sizes)["size"], f"round {round}"), sizes_plot)
     rounds = nmi_rounds(nmi)
     save_figure(nmi_figure(rounds, rounds[-1], f"round {round}: NMI of the pseudo-labels"), nmi_plot)
-    assignment = cluster_of(read_labels(labels).set_index("id"))
+    assignment = read_labels(labels).flat()
     save_figure(grid_figure(read_manifest(manifest), assignment, shown, seed=seed), grid)
     log.info("round %d: figures %s", round, ", ".join([training, sizes_plot, nmi_plot, grid]))

@@ -1,4 +1,8 @@
-"""Images in: the manifest stage (one row per readable image) and the datasets the other stages read."""
+"""The manifest stage: one row per readable image of a data source (a folder, a table, Fashion-MNIST).
+
+The manifest is the only list of images every later stage reads; an image unreadable when it is built is
+left out and listed in ``skipped.tsv``.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
 from torchvision.datasets import FashionMNIST
 
-from deepercluster.errors import DataError, UnreadableImageError
+from deepercluster.data.images import READ_ERRORS, read_rgb
+from deepercluster.errors import DataError
 from deepercluster.files import atomic_output
-from deepercluster.formats import write_manifest
+from deepercluster.formats.manifest import write_manifest
 from deepercluster.logs import progress
 
 logger = logging.getLogger(__name__)
@@ -46,13 +49,7 @@ FASHION_MNIST_CLASSES = (
     "Bag",
     "Ankle boot",
 )
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-READ_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
 VERIFY_BATCH = 64
-# JPEGs are decoded at 1/2, 1/4 or 1/8 scale when that keeps both sides at least this long.
-DRAFT_SIDE = 1024
-SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # greyscale modes of 16-bit PNGs and TIFFs
 
 
 def build_manifest(
@@ -61,13 +58,13 @@ def build_manifest(
     path: str,
     manifest: str,
     skipped: str,
-    max_images: int | None = None,
-    seed: int = 0,
-    label_from_folder: bool = True,
-    path_column: str = "path",
-    split: str | None = None,
-    verify_images: bool = True,
-    workers: int = 0,
+    max_images: int | None,
+    seed: int,
+    label_from_folder: bool,
+    path_column: str,
+    split: str | None,
+    verify_images: bool,
+    workers: int,
 ) -> None:
     """Stage 'manifest': one row per readable image.
 
@@ -226,21 +223,6 @@ def _write_pngs(paths: Sequence[str], pixels: np.ndarray) -> None:
     logger.info("wrote %d PNGs, kept %d existing", written, len(paths) - written)
 
 
-def _read_rgb(path: str) -> Image.Image:
-    """Open and fully decode an image as 8-bit RGB, whatever its mode.
-
-    16-bit greyscale is scaled by 255/65535 (PIL's convert would clip it); alpha is dropped;
-    CMYK, palette and 1-bit images go through PIL's conversion. A large JPEG is decoded at a
-    reduced scale with both sides at least ``DRAFT_SIDE``, so its memory stays bounded.
-    """
-    with Image.open(path) as image:
-        image.draft("RGB", (DRAFT_SIDE, DRAFT_SIDE))
-        if image.mode in SIXTEEN_BIT:
-            grey = np.asarray(image).astype(np.int64).clip(0, 65535)
-            image = Image.fromarray(((grey * 255 + 32767) // 65535).astype(np.uint8))
-        return image.convert("RGB")
-
-
 def _missing(paths: Sequence[str]) -> dict[str, str]:
     """'FileNotFoundError' for each path that is not a file (a table's rows may name any path)."""
     return {path: "FileNotFoundError: no such file" for path in paths if not os.path.isfile(path)}
@@ -257,7 +239,7 @@ class _ReadCheck(Dataset):
 
     def __getitem__(self, i: int) -> tuple[str, str]:
         try:
-            _read_rgb(self.paths[i])
+            read_rgb(self.paths[i])
         except READ_ERRORS as error:
             return self.paths[i], f"{type(error).__name__}: {error}"
         return self.paths[i], ""
@@ -270,53 +252,3 @@ def _unreadable(paths: Sequence[str], workers: int) -> dict[str, str]:
     for batch in progress(loader, desc="verify images", total=len(loader), unit="batch"):
         errors.update((path, error) for path, error in batch if error)
     return errors
-
-
-class ImageDataset(Dataset):
-    """(transform(RGB image), id) for the images of a manifest."""
-
-    def __init__(self, paths: Sequence[str], ids: Sequence[int], transform: Callable) -> None:
-        if len(paths) != len(ids):
-            raise ValueError(f"ImageDataset got {len(paths)} paths but {len(ids)} ids; pass one id per path")
-        self.paths = list(paths)
-        self.ids = [int(i) for i in ids]
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        try:
-            image = _read_rgb(self.paths[i])
-        except READ_ERRORS as error:
-            raise UnreadableImageError(
-                f"cannot read image {self.paths[i]} ({type(error).__name__}: {error}); the image was "
-                "readable when results/data/manifest.parquet was built; restore it, or delete the manifest "
-                "and rerun to skip it"
-            ) from error
-        return self.transform(image), self.ids[i]
-
-
-def feature_transform(image_size: int) -> Callable:
-    """Deterministic: resize to 256/224 of the size, center-crop, normalise as ImageNet."""
-    return transforms.Compose(
-        [
-            transforms.Resize(round(image_size * 256 / 224)),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
-
-
-def train_transform(image_size: int, min_crop_scale: float = 0.08) -> Callable:
-    """Augmenting: random resized crop (of ``min_crop_scale`` to all of the image's area, torchvision's and the
-    papers' 0.08 by default) and horizontal flip, normalised as ImageNet."""
-    return transforms.Compose(
-        [
-            transforms.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0)),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )

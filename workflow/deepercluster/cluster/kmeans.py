@@ -10,30 +10,20 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
 
 import faiss
 import numpy as np
 import torch
 
+from deepercluster.cluster.rows import FeatureSource
 from deepercluster.distributed import all_gather_objects, all_reduce_sum
+from deepercluster.formats.clusters import Clusters
 from deepercluster.seeds import id_hash
-from deepercluster.shards import FeatureSource
 
 log = logging.getLogger(__name__)
 
 SPLIT_EPS = 1.0 / 1024  # relative perturbation of the two halves of a split cluster (as faiss)
 FINAL_SPLITS = 10  # re-seed-and-reassign attempts when the final assignment leaves a cluster empty
-
-
-@dataclass
-class KMeansResult:
-    centroids: np.ndarray  # [k, dim] float32
-    ids: np.ndarray  # [n_local] int64: this rank's rows
-    assignments: np.ndarray  # [n_local] int64: cluster of each of those rows
-    objective: np.ndarray  # [iterations + 1]: sum of squared distances at each assignment pass
-    reseeded: np.ndarray  # [iterations + 1]: empty clusters re-seeded after each pass
-    sizes: np.ndarray  # [k] int64: global cluster sizes of the final assignment
 
 
 @functools.cache
@@ -124,12 +114,13 @@ def initial_centroids(source: FeatureSource, k: int, seed: int) -> np.ndarray:
     return all_reduce_sum(rows).numpy().astype(np.float32)
 
 
-def kmeans(source: FeatureSource, k: int, iterations: int, seed: int) -> KMeansResult:
+def kmeans(source: FeatureSource, k: int, iterations: int, seed: int) -> Clusters:
     """Lloyd's k-means over every rank's rows; seeded, so the same inputs give the same clusters.
 
     Each of ``iterations`` passes assigns, recomputes centroids from the reduced sums and
     re-seeds empty clusters; a final pass assigns with the final centroids, re-seeding and
-    re-assigning while a cluster is empty (at most ``FINAL_SPLITS`` times).
+    re-assigning while a cluster is empty (at most ``FINAL_SPLITS`` times). The result holds this rank's rows
+    and the sizes over every rank.
     """
     rng = np.random.default_rng(seed)
     centroids = initial_centroids(source, k, seed)
@@ -173,4 +164,4 @@ def kmeans(source: FeatureSource, k: int, iterations: int, seed: int) -> KMeansR
             int((counts == 0).sum()),
             FINAL_SPLITS,
         )
-    return KMeansResult(centroids, ids, labels, np.array(objective), np.array(reseeded), counts)
+    return Clusters(centroids, ids, labels, counts, np.array(objective), np.array(reseeded))

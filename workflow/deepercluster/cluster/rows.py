@@ -1,7 +1,7 @@
 """Feature shards as k-means sees them: the ``FeatureSource`` contract and its source over shard files.
 
 One rank or many, cached in memory or streamed from disk, is a choice of the source, not
-of the algorithm. The shard files themselves are read and written by ``formats``.
+of the algorithm. The shard files themselves are read and written by ``formats.features``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from deepercluster.errors import ClustersError
-from deepercluster.formats import Chunk, read_chunks, read_ids
+from deepercluster.formats.features import Chunk, read_chunks, read_ids
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +25,6 @@ class FeatureSource(Protocol):
     count: int
 
     def chunks(self) -> Iterator[Chunk]: ...
-
-
-def shard_count(images: int, shard_size: int) -> int:
-    """Number of shards of ``shard_size`` images (the last one may be smaller)."""
-    return max(1, -(-images // shard_size))
 
 
 def require_rows(k: int, rows: int, key: str) -> None:

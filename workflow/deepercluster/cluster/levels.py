@@ -1,23 +1,27 @@
-"""The two k-means levels of a round: m super-clusters over all images, then k sub-clusters in each.
+"""The two k-means levels of a round as stages: m super-clusters over all images, then k sub-clusters inside
+each; and the evaluations' flat k-means over one checkpoint's features.
 
-Both levels run the same ``kmeans`` over the PCA-whitened shards; ranks split the shards
+Every level runs the same ``kmeans`` over the PCA-whitened shards; ranks split the shards
 (``shards[rank::world_size]``), rank 0 gathers the assignments and writes the clusters file
-(``formats.write_clusters``).
+(``formats.clusters``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
 
+from deepercluster.cluster.kmeans import kmeans
+from deepercluster.cluster.rows import ShardSource, require_rows
 from deepercluster.distributed import gather_objects, init_distributed
 from deepercluster.errors import ClustersError
 from deepercluster.files import sha256
-from deepercluster.formats import Clusters, Whitening, read_clusters, shard_rows, write_clusters
-from deepercluster.kmeans import KMeansResult, kmeans
+from deepercluster.formats.clusters import Clusters, read_clusters, write_clusters
+from deepercluster.formats.features import shard_rows
+from deepercluster.formats.whitening import Whitening
 from deepercluster.seeds import derived_seed
-from deepercluster.shards import ShardSource, require_rows
 
 log = logging.getLogger(__name__)
 
@@ -35,28 +39,20 @@ def whitened_shards(shards: list[str], pca: str, cache_mb: float, keep_ids: np.n
     return ShardSource(mine, whitening, whitening.dim, keep_ids=keep_ids, cache_mb=cache_mb)
 
 
-def write_result(out: str, result: KMeansResult, **attrs: object) -> None:
+def write_result(out: str, result: Clusters, **attrs: object) -> None:
     """Gather every rank's assignments to rank 0, which writes the clusters file; the others send theirs only."""
     gathered = gather_objects((result.ids, result.assignments))
     if gathered is None:
         return
     ids, assignments = (np.concatenate(parts) for parts in zip(*gathered, strict=True))
-    clusters = Clusters(ids, assignments, result.sizes, result.objective, result.reseeded, attrs)
-    write_clusters(out, clusters, result.centroids)
+    write_clusters(out, dataclasses.replace(result, ids=ids, assignments=assignments, attrs=attrs))
 
 
 def cluster_super(
-    *,
-    shards: list[str],
-    pca: str,
-    out: str,
-    super_clusters: int,
-    iterations: int,
-    seed: int,
-    cache_mb: float = 4096,
+    *, shards: list[str], pca: str, out: str, super_clusters: int, iterations: int, seed: int, cache_mb: float
 ) -> None:
-    """Stage 'super_clusters': level 1, ``super_clusters`` (m) clusters over every image."""
-    require_rows(super_clusters, sum(shard_rows(p) for p in shards), "kmeans.super_clusters (evaluation.clusters)")
+    """Stage 'super-clusters': level 1, ``super_clusters`` (m) clusters over every image."""
+    require_rows(super_clusters, sum(shard_rows(p) for p in shards), "kmeans.super_clusters")
     source = whitened_shards(shards, pca, cache_mb)
     log.info("level 1: %d super-clusters over %d images on this rank", super_clusters, source.count)
     result = kmeans(source, super_clusters, iterations, level_seed(seed, None))
@@ -73,9 +69,9 @@ def cluster_sub(
     sub_clusters: int,
     iterations: int,
     seed: int,
-    cache_mb: float = 4096,
+    cache_mb: float,
 ) -> None:
-    """Stage 'sub_clusters': level 2, ``sub_clusters`` (k) clusters inside super-cluster ``super_cluster``.
+    """Stage 'sub-clusters': level 2, ``sub_clusters`` (k) clusters inside super-cluster ``super_cluster``.
 
     A super-cluster with fewer images than k gets one sub-cluster per image, with a warning.
     """
@@ -95,20 +91,18 @@ def cluster_sub(
             k,
         )
     source = whitened_shards(shards, pca, cache_mb, keep_ids=members)
-    log.info(
-        "level 2: %d sub-clusters inside super-cluster %d (%d images on this rank)",
-        k,
-        super_cluster,
-        source.count,
-    )
+    log.info("level 2: %d sub-clusters inside super-cluster %d (%d images on this rank)", k, super_cluster,
+             source.count)  # fmt: skip
     result = kmeans(source, k, iterations, level_seed(seed, super_cluster))
-    write_result(
-        out,
-        result,
-        level="sub",
-        super_cluster=super_cluster,
-        super_sha256=sha256(super_file),
-        pca_sha256=sha256(pca),
-        seed=seed,
-        iterations=iterations,
-    )
+    write_result(out, result, level="sub", super_cluster=super_cluster, super_sha256=sha256(super_file),
+                 pca_sha256=sha256(pca), seed=seed, iterations=iterations)  # fmt: skip
+
+
+def cluster_flat(*, features: str, pca: str, out: str, k: int, iterations: int, seed: int, cache_mb: float) -> None:
+    """Stage 'eval-kmeans': ``k`` clusters over the images of one checkpoint's ``features.h5`` (the evaluations'
+    clusters.png), on one rank."""
+    require_rows(k, shard_rows(features), "evaluation.clusters")
+    source = whitened_shards([features], pca, cache_mb)
+    log.info("flat k-means: %d clusters over %d images", k, source.count)
+    result = kmeans(source, k, iterations, level_seed(seed, None))
+    write_result(out, result, level="flat", pca_sha256=sha256(pca), seed=seed, iterations=iterations)

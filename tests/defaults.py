@@ -1,0 +1,54 @@
+"""Each stage's settings as the rules pass them, from the schema's defaults (the one place defaults live), for the
+tests that call stage functions directly; keyword arguments change any of them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deepercluster.config import validate_config
+
+CONFIG = validate_config({})
+
+
+def manifest_settings(**changes: Any) -> dict[str, Any]:
+    data = CONFIG["data"]
+    keys = ("max_images", "label_from_folder", "path_column", "split", "verify_images")
+    return {"seed": CONFIG["seed"], "workers": 0, **{key: data[key] for key in keys}, **changes}
+
+
+def feature_settings(**changes: Any) -> dict[str, Any]:
+    return {"image_size": CONFIG["data"]["image_size"], "batch_size": CONFIG["features"]["batch_size"], "workers": 0,
+            **changes}  # fmt: skip
+
+
+def pca_settings(**changes: Any) -> dict[str, Any]:
+    pca = CONFIG["pca"]
+    return {"dim": pca["dim"], "sample_size": pca["sample_size"], "eigenvalue_floor": pca["eigenvalue_floor"],
+            "seed": CONFIG["seed"], **changes}  # fmt: skip
+
+
+def kmeans_settings(**changes: Any) -> dict[str, Any]:
+    kmeans = CONFIG["kmeans"]
+    return {"iterations": kmeans["iterations"], "cache_mb": kmeans["cache_mb"], "seed": CONFIG["seed"], **changes}
+
+
+def block_settings(**changes: Any) -> dict[str, Any]:
+    """The training block's settings (``train_block``'s), one process, no DataLoader workers."""
+    train = CONFIG["train"]
+    keys = ("batch_size", "lr", "momentum", "weight_decay", "dropout", "min_crop_scale", "checkpoint_every")
+    return {"epochs": train["epochs_per_round"], **{key: train[key] for key in keys},
+            "image_size": CONFIG["data"]["image_size"], "workers": 0, "seed": CONFIG["seed"], **changes}  # fmt: skip
+
+
+def allocation_settings(**changes: Any) -> dict[str, Any]:
+    """The training block's allocation (``launch.train``'s), ``resources.train`` of the schema's defaults."""
+    wanted = CONFIG["resources"]["default"]
+    return {"launcher": CONFIG["launcher"], "tasks": wanted["tasks"], "nodes": wanted["nodes"],
+            "gpus_per_node": wanted["gpus"], "gpu_model": wanted["gpu_model"], "cpus_per_task": wanted["cpus_per_task"],
+            "mem_mb": wanted["mem_mb"], "timeout_min": wanted["runtime"], "slurm_partition": wanted["slurm_partition"],
+            "slurm_account": wanted["slurm_account"], **changes}  # fmt: skip
+
+
+def eval_settings(**changes: Any) -> dict[str, Any]:
+    """evaluation.* of the schema's defaults, by key."""
+    return {**CONFIG["evaluation"], **changes}

@@ -1,0 +1,127 @@
+"""Feature files: a round's shards ``features/shard-{i}.h5`` and an evaluation's ``features.h5`` (the penultimate
+feature, "the feature" the clustering sees), and an evaluation's ``probe_features.h5`` (pooled conv activations).
+
+A shard (or ``features.h5``): ``features`` (n x d float32), ``ids`` (n int64), provenance attributes
+(``checkpoint_sha256``, ``layer``, ``transform``, ``manifest_sha256``...).
+
+``probe_features.h5``: ``ids`` (n int64) and one float16 dataset per conv layer (n x that layer's pooled dim),
+named by the layer; attributes ``layers`` (their names, in order), ``pools`` (each one's pooled side),
+``checkpoint_sha256``, ``arch``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+import h5py
+import numpy as np
+
+from deepercluster.errors import ShardError
+from deepercluster.files import atomic_output
+
+Chunk = tuple[np.ndarray, np.ndarray]  # (ids: int64 [n], x: float32 [n, dim])
+
+
+def write_shard(path: str | os.PathLike, features: np.ndarray, ids: np.ndarray, **attrs: object) -> None:
+    """A feature shard: ``features`` (n x d float32), ``ids`` (n int64), ``attrs`` (``checkpoint_sha256``...)."""
+    with atomic_output(path) as partial, h5py.File(partial, "w") as f:
+        f["features"] = np.asarray(features, np.float32)
+        f["ids"] = np.asarray(ids, np.int64)
+        f.attrs.update(attrs)
+
+
+def open_shard(path: str | os.PathLike) -> h5py.File:
+    """Open a shard for reading; a truncated or foreign file gets one message naming it and the fix.
+
+    Without HDF5's 64 KiB sieve buffer, reading scattered rows (the PCA sample) reads those rows only.
+    """
+    access = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    access.set_sieve_buf_size(0)
+    access.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
+    try:
+        f = h5py.File(h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY, fapl=access))
+    except (OSError, FileNotFoundError) as error:
+        raise ShardError(
+            f"feature shard {path} is unreadable ({error}): it is missing or truncated; "
+            "delete it and rerun snakemake, which re-extracts only that shard"
+        ) from error
+    if "features" not in f or "ids" not in f or f["features"].shape[0] != f["ids"].shape[0]:
+        f.close()
+        raise ShardError(
+            f"feature shard {path} lacks matching 'features' and 'ids' datasets: "
+            "delete it and rerun snakemake, which re-extracts only that shard"
+        )
+    return f
+
+
+def shard_rows(path: str | os.PathLike) -> int:
+    with open_shard(path) as f:
+        return int(f["ids"].shape[0])
+
+
+def shard_checkpoint(path: str | os.PathLike) -> str:
+    """The sha256 of the checkpoint whose features a shard holds."""
+    with open_shard(path) as f:
+        return str(f.attrs["checkpoint_sha256"])
+
+
+def read_ids(path: str | os.PathLike) -> np.ndarray:
+    with open_shard(path) as f:
+        return f["ids"][:].astype(np.int64)
+
+
+def read_chunks(paths: Sequence[str], chunk_rows: int = 16384) -> Iterator[Chunk]:
+    """Stream (ids, raw features) from ``paths`` in order, ``chunk_rows`` rows at a time."""
+    for path in paths:
+        with open_shard(path) as f:
+            n = f["ids"].shape[0]
+            for start in range(0, n, chunk_rows):
+                stop = min(start + chunk_rows, n)
+                ids, x = f["ids"][start:stop], f["features"][start:stop]
+                yield ids.astype(np.int64, copy=False), x.astype(np.float32, copy=False)
+
+
+def read_rows(path: str | os.PathLike, positions: np.ndarray, chunk_rows: int = 16384) -> Iterator[np.ndarray]:
+    """The raw features of rows ``positions`` (sorted, unique) of a shard, reading no other row.
+
+    One array per ``chunk_rows``-row block of the shard holding any of them, so memory is
+    bounded by a block whatever the number of positions.
+    """
+    positions = np.asarray(positions, np.int64)
+    blocks = positions // chunk_rows
+    with open_shard(path) as f:
+        for block in np.unique(blocks):
+            yield f["features"][positions[blocks == block]].astype(np.float32, copy=False)
+
+
+@contextlib.contextmanager
+def probe_features_writer(
+    path: str | os.PathLike, ids: np.ndarray, dims: dict[str, int], **attrs: object
+) -> Iterator[Callable[[int, list[np.ndarray]], None]]:
+    """``probe_features.h5`` for the images ``ids``, one layer per item of ``dims`` (name: pooled dim), written
+    batch by batch: the function yielded takes (first row, [values of each layer]). Renamed on success only."""
+    with atomic_output(path) as partial, h5py.File(partial, "w") as f:
+        f["ids"] = np.asarray(ids, np.int64)
+        layers = [f.create_dataset(name, (len(ids), dim), np.float16) for name, dim in dims.items()]
+
+        def write(start: int, values: list[np.ndarray]) -> None:
+            for layer, x in zip(layers, values, strict=True):
+                layer[start : start + len(x)] = x
+
+        yield write
+        f.attrs.update(layers=list(dims), **attrs)
+
+
+def probe_attributes(path: str | os.PathLike) -> dict[str, object]:
+    """A ``probe_features.h5``'s attributes: ``layers`` (in order), ``pools``, ``checkpoint_sha256``, ``arch``."""
+    with h5py.File(path, "r") as f:
+        return dict(f.attrs)
+
+
+def read_probe_layer(path: str | os.PathLike, layer: str, ids: np.ndarray) -> np.ndarray:
+    """One layer's pooled activations (float32) of the images ``ids`` (sorted or not) of a ``probe_features.h5``."""
+    with h5py.File(path, "r") as f:
+        position = np.searchsorted(f["ids"][:], ids)
+        return f[layer][:][position].astype(np.float32)

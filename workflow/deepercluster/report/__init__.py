@@ -1,0 +1,2 @@
+"""What a run shows its user: each round's figures (``figures``), the summary table (``summary``) and a model to
+take away (``export``)."""

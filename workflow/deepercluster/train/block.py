@@ -1,0 +1,270 @@
+"""The training block of a round: ``epochs`` epochs on the round's pseudo-labels, resumable exactly.
+
+``train_block`` reads top to bottom as the paper's block: data (``batches``), networks, optimisers, resume
+(``state``), epochs. It saves ``train/last.pt`` every ``checkpoint_every`` iterations, at every epoch end, and
+at the iteration where the pre-emption signal arrives (``preemption``), before handing over to submitit to
+requeue the job. Run again after a kill, it resumes from there and ends with the same weights as an
+uninterrupted run, when last.pt was written for the same block (``state.block_provenance``).
+
+The backbone and the super-class head are held by all ranks and their gradients averaged over all; the
+sub-class head W_g only by its training group's ranks (a process group per group), each holding 1/p of its
+classes in the paper's layout (the softmax over them all taken inside the group: ``nn.heads``). BatchNorm
+statistics are computed over the global batch (``nn.layers``), so the ranks holding a weight hold it
+identically and one rank computes what many do.
+
+The per-iteration log is kept beside last.pt (``running-metrics.tsv``, cut back to the resume point on
+resume); ``metrics.tsv``, the rule's declared output, is written from it when the block ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from deepercluster import methods
+from deepercluster.checkpoints import load_model, model_checkpoint, save_checkpoint
+from deepercluster.data.images import ImageDataset, train_transform
+from deepercluster.distributed import (
+    Distributed,
+    group_of_ranks,
+    init_distributed,
+    is_main_process,
+    synchronise_gradients,
+)
+from deepercluster.errors import TrainingInputError
+from deepercluster.formats.manifest import read_manifest
+from deepercluster.logs import code_version
+from deepercluster.methods import Method
+from deepercluster.nn.heads import Heads, Targets, targets_for
+from deepercluster.nn.layers import global_batchnorm
+from deepercluster.seeds import derived_seed
+from deepercluster.train.batches import (
+    Layout,
+    RankBatches,
+    RotatedImages,
+    group_sampler,
+    image_clusters,
+    layout_for,
+)
+from deepercluster.train.metrics import MetricsLog, mean_over_ranks
+from deepercluster.train.preemption import Preemption
+from deepercluster.train.sampler import UniformClusterSampler
+from deepercluster.train.state import BlockState, block_provenance, resume_state, save_state
+
+log = logging.getLogger(__name__)
+
+SPLIT = ("super_cluster", "sub_cluster")
+
+
+@dataclass
+class BlockData:
+    """This rank's data: the images, each one's super- and sub-cluster, the targets, the ranks' layout, the
+    process group of this rank's sub-class heads (None: all ranks) and a sampler uniform over its clusters."""
+
+    method: Method
+    dataset: RotatedImages
+    super_clusters: torch.Tensor
+    sub_clusters: torch.Tensor
+    targets: Targets
+    layout: Layout
+    group: torch.distributed.ProcessGroup | None
+    sampler: UniformClusterSampler
+    group_batch: int
+
+
+def block_data(
+    manifest: str, labels: str | None, method: Method, context: Distributed, batch_size: int, image_size: int,
+    min_crop_scale: float, seed: int,
+) -> BlockData:  # fmt: skip
+    images = read_manifest(manifest)
+    clusters = image_clusters(images, labels if method.clusters else None)
+    targets = targets_for(method, clusters.sub_clusters)
+    layout = layout_for(targets, context.rank, context.world_size)
+    group = group_of_ranks(layout.parts)  # a collective: every rank makes every group's
+    sampler = group_sampler(method, layout, clusters, seed)
+    augment = train_transform(image_size, min_crop_scale)
+    dataset = RotatedImages(ImageDataset(images["path"].tolist(), images["id"].tolist(), augment))
+    super_clusters, sub_clusters = (torch.tensor(clusters.table[c].to_numpy()) for c in SPLIT)
+    group_batch = min(batch_size // layout.groups, len(sampler))
+    return BlockData(method, dataset, super_clusters, sub_clusters, targets, layout, group, sampler, group_batch)
+
+
+def block_networks(
+    previous_checkpoint: str, data: BlockData, dropout: float, seed: int, context: Distributed
+) -> tuple[nn.Module, Heads, dict[str, Any]]:
+    """The backbone of the previous checkpoint (global-batch BatchNorm, the block's dropout) and new heads: this
+    rank's sub-class heads of its group's super-class, or all of them when its group is every super-class."""
+    model, previous = load_model(previous_checkpoint)
+    torch.manual_seed(seed)  # the same heads on every rank
+    layout = data.layout
+    heads = Heads(model.feature_dim, data.targets, holds=[layout.group] if layout.groups > 1 else None,
+                  part=layout.head_part, group=data.group)  # fmt: skip
+    torch.manual_seed(derived_seed(seed, context.rank))  # each rank's dropout
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = dropout
+    model = global_batchnorm(model).to(context.device).train()
+    return model, heads.to(context.device).train(), previous
+
+
+class Optimisers:
+    """SGD on the ``shared`` parameters (backbone, V) and on the ``held`` ones (this rank's W_g), with each
+    gradient averaged over the ranks holding its weight: one all-reduce when that is every rank. A part of W_g
+    needs none: its backward saw every row of the group, so its gradient is already the sum over the group's
+    ranks, divided by their number into the average."""
+
+    def __init__(self, model: nn.Module, heads: Heads, data: BlockData, **sgd: float) -> None:
+        self.held = list(heads.sub_class.parameters())
+        held = {id(p) for p in self.held}
+        self.shared = [p for p in [*model.parameters(), *heads.parameters()] if p.requires_grad and id(p) not in held]
+        self.parts = data.layout.head_part[1]
+        if data.group is None:
+            self.reductions = [(self.shared + self.held, None)]
+        else:
+            self.reductions = [(self.shared, None), *([(self.held, data.group)] if self.parts == 1 else [])]
+        self.optimizer = torch.optim.SGD(self.shared, **sgd)
+        self.held_optimizer = torch.optim.SGD(self.held, **sgd) if self.held else None
+
+    def step(self, loss: torch.Tensor) -> None:
+        optimizers = [self.optimizer, *([self.held_optimizer] if self.held_optimizer else [])]
+        for o in optimizers:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for parameters, ranks in self.reductions:
+            synchronise_gradients(parameters, ranks)
+        for p in self.held if self.parts > 1 else []:
+            p.grad /= self.parts
+        for o in optimizers:
+            o.step()
+
+
+@dataclass
+class Loop:
+    """What the epochs share: the networks, their optimisers and state, and where and how often to save."""
+
+    round: int
+    data: BlockData
+    model: nn.Module
+    heads: Heads
+    optimisers: Optimisers
+    state: BlockState
+    last: Path
+    provenance: dict[str, Any]
+    metrics: MetricsLog
+    context: Distributed
+    lr: float
+    epochs: int
+    checkpoint_every: int
+    workers: int
+    seed: int
+
+    @property
+    def iterations_per_epoch(self) -> int:
+        return len(self.data.sampler) // self.data.group_batch
+
+
+def train_block(
+    *, manifest: str, previous_checkpoint: str, out: str, train_dir: str, method: str, round: int,
+    labels: str | None = None, epochs: int, batch_size: int, lr: float, momentum: float, weight_decay: float,
+    dropout: float, image_size: int, min_crop_scale: float, workers: int, checkpoint_every: int, seed: int,
+) -> None:  # fmt: skip
+    """Stage 'train' (inside its launcher): round ``round``'s training block; writes ``out``.
+
+    ``batch_size`` is the global batch, split evenly over the ranks. ``out`` holds the backbone the next round
+    starts from, and the heads rank 0 holds: every head when ranks are fewer than training groups; the
+    super-class head and its part of W_0 in the paper's layout.
+    """
+    context = init_distributed()
+    if batch_size % context.world_size:
+        raise TrainingInputError(f"config train.batch_size {batch_size} is not a multiple of the {context.world_size} "
+                                 "ranks (resources.train.tasks): change either")  # fmt: skip
+    settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "momentum": momentum, "seed": seed,
+                "weight_decay": weight_decay, "dropout": dropout, "image_size": image_size,
+                "min_crop_scale": min_crop_scale}  # fmt: skip
+    provenance = block_provenance(manifest=manifest, previous_checkpoint=previous_checkpoint, labels=labels,
+                                  method=method, world_size=context.world_size, **settings)  # fmt: skip
+    log.info("round %d's block, deepercluster %s: %s", round, code_version(), provenance)
+
+    data = block_data(manifest, labels, methods.method(method), context, batch_size, image_size, min_crop_scale, seed)
+    model, heads, previous = block_networks(previous_checkpoint, data, dropout, seed, context)
+    optimisers = Optimisers(model, heads, data, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    state = BlockState(
+        shared={"model": model, **optional(super_class=heads.super_class), "optimizer": optimisers.optimizer},
+        held=optional(sub_class=heads.sub_class, sub_class_optimizer=optimisers.held_optimizer),
+    )
+    last = Path(train_dir) / "last.pt"
+    last.parent.mkdir(parents=True, exist_ok=True)
+    start_epoch, start_batch = resume_state(last, state, data.layout, provenance, context.rank)
+    per_epoch = len(data.sampler) // data.group_batch
+    metrics = MetricsLog(last.with_name("running-metrics.tsv"), resume_at=start_epoch * per_epoch + start_batch)
+    loop = Loop(round, data, model, heads, optimisers, state, last, provenance, metrics, context,
+                lr=lr, epochs=epochs, checkpoint_every=checkpoint_every, workers=workers, seed=seed)  # fmt: skip
+    log_start(loop, start_epoch, start_batch)
+    with Preemption() as preemption:
+        for epoch in range(start_epoch, epochs):
+            run_epoch(loop, epoch, start_batch if epoch == start_epoch else 0, preemption)
+    metrics.publish(last.with_name("metrics.tsv"))
+    if is_main_process():
+        final = {"model": model.state_dict(), "heads": heads.state_dict(), "targets": asdict(data.targets)}
+        save_checkpoint(out, model_checkpoint(arch=previous["arch"], sobel=previous["sobel"], round=round,
+                                              provenance=provenance, **final))  # fmt: skip
+        log.info("round %d's block done: %s", round, out)
+
+
+def optional(**objects: Any) -> dict[str, Any]:
+    """``objects`` but those that are None (DeepCluster has no super-class head, RotNet no sub-class heads)."""
+    return {name: value for name, value in objects.items() if value is not None}
+
+
+def log_start(loop: Loop, start_epoch: int, start_batch: int) -> None:
+    data = loop.data
+    if (start_epoch, start_batch) != (0, 0):
+        log.info("resuming round %d at epoch %d, batch %d from %s", loop.round, start_epoch, start_batch, loop.last)
+    log.info("round %d: %s on %d images, %d epochs x %d iterations of %d on %d ranks (%s), heads %s", loop.round,
+             data.method.name, len(data.dataset), loop.epochs, loop.iterations_per_epoch,
+             loop.provenance["batch_size"], loop.context.world_size, data.layout, data.targets)  # fmt: skip
+    held = sum(p.numel() for p in loop.optimisers.held)
+    log.info("rank %d holds sub-class heads [%s] (part %d of %d): %d parameters", loop.context.rank,
+             ",".join(loop.heads.sub_class), *data.layout.head_part, held)  # fmt: skip
+
+
+def run_epoch(loop: Loop, epoch: int, start_batch: int, preemption: Preemption) -> None:
+    """One epoch from batch ``start_batch``: a step per batch, a save every ``checkpoint_every`` iterations, at
+    a pre-emption signal (then handing over to submitit) and at the end."""
+    data, device, per_epoch = loop.data, loop.context.device, loop.iterations_per_epoch
+    indices, rotations = data.sampler.epoch(epoch)
+    batches = RankBatches(indices, rotations, data.group_batch, data.layout, start_batch, loop.seed, epoch)
+    # Its own generator: creating the loader must not draw from the global RNG (dropout's), or a loader created
+    # at resume would shift every later draw.
+    generator = torch.Generator().manual_seed(loop.seed)
+    loader = DataLoader(data.dataset, batch_sampler=batches, num_workers=loop.workers,
+                        pin_memory=device.type == "cuda", generator=generator)  # fmt: skip
+    tick, iteration = time.perf_counter(), epoch * per_epoch + start_batch
+    for batch, (x, index, rotation) in enumerate(loader, start=start_batch):
+        x, rotation = x.to(device, non_blocking=True), rotation.to(device)
+        super_target = data.method.super_class(data.super_clusters[index].to(device), rotation)
+        losses = loop.heads(loop.model(x), super_target, data.sub_clusters[index].to(device))
+        loop.optimisers.step(losses["loss"])
+        row, stop = mean_over_ranks(losses, preemption.signalled, loop.context.world_size)
+        now, iteration = time.perf_counter(), iteration + 1
+        loop.metrics.write(round=loop.round, epoch=epoch, iteration=iteration - 1, lr=loop.lr,
+                           images_per_s=len(x) * loop.context.world_size / (now - tick), **row)  # fmt: skip
+        tick = now
+        if iteration % loop.checkpoint_every == 0 or stop:
+            loop.metrics.flush()
+            save_state(loop.last, loop.state, data.layout, loop.provenance, epoch, batch + 1)
+        if stop:
+            log.warning("pre-emption signal: saved %s at epoch %d, batch %d; requeuing", loop.last, epoch, batch + 1)
+            preemption.hand_over()
+        if batch % max(1, per_epoch // 5) == 0 or batch + 1 == per_epoch:
+            log.info("epoch %d/%d batch %d/%d: %s", epoch + 1, loop.epochs, batch + 1, per_epoch,
+                     " ".join(f"{k} {v:.3f}" for k, v in row.items()))  # fmt: skip
+    loop.metrics.flush()
+    save_state(loop.last, loop.state, data.layout, loop.provenance, epoch + 1, 0)
