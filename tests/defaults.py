@@ -22,9 +22,11 @@ def feature_settings(**changes: Any) -> dict[str, Any]:
 
 
 def pca_settings(**changes: Any) -> dict[str, Any]:
+    """The pca stage's settings: every direction kept (DeeperCluster's), unless ``dim`` or ``fraction`` say."""
     pca = CONFIG["pca"]
-    return {"dim": pca["dim"], "sample_size": pca["sample_size"], "eigenvalue_floor": pca["eigenvalue_floor"],
-            "seed": CONFIG["seed"], **changes}  # fmt: skip
+    return {"dim": None, "fraction": CONFIG["methods"]["deepercluster"]["pca_fraction"],
+            "sample_size": pca["sample_size"], "eigenvalue_floor": pca["eigenvalue_floor"], "seed": CONFIG["seed"],
+            **changes}  # fmt: skip
 
 
 def kmeans_settings(**changes: Any) -> dict[str, Any]:
@@ -32,12 +34,13 @@ def kmeans_settings(**changes: Any) -> dict[str, Any]:
     return {"iterations": kmeans["iterations"], "cache_mb": kmeans["cache_mb"], "seed": CONFIG["seed"], **changes}
 
 
-def block_settings(**changes: Any) -> dict[str, Any]:
-    """The training block's settings (``train_block``'s), one process, no DataLoader workers."""
-    train = CONFIG["train"]
-    keys = ("batch_size", "lr", "momentum", "weight_decay", "dropout", "min_crop_scale", "checkpoint_every")
-    return {"epochs": train["epochs_per_round"], **{key: train[key] for key in keys},
-            "image_size": CONFIG["data"]["image_size"], "workers": 0, "seed": CONFIG["seed"], **changes}  # fmt: skip
+def block_settings(method: str = "deepercluster", **changes: Any) -> dict[str, Any]:
+    """The training block's settings (``train_block``'s) for ``method``, one process, no DataLoader workers."""
+    train, own = CONFIG["train"], CONFIG["methods"][method]
+    keys = ("batch_size", "momentum", "weight_decay", "dropout", "min_crop_scale", "checkpoint_every")
+    return {"epochs": own["epochs_per_round"], "lr": own["lr"], "head_momentum": own["head_momentum"],
+            **{key: train[key] for key in keys}, "image_size": CONFIG["data"]["image_size"], "workers": 0,
+            "seed": CONFIG["seed"], **changes}  # fmt: skip
 
 
 def allocation_settings(**changes: Any) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from deepercluster.__main__ import main
@@ -32,7 +33,7 @@ from deepercluster.formats.manifest import read_manifest
 from deepercluster.nn.models import build_model
 from deepercluster.stages import options
 from defaults import feature_settings, kmeans_settings, manifest_settings, pca_settings
-from test_workflow import snakemake
+from test_workflow import TEST_CONFIG, snakemake
 
 pytestmark = pytest.mark.usefixtures("single_process")
 
@@ -249,11 +250,14 @@ def test_a_table_listing_a_path_twice(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"rounds": 0}, "rounds: 0 is less than the minimum of 1"),
-        ({"kmeans": {"sub_clusters": 0}}, "kmeans.sub_clusters: 0 is less than the minimum of 1"),
+        ({"methods": {"rotnet": {"rounds": 0}}}, "methods.rotnet.rounds: 0 is less than the minimum of 1"),
+        (
+            {"methods": {"deepercluster": {"sub_clusters": 0}}},
+            "methods.deepercluster.sub_clusters: 0 is less than the minimum of 1",
+        ),
         ({"train": {"batch_size": 0}}, "train.batch_size: 0 is less than the minimum of 2"),
         ({"features": {"shard_size": "1000"}}, "features.shard_size: '1000' is not of type 'integer'"),
-        ({"train": {"lr": "fast"}}, "train.lr: 'fast' is not of type 'number'"),
+        ({"methods": {"deepcluster": {"lr": "fast"}}}, "methods.deepcluster.lr: 'fast' is not of type 'number'"),
         ({"seed": -1}, "seed: -1 is less than the minimum of 0"),
         ({"train": {"momentum": 1.5}}, "train.momentum: 1.5 is greater than or equal to the maximum of 1"),
         ({"train": {"dropout": 1}}, "train.dropout: 1 is greater than or equal to the maximum of 1"),
@@ -289,7 +293,7 @@ def test_every_number_in_the_schema_is_bounded() -> None:
 
 
 def test_more_super_clusters_than_images(real_data, tmp_path: Path) -> None:
-    with pytest.raises(ClustersError, match=r"kmeans\.super_clusters is 601, more than the 600 images"):
+    with pytest.raises(ClustersError, match=r"methods\.deepercluster\.super_clusters is 601, more than the 600 images"):
         cluster_super(shards=real_data.shards, pca=real_data.pca, out=str(tmp_path / "super.h5"),
                       super_clusters=601, **kmeans_settings(iterations=1))  # fmt: skip
     assert not (tmp_path / "super.h5").exists()
@@ -298,9 +302,14 @@ def test_more_super_clusters_than_images(real_data, tmp_path: Path) -> None:
 def test_more_super_clusters_than_images_at_parse_time(tmp_path: Path) -> None:
     run = snakemake(tmp_path, "results/data/manifest.parquet")
     assert run.returncode == 0, run.stderr[-3000:]
-    run = snakemake(tmp_path, "-n", kmeans={"super_clusters": 301, "sub_clusters": 4, "iterations": 5})
+    methods = yaml.safe_load(TEST_CONFIG.read_text())["methods"]
+    run = snakemake(
+        tmp_path, "-n", methods={**methods, "deepercluster": {**methods["deepercluster"], "super_clusters": 301}}
+    )
     assert run.returncode != 0
-    assert "kmeans.super_clusters is 301, more than the 300 images: set it to at most 300" in run.stderr + run.stdout
+    assert "methods.deepercluster.super_clusters is 301, more than the 300 images: set it to at most 300" in (
+        run.stderr + run.stdout
+    )
 
 
 def test_a_truncated_shard_given_to_pca(real_data, tmp_path: Path) -> None:

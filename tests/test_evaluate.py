@@ -24,8 +24,9 @@ from deepercluster.checkpoints import load_model
 from deepercluster.cluster.levels import cluster_flat
 from deepercluster.cluster.pca import fit_pca, fit_whitening
 from deepercluster.data.images import feature_transform
+from deepercluster.data.manifest import join_evaluation
 from deepercluster.errors import CheckpointError
-from deepercluster.evaluate.backbone import conv_activations, frozen_backbone, labelled_split
+from deepercluster.evaluate.backbone import conv_activations, frozen_backbone, labelled_roles
 from deepercluster.evaluate.clusters import cluster_grid, dominant_values
 from deepercluster.evaluate.common import average_precision
 from deepercluster.evaluate.compare import compare
@@ -61,9 +62,8 @@ pytestmark = pytest.mark.usefixtures("single_process")
 def linear_settings(**changes: object) -> dict[str, object]:
     """eval-linear's settings as the rule passes them, from the schema's defaults."""
     evaluation = eval_settings()
-    return {"label_column": evaluation["label_column"], "val_fraction": evaluation["val_fraction"],
-            "weight_decays": evaluation["probe_weight_decays"], "max_iterations": evaluation["probe_iterations"],
-            "seed": 0, **changes}  # fmt: skip
+    return {"label_column": evaluation["label_column"], "weight_decays": evaluation["probe_weight_decays"],
+            "max_iterations": evaluation["probe_iterations"], "seed": 0, **changes}  # fmt: skip
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,11 +72,39 @@ VOC_CLASSES = {"Trouser": "trouser", "Bag": "bag", "Sneaker": "sneaker", "Dress"
 
 
 @pytest.fixture(scope="module")
-def features_file(real_data, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The 'features' stage's output holding every image of the manifest, as the eval_features rule makes it."""
+def eval_manifest(real_data, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The evaluation manifest of the 600 real images as the eval_manifest rule makes it: 480 train images (what
+    the probes learn from, the k-NN remembers), 120 test images (what every evaluation scores)."""
+    folder = tmp_path_factory.mktemp("eval-manifest")
+    images = read_manifest(real_data.manifest)
+    for role, rows in (("train", images.iloc[:480]), ("test", images.iloc[480:])):
+        rows.to_parquet(folder / f"{role}.parquet")
+    join_evaluation(train=str(folder / "train.parquet"), test=str(folder / "test.parquet"),
+                    out=str(folder / "manifest.parquet"))  # fmt: skip
+    return str(folder / "manifest.parquet")
+
+
+@pytest.fixture(scope="module")
+def features_file(real_data, eval_manifest: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The features of every evaluation image, as the eval_features rule makes them."""
     out = str(tmp_path_factory.mktemp("eval") / "features.h5")
-    extract_all(manifest=real_data.manifest, checkpoint=real_data.checkpoint, out=out, **feature_settings())
+    extract_all(manifest=eval_manifest, checkpoint=real_data.checkpoint, out=out, **feature_settings())
     return out
+
+
+@pytest.fixture(scope="module")
+def probe_cache(real_data, eval_manifest: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The probe features of every evaluation image, as the eval_probe_features rule makes them."""
+    out = str(tmp_path_factory.mktemp("probe") / "probe_features.h5")
+    probe_features(checkpoint=real_data.checkpoint, manifest=eval_manifest, out=out, **feature_settings())
+    return out
+
+
+def test_the_evaluation_manifest_holds_the_train_images_then_the_test_images(real_data, eval_manifest) -> None:
+    joined, images = read_manifest(eval_manifest), read_manifest(real_data.manifest)
+    assert joined["id"].tolist() == list(range(600)) and joined["path"].tolist() == images["path"].tolist()
+    assert joined["eval_split"].tolist() == ["train"] * 480 + ["test"] * 120
+    assert joined["label"].tolist() == images["label"].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -109,37 +137,38 @@ def test_probe_dims_are_reference_tables() -> None:
     assert [dim for _, dim in small] == [9248, 9216, 8192]
 
 
-def test_probe_features_are_each_conv_layers_pooled_activations(real_data, tmp_path: Path) -> None:
-    out = tmp_path / "probe_features.h5"
-    probe_features(checkpoint=real_data.checkpoint, manifest=real_data.manifest, out=str(out),
-                   **feature_settings(batch_size=100))  # fmt: skip
+def test_probe_features_are_each_conv_layers_pooled_activations(real_data, eval_manifest, probe_cache) -> None:
     model, _ = frozen_backbone(real_data.checkpoint)
-    manifest = read_manifest(real_data.manifest)
+    manifest = read_manifest(eval_manifest)
     picked = [0, 137, 599]
     images = torch.stack([feature_transform(32)(Image.open(manifest["path"][i]).convert("RGB")) for i in picked])
     with torch.no_grad():
         activations = conv_activations(model, images)
-    with h5py.File(out) as f:
+    with h5py.File(probe_cache) as f:
         assert list(f.attrs["layers"]) == ["conv1", "conv2", "conv3"] and list(f.attrs["pools"]) == [17, 12, 8]
         assert np.array_equal(f["ids"][:], manifest["id"])
         pools = [(17, 9248), (12, 9216), (8, 8192)]
         for name, activation, (s, dim) in zip(f.attrs["layers"], activations, pools, strict=True):
             expected = torch.nn.functional.adaptive_avg_pool2d(activation, s).flatten(1).numpy()
-            assert f[name].shape == (600, dim) and f[name].dtype == np.float16
-            np.testing.assert_allclose(f[name][picked], expected, rtol=2e-3, atol=2e-3)
+            assert f[f"pooled/{name}"].shape == (600, dim) and f[f"pooled/{name}"].dtype == np.float16
+            np.testing.assert_allclose(f[f"pooled/{name}"][picked], expected, rtol=2e-3, atol=2e-3)
+            channels = activation.mean((2, 3)).numpy()  # the global average of each channel
+            assert f[f"channels/{name}"].shape == (600, activation.shape[1])
+            np.testing.assert_allclose(f[f"channels/{name}"][picked], channels, rtol=2e-3, atol=2e-3)
 
 
-def test_linear_probe_converges_to_the_optimum_scikit_learn_finds(real_data, tmp_path: Path) -> None:
+def test_linear_probe_converges_to_the_optimum_scikit_learn_finds(eval_manifest, probe_cache, tmp_path) -> None:
     from sklearn.linear_model import LogisticRegression
 
-    cache, out, plot = tmp_path / "probe_features.h5", tmp_path / "linear.json", tmp_path / "linear.png"
-    probe_features(checkpoint=real_data.checkpoint, manifest=real_data.manifest, out=str(cache), **feature_settings())
-    linear_probe(features=str(cache), manifest=real_data.manifest, out=str(out), plot=str(plot),
+    out, plot = tmp_path / "linear.json", tmp_path / "linear.png"
+    linear_probe(features=probe_cache, manifest=eval_manifest, out=str(out), plot=str(plot),
                  **linear_settings(weight_decays=[1e-2, 1e-1]))  # fmt: skip
     result = json.loads(out.read_text())
-    assert [layer["layer"] for layer in result["layers"]] == ["conv1", "conv2", "conv3"]
-    assert [layer["dim"] for layer in result["layers"]] == [9248, 9216, 8192]
-    assert (result["train_images"], result["val_images"], result["classes"]) == (480, 120, 10)
+    assert [(layer["pooling"], layer["layer"]) for layer in result["layers"]] == [
+        (pooling, f"conv{i}") for pooling in ("channels", "pooled") for i in (1, 2, 3)
+    ]
+    assert [layer["dim"] for layer in result["layers"]] == [32, 64, 128, 9248, 9216, 8192]
+    assert (result["train_images"], result["test_images"], result["classes"]) == (480, 120, 10)
     for layer in result["layers"]:
         # Even a random-init backbone's conv features separate Fashion-MNIST far above chance (10%).
         assert 0.5 < layer["top1"] <= 1.0 and layer["converged"], layer
@@ -150,13 +179,13 @@ def test_linear_probe_converges_to_the_optimum_scikit_learn_finds(real_data, tmp
 
     # The solver reaches scikit-learn's optimum of the same objective (C = 1 / (weight decay x images)), on
     # 256 of conv3's dims to keep scikit-learn fast.
-    data = labelled_split(real_data.manifest, "label", 0.2, 0)
-    with h5py.File(cache) as f:
-        x = f["conv3"][:, :256].astype(np.float32)
-    train, val = standardise(x[~data.val], x[data.val])
-    weight, bias, iterations = fit_logistic(train, torch.from_numpy(data.targets[~data.val]), 10, 1e-2, 500)
+    data = labelled_roles(eval_manifest, "label")
+    with h5py.File(probe_cache) as f:
+        x = f["pooled/conv3"][:, :256].astype(np.float32)
+    train, val = map(torch.from_numpy, standardise(x[data.train], x[~data.train]))
+    weight, bias, iterations = fit_logistic(train, torch.from_numpy(data.targets[data.train]), 10, 1e-2, 500)
     reference = LogisticRegression(C=1 / (1e-2 * len(train)), max_iter=2000, tol=1e-8)
-    reference.fit(train.double().numpy(), data.targets[~data.val])
+    reference.fit(train.double().numpy(), data.targets[data.train])
     assert iterations < 500
     np.testing.assert_allclose(weight.numpy(), reference.coef_.T, atol=2e-3)
     ours = (val @ weight + bias).argmax(1).numpy()
@@ -164,12 +193,12 @@ def test_linear_probe_converges_to_the_optimum_scikit_learn_finds(real_data, tmp
 
     # Told to watch a held-out set, the probe stops once that set's top-1 stops moving: on a check,
     # before the optimum, with the top-1 it has at the optimum (to one image in 120).
-    val_y = torch.from_numpy(data.targets[data.val])
-    early_weight, early_bias, early = fit_logistic(train, torch.from_numpy(data.targets[~data.val]), 10, 1e-2, 500,
+    val_y = torch.from_numpy(data.targets[~data.train])
+    early_weight, early_bias, early = fit_logistic(train, torch.from_numpy(data.targets[data.train]), 10, 1e-2, 500,
                                                    held_out=(val, val_y))  # fmt: skip
     assert early % CHECK_EVERY == 0 and early < iterations, (early, iterations)
-    assert abs(np.mean((val @ early_weight + early_bias).argmax(1).numpy() == data.targets[data.val])
-               - np.mean(ours == data.targets[data.val])) <= 1 / 120  # fmt: skip
+    assert abs(np.mean((val @ early_weight + early_bias).argmax(1).numpy() == data.targets[~data.train])
+               - np.mean(ours == data.targets[~data.train])) <= 1 / 120  # fmt: skip
 
 
 def test_frozen_backbone_keeps_batchnorm_statistics(real_data) -> None:
@@ -181,44 +210,56 @@ def test_frozen_backbone_keeps_batchnorm_statistics(real_data) -> None:
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_knn_matches_scikit_learn_leave_one_out(real_data, features_file: str, tmp_path: Path) -> None:
+def test_knn_matches_scikit_learn_on_the_test_images(eval_manifest, features_file, probe_cache, tmp_path) -> None:
     out = tmp_path / "knn.json"
-    knn(manifest=real_data.manifest, features=features_file, out=str(out), k=20, seed=0, label_column="label")
+    knn(manifest=eval_manifest, features=features_file, probe_features=probe_cache, out=str(out), k=20, seed=0,
+        label_column="label")  # fmt: skip
     result = json.loads(out.read_text())
+    assert (result["k"], result["train_images"], result["test_images"], result["classes"]) == (20, 480, 120, 10)
+    assert [(layer["layer"], layer["pooling"]) for layer in result["layers"]] == [
+        ("penultimate", "feature"),
+        ("conv1", "channels"),
+        ("conv2", "channels"),
+        ("conv3", "channels"),
+    ]
 
-    manifest = read_manifest(real_data.manifest)
+    manifest = read_manifest(eval_manifest)
+    train, labels = (manifest["eval_split"] == "train").to_numpy(), manifest["label"].to_numpy()
     with h5py.File(features_file) as f:
-        x = f["features"][:][np.searchsorted(f["ids"][:], manifest["id"])]
-    labels = manifest["label"].to_numpy()
-    sklearn_knn = KNeighborsClassifier(n_neighbors=20, metric="cosine", algorithm="brute").fit(x, labels)
-    expected = sklearn_knn.predict(None)  # every image against every other, itself left out
-    assert result["top1"] == pytest.approx(np.mean(expected == labels), abs=3 / 600)
-    assert (result["k"], result["images"], result["classes"]) == (20, 600, 10)
-    assert result["ci95"][0] < result["top1"] < result["ci95"][1]
-
+        penultimate = f["features"][:][np.searchsorted(f["ids"][:], manifest["id"])]
+    with h5py.File(probe_cache) as f:
+        conv3 = f["channels/conv3"][:].astype(np.float32)
+    for x, layer in ((penultimate, result["layers"][0]), (conv3, result["layers"][3])):
+        x = (x - x[train].mean(0)) / np.where(x[train].std(0) > 1e-6, x[train].std(0), np.inf)
+        reference = KNeighborsClassifier(n_neighbors=20, metric="cosine", algorithm="brute").fit(
+            x[train], labels[train]
+        )
+        assert layer["top1"] == pytest.approx(np.mean(reference.predict(x[~train]) == labels[~train]), abs=2 / 120)
+        assert layer["ci95"][0] < layer["top1"] < layer["ci95"][1]
     classes = sorted(set(labels))
     targets = np.searchsorted(classes, labels)
-    ours = knn_predict(x, targets, x, 20, len(classes), leave_one_out=True)
-    assert np.mean(np.array(classes)[ours] == expected) >= 0.99
-    with_itself = knn_predict(x, targets, x, 1, len(classes))  # the nearest row of each is itself
-    assert np.array_equal(with_itself, targets)
+    assert np.array_equal(knn_predict(conv3, targets, conv3, 1, len(classes)), targets)  # each row's nearest: itself
 
 
-def test_nmi_is_the_mean_over_seeds_per_column_and_across_rounds(real_data, features_file: str, tmp_path) -> None:
+def test_nmi_is_the_mean_over_seeds_per_column_and_across_rounds(eval_manifest, features_file: str, tmp_path) -> None:
     pcas = [str(tmp_path / f"pca-{dim}.h5") for dim in (32, 16)]
     for pca, dim in zip(pcas, (32, 16), strict=True):
         fit_pca(shards=[features_file], out=pca, **pca_settings(dim=dim))
     out, plot = tmp_path / "nmi.json", tmp_path / "nmi.png"
-    cluster_nmi(manifest=real_data.manifest, features=[features_file] * 2, pcas=pcas, out=str(out), plot=str(plot),
+    cluster_nmi(manifest=eval_manifest, features=[features_file] * 2, pcas=pcas, out=str(out), plot=str(plot),
                 k=5, seeds=3, iterations=5, seed=0, first_round=3)  # fmt: skip
     result = json.loads(out.read_text())
-    manifest = read_manifest(real_data.manifest).set_index("id")
-    assert (result["k"], result["images"], result["seeds"]) == (5, 600, 3)
+    manifest = read_manifest(eval_manifest).set_index("id")
+    test = manifest.index[manifest["eval_split"] == "test"].to_numpy()
+    assert (result["k"], result["images"], result["seeds"]) == (5, 120, 3)  # the test images only
     assert [r["round"] for r in result["rounds"]] == [3, 4]
-    clusterings = [seeded_clusterings(features_file, pca, 5, 3, 5, seed=0) for pca in pcas]
+    # Columns constant over the test images say nothing: eval_split, and split here, are left out.
+    assert set(result["nmi"]) == {"label", "previous_round"} | ({"split"} if manifest.loc[test, "split"].nunique() > 1
+                                                                 else set())  # fmt: skip
+    clusterings = [seeded_clusterings(features_file, pca, 5, 3, 5, seed=0, ids=test) for pca in pcas]
     assert not clusterings[0][0].equals(clusterings[0][1])  # the seeds give different clusterings
     for row, seeded in zip(result["rounds"], clusterings, strict=True):
-        for column in ("label", "split"):
+        for column in set(row["nmi"]) - {"previous_round"}:
             scores = [normalized_mutual_info_score(manifest.loc[a.index, column], a) for a in seeded]
             assert row["nmi"][column] == pytest.approx(np.mean(scores), abs=1e-12)
             assert row["nmi_sd"][column] == pytest.approx(np.std(scores), abs=1e-12)
@@ -228,7 +269,7 @@ def test_nmi_is_the_mean_over_seeds_per_column_and_across_rounds(real_data, feat
     assert 0 < result["nmi"]["label"] < 1 and result["nmi_sd"]["label"] > 0 and plot.read_bytes().startswith(PNG_MAGIC)
 
     single = tmp_path / "single.json"
-    cluster_nmi(manifest=real_data.manifest, features=[features_file], pcas=pcas[:1], out=str(single), plot=str(plot),
+    cluster_nmi(manifest=eval_manifest, features=[features_file], pcas=pcas[:1], out=str(single), plot=str(plot),
                 k=5, seeds=3, iterations=5, seed=0)  # fmt: skip
     assert json.loads(single.read_text())["rounds"] is None
 
@@ -414,48 +455,48 @@ def test_retrieval_map_matches_scikit_learn(real_data, tmp_path: Path) -> None:
     assert result["mAP"] > 1.5 * positives  # far better than a random ranking
 
 
-def write_evals(folder: Path, top1: list[float], knn_top1: float, nmi_label: float) -> None:
+def write_evals(folder: Path, channels: list[float], pooled: list[float], knn_top1: float, nmi_label: float) -> None:
+    """An evaluation folder as the stages write it, with these top-1s (intervals -0.01, +0.02; k-NN -0.1, 0)."""
     folder.mkdir(parents=True)
-    layers = [
-        {"layer": f"conv{i + 1}", "top1": value, "ci95": [value - 0.01, value + 0.02]} for i, value in enumerate(top1)
-    ]
+    poolings = {"channels": channels, "pooled": pooled}
+    layers = [{"layer": f"conv{i + 1}", "pooling": pooling, "top1": value, "ci95": [value - 0.01, value + 0.02]}
+              for pooling, values in poolings.items() for i, value in enumerate(values)]  # fmt: skip
     (folder / "linear.json").write_text(json.dumps({"layers": layers, "classes": 10}))
-    (folder / "knn.json").write_text(json.dumps({"k": 20, "top1": knn_top1, "ci95": [knn_top1 - 0.1, knn_top1]}))
+    knn = [{"layer": "penultimate", "pooling": "feature", "top1": knn_top1, "ci95": [knn_top1 - 0.1, knn_top1]}]
+    (folder / "knn.json").write_text(json.dumps({"k": 20, "layers": knn}))
     nmi = {"nmi": {"label": nmi_label, "previous_round": None}, "nmi_sd": {"label": 0.01, "previous_round": None}}
     (folder / "nmi.json").write_text(json.dumps(nmi))
 
 
-def test_compare_puts_checkpoints_side_by_side(tmp_path: Path) -> None:
-    write_evals(tmp_path / "evals" / "round-0", [0.5, 0.4], 0.3, 0.05)
-    write_evals(tmp_path / "evals" / "ours", [0.61, 0.7, 0.755], 0.8, 0.456)
-    (tmp_path / "evals" / "ours" / "retrieval.json").write_text(json.dumps({"mAP": 0.25}))
+def test_compare_puts_checkpoints_side_by_side_and_finds_the_headline_probe(tmp_path: Path) -> None:
+    rows = {"random": ([0.5, 0.6], [0.8, 0.8], 0.3, 0.05), "deepercluster": ([0.61, 0.7], [0.8, 0.81], 0.8, 0.456),
+            "supervised": ([0.65, 0.75], [0.79, 0.82], 0.85, 0.6)}  # fmt: skip
+    for name, values in rows.items():
+        write_evals(tmp_path / "evals" / name, *values)
+    (tmp_path / "evals" / "deepercluster" / "retrieval.json").write_text(json.dumps({"mAP": 0.25}))
     out, tsv, plot = tmp_path / "table.md", tmp_path / "table.tsv", tmp_path / "linear.png"
-    compare(labels=["random", "deepercluster"], checkpoints=["round-0", "ours"], out=str(out), tsv=str(tsv),
-            plot=str(plot), evals=[str(tmp_path / "evals" / name) for name in ("round-0", "ours")],
-            label_column="label")  # fmt: skip
-    assert out.read_text().splitlines()[:4] == [
-        "| method | checkpoint | linear conv1 | linear conv2 | linear conv3 | 20-NN | NMI label"
-        " | VOC07 FC6-8 mAP | VOC07 ALL mAP | retrieval mAP |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        "| random | `round-0` | 50.0 [49.0, 52.0] | 40.0 [39.0, 42.0] |  | 30.0 [20.0, 30.0] | 0.050 ± 0.010"
-        " |  |  |  |",
-        "| deepercluster | `ours` | 61.0 [60.0, 63.0] | 70.0 [69.0, 72.0] | 75.5 [74.5, 77.5] | 80.0 [70.0, 80.0]"
-        " | 0.456 ± 0.010 |  |  | 25.0 |",
+    compare(labels=list(rows), checkpoints=[f"{name}.pt" for name in rows], out=str(out), tsv=str(tsv),
+            plot=str(plot), evals=[str(tmp_path / "evals" / name) for name in rows], label_column="label")  # fmt: skip
+    lines = out.read_text().splitlines()
+    assert lines[:5] == [
+        "| method | checkpoint | linear conv1 (channels) | linear conv2 (channels) | linear conv1 (pooled)"
+        " | linear conv2 (pooled) |",
+        "|---|---|---|---|---|---|",
+        "| random | `random.pt` | 50.0 [49.0, 52.0] | 60.0 [59.0, 62.0] | 80.0 [79.0, 82.0] | 80.0 [79.0, 82.0] |",
+        "| deepercluster | `deepercluster.pt` | 61.0 [60.0, 63.0] | 70.0 [69.0, 72.0] | 80.0 [79.0, 82.0]"
+        " | 81.0 [80.0, 83.0] |",
+        "| supervised | `supervised.pt` | 65.0 [64.0, 67.0] | 75.0 [74.0, 77.0] | 79.0 [78.0, 81.0]"
+        " | 82.0 [81.0, 84.0] |",
     ]
-    numbers = pd.read_csv(tsv, sep="\t")
-    assert list(numbers.columns) == [
-        "method", "checkpoint", *(f"linear_conv{i}{end}" for i in (1, 2, 3) for end in ("", "_low", "_high")),
-        "knn", "knn_low", "knn_high", "nmi_label", "nmi_label_sd", "voc07_fc6_8", "voc07_all", "retrieval",
-    ]  # fmt: skip
-    assert numbers["linear_conv3"].isna().tolist() == [True, False] and numbers["retrieval"].iloc[1] == 0.25
-    assert numbers.loc[1, ["linear_conv3", "linear_conv3_low", "linear_conv3_high"]].tolist() == [0.755, 0.745, 0.775]
-    assert numbers.loc[0, ["knn", "knn_low", "knn_high", "nmi_label", "nmi_label_sd"]].tolist() == [
-        0.3,
-        0.3 - 0.1,
-        0.3,
-        0.05,
-        0.01,
-    ]
+    # The supervised row beats the random init by more than the intervals on the channels, not on the pooled:
+    # the channels are the headline, and DeeperCluster closes (70 - 60) / (75 - 60) of the gain there.
+    assert "| deepercluster | 80.0 [70.0, 80.0] | 0.456 ± 0.010 |  |  | 25.0 | 67% |" in lines
+    assert any("headline probe is the linear probe on **channels** features" in line for line in lines)
+    numbers = pd.read_csv(tsv, sep="\t", index_col="method")
+    assert numbers.loc["deepercluster", ["linear_channels_conv2", "linear_channels_conv2_low"]].tolist() == [0.7, 0.69]
+    assert numbers.loc["random", ["knn_feature_penultimate", "nmi_label", "nmi_label_sd"]].tolist() == [0.3, 0.05, 0.01]
+    assert numbers["headline"].eq("channels").all() and numbers.loc["supervised", "supervised_gain_closed"] == 1
+    assert numbers.loc["deepercluster", "retrieval"] == 0.25 and numbers["voc07_all"].isna().all()
     assert plot.read_bytes().startswith(PNG_MAGIC)
 
 
@@ -480,14 +521,15 @@ def tiny_run(real_data, tmp_path_factory: pytest.TempPathFactory) -> Path:
     manifest = read_manifest(real_data.manifest)
     model, _ = load_model(real_data.checkpoint)  # round 0's weights too: the same seeded init
     torch.save(model.state_dict(), workdir / "plain.pt")
+    test = yaml.safe_load((REPO / ".test" / "config.yaml").read_text())
     config = {
-        **yaml.safe_load((REPO / ".test" / "config.yaml").read_text()),
+        **test,
         "method": "deepcluster",
-        "rounds": 1,
         "launcher": "debug",
         "data": {"max_images": 120, "image_size": 32, "workers": 0},
         "features": {"shard_size": 60, "batch_size": 60},
-        "kmeans": {"sub_clusters": 3, "iterations": 3},
+        "kmeans": {"iterations": 3},
+        "methods": {**test["methods"], "deepcluster": {"rounds": 1, "clusters": 3}},
         "checkpoints": {"plain": {"path": "plain.pt", "arch": "small_convnet", "sobel": True}},
         "evaluation": {
             "data": {"max_images": 200},
@@ -497,7 +539,9 @@ def tiny_run(real_data, tmp_path_factory: pytest.TempPathFactory) -> Path:
             "voc07_epochs": 1,
             "retrieval": str(make_retrieval_list(workdir / "lists", manifest)),
             # Every row named: the table trains and evaluates nothing more.
-            "compare": {method: "plain" for method in ("random", "rotnet", "deepcluster", "deepercluster")},
+            "compare": {
+                method: "plain" for method in ("random", "rotnet", "deepcluster", "deepercluster", "supervised")
+            },
         },
     }
     run = snakemake(workdir, config, "--max-threads", "1", "results/rounds/1/checkpoint.pt")
@@ -526,14 +570,15 @@ def test_evaluations_run_alone_on_round_1_and_on_a_registered_state_dict(tiny_ru
     nearest = {
         name: json.loads((tiny_run / f"results/evals/{name}/knn.json").read_text()) for name in ("round-1", "plain")
     }
-    for result in nearest.values():
-        assert (result["k"], result["images"]) == (20, 200) and 0 < result["top1"] <= 1
+    for result in nearest.values():  # the 200 test images, the 120 the method trained on as their neighbours
+        assert (result["k"], result["train_images"], result["test_images"]) == (20, 120, 200)
+        assert all(0 < layer["top1"] <= 1 for layer in result["layers"])
     with h5py.File(tiny_run / "results/evals/round-1/features.h5") as f:
-        assert f.attrs["checkpoint_sha256"] == sha256(tiny_run / ROUND_1[0]) and f["features"].shape == (200, 256)
+        assert f.attrs["checkpoint_sha256"] == sha256(tiny_run / ROUND_1[0]) and f["features"].shape == (320, 256)
 
     folder = tiny_run / "results/evals/plain"
     linear = json.loads((folder / "linear.json").read_text())
-    assert [layer["layer"] for layer in linear["layers"]] == ["conv1", "conv2", "conv3"]
+    assert [layer["layer"] for layer in linear["layers"]] == ["conv1", "conv2", "conv3"] * 2
     assert all(0 <= layer["top1"] <= 1 for layer in linear["layers"])
     nmi = json.loads((folder / "nmi.json").read_text())
     assert nmi["k"] == 4 and nmi["rounds"] is None and 0 <= nmi["nmi"]["label"] <= 1
@@ -547,13 +592,12 @@ def test_evaluations_run_alone_on_round_1_and_on_a_registered_state_dict(tiny_ru
     assert all(torch.equal(v, round_0.state_dict()[k]) for k, v in wrapped.state_dict().items())
 
     table = (tiny_run / "results/compare/table.md").read_text().splitlines()
-    assert table[0].startswith("| method | checkpoint | linear conv1 | linear conv2 | linear conv3 | 20-NN | NMI label")
-    assert table[2].startswith("| random | `results/checkpoints/plain.pt` |")
-    assert f"| {100 * nearest['plain']['top1']:.1f} [" in table[2]
-    assert [row.split(" | ")[:2] for row in table[2:6]] == [
+    assert table[0].startswith("| method | checkpoint | linear conv1 (channels) |")
+    assert [row.split(" | ")[:2] for row in table[2:7]] == [
         [f"| {method}", "`results/checkpoints/plain.pt`"]
-        for method in ("random", "rotnet", "deepcluster", "deepercluster")
+        for method in ("random", "rotnet", "deepcluster", "deepercluster", "supervised")
     ]
+    assert f"| {100 * nearest['plain']['layers'][0]['top1']:.1f} [" in table[10]  # the second table's first row
 
 
 def test_nmi_of_round_r_plans_the_clusters_of_every_earlier_round_and_no_training(tiny_run: Path) -> None:

@@ -8,13 +8,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from deepercluster.checkpoints import initial_checkpoint, load_model
 from deepercluster.data.images import IMAGENET_MEAN, ImageDataset, feature_transform
 from deepercluster.files import sha256
 from deepercluster.nn.models import build_model, fold_sobel
 from deepercluster.report.export import export_model
-from test_workflow import snakemake
+from test_workflow import TEST_CONFIG, snakemake
 
 
 def real_images(manifest: str, count: int, image_size: int) -> torch.Tensor:
@@ -97,7 +98,9 @@ def test_a_model_without_sobel_has_nothing_to_fold() -> None:
 
 def test_the_export_rule_builds_from_the_round_checkpoint(tmp_path: Path) -> None:
     # RotNet: round 1 is the init and one training block, no clustering stages (the fastest real round).
-    run = snakemake(tmp_path, "results/export/round-1.pth", method="rotnet", rounds=1, launcher="debug")
+    methods = yaml.safe_load(TEST_CONFIG.read_text())["methods"]
+    run = snakemake(tmp_path, "results/export/round-1.pth", method="rotnet", launcher="debug",
+                    methods={**methods, "rotnet": {"rounds": 1, "epochs_per_round": 1}})  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert "rule export:" in run.stderr and "rule summary:" not in run.stderr
     round_1 = tmp_path / "results/rounds/1/checkpoint.pt"

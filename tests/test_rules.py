@@ -37,10 +37,38 @@ HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):$")
 # Values that differ from every default of the schema.
 CHANGED = {
     "method": "deepercluster",
-    "rounds": 2,
     "launcher": "slurm",
     "seed": 7,
-    "init_checkpoint": "init.pt",
+    "methods": {
+        "deepercluster": {
+            "init": "mine",
+            "rounds": 2,
+            "epochs_per_round": 2,
+            "lr": 0.031,
+            "head_momentum": 0.7,
+            "super_clusters": 3,
+            "sub_clusters": 5,
+            "pca_fraction": 0.5,
+        },
+        "deepcluster": {
+            "init": "rotnet",
+            "rounds": 3,
+            "epochs_per_round": 2,
+            "lr": 0.02,
+            "head_momentum": 0.1,
+            "clusters": 7,
+            "pca_fraction": 0.25,
+        },
+        "rotnet": {"init": "mine", "rounds": 2, "epochs_per_round": 1, "lr": 0.04, "head_momentum": 0.6},
+        "supervised": {
+            "init": "rotnet",
+            "rounds": 1,
+            "epochs_per_round": 4,
+            "lr": 0.03,
+            "head_momentum": 0.5,
+            "label_column": "kind",
+        },
+    },
     "data": {
         "source": "folder",
         "path": "images",
@@ -54,12 +82,10 @@ CHANGED = {
     },
     "model": {"arch": "vgg16_bn", "sobel": False},
     "features": {"shard_size": 100, "batch_size": 50},
-    "pca": {"dim": 16, "sample_size": 900, "eigenvalue_floor": 0.0001},
-    "kmeans": {"super_clusters": 3, "sub_clusters": 5, "iterations": 7, "cache_mb": 512},
+    "pca": {"sample_size": 900, "eigenvalue_floor": 0.0001},
+    "kmeans": {"iterations": 7, "cache_mb": 512},
     "train": {
-        "epochs_per_round": 2,
         "batch_size": 48,
-        "lr": 0.031,
         "momentum": 0.8,
         "weight_decay": 0.0002,
         "checkpoint_every": 9,
@@ -80,6 +106,14 @@ CHANGED = {
         },
     },
     "evaluation": {
+        "train_data": {
+            "source": "folder",
+            "path": "labelled",
+            "path_column": "picture",
+            "label_from_folder": False,
+            "split": "train2",
+            "max_images": 90,
+        },
         "data": {
             "source": "table",
             "path": "eval.csv",
@@ -89,7 +123,7 @@ CHANGED = {
             "max_images": 120,
         },
         "label_column": "class",
-        "val_fraction": 0.25,
+        "similarity_images": 30,
         "batch_size": 32,
         "probe_weight_decays": [0.01, 0.1],
         "probe_iterations": 50,
@@ -171,42 +205,43 @@ def expected(rule: str, config: dict, arguments: dict) -> dict:
     found = re.match(r"^(.*)/rounds/(\d+)/", arguments.get("out") or "")  # {run}/rounds/{r}/...
     run, r = (found[1], int(found[2])) if found else (None, None)
     round_seed = derived_seed(config["seed"], r) if found else None
-    others = [m for m in ("deepercluster", "deepcluster", "rotnet") if m != config["method"]]
-    methods = {"results": config["method"]} | {f"results/compare/{m}": m for m in others}
+    others = [m for m in ("deepercluster", "deepcluster", "rotnet", "supervised") if m != config["method"]]
+    methods = {"results": config["method"]} | {f"results/{m}": m for m in others}
+    method = config["methods"].get(methods.get(run), {})
     train = allocation(config["resources"], "train")
     image = {"image_size": data["image_size"], "workers": data["workers"]}
     return {
         "manifest": {"seed": config["seed"], **{key: data[key] for key in (
             "source", "path", "path_column", "label_from_folder", "split", "max_images", "verify_images", "workers")}},
-        "initial_checkpoint": {"seed": config["seed"], "init_checkpoint": config["init_checkpoint"],
-                               **config["model"]},
+        "initial_checkpoint": {"seed": config["seed"], **config["model"]},
         "features": {**image, "shard_size": config["features"]["shard_size"],
                      "batch_size": config["features"]["batch_size"]},
-        "pca": {"seed": round_seed, **{key: pca[key] for key in ("dim", "sample_size", "eigenvalue_floor")}},
+        "pca": {"seed": round_seed, "dim": None, "fraction": method.get("pca_fraction"),
+                **{key: pca[key] for key in ("sample_size", "eigenvalue_floor")}},
         "super_clusters": {"seed": round_seed, "iterations": kmeans["iterations"], "cache_mb": kmeans["cache_mb"],
-                           "super_clusters": 1 if methods.get(run) == "deepcluster" else kmeans["super_clusters"]},
-        "sub_clusters": {"seed": round_seed, "sub_clusters": kmeans["sub_clusters"],
+                           "super_clusters": method.get("super_clusters", 1)},
+        "sub_clusters": {"seed": round_seed, "sub_clusters": method.get("sub_clusters", method.get("clusters")),
                          "iterations": kmeans["iterations"], "cache_mb": kmeans["cache_mb"]},
         "train": {**image, "seed": round_seed, "round": r, "method": methods.get(run),
-                  "launcher": config["launcher"], "epochs": config["train"]["epochs_per_round"],
+                  "launcher": config["launcher"], "epochs": method.get("epochs_per_round"), "lr": method.get("lr"),
+                  "head_momentum": method.get("head_momentum"),
                   **{key: config["train"][key] for key in (
-                      "batch_size", "lr", "momentum", "weight_decay", "checkpoint_every", "dropout")},
+                      "batch_size", "momentum", "weight_decay", "checkpoint_every", "dropout")},
                   "tasks": train["tasks"], "nodes": train["nodes"], "gpus_per_node": train["gpus"],
                   "gpu_model": train["gpu_model"], "cpus_per_task": train["cpus_per_task"],
                   "mem_mb": train["mem_mb"], "timeout_min": train["runtime"],
                   "slurm_partition": train["slurm_partition"], "slurm_account": train["slurm_account"]},
         "round_figures": {"seed": config["seed"], "shown": evaluation["clusters_shown"]},
-        "eval_manifest": {"seed": config["seed"], "verify_images": data["verify_images"],
-                          "workers": data["workers"], **evaluation["data"]},
+        "eval_images": {"seed": config["seed"], "verify_images": data["verify_images"], "workers": data["workers"],
+                        **evaluation["train_data" if "/train.parquet" in arguments.get("manifest", "") else "data"]},
         "import_checkpoint": {"arch": "small_convnet", "sobel": False},
         "eval_features": {**image, "batch_size": config["features"]["batch_size"]},
-        "eval_pca": {"seed": config["seed"], "dim": evaluation["pca_dim"], "sample_size": pca["sample_size"],
-                     "eigenvalue_floor": pca["eigenvalue_floor"]},
+        "eval_pca": {"seed": config["seed"], "dim": evaluation["pca_dim"], "fraction": 1.0,
+                     "sample_size": pca["sample_size"], "eigenvalue_floor": pca["eigenvalue_floor"]},
         "eval_kmeans": {"seed": config["seed"], "k": evaluation["clusters"],
                         "iterations": kmeans["iterations"], "cache_mb": kmeans["cache_mb"]},
         "eval_probe_features": {**image, "batch_size": config["features"]["batch_size"]},
         "eval_linear": {"seed": config["seed"], "label_column": evaluation["label_column"],
-                        "val_fraction": evaluation["val_fraction"],
                         "weight_decays": evaluation["probe_weight_decays"],
                         "max_iterations": evaluation["probe_iterations"]},
         "eval_knn": {"seed": config["seed"], "k": evaluation["knn_k"], "label_column": evaluation["label_column"]},
@@ -219,6 +254,9 @@ def expected(rule: str, config: dict, arguments: dict) -> dict:
         "eval_retrieval": {**image, "dim": evaluation["retrieval_dim"],
                            "eigenvalue_floor": pca["eigenvalue_floor"],
                            "batch_size": config["features"]["batch_size"]},
+        "eval_similarity": {**image, "images": evaluation["similarity_images"],
+                            "batch_size": config["features"]["batch_size"]},
+        "true_labels": {"label_column": config["methods"]["supervised"]["label_column"]},
         "compare_table": {"label_column": evaluation["label_column"]},
         "export": {"image_size": data["image_size"]},
     }.get(rule, {})  # fmt: skip
@@ -231,7 +269,7 @@ def test_every_rules_options_parse_back_into_its_stages_arguments(tmp_path: Path
         (tmp_path / path).touch()
     (tmp_path / "voc").mkdir()
     full = validate_config(copy.deepcopy(config))
-    last = full["rounds"]
+    last = full["methods"][full["method"]]["rounds"]
 
     jobs = dry_run(tmp_path, config)  # an empty folder: the manifest first
     manifest = tmp_path / "results" / "data"
@@ -255,8 +293,14 @@ def test_every_rules_options_parse_back_into_its_stages_arguments(tmp_path: Path
     for rule in ("super_clusters", "sub_clusters"):  # k-means levels run as resources.<stage>.tasks ranks
         assert {call.ranks for call in calls[rule]} == {allocation(full["resources"], rule)["tasks"]}
     levels = [call.arguments for call in calls["super_clusters"]]
-    assert {a["super_clusters"] for a in levels} == {1, full["kmeans"]["super_clusters"]}  # DeepCluster: m = 1
-    assert len({a["seed"] for a in levels}) == last  # each round its own seed
+    assert {a["super_clusters"] for a in levels} == {1, full["methods"]["deepercluster"]["super_clusters"]}
+    assert len({a["seed"] for a in levels}) == max(full["methods"][m]["rounds"] for m in ("deepercluster",
+                                                                                           "deepcluster"))  # fmt: skip
+    # Every method's block, each with its own settings; DeepCluster re-clusters every round of its run.
+    assert {call.arguments["method"] for call in calls["train"]} == {"deepercluster", "deepcluster", "rotnet",
+                                                                     "supervised"}  # fmt: skip
+    rounds = {m: sum(c.arguments["method"] == m for c in calls["train"]) for m in full["methods"]}
+    assert rounds == {m: settings["rounds"] for m, settings in full["methods"].items()}
 
 
 def test_a_job_array_the_slurm_plugin_would_never_submit_is_refused() -> None:

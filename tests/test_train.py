@@ -140,7 +140,7 @@ def block_inputs(real_data, class_labels: str) -> dict[str, object]:
         "labels": class_labels,
         "method": "deepercluster",
         "round": 1,
-        **block_settings(epochs=2, batch_size=50, checkpoint_every=2, seed=7),
+        **block_settings(epochs=2, batch_size=50, checkpoint_every=2, seed=7, lr=0.05),  # the recorded losses' lr
     }
 
 
@@ -200,6 +200,48 @@ def test_a_trailing_empty_sub_cluster_keeps_its_class_in_the_head(block_inputs, 
     heads = load_checkpoint(out)["heads"]
     assert [heads[f"sub_class.{g}.1.weight"].shape[0] for g in range(8)] == [5] * 4 + [6] * 4
     assert load_checkpoint(out)["targets"]["sub_classes"] == (5,) * 4 + (6,) * 4
+
+
+def test_rotnet_keeps_its_head_and_every_method_its_backbone_optimizer_from_round_to_round(
+    block_inputs, tmp_path: Path
+) -> None:
+    """A block of 0 epochs writes the state it starts from: RotNet's round 2 starts from round 1's head and
+    momentum; DeeperCluster's from new heads but round 1's backbone momentum; DeeperCluster from a RotNet
+    checkpoint (the paper's start) from a fresh backbone optimiser, as the paper's code loads weights only."""
+    rotnet = {**block_inputs, "method": "rotnet", "labels": None, "epochs": 1}
+    train_block(**rotnet, train_dir=str(tmp_path / "r1"), out=str(tmp_path / "r1.pt"))
+    train_block(**{**rotnet, "previous_checkpoint": str(tmp_path / "r1.pt"), "round": 2, "epochs": 0},
+                train_dir=str(tmp_path / "r2"), out=str(tmp_path / "r2.pt"))  # fmt: skip
+    first, second = load_checkpoint(tmp_path / "r1.pt"), load_checkpoint(tmp_path / "r2.pt")
+    assert first["heads"].keys() == second["heads"].keys() == {"super_class.1.weight", "super_class.1.bias"}
+    for key, tensor in first["heads"].items():
+        assert torch.equal(tensor, second["heads"][key]), key
+    for name in ("backbone", "super_class"):
+        before, after = (c["optimizers"][name]["state"] for c in (first, second))
+        assert before and all(torch.equal(before[i]["momentum_buffer"], after[i]["momentum_buffer"]) for i in before)
+
+    deeper = {**block_inputs, "epochs": 1}
+    train_block(**deeper, train_dir=str(tmp_path / "d1"), out=str(tmp_path / "d1.pt"))
+    for previous, name in ((tmp_path / "d1.pt", "d2"), (tmp_path / "r1.pt", "from-rotnet")):
+        train_block(**{**deeper, "previous_checkpoint": str(previous), "round": 2, "epochs": 0},
+                    train_dir=str(tmp_path / name), out=str(tmp_path / f"{name}.pt"))  # fmt: skip
+    first, second, started = (load_checkpoint(tmp_path / f"{n}.pt") for n in ("d1", "d2", "from-rotnet"))
+    assert not torch.equal(first["heads"]["super_class.1.weight"], second["heads"]["super_class.1.weight"])
+    assert not second["optimizers"]["super_class"]["state"]  # new heads, a new optimiser
+    before, after = first["optimizers"]["backbone"]["state"], second["optimizers"]["backbone"]["state"]
+    assert before and all(torch.equal(before[i]["momentum_buffer"], after[i]["momentum_buffer"]) for i in before)
+    assert not started["optimizers"]["backbone"]["state"]
+
+
+def test_deepclusters_top_layer_trains_without_momentum(block_inputs, tmp_path: Path) -> None:
+    """head_momentum 0 (DeepCluster's top layer): its optimiser keeps no momentum buffer; the backbone's does."""
+    deepcluster = {**block_inputs, "method": "deepcluster", "labels": one_super_cluster(block_inputs, tmp_path),
+                   "epochs": 1, "head_momentum": 0.0}  # fmt: skip
+    train_block(**deepcluster, train_dir=str(tmp_path / "train"), out=str(tmp_path / "ck.pt"))
+    optimizers = load_checkpoint(tmp_path / "ck.pt")["optimizers"]
+    assert optimizers["sub_class"]["param_groups"][0]["momentum"] == 0.0
+    assert all(state.get("momentum_buffer") is None for state in optimizers["sub_class"]["state"].values())
+    assert optimizers["backbone"]["param_groups"][0]["momentum"] == 0.9 and optimizers["backbone"]["state"]
 
 
 def test_labels_outside_their_recorded_k_are_refused(block_inputs, tmp_path: Path) -> None:

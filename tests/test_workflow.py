@@ -95,7 +95,7 @@ def test_two_rounds_produce_every_stage_file(deepercluster_run: Path) -> None:
         assert sizes["size"].tolist() == [n for s in range(2) for n in clusters_file_sizes(round_dir, f"sub-{s}")]
 
         nmi = json.loads((round_dir / "nmi.json").read_text())
-        assert set(nmi) == {"label", "split", "previous_round"} and 0.0 < nmi["label"] < 1.0
+        assert set(nmi) == {"label", "previous_round"} and 0.0 < nmi["label"] < 1.0  # split: train, constant
         assert (nmi["previous_round"] is None) == (r == 1)
 
 
@@ -161,25 +161,38 @@ def test_deleting_an_output_reruns_only_it_and_its_dependents(
     assert {path for path in OUTPUTS if after[path] != before[path]} == rerun
 
 
-@pytest.mark.parametrize("method", ["deepcluster", "rotnet"])
+@pytest.mark.parametrize("method", ["deepcluster", "rotnet", "supervised"])
 def test_the_other_methods_run_two_rounds(tmp_path_factory: pytest.TempPathFactory, method: str) -> None:
     workdir = run_method(tmp_path_factory, method)
-    checkpoint = torch.load(workdir / "results/rounds/2/checkpoint.pt", weights_only=True)
+    first, checkpoint = (torch.load(workdir / f"results/rounds/{r}/checkpoint.pt", weights_only=True) for r in (1, 2))
     assert checkpoint["provenance"]["method"] == method
     metrics = pd.read_csv(workdir / "results/rounds/2/train/metrics.tsv", sep="\t")
     summary = pd.read_csv(workdir / "results/summary.tsv", sep="\t")
     figures = sorted(path.name for path in (workdir / "results/rounds/2/figures").iterdir())
     clustering = ["cluster_sizes.png", "clusters.png", "nmi.png"]  # the report's: none without clusters
-    assert figures == sorted(["training.png", *([] if method == "rotnet" else clustering)])
+    assert figures == sorted(["training.png", *([] if method != "deepcluster" else clustering)])
+    assert metrics["epoch"].unique().tolist() == [0]  # one epoch per round: .test's
     if method == "rotnet":  # rotations only: no clustering stage ran at all
         assert not (workdir / "results/rounds/1/features").exists()
         assert checkpoint["targets"]["super_classes"] == 4 and metrics["loss_sub"].isna().all()
         assert "nmi_label" not in summary
-    else:  # one head over the k clusters of the single super-cluster, no rotation
-        labels = pd.read_parquet(workdir / "results/rounds/2/labels.parquet")
-        assert set(labels["super_cluster"]) == {0} and labels["sub_cluster"].nunique() == 4
+    elif method == "supervised":  # the true classes, one head over them, carried from round to round
+        labels = pd.read_parquet(workdir / "results/true_labels.parquet")
+        manifest = pd.read_parquet(workdir / "results/data/manifest.parquet")
+        assert labels["sub_cluster"].tolist() == pd.Categorical(manifest["label"]).codes.tolist()
+        assert checkpoint["targets"]["sub_classes"] == (10,) and metrics["loss_super"].isna().all()
+        assert not (workdir / "results/rounds/1/features").exists()
+    else:  # one head over the k clusters of the single super-cluster, no rotation, re-clustered every epoch
+        rounds = [pd.read_parquet(workdir / f"results/rounds/{r}/labels.parquet") for r in (1, 2)]
+        assert set(rounds[1]["super_cluster"]) == {0} and rounds[1]["sub_cluster"].nunique() == 4
+        assert not rounds[0]["sub_cluster"].equals(rounds[1]["sub_cluster"])  # new labels after each epoch
         assert checkpoint["targets"]["sub_classes"] == (4,) and metrics["loss_super"].isna().all()
         assert summary["nmi_label"].notna().all()
+        with h5py.File(workdir / "results/rounds/2/pca.h5") as f:  # 1/16 of the 256 directions, whitened
+            assert f["projection"].shape == (256, 16)
+    if method != "deepcluster":  # the head carried over: round 2's first step started from round 1's head
+        assert checkpoint["provenance"]["previous_sha256"] == sha256(workdir / "results/rounds/1/checkpoint.pt")
+        assert first["heads"].keys() == checkpoint["heads"].keys()
 
 
 def test_an_unknown_config_key_is_rejected_with_its_name(tmp_path: Path) -> None:

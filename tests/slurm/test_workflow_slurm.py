@@ -29,7 +29,8 @@ VENV_PATH = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
 def test_one_round_through_the_slurm_profile(tmp_path: Path) -> None:
     config = yaml.safe_load((REPO / ".test/config.yaml").read_text())
-    config |= {"rounds": 1, "resources": {"default": {"cpus_per_task": 1, "mem_mb": 1000, "runtime": 10}}}
+    config["methods"]["deepercluster"]["rounds"] = 1
+    config |= {"resources": {"default": {"cpus_per_task": 1, "mem_mb": 1000, "runtime": 10}}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", "config.yaml"]
     command += ["--profile", str(REPO / "profiles/slurm"), "--slurm-init-seconds-before-status-checks", "1"]
@@ -57,9 +58,11 @@ def super_clusters(workdir: Path, out: str, tasks: int, real_data) -> np.ndarray
     stage = [sys.executable, "-m", "deepercluster", "--ranks", str(tasks), "super-clusters", "--out", out]
     stage += ["--shards", *real_data.shards, "--pca", real_data.pca, "--super-clusters", "3"]
     stage += ["--iterations", "5", "--seed", "0", "--cache-mb", "4096"]
-    subprocess.run(["sbatch", "--wait", f"--ntasks={tasks}", "--cpus-per-task=1", f"--output={out}.log",
-                    "--wrap", " ".join(stage)], cwd=workdir, env={**os.environ, "PATH": VENV_PATH},
-                   check=True, timeout=300, capture_output=True)  # fmt: skip
+    job = subprocess.run(["sbatch", "--wait", f"--ntasks={tasks}", "--cpus-per-task=1", f"--output={out}.log",
+                          "--wrap", " ".join(stage)], cwd=workdir, env={**os.environ, "PATH": VENV_PATH},
+                         timeout=300, capture_output=True, text=True)  # fmt: skip
+    log = Path(f"{out}.log").read_text() if Path(f"{out}.log").exists() else "(no job log)"
+    assert job.returncode == 0, f"sbatch exit {job.returncode}: {job.stderr}\n{log[-3000:]}"
     with h5py.File(out) as f:
         return f["centroids"][:], f["assignments"][:]
 

@@ -1,7 +1,10 @@
-"""The workflow's configuration: defaults filled in from the schema, errors named by their key."""
+"""The workflow's configuration: defaults filled in from the schema, errors named by their key, and the schema as
+the reference docs/configuration.md (``python -m deepercluster.config > docs/configuration.md``)."""
 
 from __future__ import annotations
 
+import itertools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,17 @@ import yaml
 from deepercluster.errors import ConfigError
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+# Keys that moved, and where to: each method's own settings are under methods.<method>.
+MOVED = {
+    "rounds": "methods.<method>.rounds",
+    "init_checkpoint": "methods.<method>.init (the name of the checkpoint under checkpoints)",
+    "train.epochs_per_round": "methods.<method>.epochs_per_round",
+    "train.lr": "methods.<method>.lr",
+    "kmeans.super_clusters": "methods.deepercluster.super_clusters",
+    "kmeans.sub_clusters": "methods.deepercluster.sub_clusters (methods.deepcluster.clusters for DeepCluster)",
+    "pca.dim": "methods.<method>.pca_fraction",
+    "evaluation.val_fraction": "evaluation.train_data (the probes train on training images, scored on the test images)",
+}
 
 
 def fill_defaults(config: dict[str, Any], schema: dict[str, Any], root: dict[str, Any] | None = None) -> None:
@@ -38,7 +52,10 @@ def validate_config(config: dict[str, Any], schema_path: str | Path = SCHEMA) ->
         if error.validator == "additionalProperties":
             parent = error.schema["properties"]
             unknown = sorted(set(error.instance) - set(parent))
-            problems.append(f"unknown key(s) {', '.join(unknown)} in {where}; valid keys: {', '.join(parent)}")
+            prefix = "" if where == "the top level" else f"{where}."
+            moved = [f"{key} is now {MOVED[prefix + key]}" for key in unknown if prefix + key in MOVED]
+            hint = f" ({'; '.join(moved)})" if moved else ""
+            problems.append(f"unknown key(s) {', '.join(unknown)} in {where}{hint}; valid keys: {', '.join(parent)}")
         else:
             problems.append(f"{where}: {error.message}")
     if problems:
@@ -47,3 +64,47 @@ def validate_config(config: dict[str, Any], schema_path: str | Path = SCHEMA) ->
             + "\n  ".join(problems)
         )
     return config
+
+
+def schema_nodes(schema: dict[str, Any], node: dict[str, Any] | None = None, prefix: str = "") -> dict[str, dict]:
+    """Every key of the schema (objects and leaves) -> its node, ``$ref`` resolved, in document order."""
+    nodes = {}
+    for name, child in (node or schema)["properties"].items():
+        if "$ref" in child:  # resources.<stage>: "#/$defs/stage_resources", keys as in resources.default
+            child = {**schema["$defs"][child["$ref"].removeprefix("#/$defs/")], **child}
+        nodes[prefix + name] = child
+        if not is_leaf(child):
+            nodes |= schema_nodes(schema, child, f"{prefix}{name}.")
+    return nodes
+
+
+def is_leaf(node: dict[str, Any]) -> bool:
+    """A key the reference lists with a value: not an object whose own keys the schema lists."""
+    return not node.get("properties") or "$ref" in node
+
+
+def as_written(value: object) -> str:
+    """A default as the reference writes it: strings bare, JSON for null, booleans and objects, repr for numbers."""
+    if isinstance(value, str):
+        return f"`{value}`"
+    return f"`{json.dumps(value) if value is None or isinstance(value, bool | dict) else repr(value)}`"
+
+
+def reference(schema_path: str | Path = SCHEMA) -> str:
+    """docs/configuration.md: every key of the schema with its default and description, a table per section."""
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    lines = ["# Configuration", "", "Every key of `config.yaml`, its default and its meaning, generated from",
+             "`workflow/schemas/config.schema.yaml` (`python -m deepercluster.config > docs/configuration.md`; a test",
+             "keeps the two equal). An unknown key is an error naming the valid ones.", ""]  # fmt: skip
+    for section, rows in itertools.groupby(schema_nodes(schema).items(), key=lambda item: item[0].split(".")[0]):
+        lines += [f"## `{section}`", "", "| key | default | meaning |", "|---|---|---|"]
+        for key, node in rows:
+            default = as_written(node["default"]) if is_leaf(node) or node.get("default") is None else ""
+            text = " ".join(str(node.get("description", "")).split()).replace("|", "\\|").replace("<", "&lt;")
+            lines.append(f"| `{key}` | {default} | {text} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference(), end="")

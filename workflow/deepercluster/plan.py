@@ -4,22 +4,25 @@ The rules name their outputs with the templates below and plan their inputs with
 report and the comparison find files through the same functions, so a path is spelled in one place. Torch-free:
 Snakemake imports it when it parses the workflow.
 
-A run is a folder ``{run}`` holding ``rounds/``, ``evals/``, ``logs/`` and ``benchmarks/``: the main run
-(``results``, the config's method) and, for the comparison (rule compare), one run of each other method under
-``results/compare/{method}``. They share the data and round 0 (the seeded random init).
+A run is a folder ``{run}`` holding ``rounds/``, ``evals/``, ``logs/`` and ``benchmarks/``, one per method: the
+main run ``results`` (the config's method) and ``results/{method}`` for each other, which the comparison (rule
+compare) trains, and which a method starting from another's checkpoint (DeeperCluster from RotNet, ``init:
+rotnet``) trains first. A run's round 0 is where it starts: the seeded random init ``results/rounds/0``, the
+RotNet run's last round, or a registered checkpoint; its files and evaluations are that checkpoint's own.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from deepercluster.errors import ConfigError
 from deepercluster.methods import METHODS, Method, method
 
 MAIN = "results"
 MANIFEST = "results/data/manifest.parquet"
 SKIPPED = "results/data/skipped.tsv"
-EVAL_MANIFEST = "results/data/eval/manifest.parquet"
-EVAL_SKIPPED = "results/data/eval/skipped.tsv"
+EVAL_DATA = "results/data/eval"
+EVAL_MANIFEST = EVAL_DATA + "/manifest.parquet"
 
 ROUND = "{run}/rounds/{round}"
 CHECKPOINT = ROUND + "/checkpoint.pt"
@@ -32,19 +35,22 @@ SUB = ROUND + "/clusters/sub-{super_cluster}.h5"
 LABELS = ROUND + "/labels.parquet"
 SIZES = ROUND + "/cluster_sizes.tsv"
 ROUND_NMI = ROUND + "/nmi.json"
+TRUE_LABELS = "{run}/true_labels.parquet"
 FIGURE = "results/rounds/{round}/figures/{figure}.png"
 
 IMPORTED = "results/checkpoints/{name}.pt"
 EVAL = "{run}/evals/{name}"
 EVAL_FILE = EVAL + "/{kind}"
+SIMILARITY = "{run}/evals/similarity"
 EXPORT = "{run}/export/{name}.pth"
 SUMMARY = "results/summary"
 COMPARE = "results/compare"
 
 # The report's figures of a round (figure name -> file stem); those past the first only where the method clusters.
 ROUND_FIGURES = {"training": "training", "sizes_plot": "cluster_sizes", "nmi_plot": "nmi", "grid": "clusters"}
-# The comparison's rows, in the paper's order (Table 3).
-ROW_ORDER = ("random", "rotnet", "deepcluster", "deepercluster")
+# The comparison's rows, in the paper's order (Table 3), then the bound.
+ROW_ORDER = ("random", "rotnet", "deepcluster", "deepercluster", "supervised")
+STARTS = ("random", "rotnet")  # a method's init, besides a name under checkpoints
 
 
 def shard_count(images: int, shard_size: int) -> int:
@@ -81,23 +87,72 @@ class Plan:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
         self.method = method(config["method"])
-        self.rounds = config["rounds"]
-        others = {f"{COMPARE}/{name}": m for name, m in METHODS.items() if m != self.method}
-        self.runs: dict[str, Method] = {MAIN: self.method, **others}
+        self.runs: dict[str, Method] = {self.folder(m): m for m in METHODS.values()}
+        for name, settings in config["methods"].items():
+            start = settings["init"]
+            if (start not in STARTS and start not in config["checkpoints"]) or start == name:
+                valid = [s for s in STARTS if s != name] + list(config["checkpoints"])
+                raise ConfigError(f"methods.{name}.init is {start!r}; set it to one of {', '.join(valid)} "
+                                  "(a checkpoint's name must be under checkpoints)")  # fmt: skip
+
+    def folder(self, of: Method) -> str:
+        """The run of a method: the main run for the config's, results/{method} for the others."""
+        return MAIN if of == self.method else f"{MAIN}/{of.name}"
+
+    def settings(self, run: str) -> dict[str, Any]:
+        """methods.<method> of the run's method."""
+        return self.config["methods"][self.runs[run].name]
+
+    def rounds(self, run: str) -> int:
+        return self.settings(run)["rounds"]
 
     def super_clusters(self, run: str) -> int:
-        """m of a run's rounds, by its method."""
-        return self.runs[run].super_clusters(self.config["kmeans"]["super_clusters"])
+        """m of a run's rounds: DeeperCluster's configured m; 1 for the others."""
+        return 1 if self.runs[run].one_super_cluster else self.settings(run)["super_clusters"]
+
+    def sub_clusters(self, run: str) -> int:
+        """k of each super-cluster of a run's rounds (DeepCluster: its clusters)."""
+        settings = self.settings(run)
+        return settings["clusters"] if "clusters" in settings else settings["sub_clusters"]
 
     def shards(self, images: int) -> int:
         return shard_count(images, self.config["features"]["shard_size"])
 
-    def round_folder(self, run: str, r: int) -> str:
-        """{run}/rounds/{r}; round 0, the random init, is the main run's, shared by every run."""
-        return fill(ROUND, run=MAIN if int(r) == 0 else run, round=r)
+    def start(self, run: str) -> tuple[str, str]:
+        """Where a run's round 0 is, as (run, checkpoint name): the random init is the main run's round 0, RotNet
+        the RotNet run's last round, any other name a registered checkpoint."""
+        start = self.settings(run)["init"]
+        if start == "random":
+            return MAIN, "round-0"
+        if start == "rotnet":
+            rotnet = self.folder(METHODS["rotnet"])
+            return rotnet, f"round-{self.rounds(rotnet)}"
+        return MAIN, start
+
+    def checkpoint_file(self, run: str, name: str) -> str:
+        """round-{r}: that round's checkpoint of the run (round-0: the seeded random init, every run's); a
+        registered name: its checked copy."""
+        if not name.startswith("round-"):
+            return fill(IMPORTED, name=name)
+        r = int(name.removeprefix("round-"))
+        return fill(CHECKPOINT, run=MAIN if r == 0 else run, round=r)
 
     def checkpoint(self, run: str, r: int) -> str:
-        return f"{self.round_folder(run, r)}/checkpoint.pt"
+        """The checkpoint of a run's round r; round 0 is where the run starts (``start``)."""
+        return self.checkpoint_file(*(self.start(run) if r == 0 else (run, f"round-{r}")))
+
+    @staticmethod
+    def eval_folder(run: str, name: str) -> str:
+        """Where a checkpoint's evaluations are: round-0's (the random init) are the main run's, as its checkpoint."""
+        return fill(EVAL, run=MAIN if name == "round-0" else run, name=name)
+
+    def rounds_until(self, run: str, name: str) -> list[tuple[str, str]]:
+        """The checkpoints (run, name) of a run's rounds 0..r for ``name`` round-{r} (r > 0), round 0 its start; a
+        registered name, or round-0, alone."""
+        last = int(name.removeprefix("round-")) if name.startswith("round-") else 0
+        if not last:
+            return [(run, name)]
+        return [self.start(run), *((run, f"round-{r}") for r in range(1, last + 1))]
 
     def shard_files(self, run: str, r: int, images: int) -> list[str]:
         return [fill(SHARD, run=run, round=r, shard=i) for i in range(self.shards(images))]
@@ -106,17 +161,30 @@ class Plan:
         return [fill(SUB, run=run, round=r, super_cluster=s) for s in range(self.super_clusters(run))]
 
     def clustering_files(self, run: str, template: str, rounds: range | list) -> list[str]:
-        """``template`` of each of the rounds, where the run's method clusters (none for RotNet)."""
+        """``template`` of each of the rounds, where the run's method clusters."""
         return [fill(template, run=run, round=r) for r in rounds] if self.runs[run].clusters else []
+
+    def labels(self, run: str, r: int) -> list[str]:
+        """The labels of a run's round r's block: the round's pseudo-labels, the true classes (supervised) or none
+        (RotNet)."""
+        of = self.runs[run]
+        if of.clusters:
+            return [fill(LABELS, run=run, round=r)]
+        return [fill(TRUE_LABELS, run=run)] if of.labelled else []
 
     def round_outputs(self, run: str, r: int, images: int) -> list[str]:
         """Every file a run's round r's stages make: deleting any of them reruns it and what depends on it."""
         trained = fill(CHECKPOINT, run=run, round=r)
-        if not self.runs[run].clusters:  # RotNet: the training block alone
-            return [trained]
+        if not self.runs[run].clusters:  # RotNet, supervised: the training block alone
+            return [*self.labels(run, r), trained]
         one = {"run": run, "round": r}
         return [*self.shard_files(run, r, images), fill(PCA, **one), fill(SUPER, **one),
                 *self.sub_cluster_files(run, r), fill(LABELS, **one), trained]  # fmt: skip
+
+    def run_outputs(self, run: str, images: int) -> list[str]:
+        """Every round's files of a run and of the run it starts from (DeeperCluster's RotNet)."""
+        before = self.run_outputs(self.start(run)[0], images) if self.settings(run)["init"] == "rotnet" else []
+        return [*before, *(path for r in range(1, self.rounds(run) + 1) for path in self.round_outputs(run, r, images))]
 
     def round_benchmarks(self, r: int, images: int) -> dict[str, list[str]]:
         """The benchmark files of each stage of the main run's round r (the summary's stage times)."""
@@ -133,21 +201,11 @@ class Plan:
         names = list(ROUND_FIGURES) if self.method.clusters else ["training"]
         return {name: fill(FIGURE, round=r, figure=ROUND_FIGURES[name]) for name in names}
 
-    def checkpoint_file(self, run: str, name: str) -> str:
-        """round-{r}: that round's checkpoint of the run; a registered name: its checked copy."""
-        if name.startswith("round-"):
-            return self.checkpoint(run, int(name.removeprefix("round-")))
-        return fill(IMPORTED, name=name)
-
-    @staticmethod
-    def eval_folder(run: str, name: str) -> str:
-        """Where a checkpoint's evaluations are: round 0's are the main run's, as its checkpoint."""
-        return fill(EVAL, run=MAIN if name == "round-0" else run, name=name)
-
     def compared(self) -> dict[str, tuple[str, str]]:
-        """The table's rows in the paper's order, as {row: (run, name)}: the checkpoint named under
-        evaluation.compare, else the random init (round 0) and each method's last round: the main run's for
-        the config's method, a run of its own under results/compare/{method} for the others."""
+        """The table's rows in order, as {row: (run, name)}: the checkpoint named under evaluation.compare, else the
+        random init (round 0) and each method's last round (of the main run for the config's method)."""
         named = self.config["evaluation"]["compare"]
-        rows = {"random": (MAIN, "round-0")} | {m.name: (run, f"round-{self.rounds}") for run, m in self.runs.items()}
+        rows = {"random": (MAIN, "round-0")} | {
+            m.name: (run, f"round-{self.rounds(run)}") for run, m in self.runs.items()
+        }
         return {row: (MAIN, named[row]) if named[row] else rows[row] for row in ROW_ORDER}

@@ -14,13 +14,13 @@ rule pca:
         **job_resources(RESOURCES, "pca"),
     params:
         seed=round_seed,
+        fraction=lambda wildcards: PLAN.settings(wildcards.run)["pca_fraction"],
         options=options(
-            dim=config["pca"]["dim"],
             sample_size=config["pca"]["sample_size"],
             eigenvalue_floor=config["pca"]["eigenvalue_floor"],
         ),
     shell:
-        "python -m deepercluster --threads {threads} pca {params.options} --seed {params.seed}"
+        "python -m deepercluster --threads {threads} pca {params.options} --fraction {params.fraction} --seed {params.seed}"
         " --shards {input} --out {output} > {log} 2>&1"
 
 
@@ -69,13 +69,13 @@ rule sub_clusters:
         **job_resources(RESOURCES, "sub_clusters"),
     params:
         seed=round_seed,
+        sub_clusters=lambda wildcards: PLAN.sub_clusters(wildcards.run),
         options=options(
-            sub_clusters=config["kmeans"]["sub_clusters"],
             iterations=config["kmeans"]["iterations"],
             cache_mb=config["kmeans"]["cache_mb"],
         ),
     shell:
-        "python -m deepercluster --threads {threads} --ranks {resources.tasks} sub-clusters {params.options} --seed {params.seed}"
+        "python -m deepercluster --threads {threads} --ranks {resources.tasks} sub-clusters --sub-clusters {params.sub_clusters} {params.options} --seed {params.seed}"
         " --super-cluster {wildcards.super_cluster} --shards {input.shards} --pca {input.pca}"
         " --super-file {input.super_file} --out {output} > {log} 2>&1"
 

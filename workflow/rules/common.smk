@@ -8,9 +8,9 @@ from deepercluster.formats.manifest import manifest_size
 from deepercluster.plan import (
     CHECKPOINT,
     COMPARE,
+    EVAL_DATA,
     EVAL_FILE,
     EVAL_MANIFEST,
-    EVAL_SKIPPED,
     EXPORT,
     IMPORTED,
     LABELS,
@@ -20,12 +20,14 @@ from deepercluster.plan import (
     PCA,
     ROUND_NMI,
     SHARD,
+    SIMILARITY,
     SIZES,
     SKIPPED,
     SUB,
     SUMMARY,
     SUPER,
     TRAIN_DIR,
+    TRUE_LABELS,
     Plan,
     benchmark_file,
     fill,
@@ -46,8 +48,8 @@ ENV = "../../envs/deepercluster.yaml"
 RESOURCES = config["resources"]
 EVAL = config["evaluation"]
 PLAN = Plan(config)
-# The rounds that train: 1..rounds (round 0 is the random init).
-TRAINED_ROUNDS = range(1, PLAN.rounds + 1)
+# The main run's rounds that train: 1..rounds (round 0 is where it starts).
+TRAINED_ROUNDS = range(1, PLAN.rounds(MAIN) + 1)
 
 
 wildcard_constraints:
@@ -72,7 +74,7 @@ def fits_job_array(rule, count):
 def shard_files(wildcards):
     """Every feature shard of the run's round (which must hold at least m images)."""
     count = images()
-    require_rows(PLAN.super_clusters(wildcards.run), count, "kmeans.super_clusters")
+    require_rows(PLAN.super_clusters(wildcards.run), count, "methods.deepercluster.super_clusters")
     files = PLAN.shard_files(wildcards.run, wildcards.round, count)
     fits_job_array("features", len(files))
     return files
@@ -101,10 +103,10 @@ def rounds_until(template):
 
 
 def default_targets(wildcards):
-    """Every round's files and report figures, the last checkpoint and the summary (TSV and web page)."""
-    count = images()
+    """Every round's files (and those of the run it starts from) and report figures, the last checkpoint and the
+    summary (TSV and web page)."""
     return [
-        *(path for r in TRAINED_ROUNDS for path in PLAN.round_outputs(MAIN, r, count)),
+        *PLAN.run_outputs(MAIN, images()),
         *(path for r in TRAINED_ROUNDS for path in PLAN.figures(r).values()),
         f"{SUMMARY}.tsv",
         f"{SUMMARY}.html",
@@ -119,6 +121,22 @@ def round_seed(wildcards):
 def previous_checkpoint(wildcards):
     """Round r's features and block start from round r-1's checkpoint (round 0: the initial weights)."""
     return PLAN.checkpoint(wildcards.run, int(wildcards.round) - 1)
+
+
+def block_labels(wildcards):
+    """The labels of the run's round's block: pseudo-labels, the true classes (supervised) or none (RotNet)."""
+    return PLAN.labels(wildcards.run, int(wildcards.round))
+
+
+def method_options(wildcards):
+    """The training block's options of the run's method (methods.<method>)."""
+    settings = PLAN.settings(wildcards.run)
+    return options(
+        method=PLAN.runs[wildcards.run].name,
+        epochs=settings["epochs_per_round"],
+        lr=settings["lr"],
+        head_momentum=settings["head_momentum"],
+    )
 
 
 def previous_labels(wildcards):
@@ -140,18 +158,12 @@ def registered(wildcards):
 
 
 def eval_rounds(kind):
-    """An input function: {run}/evals/{name}/<kind> of this checkpoint, and for round-{r} of rounds 0..r (NMI
-    over rounds)."""
-
-    def files(wildcards):
-        if wildcards.name.startswith("round-"):
-            r = int(wildcards.name.removeprefix("round-"))
-            names = [f"round-{i}" for i in range(r + 1)]
-        else:
-            names = [wildcards.name]
-        return [f"{PLAN.eval_folder(wildcards.run, name)}/{kind}" for name in names]
-
-    return files
+    """An input function: {run}/evals/{name}/<kind> of this checkpoint, and for round-{r} of the run's rounds 0..r
+    (NMI over rounds; round 0 is where the run starts)."""
+    return lambda wildcards: [
+        f"{PLAN.eval_folder(*checkpoint)}/{kind}"
+        for checkpoint in PLAN.rounds_until(wildcards.run, wildcards.name)
+    ]
 
 
 def configured(key):
@@ -188,17 +200,29 @@ def compared_evals(wildcards):
 
 
 def compared_rounds(wildcards):
-    """Every file of the rounds of each row's run up to its checkpoint (its checked copy for a name)."""
+    """Every file of the rounds of each trained row's run (and of the run it starts from), each row's checkpoint
+    (its checked copy for a name) and each trained run's similarity over rounds."""
     count, files = images(), []
-    for run, name in COMPARED.values():
-        last = int(name.removeprefix("round-")) if name.startswith("round-") else 0
-        files += [
-            path
-            for r in range(1, last + 1)
-            for path in PLAN.round_outputs(run, r, count)
-        ]
+    for row, (run, name) in COMPARED.items():
         files.append(PLAN.checkpoint_file(run, name))
+        if row != "random" and not EVAL["compare"][row]:
+            files += [*PLAN.run_outputs(run, count), f"{fill(SIMILARITY, run=run)}.tsv"]
     return files
+
+
+def similarity_checkpoints(wildcards):
+    """The checkpoints of the run's rounds 0..R."""
+    return [
+        PLAN.checkpoint(wildcards.run, r) for r in range(PLAN.rounds(wildcards.run) + 1)
+    ]
+
+
+def eval_role(role):
+    """The images of an evaluation role: test (evaluation.data), or train (evaluation.train_data; null: the
+    images the methods trained on, the training manifest)."""
+    if role == "train" and EVAL["train_data"] is None:
+        return MANIFEST
+    return f"{EVAL_DATA}/{role}.parquet"
 
 
 # Report flags (`snakemake --report`): each evaluation's figure or table, the comparison's, each round's figures.

@@ -6,10 +6,39 @@
 # Their input functions (eval_checkpoint, eval_rounds, ...) and report flags are in common.smk.
 
 
-rule eval_manifest:
+rule eval_images:
     output:
-        manifest=EVAL_MANIFEST,
-        skipped=EVAL_SKIPPED,
+        manifest=f"{EVAL_DATA}/{{role}}.parquet",
+        skipped=f"{EVAL_DATA}/{{role}}-skipped.tsv",
+    log:
+        log_file(f"{EVAL_DATA}/{{role}}.parquet"),
+    benchmark:
+        benchmark_file(f"{EVAL_DATA}/{{role}}.parquet")
+    wildcard_constraints:
+        role="train|test",
+    conda:
+        ENV
+    threads: stage_threads(RESOURCES, "evaluate")
+    resources:
+        **job_resources(RESOURCES, "evaluate"),
+    params:
+        options=lambda wildcards: options(
+            seed=config["seed"],
+            verify_images=config["data"]["verify_images"],
+            workers=config["data"]["workers"],
+            **EVAL["data" if wildcards.role == "test" else "train_data"],
+        ),
+    shell:
+        "python -m deepercluster manifest {params.options}"
+        " --manifest {output.manifest} --skipped {output.skipped} > {log} 2>&1"
+
+
+rule eval_manifest:
+    input:
+        train=eval_role("train"),
+        test=eval_role("test"),
+    output:
+        EVAL_MANIFEST,
     log:
         log_file(EVAL_MANIFEST),
     benchmark:
@@ -19,21 +48,8 @@ rule eval_manifest:
     threads: stage_threads(RESOURCES, "evaluate")
     resources:
         **job_resources(RESOURCES, "evaluate"),
-    params:
-        options=options(
-            seed=config["seed"],
-            verify_images=config["data"]["verify_images"],
-            workers=config["data"]["workers"],
-            source=EVAL["data"]["source"],
-            path=EVAL["data"]["path"],
-            path_column=EVAL["data"]["path_column"],
-            label_from_folder=EVAL["data"]["label_from_folder"],
-            split=EVAL["data"]["split"],
-            max_images=EVAL["data"]["max_images"],
-        ),
     shell:
-        "python -m deepercluster manifest {params.options}"
-        " --manifest {output.manifest} --skipped {output.skipped} > {log} 2>&1"
+        "python -m deepercluster eval-manifest --train {input.train} --test {input.test} --out {output} > {log} 2>&1"
 
 
 rule import_checkpoint:
@@ -102,6 +118,7 @@ rule eval_pca:
         options=options(
             seed=config["seed"],
             dim=EVAL["pca_dim"],
+            fraction=1.0,
             sample_size=config["pca"]["sample_size"],
             eigenvalue_floor=config["pca"]["eigenvalue_floor"],
         ),
@@ -182,7 +199,6 @@ rule eval_linear:
         options=options(
             seed=config["seed"],
             label_column=EVAL["label_column"],
-            val_fraction=EVAL["val_fraction"],
             weight_decays=EVAL["probe_weight_decays"],
             max_iterations=EVAL["probe_iterations"],
         ),
@@ -195,6 +211,7 @@ rule eval_knn:
     input:
         manifest=EVAL_MANIFEST,
         features=evaluation("features.h5"),
+        probe_features=evaluation("probe_features.h5"),
     output:
         reported("knn.json", "knn", "k-NN top-1"),
     log:
@@ -212,7 +229,7 @@ rule eval_knn:
         ),
     shell:
         "python -m deepercluster --threads {threads} eval-knn {params.options} --manifest {input.manifest}"
-        " --features {input.features} --out {output} > {log} 2>&1"
+        " --features {input.features} --probe-features {input.probe_features} --out {output} > {log} 2>&1"
 
 
 rule eval_nmi:
@@ -326,6 +343,44 @@ rule eval_retrieval:
     shell:
         "python -m deepercluster --threads {threads} eval-retrieval {params.options} --images {input.images}"
         " --checkpoint {input.checkpoint} --out {output} > {log} 2>&1"
+
+
+rule eval_similarity:
+    input:
+        manifest=EVAL_MANIFEST,
+        checkpoints=similarity_checkpoints,
+    output:
+        tsv=f"{SIMILARITY}.tsv",
+        plot=report(
+            f"{SIMILARITY}.png",
+            caption="../report/similarity.rst",
+            category="Evaluations",
+            subcategory="{run}",
+            labels={
+                "run": "{run}",
+                "checkpoint": "rounds",
+                "evaluation": "change from round 0",
+            },
+        ),
+    log:
+        log_file(f"{SIMILARITY}.tsv"),
+    benchmark:
+        benchmark_file(f"{SIMILARITY}.tsv")
+    conda:
+        ENV
+    threads: stage_threads(RESOURCES, "evaluate")
+    resources:
+        **job_resources(RESOURCES, "evaluate"),
+    params:
+        options=options(
+            images=EVAL["similarity_images"],
+            image_size=config["data"]["image_size"],
+            batch_size=config["features"]["batch_size"],
+            workers=config["data"]["workers"],
+        ),
+    shell:
+        "python -m deepercluster --threads {threads} eval-similarity {params.options} --manifest {input.manifest}"
+        " --checkpoints {input.checkpoints} --out {output.tsv} --plot {output.plot} > {log} 2>&1"
 
 
 rule compare_table:

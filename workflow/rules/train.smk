@@ -1,6 +1,4 @@
 rule initial_checkpoint:
-    input:
-        config["init_checkpoint"] or [],
     output:
         fill(CHECKPOINT, run=MAIN, round=0),
     log:
@@ -15,7 +13,6 @@ rule initial_checkpoint:
     params:
         options=options(
             seed=config["seed"],
-            init_checkpoint=config["init_checkpoint"],
             arch=config["model"]["arch"],
             sobel=config["model"]["sobel"],
         ),
@@ -27,7 +24,7 @@ rule train:
     input:
         manifest=MANIFEST,
         previous=previous_checkpoint,
-        labels=round_file(LABELS),
+        labels=block_labels,
     output:
         checkpoint=CHECKPOINT,
         metrics=METRICS,
@@ -44,13 +41,11 @@ rule train:
         seed=round_seed,
         allocation=training_allocation(RESOURCES),
         labels=lambda wildcards, input: options(labels=input.labels or None),
-        method=lambda wildcards: PLAN.runs[wildcards.run].name,
+        method=method_options,
         train_dir=TRAIN_DIR,
         options=options(
             launcher=config["launcher"],
-            epochs=config["train"]["epochs_per_round"],
             batch_size=config["train"]["batch_size"],
-            lr=config["train"]["lr"],
             momentum=config["train"]["momentum"],
             weight_decay=config["train"]["weight_decay"],
             checkpoint_every=config["train"]["checkpoint_every"],
@@ -60,6 +55,27 @@ rule train:
             workers=config["data"]["workers"],
         ),
     shell:
-        "python -m deepercluster train --method {params.method} {params.options} {params.allocation} --round {wildcards.round}"
+        "python -m deepercluster train {params.method} {params.options} {params.allocation} --round {wildcards.round}"
         " --seed {params.seed} --manifest {input.manifest} --previous-checkpoint {input.previous}"
         " {params.labels} --train-dir {params.train_dir} --out {output.checkpoint} > {log} 2>&1"
+
+
+# The supervised bound's labels: each training image's true class (methods.supervised.label_column), used here only.
+rule true_labels:
+    input:
+        MANIFEST,
+    output:
+        TRUE_LABELS,
+    log:
+        log_file(TRUE_LABELS),
+    benchmark:
+        benchmark_file(TRUE_LABELS)
+    conda:
+        ENV
+    threads: stage_threads(RESOURCES, "labels")
+    resources:
+        **job_resources(RESOURCES, "labels"),
+    params:
+        options=options(label_column=config["methods"]["supervised"]["label_column"]),
+    shell:
+        "python -m deepercluster true-labels {params.options} --manifest {input} --out {output} > {log} 2>&1"

@@ -1,4 +1,5 @@
-"""Pseudo-labels of a round: each image's super-cluster and sub-cluster, their sizes, and NMI."""
+"""Pseudo-labels of a round: each image's super-cluster and sub-cluster, their sizes, and NMI; and the true
+classes as labels of the same form, for the supervised bound."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from sklearn.metrics import normalized_mutual_info_score
 from deepercluster.errors import ClustersError
 from deepercluster.formats.clusters import read_clusters
 from deepercluster.formats.labels import Labels, read_labels, write_labels, write_round_nmi, write_sizes
-from deepercluster.formats.manifest import metadata_columns, read_manifest
+from deepercluster.formats.manifest import informative_columns, metadata_columns, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,27 @@ def make_labels(
             f"the sizes in {', '.join(sub_files)} do not match their assignments: delete them and rerun sub_clusters"
         )
     flat = labels.flat()
-    scores = {column: nmi(flat, images[column]) for column in metadata_columns(images.reset_index())}
+    scores = {column: nmi(flat, images[column]) for column in informative_columns(images.reset_index())}
     scores["previous_round"] = nmi(flat, read_labels(previous).flat()) if previous else None
     log.info("%d images in %d clusters (%d super-clusters, %d empty clusters); NMI %s", len(labels.table), len(counts),
              labels.table["super_cluster"].nunique(), int((counts["size"] == 0).sum()), json.dumps(scores))  # fmt: skip
     write_labels(out, labels)
     write_sizes(sizes, counts)
     write_round_nmi(nmi_out, scores)
+
+
+def true_labels(*, manifest: str, out: str, label_column: str) -> None:
+    """Stage 'true-labels': each image's class in ``label_column`` as its label (one super-cluster, a sub-cluster
+    per class, in sorted order): the supervised bound's, the only labels any training block reads."""
+    images = read_manifest(manifest)
+    if label_column not in images.columns or images[label_column].isna().any():
+        raise ClustersError(
+            f"{manifest}: the supervised bound needs a class in column {label_column!r} for every image; set "
+            "methods.supervised.label_column to such a column (it has "
+            f"{', '.join(metadata_columns(images)) or 'none'}), or leave the supervised row out of compare"
+        )
+    classes = pd.Categorical(images[label_column].astype(str))
+    table = pd.DataFrame({"id": images["id"], "super_cluster": 0, "sub_cluster": classes.codes.astype(np.int64)})
+    log.info("%d images of %d classes (%s) as the supervised bound's labels", len(table), len(classes.categories),
+             ", ".join(classes.categories))  # fmt: skip
+    write_labels(out, Labels(table, [len(classes.categories)]))

@@ -52,7 +52,7 @@ def cluster_super(
     *, shards: list[str], pca: str, out: str, super_clusters: int, iterations: int, seed: int, cache_mb: float
 ) -> None:
     """Stage 'super-clusters': level 1, ``super_clusters`` (m) clusters over every image."""
-    require_rows(super_clusters, sum(shard_rows(p) for p in shards), "kmeans.super_clusters")
+    require_rows(super_clusters, sum(shard_rows(p) for p in shards), "methods.deepercluster.super_clusters")
     source = whitened_shards(shards, pca, cache_mb)
     log.info("level 1: %d super-clusters over %d images on this rank", super_clusters, source.count)
     result = kmeans(source, super_clusters, iterations, level_seed(seed, None))

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 
 from deepercluster.errors import ShardError
-from deepercluster.formats.features import read_rows, shard_checkpoint, shard_rows
+from deepercluster.formats.features import read_rows, shard_checkpoint, shard_dim, shard_rows
 from deepercluster.formats.whitening import Whitening
 from deepercluster.logs import progress
 
@@ -66,11 +66,13 @@ def fit_whitening(chunks: Iterable[np.ndarray], dim: int | None, eigenvalue_floo
 
 
 def fit_pca(
-    *, shards: list[str], out: str, dim: int | None, sample_size: int, seed: int, eigenvalue_floor: float
-) -> None:
+    *, shards: list[str], out: str, dim: int | None, fraction: float, sample_size: int, seed: int,
+    eigenvalue_floor: float,
+) -> None:  # fmt: skip
     """Stage 'pca': fit the whitening on a sample of ``sample_size`` rows of ``shards`` and write ``pca.h5``.
 
-    ``dim`` keeps that many leading directions (None keeps all, as DeeperCluster does).
+    ``dim`` keeps that many leading directions; None keeps ``fraction`` of the feature's (DeeperCluster all of
+    them, DeepCluster 1/16).
     """
     checkpoints = {shard_checkpoint(path) for path in shards}
     if len(checkpoints) != 1:
@@ -86,7 +88,7 @@ def fit_pca(
             f"PCA needs at least 2 rows, the shards {shards[0]}, ... hold {len(chosen)}: give it more images"
         )
     rows = progress(sampled_rows(shards, counts, chosen), "pca sample", unit="chunk")
-    whitening, total = fit_whitening(rows, dim, eigenvalue_floor)
+    whitening, total = fit_whitening(rows, dim or max(1, round(fraction * shard_dim(shards[0]))), eigenvalue_floor)
     whitening.save(
         out, checkpoint_sha256=checkpoints.pop(), sample_size=total, seed=seed, eigenvalue_floor=eigenvalue_floor
     )

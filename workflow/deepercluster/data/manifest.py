@@ -22,7 +22,7 @@ from torchvision.datasets import FashionMNIST
 from deepercluster.data.images import READ_ERRORS, read_rgb
 from deepercluster.errors import DataError
 from deepercluster.files import atomic_output
-from deepercluster.formats.manifest import write_manifest
+from deepercluster.formats.manifest import read_manifest, write_manifest, write_skipped
 from deepercluster.logs import progress
 
 logger = logging.getLogger(__name__)
@@ -100,8 +100,7 @@ def build_manifest(
     errors = _missing(frame["path"].tolist())
     if verify_images:
         errors.update(_unreadable(frame.loc[~frame["path"].isin(errors), "path"].tolist(), workers))
-    with atomic_output(skipped) as partial:
-        pd.DataFrame({"path": list(errors), "error": list(errors.values())}).to_csv(partial, sep="\t", index=False)
+    write_skipped(skipped, errors)
     if errors:
         logger.warning("%d unreadable images skipped; they are listed in %s", len(errors), skipped)
     frame = frame[~frame["path"].isin(errors)].reset_index(drop=True)
@@ -118,6 +117,17 @@ def build_manifest(
         raise DataError(f"no readable images in {root} (looked for {looked_for}{some}); fix data.path or data.source")
     frame.insert(0, "id", np.arange(len(frame), dtype=np.int64))
     write_manifest(manifest, frame)
+
+
+def join_evaluation(*, train: str, test: str, out: str) -> None:
+    """Stage 'eval-manifest': the evaluation images, the ``train`` manifest's (what the linear probes learn from
+    and the k-NN remembers) then the ``test`` manifest's (what every evaluation scores), in one manifest with the
+    column ``eval_split`` (train or test) and new ids 0..N-1."""
+    parts = {"train": read_manifest(train), "test": read_manifest(test)}
+    frame = pd.concat([part.assign(eval_split=role) for role, part in parts.items()], ignore_index=True)
+    frame["id"] = np.arange(len(frame), dtype=np.int64)
+    logger.info("evaluation images: %d train (%s), %d test (%s)", len(parts["train"]), train, len(parts["test"]), test)
+    write_manifest(out, frame)
 
 
 def _folder_candidates(root: Path, label_from_folder: bool) -> tuple[pd.DataFrame, str]:

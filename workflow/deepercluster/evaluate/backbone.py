@@ -3,7 +3,6 @@ activations, the pooling of linear probes, and a labelled train/val split of a m
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,46 +58,35 @@ def probe_pool_size(channels: int, height: int, max_dim: int = PROBE_MAX_DIM) ->
 
 @dataclass(frozen=True)
 class LabelledSet:
-    """Images of a manifest with a class label, split at random (seeded) into train and val."""
+    """The labelled images of an evaluation manifest: its train images (the probes learn from them, the k-NN
+    remembers them) and its test images (every evaluation scores them)."""
 
-    paths: np.ndarray  # [n] str
     ids: np.ndarray  # [n] int64, manifest ids
     targets: np.ndarray  # [n] int64, index into classes
     classes: list[str]
-    val: np.ndarray  # [n] bool
+    train: np.ndarray  # [n] bool: a train image (else a test image)
 
 
-def labelled_images(manifest: str, label_column: str) -> LabelledSet:
-    """The manifest's images with a ``label_column`` value (none in the val split)."""
+def labelled_roles(manifest: str, label_column: str) -> LabelledSet:
+    """The evaluation manifest's images with a ``label_column`` value, by role (its ``eval_split`` column)."""
     frame = read_manifest(manifest)
-    if label_column not in frame.columns:
+    if label_column not in frame.columns or "eval_split" not in frame.columns:
         raise EvaluationError(
-            f"{manifest} has no column {label_column!r} (it has {', '.join(map(str, frame.columns))}); "
-            "set evaluation.label_column to the column of class labels"
+            f"{manifest} has no column {label_column!r} or eval_split (it has {', '.join(map(str, frame.columns))}): "
+            "set evaluation.label_column to the column of class labels, and evaluate on the eval-manifest stage's "
+            "manifest"
         )
     frame = frame[frame[label_column].notna()].reset_index(drop=True)
     labels = frame[label_column].astype(str)
     classes = sorted(labels.unique())
-    if len(classes) < 2:
+    train = (frame["eval_split"] == "train").to_numpy()
+    if len(classes) < 2 or train.all() or not train.any():
         raise EvaluationError(
-            f"{manifest}: {len(frame)} labelled images in {len(classes)} classes; label images of 2 classes or more"
+            f"{manifest}: {train.sum()} labelled train and {(~train).sum()} test images in {len(classes)} classes; "
+            "label train and test images of 2 classes or more (evaluation.train_data, evaluation.data)"
         )
     targets = pd.Categorical(labels, categories=classes).codes.astype(np.int64)
-    val = np.zeros(len(frame), bool)
-    return LabelledSet(frame["path"].to_numpy(str), frame["id"].to_numpy(np.int64), targets, classes, val)
-
-
-def labelled_split(manifest: str, label_column: str, val_fraction: float, seed: int) -> LabelledSet:
-    """The manifest's labelled images; a seeded ``val_fraction`` of them is the val split."""
-    data = labelled_images(manifest, label_column)
-    val = np.zeros(len(data.ids), bool)
-    val[np.random.default_rng(seed).permutation(len(val))[: round(len(val) * val_fraction)]] = True
-    if val.all() or not val.any():
-        raise EvaluationError(
-            f"{manifest}: {len(val)} labelled images with val_fraction={val_fraction} leave no train/val split; "
-            "label more images or change evaluation.val_fraction"
-        )
-    return dataclasses.replace(data, val=val)
+    return LabelledSet(frame["id"].to_numpy(np.int64), targets, classes, train)
 
 
 def image_loader(

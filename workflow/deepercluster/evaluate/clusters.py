@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 from deepercluster.data.images import ImageDataset
 from deepercluster.evaluate.common import save_figure
 from deepercluster.formats.clusters import read_clusters
-from deepercluster.formats.manifest import metadata_columns, read_manifest
+from deepercluster.formats.manifest import informative_columns, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def grid_figure(
     """``per_cluster`` random images of ``shown`` random non-empty clusters of ``assignment`` (a cluster per
     image, indexed by id), each captioned with its size and its dominant metadata values."""
     images = manifest.set_index("id")
-    columns = metadata_columns(manifest)
+    columns = informative_columns(manifest)
     rng = np.random.default_rng(seed)
     sizes = assignment.value_counts()
     chosen = np.sort(rng.choice(sizes.index.to_numpy(), size=min(shown, len(sizes)), replace=False))

@@ -35,24 +35,35 @@ def bootstrap_interval(correct: np.ndarray, seed: int, resamples: int = 1000) ->
     return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
 
 
+def standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    """Float32 arrays with the train rows' per-dimension mean removed and unit variance (constant dims: 0)."""
+    mean, std = train.mean(0, dtype=np.float64), train.std(0, dtype=np.float64)
+    scale = np.where(std > 1e-6, 1 / np.maximum(std, 1e-6), 0.0)
+    return [((x - mean) * scale).astype(np.float32) for x in (train, *others)]
+
+
 def save_figure(figure: Figure, path: str | os.PathLike) -> None:
     with atomic_output(path) as partial:
         figure.savefig(partial, format="png", dpi=100, bbox_inches="tight")
 
 
 def accuracy_figure(curves: dict[str, list[dict]], chance: float | None = None) -> Figure:
-    """Top-1 (%) per conv layer with its 95% interval, one line per checkpoint, as the paper's Figure 2."""
-    figure = Figure(figsize=(6, 4))
-    axes = figure.subplots()
-    for label, layers in curves.items():
-        top1 = np.array([100 * layer["top1"] for layer in layers])
-        interval = np.array([[100 * bound for bound in layer["ci95"]] for layer in layers]).T
-        names = [layer["layer"] for layer in layers]
-        axes.errorbar(names, top1, yerr=np.abs(interval - top1), fmt="o-", capsize=3, label=label)
-    if chance is not None:
-        axes.axhline(100 * chance, color="grey", linestyle="--", linewidth=1, label="chance")
-    axes.set_xlabel("conv layer")
-    axes.set_ylabel("linear probe top-1 (%)")
-    axes.grid(alpha=0.3)
-    axes.legend()
+    """Top-1 (%) per conv layer with its 95% interval, one line per checkpoint and a panel per pooling of the
+    probes' features, as the paper's Figure 2."""
+    poolings = list(dict.fromkeys(layer.get("pooling", "pooled") for layers in curves.values() for layer in layers))
+    figure = Figure(figsize=(5 * len(poolings), 4))
+    for axes, pooling in zip(np.atleast_1d(figure.subplots(1, len(poolings))), poolings, strict=True):
+        for label, layers in curves.items():
+            own = [layer for layer in layers if layer.get("pooling", "pooled") == pooling]
+            top1 = np.array([100 * layer["top1"] for layer in own])
+            interval = np.array([[100 * bound for bound in layer["ci95"]] for layer in own]).T
+            axes.errorbar([layer["layer"] for layer in own], top1, yerr=np.abs(interval - top1), fmt="o-", capsize=3,
+                          label=label)  # fmt: skip
+        if chance is not None:
+            axes.axhline(100 * chance, color="grey", linestyle="--", linewidth=1, label="chance")
+        axes.set_title(f"{pooling} features")
+        axes.set_xlabel("conv layer")
+        axes.set_ylabel("linear probe top-1 (%)")
+        axes.grid(alpha=0.3)
+        axes.legend()
     return figure

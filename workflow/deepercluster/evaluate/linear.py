@@ -3,14 +3,15 @@
 Two stages, so that the network runs once per checkpoint and the classifiers can train to
 convergence on a cache:
 
-- ``eval-probe-features``: each conv layer's ReLU output, average-pooled to s x s with
-  channels * s * s below 10,000 (VGG-16: 9216, 9216, 8192, 8192, 9216 x 3, 8192 x 6; AlexNet:
-  9600, 9216, 9600, 9600, 9216), for every evaluation image (centre crops, backbone in eval
-  mode) -> ``probe_features.h5``, one float16 dataset per layer.
-- ``eval-linear``: per layer, a multinomial logistic regression on the standardised train-split
-  features, trained to convergence (full-batch L-BFGS); its L2 weight is chosen among
-  ``weight_decays`` on a held-out fifth of the train split, then it is refitted on the whole train
-  split. Top-1 on the val split, with a 95% interval bootstrapped over the val images.
+- ``eval-probe-features``: each conv layer's ReLU output, for every evaluation image (centre crops,
+  backbone in eval mode), pooled two ways -> ``probe_features.h5``: ``pooled``, the papers' average
+  pooling to s x s with channels * s * s below 10,000 (VGG-16: 9216, 9216, 8192, 8192, 9216 x 3,
+  8192 x 6; AlexNet: 9600, 9216, 9600, 9600, 9216), and ``channels``, the global average of each
+  channel (32, 64, 128 for the small convnet), where a random network is far weaker.
+- ``eval-linear``: per layer and pooling, a multinomial logistic regression on the standardised
+  features of the evaluation's train images, trained to convergence (full-batch L-BFGS); its L2
+  weight is chosen among ``weight_decays`` on a held-out fifth of them, then it is refitted on them
+  all. Top-1 on every test image, with a 95% interval bootstrapped over them.
 """
 
 from __future__ import annotations
@@ -24,25 +25,26 @@ import torch.nn.functional as F
 
 from deepercluster.data.images import feature_transform
 from deepercluster.evaluate.backbone import (
+    LabelledSet,
     conv_activations,
     device,
     frozen_backbone,
     image_loader,
-    labelled_split,
+    labelled_roles,
     layer_names,
     probe_pool_size,
 )
-from deepercluster.evaluate.common import accuracy_figure, bootstrap_interval, save_figure
+from deepercluster.evaluate.common import accuracy_figure, bootstrap_interval, save_figure, standardise
 from deepercluster.files import sha256
 from deepercluster.formats.evals import write_json
-from deepercluster.formats.features import probe_attributes, probe_features_writer, read_probe_layer
+from deepercluster.formats.features import POOLINGS, probe_attributes, probe_features_writer, read_probe_layer
 from deepercluster.formats.manifest import read_manifest
 from deepercluster.logs import progress
 from deepercluster.nn.models import ConvNet
 
 log = logging.getLogger(__name__)
 
-SELECTION_FRACTION = 0.2  # of the train split, held out to choose each probe's L2 weight
+SELECTION_FRACTION = 0.2  # of the train images, held out to choose each probe's L2 weight
 
 
 def activation_shapes(model: ConvNet, image_size: int) -> list[tuple[int, int]]:
@@ -59,22 +61,25 @@ def probe_pools(shapes: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def pooled(activations: list[torch.Tensor], pools: list[tuple[int, int]]) -> list[torch.Tensor]:
-    """Each layer's activations average-pooled to s x s and flattened."""
-    return [F.adaptive_avg_pool2d(a, s).flatten(1) for a, (s, _) in zip(activations, pools, strict=True)]
+    """Each layer's activations average-pooled to s x s and flattened, then each one's channels averaged over
+    space (the ``pooled`` layers, then the ``channels`` ones)."""
+    papers = [F.adaptive_avg_pool2d(a, s).flatten(1) for a, (s, _) in zip(activations, pools, strict=True)]
+    return [*papers, *(a.mean((2, 3)) for a in activations)]
 
 
 @torch.no_grad()
 def probe_features(*, checkpoint: str, manifest: str, out: str, image_size: int, batch_size: int, workers: int) -> None:
-    """Stage 'eval-probe-features': every conv layer's pooled activations of every image of ``manifest``."""
+    """Stage 'eval-probe-features': every conv layer's pooled activations (both poolings) of every image."""
     images = read_manifest(manifest)
     model, state = frozen_backbone(checkpoint)
-    pools, names = probe_pools(activation_shapes(model, image_size)), layer_names(model)
-    log.info("probe features of %s (%s) on %d images: %s, pooled dims %s", checkpoint, state["arch"], len(images),
-             names, [dim for _, dim in pools])  # fmt: skip
+    shapes = activation_shapes(model, image_size)
+    pools, names = probe_pools(shapes), layer_names(model)
+    dims = {f"pooled/{name}": dim for name, (_, dim) in zip(names, pools, strict=True)}
+    dims |= {f"channels/{name}": channels for name, (channels, _) in zip(names, shapes, strict=True)}
+    log.info("probe features of %s (%s) on %d images: %s", checkpoint, state["arch"], len(images), dims)
     loader = image_loader(images["path"], images["id"], feature_transform(image_size), batch_size, workers)
-    dims = {name: dim for name, (_, dim) in zip(names, pools, strict=True)}
     attrs = {"checkpoint_sha256": sha256(checkpoint), "arch": state["arch"], "pools": [s for s, _ in pools]}
-    with probe_features_writer(out, images["id"].to_numpy(), dims, **attrs) as write:
+    with probe_features_writer(out, images["id"].to_numpy(), names, dims, **attrs) as write:
         start = 0
         for x, ids in progress(loader, "probe features", total=len(loader), unit="batch"):
             write(start, [values.cpu().numpy() for values in pooled(conv_activations(model, x.to(device())), pools)])
@@ -136,23 +141,16 @@ def fit_logistic(
     return weight.detach(), bias.detach(), iterations
 
 
-def standardise(train: np.ndarray, *others: np.ndarray) -> list[torch.Tensor]:
-    """Float32 tensors with the train rows' per-dimension mean removed and unit variance (constant dims: 0)."""
-    mean, std = train.mean(0, dtype=np.float64), train.std(0, dtype=np.float64)
-    scale = np.where(std > 1e-6, 1 / np.maximum(std, 1e-6), 0.0)
-    return [torch.from_numpy(((x - mean) * scale).astype(np.float32)) for x in (train, *others)]
-
-
 def probe_layer(
-    x: np.ndarray, targets: np.ndarray, val: np.ndarray, classes: int, weight_decays: list[float], seed: int,
-    max_iterations: int,
-) -> dict[str, object]:  # fmt: skip
-    """One layer's probe: L2 weight chosen on a held-out part of the train split, refit, val top-1 and interval."""
-    train = np.flatnonzero(~val)
+    x: np.ndarray, data: LabelledSet, weight_decays: list[float], seed: int, max_iterations: int
+) -> dict[str, object]:
+    """One layer's probe: L2 weight chosen on a held-out part of the train images, refit on them all, top-1 on
+    the test images and its interval."""
+    train, classes = np.flatnonzero(data.train), len(data.classes)
     held_out = np.zeros(len(train), bool)
     held_out[np.random.default_rng(seed).permutation(len(train))[: round(len(train) * SELECTION_FRACTION)]] = True
-    fit_x, select_x = standardise(x[train[~held_out]], x[train[held_out]])
-    fit_y, select_y = (torch.from_numpy(targets[train[rows]]) for rows in (~held_out, held_out))
+    fit_x, select_x = map(torch.from_numpy, standardise(x[train[~held_out]], x[train[held_out]]))
+    fit_y, select_y = (torch.from_numpy(data.targets[train[rows]]) for rows in (~held_out, held_out))
     selection, solutions, steps, start = {}, {}, {}, None
     for weight_decay in sorted(weight_decays, reverse=True):  # each fit starts from the more regularised one
         weight, bias, iterations = fit_logistic(fit_x, fit_y, classes, weight_decay, max_iterations, start,
@@ -163,11 +161,11 @@ def probe_layer(
         log.info("  weight decay %g: held-out top-1 %.4f after %d L-BFGS iterations", weight_decay,
                  selection[weight_decay], iterations)  # fmt: skip
     chosen = max(weight_decays, key=lambda wd: (selection[wd], wd))  # ties: the stronger regularisation
-    train_x, val_x = standardise(x[train], x[val])
-    train_y = torch.from_numpy(targets[train])
-    # The refit on the whole train split runs as many iterations as the chosen fit needed to stop moving.
+    train_x, test_x = map(torch.from_numpy, standardise(x[data.train], x[~data.train]))
+    train_y = torch.from_numpy(data.targets[data.train])
+    # The refit on all the train images runs as many iterations as the chosen fit needed to stop moving.
     weight, bias, iterations = fit_logistic(train_x, train_y, classes, chosen, steps[chosen], solutions[chosen])
-    correct = ((val_x @ weight + bias).argmax(1) == torch.from_numpy(targets[val])).numpy()
+    correct = ((test_x @ weight + bias).argmax(1) == torch.from_numpy(data.targets[~data.train])).numpy()
     return {
         "top1": float(correct.mean()),
         "ci95": bootstrap_interval(correct, seed),
@@ -179,32 +177,27 @@ def probe_layer(
 
 
 def linear_probe(
-    *,
-    features: str,
-    manifest: str,
-    out: str,
-    plot: str,
-    label_column: str,
-    val_fraction: float,
-    weight_decays: list[float],
-    max_iterations: int,
-    seed: int,
-) -> None:
-    """Stage 'eval-linear': top-1 on the val split of a converged linear probe per conv layer -> ``out``, ``plot``."""
-    data = labelled_split(manifest, label_column, val_fraction, seed)
+    *, features: str, manifest: str, out: str, plot: str, label_column: str, weight_decays: list[float],
+    max_iterations: int, seed: int,
+) -> None:  # fmt: skip
+    """Stage 'eval-linear': test top-1 of a converged linear probe per conv layer and pooling -> ``out``, ``plot``."""
+    data = labelled_roles(manifest, label_column)
     attrs = probe_attributes(features)
     layers = []
-    for name, pool in zip(attrs["layers"], attrs["pools"], strict=True):
-        x = read_probe_layer(features, name, data.ids)
-        log.info("%s (%d dims): choosing the weight decay on a held-out fifth of the train split", name, x.shape[1])
-        result = probe_layer(x, data.targets, data.val, len(data.classes), weight_decays, seed, max_iterations)
-        log.info("%s (%d dims): val top-1 %.4f, 95%% interval %s, weight decay %g, %d L-BFGS iterations",
-                 name, x.shape[1], result["top1"], np.round(result["ci95"], 4).tolist(), result["weight_decay"],
-                 result["iterations"])  # fmt: skip
-        layers.append({"layer": name, "pool": int(pool), "dim": int(x.shape[1]), **result})
+    for pooling in POOLINGS:
+        for name, pool in zip(attrs["layers"], attrs["pools"], strict=True):
+            x = read_probe_layer(features, f"{pooling}/{name}", data.ids)
+            log.info("%s %s (%d dims): choosing the weight decay on a held-out fifth of the train images", name,
+                     pooling, x.shape[1])  # fmt: skip
+            result = probe_layer(x, data, weight_decays, seed, max_iterations)
+            log.info("%s %s (%d dims): test top-1 %.4f, 95%% interval %s, weight decay %g, %d L-BFGS iterations",
+                     name, pooling, x.shape[1], result["top1"], np.round(result["ci95"], 4).tolist(),
+                     result["weight_decay"], result["iterations"])  # fmt: skip
+            layers.append({"layer": name, "pooling": pooling, "pool": int(pool) if pooling == "pooled" else 1,
+                           "dim": int(x.shape[1]), **result})  # fmt: skip
     write_json(out, {
         "features": features, "checkpoint_sha256": str(attrs["checkpoint_sha256"]), "arch": str(attrs["arch"]),
-        "label_column": label_column, "classes": len(data.classes), "train_images": int((~data.val).sum()),
-        "val_images": int(data.val.sum()), "weight_decays": weight_decays, "layers": layers,
+        "label_column": label_column, "classes": len(data.classes), "train_images": int(data.train.sum()),
+        "test_images": int((~data.train).sum()), "weight_decays": weight_decays, "layers": layers,
     })  # fmt: skip
     save_figure(accuracy_figure({Path(out).parent.name: layers}, 1 / len(data.classes)), plot)

@@ -22,15 +22,18 @@ from deepercluster.cluster.labels import nmi
 from deepercluster.cluster.levels import whitened_shards
 from deepercluster.evaluate.common import save_figure
 from deepercluster.formats.evals import write_json
-from deepercluster.formats.manifest import metadata_columns, read_manifest
+from deepercluster.formats.manifest import informative_columns, read_manifest, test_images
 from deepercluster.seeds import derived_seed
 
 log = logging.getLogger(__name__)
 
 
-def seeded_clusterings(features: str, pca: str, k: int, seeds: int, iterations: int, seed: int) -> list[pd.Series]:
-    """``seeds`` k-means clusterings of one features file, each a cluster per image indexed by id."""
-    source = whitened_shards([features], pca, cache_mb=float("inf"))
+def seeded_clusterings(
+    features: str, pca: str, k: int, seeds: int, iterations: int, seed: int, ids: np.ndarray | None = None
+) -> list[pd.Series]:
+    """``seeds`` k-means clusterings of the images ``ids`` (all by default) of one features file, each a cluster
+    per image indexed by id."""
+    source = whitened_shards([features], pca, cache_mb=float("inf"), keep_ids=ids)
     results = [kmeans(source, k, iterations, derived_seed(seed, s)) for s in range(seeds)]
     return [pd.Series(result.assignments, index=result.ids) for result in results]
 
@@ -57,7 +60,8 @@ def cluster_nmi(
     seed: int,
     first_round: int | None = None,
 ) -> None:
-    """Stage 'eval-nmi': NMI of k-means clusters with every metadata column of ``manifest`` -> ``out``, ``plot``.
+    """Stage 'eval-nmi': NMI of k-means clusters of the test images with each of their metadata columns that is
+    not constant (the NMI with a constant is 0 by definition) -> ``out``, ``plot``.
 
     ``features`` and ``pcas`` end with this checkpoint's files. When it is round r of a run, they
     hold the files of rounds ``first_round``..r and each round gets the same NMIs plus
@@ -66,11 +70,12 @@ def cluster_nmi(
     """
     if len(features) != len(pcas) or (first_round is None and len(features) != 1):
         raise ValueError(f"{len(features)} features and {len(pcas)} pca files: give one pair, or one per round")
-    images = read_manifest(manifest).set_index("id")
-    columns = metadata_columns(images.reset_index())
+    images = test_images(read_manifest(manifest))
+    columns = informative_columns(images)
+    images = images.set_index("id")
     rounds, previous = [], None
     for features_file, pca in zip(features, pcas, strict=True):
-        clusterings = seeded_clusterings(features_file, pca, k, seeds, iterations, seed)
+        clusterings = seeded_clusterings(features_file, pca, k, seeds, iterations, seed, images.index.to_numpy())
         scores = [
             {column: nmi(assignment, images[column]) for column in columns}
             | {"previous_round": None if previous is None else nmi(assignment, previous[s])}

@@ -4,9 +4,9 @@ feature, "the feature" the clustering sees), and an evaluation's ``probe_feature
 A shard (or ``features.h5``): ``features`` (n x d float32), ``ids`` (n int64), provenance attributes
 (``checkpoint_sha256``, ``layer``, ``transform``, ``manifest_sha256``...).
 
-``probe_features.h5``: ``ids`` (n int64) and one float16 dataset per conv layer (n x that layer's pooled dim),
-named by the layer; attributes ``layers`` (their names, in order), ``pools`` (each one's pooled side),
-``checkpoint_sha256``, ``arch``.
+``probe_features.h5``: ``ids`` (n int64) and, per pooling of ``POOLINGS`` and conv layer, a float16 dataset
+``{pooling}/{layer}`` (n x that pooling's dim); attributes ``layers`` (the conv layers' names, in order),
+``pools`` (each one's side in the papers' pooling), ``checkpoint_sha256``, ``arch``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ from deepercluster.errors import ShardError
 from deepercluster.files import atomic_output
 
 Chunk = tuple[np.ndarray, np.ndarray]  # (ids: int64 [n], x: float32 [n, dim])
+POOLINGS = {
+    "channels": "each channel averaged over the whole map (its number of channels)",
+    "pooled": "averaged over s x s cells, channels x s x s below 10,000 (the papers' probes)",
+}
 
 
 def write_shard(path: str | os.PathLike, features: np.ndarray, ids: np.ndarray, **attrs: object) -> None:
@@ -61,6 +65,12 @@ def shard_rows(path: str | os.PathLike) -> int:
         return int(f["ids"].shape[0])
 
 
+def shard_dim(path: str | os.PathLike) -> int:
+    """The feature dimension of a shard's rows."""
+    with open_shard(path) as f:
+        return int(f["features"].shape[1])
+
+
 def shard_checkpoint(path: str | os.PathLike) -> str:
     """The sha256 of the checkpoint whose features a shard holds."""
     with open_shard(path) as f:
@@ -98,20 +108,21 @@ def read_rows(path: str | os.PathLike, positions: np.ndarray, chunk_rows: int = 
 
 @contextlib.contextmanager
 def probe_features_writer(
-    path: str | os.PathLike, ids: np.ndarray, dims: dict[str, int], **attrs: object
+    path: str | os.PathLike, ids: np.ndarray, layers: list[str], dims: dict[str, int], **attrs: object
 ) -> Iterator[Callable[[int, list[np.ndarray]], None]]:
-    """``probe_features.h5`` for the images ``ids``, one layer per item of ``dims`` (name: pooled dim), written
-    batch by batch: the function yielded takes (first row, [values of each layer]). Renamed on success only."""
+    """``probe_features.h5`` for the images ``ids`` of the conv ``layers``, one dataset per item of ``dims``
+    (``{pooling}/{layer}``: dim), written batch by batch: the function yielded takes (first row, [values of each
+    dataset]). Renamed on success only."""
     with atomic_output(path) as partial, h5py.File(partial, "w") as f:
         f["ids"] = np.asarray(ids, np.int64)
-        layers = [f.create_dataset(name, (len(ids), dim), np.float16) for name, dim in dims.items()]
+        datasets = [f.create_dataset(name, (len(ids), dim), np.float16) for name, dim in dims.items()]
 
         def write(start: int, values: list[np.ndarray]) -> None:
-            for layer, x in zip(layers, values, strict=True):
-                layer[start : start + len(x)] = x
+            for dataset, x in zip(datasets, values, strict=True):
+                dataset[start : start + len(x)] = x
 
         yield write
-        f.attrs.update(layers=list(dims), **attrs)
+        f.attrs.update(layers=layers, **attrs)
 
 
 def probe_attributes(path: str | os.PathLike) -> dict[str, object]:
@@ -121,7 +132,7 @@ def probe_attributes(path: str | os.PathLike) -> dict[str, object]:
 
 
 def read_probe_layer(path: str | os.PathLike, layer: str, ids: np.ndarray) -> np.ndarray:
-    """One layer's pooled activations (float32) of the images ``ids`` (sorted or not) of a ``probe_features.h5``."""
+    """One dataset's (``{pooling}/{layer}``) activations (float32) of the images ``ids`` of a ``probe_features.h5``."""
     with h5py.File(path, "r") as f:
         position = np.searchsorted(f["ids"][:], ids)
         return f[layer][:][position].astype(np.float32)

@@ -1,7 +1,9 @@
-"""``manifest.parquet``: one row per image, ``id`` (0..N-1), ``path``, then metadata columns (e.g. ``label``)."""
+"""``manifest.parquet``: one row per image, ``id`` (0..N-1), ``path``, then metadata columns (e.g. ``label``); and
+``skipped.tsv`` beside it, the images left out as unreadable."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pandas as pd
@@ -9,6 +11,8 @@ import pyarrow.parquet as pq
 
 from deepercluster.errors import DataError
 from deepercluster.files import atomic_output
+
+log = logging.getLogger(__name__)
 
 
 def write_manifest(path: str | os.PathLike, frame: pd.DataFrame) -> None:
@@ -29,6 +33,12 @@ def read_manifest(manifest: str) -> pd.DataFrame:
     return frame
 
 
+def write_skipped(path: str | os.PathLike, errors: dict[str, str]) -> None:
+    """``skipped.tsv``: ``path`` and ``error`` of each image the manifest left out as unreadable."""
+    with atomic_output(path) as partial:
+        pd.DataFrame({"path": list(errors), "error": list(errors.values())}).to_csv(partial, sep="\t", index=False)
+
+
 def manifest_size(manifest: str) -> int:
     """The number of images of a manifest, read from its parquet footer alone (the rules plan shards with it)."""
     try:
@@ -40,3 +50,18 @@ def manifest_size(manifest: str) -> int:
 def metadata_columns(frame: pd.DataFrame) -> list[str]:
     """Every column of a manifest but id and path."""
     return [c for c in frame.columns if c not in ("id", "path")]
+
+
+def informative_columns(frame: pd.DataFrame) -> list[str]:
+    """The metadata columns of ``frame``'s rows that take two values or more: an NMI with, or the dominant value of,
+    a constant column (the training images' split) says nothing. The others are named in the log."""
+    columns = metadata_columns(frame)
+    kept = [c for c in columns if frame[c].nunique(dropna=True) > 1]
+    if len(kept) < len(columns):
+        log.info("left out the constant metadata columns %s", ", ".join(c for c in columns if c not in kept))
+    return kept
+
+
+def test_images(frame: pd.DataFrame) -> pd.DataFrame:
+    """The test images of an evaluation manifest (all of a manifest without roles)."""
+    return frame[frame["eval_split"] == "test"] if "eval_split" in frame.columns else frame

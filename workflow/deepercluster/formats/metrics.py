@@ -5,9 +5,14 @@ TSV: ``s`` is the job's wall time in seconds)."""
 
 from __future__ import annotations
 
+import csv
 import os
+import shutil
+from pathlib import Path
 
 import pandas as pd
+
+from deepercluster.files import atomic_output
 
 HEADS = ("super", "sub")  # the super-class head V and the sub-class heads W_s
 COLUMNS = (
@@ -19,6 +24,29 @@ COLUMNS = (
 def read_metrics(path: str | os.PathLike) -> pd.DataFrame:
     """A metrics table, every column of ``COLUMNS`` (NaN where a head is absent)."""
     return pd.read_csv(path, sep="\t")[list(COLUMNS)]
+
+
+class MetricsWriter:
+    """The running metrics file of a block, appended to row by row; on resume its rows from iteration
+    ``resume_at`` on are dropped first. ``publish`` copies it, when the block ends, to the declared output."""
+
+    def __init__(self, path: Path, resume_at: int) -> None:
+        self.path = path
+        rows = pd.read_csv(path, sep="\t") if path.exists() and resume_at else pd.DataFrame(columns=COLUMNS)
+        rows[rows["iteration"] < resume_at].to_csv(path, sep="\t", index=False)
+        self.file = open(path, "a", newline="")  # noqa: SIM115 (closed by publish())
+        self.writer = csv.DictWriter(self.file, COLUMNS, delimiter="\t")
+
+    def write(self, row: dict[str, float]) -> None:
+        self.writer.writerow(row)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def publish(self, out: Path) -> None:
+        self.file.close()
+        with atomic_output(out) as partial:
+            shutil.copyfile(self.path, partial)
 
 
 def benchmark_seconds(path: str | os.PathLike) -> float:

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from deepercluster import methods
-from deepercluster.checkpoints import load_model, model_checkpoint, save_checkpoint
+from deepercluster.checkpoints import load_model, model_checkpoint, provenance_of, save_checkpoint
 from deepercluster.data.images import ImageDataset, train_transform
 from deepercluster.distributed import (
     Distributed,
@@ -84,7 +84,7 @@ def block_data(
     min_crop_scale: float, seed: int,
 ) -> BlockData:  # fmt: skip
     images = read_manifest(manifest)
-    clusters = image_clusters(images, labels if method.clusters else None)
+    clusters = image_clusters(images, labels if method.labelled else None)
     targets = targets_for(method, clusters.sub_clusters)
     layout = layout_for(targets, context.rank, context.world_size)
     group = group_of_ranks(layout.parts)  # a collective: every rank makes every group's
@@ -96,16 +96,32 @@ def block_data(
     return BlockData(method, dataset, super_clusters, sub_clusters, targets, layout, group, sampler, group_batch)
 
 
+def continues(previous: dict[str, Any], data: BlockData) -> bool:
+    """Whether the previous checkpoint is the previous round of the same method (not a start from another's, as
+    DeeperCluster's from a RotNet, nor the random init): then the backbone's optimiser state carries over."""
+    return provenance_of(previous).get("method") == data.method.name and "optimizers" in previous
+
+
+def keeps_heads(previous: dict[str, Any], data: BlockData) -> bool:
+    """Whether the previous round's heads carry over: a method whose classes mean the same every round (RotNet,
+    supervised), continuing its own previous round of the same targets."""
+    return data.method.keeps_heads and continues(previous, data) and previous["targets"] == asdict(data.targets)
+
+
 def block_networks(
     previous_checkpoint: str, data: BlockData, dropout: float, seed: int, context: Distributed
 ) -> tuple[nn.Module, Heads, dict[str, Any]]:
-    """The backbone of the previous checkpoint (global-batch BatchNorm, the block's dropout) and new heads: this
-    rank's sub-class heads of its group's super-class, or all of them when its group is every super-class."""
+    """The backbone of the previous checkpoint (global-batch BatchNorm, the block's dropout) and the heads: this
+    rank's sub-class heads of its group's super-class, or all of them when its group is every super-class; new
+    each round, or the previous round's where they carry over (``keeps_heads``)."""
     model, previous = load_model(previous_checkpoint)
     torch.manual_seed(seed)  # the same heads on every rank
     layout = data.layout
     heads = Heads(model.feature_dim, data.targets, holds=[layout.group] if layout.groups > 1 else None,
                   part=layout.head_part, group=data.group)  # fmt: skip
+    if keeps_heads(previous, data):
+        heads.load_state_dict(previous["heads"])
+        log.info("the heads carry over from %s", previous_checkpoint)
     torch.manual_seed(derived_seed(seed, context.rank))  # each rank's dropout
     for module in model.modules():
         if isinstance(module, nn.Dropout):
@@ -115,25 +131,44 @@ def block_networks(
 
 
 class Optimisers:
-    """SGD on the ``shared`` parameters (backbone, V) and on the ``held`` ones (this rank's W_g), with each
+    """SGD on the backbone (momentum ``momentum``), on V and on this rank's W_g (``head_momentum``), with each
     gradient averaged over the ranks holding its weight: one all-reduce when that is every rank. A part of W_g
     needs none: its backward saw every row of the group, so its gradient is already the sum over the group's
     ranks, divided by their number into the average."""
 
-    def __init__(self, model: nn.Module, heads: Heads, data: BlockData, **sgd: float) -> None:
+    def __init__(
+        self, model: nn.Module, heads: Heads, data: BlockData, *, lr: float, momentum: float, head_momentum: float,
+        weight_decay: float,
+    ) -> None:  # fmt: skip
+        self.backbone = [p for p in model.parameters() if p.requires_grad]
+        self.super_class = list(heads.super_class.parameters()) if heads.super_class is not None else []
         self.held = list(heads.sub_class.parameters())
-        held = {id(p) for p in self.held}
-        self.shared = [p for p in [*model.parameters(), *heads.parameters()] if p.requires_grad and id(p) not in held]
         self.parts = data.layout.head_part[1]
+        shared = self.backbone + self.super_class
         if data.group is None:
-            self.reductions = [(self.shared + self.held, None)]
+            self.reductions = [(shared + self.held, None)]
         else:
-            self.reductions = [(self.shared, None), *([(self.held, data.group)] if self.parts == 1 else [])]
-        self.optimizer = torch.optim.SGD(self.shared, **sgd)
-        self.held_optimizer = torch.optim.SGD(self.held, **sgd) if self.held else None
+            self.reductions = [(shared, None), *([(self.held, data.group)] if self.parts == 1 else [])]
+        self.optimizer = torch.optim.SGD(self.backbone, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        heads_sgd = {"lr": lr, "momentum": head_momentum, "weight_decay": weight_decay}
+        self.super_class_optimizer = torch.optim.SGD(self.super_class, **heads_sgd) if self.super_class else None
+        self.held_optimizer = torch.optim.SGD(self.held, **heads_sgd) if self.held else None
+
+    def by_name(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimisers present, by the name a checkpoint keeps each one's state under."""
+        return optional(backbone=self.optimizer, super_class=self.super_class_optimizer, sub_class=self.held_optimizer)
+
+    def carry_over(self, previous: dict[str, Any], data: BlockData) -> None:
+        """The previous round's optimiser state, where it continues the same method (``continues``): the
+        backbone's (the papers' code makes its optimiser once), and the heads' where they carried over."""
+        if not continues(previous, data):
+            return
+        carried = self.by_name() if keeps_heads(previous, data) else {"backbone": self.optimizer}
+        for name, optimizer in carried.items():
+            optimizer.load_state_dict(previous["optimizers"][name])
 
     def step(self, loss: torch.Tensor) -> None:
-        optimizers = [self.optimizer, *([self.held_optimizer] if self.held_optimizer else [])]
+        optimizers = list(self.by_name().values())
         for o in optimizers:
             o.zero_grad(set_to_none=True)
         loss.backward()
@@ -172,8 +207,9 @@ class Loop:
 
 def train_block(
     *, manifest: str, previous_checkpoint: str, out: str, train_dir: str, method: str, round: int,
-    labels: str | None = None, epochs: int, batch_size: int, lr: float, momentum: float, weight_decay: float,
-    dropout: float, image_size: int, min_crop_scale: float, workers: int, checkpoint_every: int, seed: int,
+    labels: str | None = None, epochs: int, batch_size: int, lr: float, momentum: float, head_momentum: float,
+    weight_decay: float, dropout: float, image_size: int, min_crop_scale: float, workers: int, checkpoint_every: int,
+    seed: int,
 ) -> None:  # fmt: skip
     """Stage 'train' (inside its launcher): round ``round``'s training block; writes ``out``.
 
@@ -186,19 +222,22 @@ def train_block(
         raise TrainingInputError(f"config train.batch_size {batch_size} is not a multiple of the {context.world_size} "
                                  "ranks (resources.train.tasks): change either")  # fmt: skip
     settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "momentum": momentum, "seed": seed,
-                "weight_decay": weight_decay, "dropout": dropout, "image_size": image_size,
-                "min_crop_scale": min_crop_scale}  # fmt: skip
+                "head_momentum": head_momentum, "weight_decay": weight_decay, "dropout": dropout,
+                "image_size": image_size, "min_crop_scale": min_crop_scale}  # fmt: skip
     provenance = block_provenance(manifest=manifest, previous_checkpoint=previous_checkpoint, labels=labels,
                                   method=method, world_size=context.world_size, **settings)  # fmt: skip
     log.info("round %d's block, deepercluster %s: %s", round, code_version(), provenance)
 
     data = block_data(manifest, labels, methods.method(method), context, batch_size, image_size, min_crop_scale, seed)
     model, heads, previous = block_networks(previous_checkpoint, data, dropout, seed, context)
-    optimisers = Optimisers(model, heads, data, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimisers = Optimisers(model, heads, data, lr=lr, momentum=momentum, head_momentum=head_momentum,
+                            weight_decay=weight_decay)  # fmt: skip
+    optimisers.carry_over(previous, data)
     state = BlockState(
-        shared={"model": model, **optional(super_class=heads.super_class), "optimizer": optimisers.optimizer},
+        shared=optional(model=model, super_class=heads.super_class, optimizer=optimisers.optimizer,
+                        super_class_optimizer=optimisers.super_class_optimizer),
         held=optional(sub_class=heads.sub_class, sub_class_optimizer=optimisers.held_optimizer),
-    )
+    )  # fmt: skip
     last = Path(train_dir) / "last.pt"
     last.parent.mkdir(parents=True, exist_ok=True)
     start_epoch, start_batch = resume_state(last, state, data.layout, provenance, context.rank)
@@ -212,7 +251,8 @@ def train_block(
             run_epoch(loop, epoch, start_batch if epoch == start_epoch else 0, preemption)
     metrics.publish(last.with_name("metrics.tsv"))
     if is_main_process():
-        final = {"model": model.state_dict(), "heads": heads.state_dict(), "targets": asdict(data.targets)}
+        final = {"model": model.state_dict(), "heads": heads.state_dict(), "targets": asdict(data.targets),
+                 "optimizers": {name: o.state_dict() for name, o in optimisers.by_name().items()}}  # fmt: skip
         save_checkpoint(out, model_checkpoint(arch=previous["arch"], sobel=previous["sobel"], round=round,
                                               provenance=provenance, **final))  # fmt: skip
         log.info("round %d's block done: %s", round, out)
