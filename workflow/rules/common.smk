@@ -74,7 +74,11 @@ def fits_job_array(rule, count):
 def shard_files(wildcards):
     """Every feature shard of the run's round (which must hold at least m images)."""
     count = images()
-    require_rows(PLAN.super_clusters(wildcards.run), count, "methods.deepercluster.super_clusters")
+    require_rows(
+        PLAN.super_clusters(wildcards.run),
+        count,
+        "methods.deepercluster.super_clusters",
+    )
     files = PLAN.shard_files(wildcards.run, wildcards.round, count)
     fits_job_array("features", len(files))
     return files
