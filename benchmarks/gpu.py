@@ -244,8 +244,9 @@ def demo_check(report: Report, work: Path, config: str, cores: int, images: int 
     rows = [(stage, len(files), sum(float(pd.read_csv(folder / f, sep="\t")["s"].sum()) for f in files))
             for stage, files in jobs.items()]  # fmt: skip
     rows.append(("wall", sum(n for _, n, _ in rows), wall))
-    table = pd.DataFrame(rows, columns=["stage", "jobs", "seconds"]).assign(config=config, images=count, cores=cores)
-    table.to_csv(report.path.with_name("demo-round.tsv"), sep="\t", index=False, float_format="%.1f")
+    table = pd.DataFrame([(config, count, cores, *row) for row in rows],
+                         columns=["config", "images", "cores", "stage", "jobs", "seconds"])  # fmt: skip
+    table.to_csv(report.path.with_name("demo-round.tsv"), sep="\t", index=False, float_format="%.1f")  # as recorded
     recorded = pd.read_csv(DEMO_BASELINE, sep="\t", comment="#")
     recorded = recorded[(recorded["config"] == config) & (recorded["images"] == count)].set_index("stage")
     for stage, n, seconds in rows:
