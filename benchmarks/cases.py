@@ -288,10 +288,10 @@ def bare_training(images: ImageRound, batch_size: int, image_size: int = IMAGE_S
                         num_workers=workers, pin_memory=on.type == "cuda")  # fmt: skip
     steps, tick = [], time.perf_counter()
     for x, index in loader:
-        rotation = torch.randint(0, 4, (len(x),))
+        rotation, x = torch.randint(0, 4, (len(x),)), x.to(on, non_blocking=True)
         x = torch.stack([torch.rot90(image, int(r), dims=(1, 2)) for image, r in zip(x, rotation, strict=True)])
         index, rotation = index.to(on), rotation.to(on)
-        losses = heads(model(x.to(on, non_blocking=True)), method.super_class(supers[index], rotation), subs[index])
+        losses = heads(model(x), method.super_class(supers[index], rotation), subs[index])
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()
