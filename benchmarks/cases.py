@@ -295,7 +295,7 @@ def bare_training(images: ImageRound, batch_size: int, image_size: int = IMAGE_S
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()
-        float(losses["loss"])
+        float(losses["loss"].detach())
         now = time.perf_counter()
         steps.append(now - tick)
         tick = now
@@ -461,7 +461,7 @@ def workflow_case(report: Report, work: Path, quick: bool, slurm: bool) -> None:
     config = yaml.safe_load((REPO / ".test" / "config.yaml").read_text())
     targets = []
     if quick:  # the first two jobs only: manifest (100 images) and init
-        config |= {"rounds": 1, "data": {**config["data"], "max_images": 100}}
+        config["methods"]["deepercluster"]["rounds"], config["data"]["max_images"] = 1, 100
         targets = ["results/data/manifest.parquet", "results/rounds/0/checkpoint.pt"]
     folder = work / ("workflow-slurm" if slurm else "workflow")
     where = ["--profile", str(REPO / "profiles" / "slurm"), "--slurm-init-seconds-before-status-checks", "1"]
@@ -469,7 +469,8 @@ def workflow_case(report: Report, work: Path, quick: bool, slurm: bool) -> None:
     jobs = list((folder / "results" / "benchmarks").rglob("*.tsv"))
     in_job = sum(float(pd.read_csv(path, sep="\t")["s"].sum()) for path in jobs)
     where = "SLURM" if slurm else "local"
-    sizes = f"{config['data']['max_images']} images, {config['rounds']} round(s), {len(jobs)} jobs, 1 at a time"
+    rounds = config["methods"]["deepercluster"]["rounds"]
+    sizes = f"{config['data']['max_images']} images, {rounds} round(s), {len(jobs)} jobs, 1 at a time"
     if slurm:
         sizes += f" ({slurm_jobs(folder)} SLURM jobs)"
     report.add(
