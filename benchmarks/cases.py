@@ -365,8 +365,9 @@ def memory_case(report: Report, work: Path, rows: int, dim: int, k: int) -> None
     for n, paths in shards.items():
         out = str(work / f"memory-{n}")
         floor = str(DEFAULTS["pca"]["eigenvalue_floor"])
+        fraction = str(DEFAULTS["methods"]["deepercluster"]["pca_fraction"])
         pca_stage = ["pca", "--shards", *paths, "--out", out + ".pca.h5", "--sample-size", str(sample), "--seed", "0"]
-        peaks["PCA", n] = peak_rss([*stage, *pca_stage, "--eigenvalue-floor", floor])
+        peaks["PCA", n] = peak_rss([*stage, *pca_stage, "--eigenvalue-floor", floor, "--fraction", fraction])
         peaks["k-means", n] = peak_rss(
             [
                 *stage,
