@@ -1,6 +1,8 @@
 """``python -m benchmarks [--quick] [--slurm] [--only NAME ...]``: the table of ratios, then the measured throughputs.
 
-Run from the repository root (or ``benchmarks/run``); the package is imported from ``workflow/``.
+``python -m benchmarks --gpu [--device cuda|cpu] [--tiny] [--only CHECK ...]``: the GPU checks instead
+(``benchmarks.gpu``; docs/slurm.md, "GPU nodes"). Run from the repository root (or ``benchmarks/run``); the
+package is imported from ``workflow/``.
 """
 
 from __future__ import annotations
@@ -45,8 +47,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also measure the workflow overhead on the SLURM cluster of $SLURM_CONF (tests/slurm/cluster.sh start)",
     )
-    parser.add_argument("--only", nargs="+", choices=CASES, default=list(CASES), help="run only these benchmarks")
-    return parser.parse_args(argv)
+    parser.add_argument("--only", nargs="+", metavar="NAME", help=f"run only these benchmarks: {', '.join(CASES)} "
+                        "(with --gpu: checks of benchmarks.gpu.CHECKS)")  # fmt: skip
+    parser.add_argument("--gpu", action="store_true", help="the GPU checks (benchmarks.gpu) instead: about 7 minutes")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="with --gpu: where the checks run")
+    parser.add_argument("--tiny", action="store_true", help="with --gpu: toy sizes, every check's code in a minute")
+    args = parser.parse_args(argv)
+    if (args.device != "cuda" or args.tiny) and not args.gpu:
+        parser.error("--device and --tiny go with --gpu")
+    return args
+
+
+def only(names: list[str] | None, valid: list[str]) -> list[str]:
+    """``--only``'s names (all when none), each one of ``valid``."""
+    unknown = sorted(set(names or []) - set(valid))
+    if unknown:
+        sys.exit(f"--only: unknown {', '.join(unknown)}; valid: {', '.join(valid)}")
+    return names or valid
 
 
 def prepare_environment() -> None:
@@ -88,6 +105,8 @@ def run(args: argparse.Namespace, work: Path):  # -> Report
 
 
 def print_table(report, seconds: float, quick: bool) -> None:
+    from benchmarks import cases
+
     header = ("benchmark", "sizes", "ours", "baseline", "ratio", "goal", "result")
     lines = [
         header,
@@ -96,9 +115,7 @@ def print_table(report, seconds: float, quick: bool) -> None:
             for r in report.rows
         ),
     ]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    for line in lines:
-        print(" | ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+    print("\n".join(cases.aligned(lines)))
     print(f"\nmeasured throughputs (CPU, {os.cpu_count()} cores; docs/scale.md scales them):")
     for name, value in report.figures:
         print(f"  {name}: {value}")
@@ -111,6 +128,11 @@ def print_table(report, seconds: float, quick: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     prepare_environment()
+    if args.gpu:
+        from benchmarks import gpu
+
+        return gpu.main(only(args.only, list(gpu.CHECKS)), args.device, args.tiny)
+    args.only = only(args.only, list(CASES))
     tick = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="deepercluster-bench-") as work:
         report = run(args, Path(work))

@@ -34,6 +34,7 @@ from deepercluster.cluster.levels import cluster_super, level_seed
 from deepercluster.cluster.rows import ShardSource
 from deepercluster.data.images import ImageDataset, feature_transform, train_transform
 from deepercluster.distributed import init_distributed
+from deepercluster.evaluate.backbone import device
 from deepercluster.features import extract_features
 from deepercluster.formats.features import read_chunks, write_shard
 from deepercluster.formats.labels import read_labels
@@ -77,6 +78,12 @@ class Report:
         self.figures.append((name, value))
 
 
+def aligned(lines: list[tuple[str, ...]]) -> list[str]:
+    """Table lines of ``lines``' cells, each column as wide as its widest cell, cells joined by " | "."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return [" | ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in lines]
+
+
 def timed_pair(
     repeats: int, ours: Callable[[], object], bare: Callable[[], object], before: Callable[[], object] = lambda: None
 ) -> tuple[float, float]:
@@ -104,39 +111,8 @@ def read_whitened(shards: list[str], whitening: Whitening) -> np.ndarray:
 
 def kmeans_case(report: Report, work: Path, rows: int, dim: int, k: int, iterations: int, repeats: int) -> None:
     """The super_clusters stage (1 rank; then 2 gloo ranks) against faiss.Kmeans from the same shards and centroids."""
-    shards = synthetic_shards(work / "kmeans", rows, dim, shard_rows=-(-rows // 2))
-    pca = whitening_file(shards, work / "kmeans" / "pca.h5", sample_size=rows)
-    whitening, seed, out = Whitening.load(pca), 0, work / "kmeans" / "super.h5"
-    start = initial_centroids(ShardSource(shards, whitening, whitening.dim), k, level_seed(seed, None))
-    stage = {"shards": shards, "pca": pca, "out": str(out), "super_clusters": k, "iterations": iterations, "seed": seed,
-             "cache_mb": DEFAULTS["kmeans"]["cache_mb"]}  # fmt: skip
-    faiss_objective = []
-
-    def bare() -> None:
-        x = read_whitened(shards, whitening)
-        km = faiss.Kmeans(dim, k, niter=iterations, seed=seed, max_points_per_centroid=rows, min_points_per_centroid=1)
-        km.train(x, init_centroids=start)
-        faiss_objective.append(float(km.index.search(x, 1)[0].sum()))  # the final assignment, as the stage's
-
-    ours_s, bare_s = timed_pair(repeats, lambda: cluster_super(**stage), bare)
-    with h5py.File(out, "r") as f:
-        objective = float(f["objective"][-1])
-    sizes = f"N={rows}, d={dim}, k={k}, {iterations} iterations"
-    report.add("k-means time, 1 rank", sizes, f"{ours_s:.2f} s", f"{bare_s:.2f} s (faiss)", ours_s / bare_s, "<=", 1.1)
-    report.add(
-        "k-means objective",
-        sizes,
-        f"{objective:.5g}",
-        f"{faiss_objective[-1]:.5g} (faiss)",
-        objective / faiss_objective[-1],
-        "within",
-        0.01,
-    )
-    passes = (iterations + 1) * rows * k * dim
-    report.figure("k-means, per row x centroid x dim, whole stage (ours)", f"{ours_s / passes:.3g} s")
-    report.figure("k-means, per row x centroid x dim (faiss)", f"{bare_s / passes:.3g} s")
-
-    two_s = two_ranks(stage, work)
+    stage, bare_s, sizes = kmeans_pair(report, work, rows, dim, k, iterations, repeats)
+    two_s = on_ranks(2, cluster_super, {**stage, "out": str(work / "kmeans" / "super-2.h5")}, work / "kmeans")
     report.add(
         "k-means time, 2 ranks (gloo)",
         sizes + ", 1 thread per rank",
@@ -148,34 +124,79 @@ def kmeans_case(report: Report, work: Path, rows: int, dim: int, k: int, iterati
     )
 
 
-def _rank(rank: int, world_size: int, port: int, stage: dict, times: str) -> None:
+def kmeans_pair(
+    report: Report, work: Path, rows: int, dim: int, k: int, iterations: int, repeats: int, gpu: bool = False
+) -> tuple[dict, float, str]:
+    """The super_clusters stage on 1 rank against faiss.Kmeans (on the GPU with ``gpu``) from the same shards and
+    initial centroids: time and objective rows; returns (the stage's arguments, faiss's time, the sizes)."""
+    shards = synthetic_shards(work / "kmeans", rows, dim, shard_rows=-(-rows // 2))
+    pca = whitening_file(shards, work / "kmeans" / "pca.h5", sample_size=rows)
+    whitening, seed, out = Whitening.load(pca), 0, work / "kmeans" / "super.h5"
+    start = initial_centroids(ShardSource(shards, whitening, whitening.dim), k, level_seed(seed, None))
+    stage = {"shards": shards, "pca": pca, "out": str(out), "super_clusters": k, "iterations": iterations, "seed": seed,
+             "cache_mb": DEFAULTS["kmeans"]["cache_mb"]}  # fmt: skip
+    faiss_objective, faiss_name = [], "faiss GPU" if gpu else "faiss"
+
+    def bare() -> None:
+        x = read_whitened(shards, whitening)
+        km = faiss.Kmeans(dim, k, niter=iterations, seed=seed, max_points_per_centroid=rows, min_points_per_centroid=1,
+                          gpu=gpu)  # fmt: skip
+        km.train(x, init_centroids=start)
+        faiss_objective.append(float(km.index.search(x, 1)[0].sum()))  # the final assignment, as the stage's
+
+    ours_s, bare_s = timed_pair(repeats, lambda: cluster_super(**stage), bare)
+    with h5py.File(out, "r") as f:
+        objective = float(f["objective"][-1])
+    sizes = f"N={rows}, d={dim}, k={k}, {iterations} iterations"
+    bound = 1.2 if gpu else 1.1  # the GPU run's goal: within 1.2x of faiss (issue 20)
+    baseline = f"{bare_s:.2f} s ({faiss_name})"
+    report.add("k-means time, 1 rank", sizes, f"{ours_s:.2f} s", baseline, ours_s / bare_s, "<=", bound)
+    report.add(
+        "k-means objective",
+        sizes,
+        f"{objective:.5g}",
+        f"{faiss_objective[-1]:.5g} ({faiss_name})",
+        objective / faiss_objective[-1],
+        "within",
+        0.01,
+    )
+    passes = (iterations + 1) * rows * k * dim
+    report.figure("k-means, per row x centroid x dim, whole stage (ours)", f"{ours_s / passes:.3g} s")
+    report.figure(f"k-means, per row x centroid x dim ({faiss_name})", f"{bare_s / passes:.3g} s")
+    return stage, bare_s, sizes
+
+
+def _rank(rank: int, world_size: int, port: int, backend: str, run: Callable, kwargs: dict, times: str) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
+    dist.init_process_group(backend)  # env://; init_distributed then joins this group (and picks the GPU)
     init_distributed()
     dist.barrier()
     tick = time.perf_counter()
-    cluster_super(**stage)
+    run(**kwargs)
     dist.barrier()
     if rank == 0:
         Path(times).write_text(str(time.perf_counter() - tick))
     dist.destroy_process_group()
 
 
-def two_ranks(stage: dict, work: Path) -> float:
-    """The stage's in-job time on 2 gloo ranks, started as torchrun would (env://), from the process group on."""
-    times = work / "kmeans" / "two-ranks.txt"
+def on_ranks(world_size: int, run: Callable, kwargs: dict, work: Path, backend: str = "gloo") -> float:
+    """``run(**kwargs)``'s in-job time on ``world_size`` ranks of one thread each in a ``backend`` process group,
+    started as torchrun would (env://), from the process group on."""
+    times = work / f"{world_size}-ranks.txt"
     port = 29500 + os.getpid() % 1000
-    torch.multiprocessing.spawn(
-        _rank, args=(2, port, {**stage, "out": str(work / "kmeans" / "super-2.h5")}, str(times)), nprocs=2
-    )
+    torch.multiprocessing.spawn(_rank, args=(world_size, port, backend, run, kwargs, str(times)), nprocs=world_size)
     return float(times.read_text())
 
 
-def features_case(report: Report, images: ImageRound, work: Path, batch_size: int, repeats: int) -> None:
-    """The features stage against a bare torch forward loop over the same DataLoader."""
+def features_case(
+    report: Report, images: ImageRound, work: Path, batch_size: int, repeats: int, image_size: int = IMAGE_SIZE,
+    workers: int = 0, bound: float = 0.85,
+) -> None:  # fmt: skip
+    """The features stage against a bare torch forward loop over the same DataLoader, on the stage's device."""
     n = len(images.paths)
 
     def ours() -> None:
@@ -184,21 +205,22 @@ def features_case(report: Report, images: ImageRound, work: Path, batch_size: in
             checkpoint=images.checkpoint,
             shard=0,
             shard_size=n,
-            image_size=IMAGE_SIZE,
+            image_size=image_size,
             out=str(work / "shard-0.h5"),
             batch_size=batch_size,
-            workers=0,
+            workers=workers,
         )
 
     @torch.no_grad()
     def bare() -> None:
         model, _ = load_model(images.checkpoint)
-        model.eval()
-        dataset = ImageDataset(images.paths, images.ids, feature_transform(IMAGE_SIZE))
-        np.concatenate([model(x).numpy() for x, _ in DataLoader(dataset, batch_size=batch_size)])
+        model.to(device()).eval()
+        dataset = ImageDataset(images.paths, images.ids, feature_transform(image_size))
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device().type == "cuda")
+        np.concatenate([model(x.to(device(), non_blocking=True)).cpu().numpy() for x, _ in loader])
 
     ours_s, bare_s = timed_pair(repeats, ours, bare)
-    sizes = f"{n} images {IMAGE_SIZE}px, small_convnet, batch {batch_size}"
+    sizes = f"{n} images {image_size}px, {images.arch}, batch {batch_size}"
     report.add(
         "features throughput",
         sizes,
@@ -206,9 +228,9 @@ def features_case(report: Report, images: ImageRound, work: Path, batch_size: in
         f"{n / bare_s:.0f} img/s (torch)",
         bare_s / ours_s,
         ">=",
-        0.85,
+        bound,
     )
-    report.figure(f"extraction, small_convnet {IMAGE_SIZE}px, CPU", f"{n / ours_s:.0f} img/s")
+    report.figure(f"extraction, {images.arch} {image_size}px, {device().type.upper()}", f"{n / ours_s:.0f} img/s")
 
 
 def training_case(report: Report, images: ImageRound, work: Path, batch_size: int, repeats: int) -> None:
@@ -245,28 +267,39 @@ def training_case(report: Report, images: ImageRound, work: Path, batch_size: in
     )
 
 
-def bare_training(images: ImageRound, batch_size: int) -> None:
-    """The plain loop: shuffled DataLoader, random rotations, forward, both heads' loss, backward, SGD step."""
+def bare_training(images: ImageRound, batch_size: int, image_size: int = IMAGE_SIZE, workers: int = 0) -> list[float]:
+    """The plain loop on the stages' device: shuffled DataLoader, random rotations, forward, both heads' loss,
+    backward, SGD step, the loss read back (as a loop that prints it); returns each step's seconds, waiting for its
+    batch included."""
     model, _ = load_model(images.checkpoint)
     labels = read_labels(images.labels)
     table = labels.table.set_index("id").loc[images.ids]
-    supers, subs = (torch.tensor(table[c].to_numpy(np.int64)) for c in ("super_cluster", "sub_cluster"))
+    on = device()
+    supers, subs = (torch.tensor(table[c].to_numpy(np.int64), device=on) for c in ("super_cluster", "sub_cluster"))
     method = METHODS["deepercluster"]
     targets = targets_for(method, labels.sub_clusters)
     torch.manual_seed(0)
-    heads = Heads(model.feature_dim, targets)
-    model.train()
+    heads = Heads(model.feature_dim, targets).to(on)
+    model.to(on).train()
     heads.train()
     optimizer = torch.optim.SGD([*model.parameters(), *heads.parameters()], lr=0.05, momentum=0.9, weight_decay=1e-5)
-    dataset = ImageDataset(images.paths, range(len(images.paths)), train_transform(IMAGE_SIZE))
-    loader = DataLoader(dataset, batch_size, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0))
+    dataset = ImageDataset(images.paths, range(len(images.paths)), train_transform(image_size))
+    loader = DataLoader(dataset, batch_size, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0),
+                        num_workers=workers, pin_memory=on.type == "cuda")  # fmt: skip
+    steps, tick = [], time.perf_counter()
     for x, index in loader:
-        rotation = torch.randint(0, 4, (len(x),))
+        rotation, x = torch.randint(0, 4, (len(x),)), x.to(on, non_blocking=True)
         x = torch.stack([torch.rot90(image, int(r), dims=(1, 2)) for image, r in zip(x, rotation, strict=True)])
+        index, rotation = index.to(on), rotation.to(on)
         losses = heads(model(x), method.super_class(supers[index], rotation), subs[index])
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()
+        float(losses["loss"].detach())
+        now = time.perf_counter()
+        steps.append(now - tick)
+        tick = now
+    return steps
 
 
 def shard_io_case(report: Report, work: Path, rows: int, dim: int, repeats: int) -> None:
@@ -332,8 +365,9 @@ def memory_case(report: Report, work: Path, rows: int, dim: int, k: int) -> None
     for n, paths in shards.items():
         out = str(work / f"memory-{n}")
         floor = str(DEFAULTS["pca"]["eigenvalue_floor"])
+        fraction = str(DEFAULTS["methods"]["deepercluster"]["pca_fraction"])
         pca_stage = ["pca", "--shards", *paths, "--out", out + ".pca.h5", "--sample-size", str(sample), "--seed", "0"]
-        peaks["PCA", n] = peak_rss([*stage, *pca_stage, "--eigenvalue-floor", floor])
+        peaks["PCA", n] = peak_rss([*stage, *pca_stage, "--eigenvalue-floor", floor, "--fraction", fraction])
         peaks["k-means", n] = peak_rss(
             [
                 *stage,
@@ -407,6 +441,20 @@ def slurm_jobs(folder: Path) -> int:
     return len({row.split("|")[0].split("_")[0] for row in rows if row.split("|")[1] == str(folder)})
 
 
+def snakemake(folder: Path, config: dict, options: list[str], targets: list[str]) -> float:
+    """The wall time of Snakemake making ``targets`` of this repository's workflow with ``config`` in a new
+    ``folder``."""
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", "config.yaml"]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    tick = time.perf_counter()
+    run = subprocess.run([*command, *options, *targets], cwd=folder, env=env, capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(f"snakemake failed in {folder}:\n{run.stderr[-3000:]}")
+    return time.perf_counter() - tick
+
+
 def workflow_case(report: Report, work: Path, quick: bool, slurm: bool) -> None:
     """Snakemake's wall time against the sum of its jobs' in-job times (their benchmark files), jobs run serially:
     ``--cores 1`` locally; on SLURM the profile's settings (job arrays need several jobs at once), every job taking
@@ -414,27 +462,16 @@ def workflow_case(report: Report, work: Path, quick: bool, slurm: bool) -> None:
     config = yaml.safe_load((REPO / ".test" / "config.yaml").read_text())
     targets = []
     if quick:  # the first two jobs only: manifest (100 images) and init
-        config |= {"rounds": 1, "data": {**config["data"], "max_images": 100}}
+        config["methods"]["deepercluster"]["rounds"], config["data"]["max_images"] = 1, 100
         targets = ["results/data/manifest.parquet", "results/rounds/0/checkpoint.pt"]
     folder = work / ("workflow-slurm" if slurm else "workflow")
-    folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", "config.yaml"]
-    if slurm:
-        command += ["--profile", str(REPO / "profiles" / "slurm")]
-        command += ["--slurm-init-seconds-before-status-checks", "1"]
-    else:
-        command += ["--cores", "1"]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    tick = time.perf_counter()
-    run = subprocess.run([*command, *targets], cwd=folder, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - tick
-    if run.returncode:
-        raise RuntimeError(f"snakemake failed in {folder}:\n{run.stderr[-3000:]}")
+    where = ["--profile", str(REPO / "profiles" / "slurm"), "--slurm-init-seconds-before-status-checks", "1"]
+    wall = snakemake(folder, config, where if slurm else ["--cores", "1"], targets)
     jobs = list((folder / "results" / "benchmarks").rglob("*.tsv"))
     in_job = sum(float(pd.read_csv(path, sep="\t")["s"].sum()) for path in jobs)
     where = "SLURM" if slurm else "local"
-    sizes = f"{config['data']['max_images']} images, {config['rounds']} round(s), {len(jobs)} jobs, 1 at a time"
+    rounds = config["methods"]["deepercluster"]["rounds"]
+    sizes = f"{config['data']['max_images']} images, {rounds} round(s), {len(jobs)} jobs, 1 at a time"
     if slurm:
         sizes += f" ({slurm_jobs(folder)} SLURM jobs)"
     report.add(
@@ -443,8 +480,10 @@ def workflow_case(report: Report, work: Path, quick: bool, slurm: bool) -> None:
     report.figure(f"per-job overhead ({where})", f"{(wall - in_job) / len(jobs):.2f} s")
 
 
-def block_settings() -> dict:
-    """The training block's settings from the schema's defaults (the benchmark sets epochs, batch, image size)."""
-    train = DEFAULTS["train"]
-    keys = ("lr", "momentum", "weight_decay", "dropout", "min_crop_scale", "checkpoint_every")
-    return {**{key: train[key] for key in keys}, "workers": 0, "seed": 0}
+def block_settings(workers: int = 0) -> dict:
+    """The training block's settings from the schema's defaults and DeeperCluster's (the benchmark sets epochs, batch,
+    image size)."""
+    train, own = DEFAULTS["train"], DEFAULTS["methods"]["deepercluster"]
+    keys = ("momentum", "weight_decay", "dropout", "min_crop_scale", "checkpoint_every")
+    return {**{key: train[key] for key in keys}, "lr": own["lr"], "head_momentum": own["head_momentum"],
+            "workers": workers, "seed": 0}  # fmt: skip

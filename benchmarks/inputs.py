@@ -38,8 +38,8 @@ def synthetic_shards(folder: Path, rows: int, dim: int, shard_rows: int, seed: i
 def whitening_file(shards: list[str], out: Path, sample_size: int) -> str:
     """The PCA stage's ``pca.h5`` over ``shards`` (all directions kept, as DeeperCluster does)."""
     pca = DEFAULTS["pca"]
-    fit_pca(shards=shards, out=str(out), dim=None, sample_size=sample_size, seed=0,
-            eigenvalue_floor=pca["eigenvalue_floor"])  # fmt: skip
+    fit_pca(shards=shards, out=str(out), dim=None, fraction=DEFAULTS["methods"]["deepercluster"]["pca_fraction"],
+            sample_size=sample_size, seed=0, eigenvalue_floor=pca["eigenvalue_floor"])  # fmt: skip
     return str(out)
 
 
@@ -52,10 +52,11 @@ class ImageRound:
     labels: str
     paths: list[str]
     ids: list[int]
+    arch: str
 
 
-def image_round(folder: Path, images: int) -> ImageRound:
-    """``images`` Fashion-MNIST images, a random small_convnet, labels 2 super-clusters x 5 sub-clusters."""
+def image_round(folder: Path, images: int, arch: str = "small_convnet") -> ImageRound:
+    """``images`` Fashion-MNIST images, a random ``arch``, labels 2 super-clusters x 5 sub-clusters."""
     manifest, checkpoint = str(folder / "manifest.parquet"), str(folder / "checkpoint.pt")
     build_manifest(
         source="fashion-mnist",
@@ -70,10 +71,10 @@ def image_round(folder: Path, images: int) -> ImageRound:
         verify_images=False,
         workers=0,
     )
-    initial_checkpoint(arch="small_convnet", sobel=True, seed=0, out=checkpoint, init_checkpoint=None)
+    initial_checkpoint(arch=arch, sobel=True, seed=0, out=checkpoint, init_checkpoint=None)
     frame = pd.read_parquet(manifest)
     classes = frame["label"].astype("category").cat.codes.to_numpy().astype(np.int64)
     labels = str(folder / "labels.parquet")
     table = pd.DataFrame({"id": frame["id"], "super_cluster": classes % 2, "sub_cluster": classes // 2})
     write_labels(labels, Labels(table, [5, 5]))
-    return ImageRound(manifest, checkpoint, labels, frame["path"].tolist(), frame["id"].tolist())
+    return ImageRound(manifest, checkpoint, labels, frame["path"].tolist(), frame["id"].tolist(), arch)

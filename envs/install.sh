@@ -4,6 +4,9 @@
 # package and its pinned dependencies, and the profiles in profiles/ linked where Snakemake
 # looks for a profile name, so `snakemake --profile slurm` works from this folder.
 # `--test` adds the test tools; `--profiles` only links the profiles (e.g. after moving the checkout).
+# `--gpu` (GPU nodes) installs Meta's faiss-gpu wheel (the extra gpu) instead of faiss-cpu (cpu), the same
+# module; `--wheels DIR` installs from DIR alone, reaching no registry (DIR made by envs/fetch-wheels.sh, which
+# also holds Debian's dataset-fashion-mnist package, installed from there when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,15 +37,25 @@ link_profiles() {
     done
 }
 
-if [ "${1:-}" = "--profiles" ]; then
-    link_profiles
-    exit 0
-fi
-extras=""
-[ "${1:-}" = "--test" ] && extras="[test]"
+test="" gpu="" wheels=""  # --test, --gpu: set to 1
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --profiles) link_profiles; exit 0 ;;
+        --test) test=1 ;;
+        --gpu) gpu=1 ;;
+        --wheels) wheels="$(cd "$2" && pwd)"; shift ;;
+        *) echo "usage: bash envs/install.sh [--test] [--gpu] [--wheels DIR] | --profiles" >&2; exit 2 ;;
+    esac
+    shift
+done
+pip_options=(-q --disable-pip-version-check)
+[ -n "$wheels" ] && pip_options+=(--no-index --find-links "$wheels")
 
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    deb="$(ls "${wheels:-/nonexistent}"/dataset-fashion-mnist_*.deb 2>/dev/null | head -1 || true)"
+    if [ "$(id -u)" = 0 ] && [ -n "$deb" ]; then
+        dpkg -i "$deb" >/dev/null
+    elif [ "$(id -u)" = 0 ] && [ -z "$wheels" ] && command -v apt-get >/dev/null; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dataset-fashion-mnist >/dev/null
     else
@@ -51,7 +64,10 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
     fi
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -e ".${extras}" 2>&1 | { grep -v "^WARNING: Location" || true; }
+if [ -n "$gpu" ]; then faiss=gpu other=cpu; else faiss=cpu other=gpu; fi
+.venv/bin/pip uninstall -q -y "faiss-$other" 2>/dev/null || true  # one build of the faiss module, never both
+.venv/bin/pip install "${pip_options[@]}" -e ".[${faiss}${test:+,test}]" 2>&1 | { grep -v "^WARNING: Location" || true; }
 .venv/bin/python -c "import deepercluster, torch, faiss, snakemake" # fails loudly if the install did not work
 link_profiles
-echo "installed: $(.venv/bin/python -c 'import torch, faiss; print(f"torch {torch.__version__}, faiss {faiss.__version__}")')"
+echo "installed: $(.venv/bin/python -c 'import torch, faiss
+print(f"torch {torch.__version__} ({torch.cuda.device_count()} GPUs), faiss {faiss.__version__} ({faiss.get_num_gpus()} GPUs)")')"
