@@ -43,9 +43,9 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
             raise
         if isinstance(error, OSError) and error.errno in NOT_PERMITTED and not os.access(writable(path), os.W_OK):
             raise OutputNotWritableError(
-                f"cannot write {path}: the folder {writable(path)} is not writable ({error.strerror}); make it "
-                "writable (its permissions, chattr -i, a read-write mount) or move results/ to a writable disk, "
-                "and rerun"
+                f"cannot write {path}: the folder {writable(path)} is not writable ({os.strerror(error.errno)}); "
+                "make it writable (its permissions, chattr -i, a read-write mount) or move results/ to a writable "
+                "disk, and rerun"
             ) from error
         if not out_of_space(error, path.parent):
             raise
