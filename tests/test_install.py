@@ -89,3 +89,45 @@ def test_install_replaces_a_link_into_a_checkout_that_no_longer_exists(checkout:
     linked = link_profiles(checkout, env)
     assert linked.returncode == 0 and "which no longer exists" in linked.stdout
     assert stale.is_symlink() and stale.resolve() == (checkout / "profiles" / "slurm").resolve()
+
+
+# What `snakemake --report` imports (snakemake.report: its html_reporter and templates).
+REPORT_IMPORTS = ("pygments", "jinja2")
+
+
+def required_distributions(requirements: list[str]) -> set[str]:
+    """The installed distributions ``requirements`` bring in, with theirs, transitively (extras followed)."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen: set[tuple[str, frozenset[str]]] = set()
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        requirement = todo.pop()
+        key = (canonicalize_name(requirement.name), frozenset(requirement.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        for line in requires(requirement.name) or []:
+            needed = Requirement(line)
+            extras = [*requirement.extras, ""]
+            if needed.marker is None or any(needed.marker.evaluate({"extra": extra}) for extra in extras):
+                todo.append(needed)
+    return {name for name, _ in seen}
+
+
+def test_the_main_install_has_what_the_report_needs() -> None:
+    """`bash envs/install.sh` (no --test) installs pyproject's main dependencies: what the report imports must be
+    among them, not only brought in by the test tools (pytest brings pygments)."""
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    from packaging.utils import canonicalize_name
+
+    main = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    installed = required_distributions(main)
+    providers = packages_distributions()
+    missing = [module for module in REPORT_IMPORTS if not {canonicalize_name(d) for d in providers[module]} & installed]
+    assert missing == [], f"the report imports {missing}, which no main dependency installs"

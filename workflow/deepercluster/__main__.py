@@ -11,13 +11,12 @@ import inspect
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import typing
 from collections.abc import Callable
 
-from deepercluster.errors import InputError
+from deepercluster.errors import InputError, one_line
 from deepercluster.logs import setup_logging
 from deepercluster.stages import STAGES, load_stage, stage_options
 
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stage(**command.arguments)
     except INPUT_ERRORS as error:  # one line, even where it quotes a library's multi-line message
-        logging.getLogger("deepercluster").error("%s", re.sub(r"\s*\n\s*", " ", str(error)))
+        logging.getLogger("deepercluster").error("%s", one_line(error))
         return 1
     return 0
 

@@ -17,6 +17,7 @@ provenance was nested (its keys at the top level) is read as if it were.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
@@ -33,13 +34,23 @@ log = logging.getLogger(__name__)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary file, then rename: the live checkpoint is never half-written."""
+    """``torch.save`` to memory, then the bytes written atomically: the live checkpoint is never half-written, and
+    the archive holds no temporary name (torch records the name of the file it writes in it), so the same state
+    always gives the same bytes and sha256."""
+    archive = io.BytesIO()
+    torch.save(state, archive)
     with atomic_output(path) as partial:
-        torch.save(state, partial)
+        partial.write_bytes(archive.getbuffer())
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint on the CPU, with one clear message when it is missing or unreadable."""
+# The fix of an unreadable checkpoint: one of ours is remade; the user's own (init_checkpoint, checkpoints:) not.
+REMAKE = "delete it and rerun the stage that makes it"
+CHECK = "check its path in the config (init_checkpoint or checkpoints:), or the file itself"
+
+
+def load_checkpoint(path: str | os.PathLike, fix: str = REMAKE) -> dict[str, Any]:
+    """Load a checkpoint on the CPU, with one clear message when it is missing or unreadable (``fix``: what to
+    do then, ``REMAKE`` for our outputs, ``CHECK`` for the user's files)."""
     if not os.path.exists(path):
         raise CheckpointError(
             f"checkpoint {path} does not exist: check the path in the config "
@@ -50,20 +61,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except pickle.UnpicklingError as error:  # a foreign file, or torch's weights-only unpickler refused an object
         found = " ".join(line for line in str(error).splitlines() if "GLOBAL" in line)
         if not found:
-            raise unreadable(path, error) from error
+            raise unreadable(path, error, fix) from error
         raise CheckpointError(
             f"checkpoint {path} holds Python objects other than tensors and plain data ({found}): "
             "refused, not unpickled, so that loading cannot run code; if you trust it, save its state dict alone "
             "(torch.save(model.state_dict(), path)) and point the config at that file"
         ) from error
     except Exception as error:  # torch raises several types for truncated or foreign files
-        raise unreadable(path, error) from error
+        raise unreadable(path, error, fix) from error
 
 
-def unreadable(path: str | os.PathLike, error: Exception) -> CheckpointError:
+def unreadable(path: str | os.PathLike, error: Exception, fix: str) -> CheckpointError:
     return CheckpointError(
-        f"checkpoint {path} is unreadable ({type(error).__name__}: {error}); "
-        "it is truncated or not a PyTorch file: delete it and rerun the stage that makes it"
+        f"checkpoint {path} is unreadable ({type(error).__name__}: {error}); it is truncated or not a PyTorch file: "
+        f"{fix}"
     )
 
 
@@ -95,9 +106,10 @@ def provenance_of(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in checkpoint.items() if k not in {*MODEL_KEYS, "heads", "targets"}}
 
 
-def load_model(path: str | os.PathLike) -> tuple[ConvNet, dict[str, Any]]:
-    """(backbone, checkpoint) of a model checkpoint, restored strictly: every key must match by name."""
-    checkpoint = load_checkpoint(path)
+def load_model(path: str | os.PathLike, fix: str = REMAKE) -> tuple[ConvNet, dict[str, Any]]:
+    """(backbone, checkpoint) of a model checkpoint, restored strictly: every key must match by name (``fix``: as
+    ``load_checkpoint``'s)."""
+    checkpoint = load_checkpoint(path, fix)
     missing = {"arch", "sobel", "model"} - set(checkpoint)
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {sorted(missing)}: it was not written by deepercluster")
@@ -112,7 +124,7 @@ def load_model(path: str | os.PathLike) -> tuple[ConvNet, dict[str, Any]]:
 def initial_checkpoint(*, arch: str, sobel: bool, seed: int, out: str, init_checkpoint: str | None) -> None:
     """Stage 'init': round 0's checkpoint, a seeded random init or a copy of ``init_checkpoint``."""
     if init_checkpoint:
-        _, checkpoint = load_model(init_checkpoint)
+        _, checkpoint = load_model(init_checkpoint, CHECK)
         if (checkpoint["arch"], checkpoint["sobel"]) != (arch, sobel):
             raise CheckpointError(
                 f"init_checkpoint {init_checkpoint} is a {checkpoint['arch']} "

@@ -3,6 +3,8 @@
 Every other exception is a bug and keeps its traceback.
 """
 
+import re
+
 
 class InputError(RuntimeError):
     """Bad input to a stage; the message names the file and the fix."""
@@ -42,3 +44,16 @@ class TrainingInputError(InputError):
 
 class OutOfSpaceError(InputError):
     """The disk of an output is full; nothing finished was lost, the output was not written."""
+
+
+class OutputNotWritableError(InputError):
+    """The folder of an output may not be written (permissions, an immutable folder, a read-only disk)."""
+
+
+def one_line(error: InputError) -> str:
+    """``error``'s message on one line; re-raised from a DataLoader worker (whose message is the worker's
+    traceback), the original error's message alone."""
+    message = str(error)
+    if message.startswith("Caught ") and "Original Traceback" in message:
+        message = message.rpartition(f"{type(error).__module__}.{type(error).__qualname__}: ")[2] or message
+    return re.sub(r"\s*\n\s*", " ", message).strip()

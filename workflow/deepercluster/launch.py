@@ -4,8 +4,10 @@ torchrun elsewhere), and a training block's through submitit, where it runs and 
 ``launcher: local`` runs the block in a separate process on this machine, ``slurm`` as a
 SLURM job, ``debug`` in this process (tests). The rule that calls ``train`` waits for the
 block, copies its log into the rule's log as it runs, and fails with the block's log path
-when the block fails. On pre-emption or time-out (SIGUSR2) the block saves ``train/last.pt``
-at that iteration, then submitit requeues the same call, which resumes from there.
+when the block fails; an error of the user's input inside the block (an unreadable image or
+last.pt, a full disk) is raised here as its own one line. On pre-emption or time-out
+(SIGUSR2) the block saves ``train/last.pt`` at that iteration, then submitit requeues the
+same call, which resumes from there.
 
 The submitted job is recorded in ``train/job.json``. When ``train`` starts while that job
 is still pending or running (the process that waited for it was killed: an ssh drop), it
@@ -72,12 +74,18 @@ class TrainingBlock(submitit.helpers.Checkpointable):
     def __init__(self, threads: int) -> None:
         self.threads = threads
 
-    def __call__(self, **block: Any) -> None:
+    def __call__(self, **block: Any) -> InputError | None:
+        """Run the block; an error of the user's input is returned, not raised, so that ``train`` raises it as
+        it is (submitit would hand it over as its traceback's text)."""
         from deepercluster.train.block import train_block  # imported here: starting a stage's ranks needs none of it
 
         setup_logging()
         torch.set_num_threads(self.threads)
-        train_block(**block)
+        try:
+            train_block(**block)
+        except InputError as error:
+            return error
+        return None
 
 
 def follow(job: submitit.Job, poll_s: float = 1.0) -> None:
@@ -192,12 +200,14 @@ def train(
     if launcher != "debug":
         follow(job)
     try:
-        job.results()
+        errors = [error for error in job.results() if error is not None]
     except submitit.core.utils.UncompletedJobError as error:
         raise TrainingBlockFailed(
             f"the training block of round {block['round']} failed (job {job.job_id}); its log: {job.paths.stderr}\n"
             f"{error}\nfix the cause and rerun: the block resumes from {block['train_dir']}/last.pt"
         ) from error
+    if errors:  # the block's own one line (its ranks') naming the file and the fix
+        raise errors[0]
 
 
 def submit(launcher: str, folder: Path, resources: dict[str, Any], block: dict[str, Any]) -> submitit.Job:

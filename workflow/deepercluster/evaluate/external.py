@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from deepercluster.checkpoints import load_checkpoint, load_model, model_checkpoint, save_checkpoint
+from deepercluster.checkpoints import CHECK, load_checkpoint, load_model, model_checkpoint, save_checkpoint
 from deepercluster.errors import CheckpointError
 from deepercluster.files import atomic_output, sha256
 from deepercluster.nn.models import build_model
@@ -70,7 +70,7 @@ def state_dict_differences(expected: dict[str, torch.Tensor], given: dict[str, t
 def import_checkpoint(*, source: str, out: str, arch: str | None, sobel: bool) -> None:
     """Stage 'import-checkpoint': ``out`` = ``source`` if it is ours, else ``source`` as a plain state dict of
     ``arch`` (with ``sobel``) in our format. Given ``arch``, one of ours must have that arch and ``sobel``."""
-    state = load_checkpoint(source)
+    state = load_checkpoint(source, CHECK)
     if isinstance(state, dict) and set(state) >= OURS:
         load_model(source)  # every key must fit its own arch
         if arch is not None and (state["arch"], state["sobel"]) != (arch, sobel):

@@ -1,5 +1,10 @@
 """``manifest.parquet``: one row per image, ``id`` (0..N-1), ``path``, then metadata columns (e.g. ``label``); and
-``skipped.tsv`` beside it, the images left out as unreadable."""
+``skipped.tsv`` beside it, the images left out as unreadable.
+
+An image under the working directory is stored by its path relative to it, any other by its absolute path, so a
+run folder holding its images (the demo's) can be moved or copied elsewhere; ``read_manifest`` gives them back
+absolute, resolved against the working directory of the stage reading it.
+"""
 
 from __future__ import annotations
 
@@ -16,12 +21,21 @@ log = logging.getLogger(__name__)
 
 
 def write_manifest(path: str | os.PathLike, frame: pd.DataFrame) -> None:
+    cwd = os.getcwd()
+    frame = frame.assign(path=[stored_path(p, cwd) for p in frame["path"]])
     with atomic_output(path) as partial:
         frame.to_parquet(partial, index=False)
 
 
+def stored_path(image: str, cwd: str) -> str:
+    """``image`` relative to ``cwd`` when it lies under it, else absolute."""
+    image = os.path.abspath(image)
+    relative = os.path.relpath(image, cwd)
+    return image if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
+
+
 def read_manifest(manifest: str) -> pd.DataFrame:
-    """The manifest table: id, path, then metadata columns."""
+    """The manifest table: id, path (absolute), then metadata columns."""
     if not os.path.exists(manifest):
         raise DataError(f"{manifest} does not exist; run the workflow's 'manifest' stage to build it")
     try:
@@ -30,6 +44,7 @@ def read_manifest(manifest: str) -> pd.DataFrame:
         raise DataError(f"{manifest} is not a readable parquet file ({error}); delete it and rerun") from error
     if not {"id", "path"} <= set(frame.columns):
         raise DataError(f"{manifest} has no 'id' and 'path' columns, so it is not a manifest; delete it and rerun")
+    frame["path"] = [os.path.abspath(p) for p in frame["path"]]
     return frame
 
 
