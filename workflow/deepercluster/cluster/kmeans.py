@@ -50,7 +50,10 @@ def nearest_centroid(x: np.ndarray, index: faiss.Index) -> tuple[np.ndarray, np.
 def assign(
     source: FeatureSource, centroids: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
-    """One pass over this rank's rows: (ids, their clusters; counts, sums and objective over all ranks)."""
+    """One pass over this rank's rows: (ids, their clusters; counts, sums and objective over all ranks).
+
+    The float64 sums are reduced in place: with the centroids and faiss's copy of them, 16 k D bytes a rank.
+    """
     k, dim = centroids.shape
     counts, sums, objective = (
         torch.zeros(k, dtype=torch.float64),
@@ -66,9 +69,19 @@ def assign(
         objective += distances.sum()
         all_ids.append(ids)
         all_labels.append(labels)
-    totals = all_reduce_sum(torch.cat([counts, sums.flatten(), torch.tensor([objective], dtype=torch.float64)]))
-    counts, sums = totals[:k].numpy().astype(np.int64), totals[k:-1].view(k, dim).numpy()
-    return np.concatenate(all_ids), np.concatenate(all_labels), counts, sums, float(totals[-1])
+    del index
+    totals = all_reduce_sum(torch.cat([counts, torch.tensor([objective], dtype=torch.float64)]))
+    all_reduce_sum(sums)
+    counts = totals[:k].numpy().astype(np.int64)
+    return np.concatenate(all_ids), np.concatenate(all_labels), counts, sums.numpy(), float(totals[-1])
+
+
+def update_centroids(centroids: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> None:
+    """Each non-empty cluster's centroid = its mean (``sums`` / ``counts``), in place, ``sums`` overwritten:
+    no k x D temporary."""
+    filled = (counts > 0)[:, None]
+    np.divide(sums, counts[:, None], out=sums, where=filled)
+    np.copyto(centroids, sums, where=filled)
 
 
 def split_empty_clusters(centroids: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> int:
@@ -107,11 +120,11 @@ def initial_centroids(source: FeatureSource, k: int, seed: int) -> np.ndarray:
     if len(chosen) < k:
         raise ValueError(f"k-means with k={k} needs at least {k} rows, the data has {len(chosen)}")
     order = np.argsort(chosen)
-    rows = torch.zeros(k, source.dim, dtype=torch.float64)
+    rows = torch.zeros(k, source.dim, dtype=torch.float32)  # each row is non-zero on one rank: its sum is exact
     for ids, x in source.chunks():
         held = np.isin(ids, chosen)
-        rows[order[np.searchsorted(chosen[order], ids[held])]] = torch.from_numpy(x[held]).double()
-    return all_reduce_sum(rows).numpy().astype(np.float32)
+        rows[order[np.searchsorted(chosen[order], ids[held])]] = torch.from_numpy(x[held].astype(np.float32))
+    return all_reduce_sum(rows).numpy()
 
 
 def kmeans(source: FeatureSource, k: int, iterations: int, seed: int) -> Clusters:
@@ -127,8 +140,8 @@ def kmeans(source: FeatureSource, k: int, iterations: int, seed: int) -> Cluster
     objective, reseeded = [], []
     for iteration in range(iterations):
         _, _, counts, sums, loss = assign(source, centroids)
-        filled = counts > 0
-        centroids[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+        update_centroids(centroids, sums, counts)
+        del sums
         objective.append(loss)
         reseeded.append(split_empty_clusters(centroids, counts, rng))
         log.info(
