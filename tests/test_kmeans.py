@@ -41,7 +41,7 @@ def _objective(x: np.ndarray, centroids: np.ndarray, assignments: np.ndarray) ->
 
 
 def test_objective_never_increases(real_data, whitened) -> None:
-    source = whitened_shards(real_data.shards, real_data.pca, cache_mb=64)
+    source = whitened_shards(real_data.shards, real_data.pca, cache_mb=64, dtype="float16")
     result = kmeans(source, k=20, iterations=12, seed=0)
     objective = result.objective
     assert objective.shape == (13,) and result.reseeded.shape == (13,)
@@ -102,7 +102,7 @@ def _cluster_on_rank(rank: int, world_size: int, port: int, shards: list[str], p
     assert (context.rank, context.world_size) == (rank, world_size)
     assert dist.is_initialized() and dist.get_backend() == "gloo"
     # This rank's share of the shards, as the stage takes it.
-    rows = whitened_shards(shards, pca, cache_mb=64).count
+    rows = whitened_shards(shards, pca, cache_mb=64, dtype="float16").count
     Path(f"{out}.rank{rank}.rows").write_text(str(rows))
     cluster_super(shards=shards, pca=pca, out=out, super_clusters=8, **kmeans_settings(iterations=6, seed=5))
     # The assignments travel to the writing rank only: the others get nothing back.

@@ -37,7 +37,8 @@ def whitened_shards(
     cache_mb: float,
     out: str | None = None,
     keep_ids: np.ndarray | None = None,
-    dtype: str = "float16",
+    *,
+    dtype: str,
     **provenance: object,
 ) -> ShardSource:
     """This rank's share of the shards, PCA-whitened and L2-normalised once, kept as ``dtype``: in memory within
@@ -60,11 +61,12 @@ def write_result(out: str, result: Clusters, **attrs: object) -> None:
 
 
 def cluster_super(
-    *, shards: list[str], pca: str, out: str, super_clusters: int, iterations: int, seed: int, cache_mb: float
-) -> None:
+    *, shards: list[str], pca: str, out: str, super_clusters: int, iterations: int, seed: int, cache_mb: float,
+    dtype: str,
+) -> None:  # fmt: skip
     """Stage 'super-clusters': level 1, ``super_clusters`` (m) clusters over every image."""
     require_rows(super_clusters, sum(shard_rows(p) for p in shards), "methods.deepercluster.super_clusters")
-    source = whitened_shards(shards, pca, cache_mb, out)
+    source = whitened_shards(shards, pca, cache_mb, out, dtype=dtype)
     log.info("level 1: %d super-clusters over %d images on this rank", super_clusters, source.count)
     result = kmeans(source, super_clusters, iterations, level_seed(seed, None))
     write_result(out, result, level="super", pca_sha256=sha256(pca), seed=seed, iterations=iterations)
@@ -82,6 +84,7 @@ def cluster_sub(
     iterations: int,
     seed: int,
     cache_mb: float,
+    dtype: str,
 ) -> None:
     """Stage 'sub-clusters': level 2, ``sub_clusters`` (k) clusters inside super-cluster ``super_cluster``.
 
@@ -102,7 +105,8 @@ def cluster_sub(
             sub_clusters,
             k,
         )
-    source = whitened_shards(shards, pca, cache_mb, out, keep_ids=members, super_sha256=sha256(super_file))
+    source = whitened_shards(shards, pca, cache_mb, out, keep_ids=members, dtype=dtype,
+                             super_sha256=sha256(super_file))  # fmt: skip
     log.info("level 2: %d sub-clusters inside super-cluster %d (%d images on this rank)", k, super_cluster,
              source.count)  # fmt: skip
     result = kmeans(source, k, iterations, level_seed(seed, super_cluster))
@@ -111,11 +115,13 @@ def cluster_sub(
     source.discard()
 
 
-def cluster_flat(*, features: str, pca: str, out: str, k: int, iterations: int, seed: int, cache_mb: float) -> None:
+def cluster_flat(
+    *, features: str, pca: str, out: str, k: int, iterations: int, seed: int, cache_mb: float, dtype: str
+) -> None:
     """Stage 'eval-kmeans': ``k`` clusters over the images of one checkpoint's ``features.h5`` (the evaluations'
     clusters.png), on one rank."""
     require_rows(k, shard_rows(features), "evaluation.clusters")
-    source = whitened_shards([features], pca, cache_mb, out)
+    source = whitened_shards([features], pca, cache_mb, out, dtype=dtype)
     log.info("flat k-means: %d clusters over %d images", k, source.count)
     result = kmeans(source, k, iterations, level_seed(seed, None))
     write_result(out, result, level="flat", pca_sha256=sha256(pca), seed=seed, iterations=iterations)
