@@ -38,7 +38,7 @@ def synthetic_shards(folder: Path, rows: int, dim: int, shard_rows: int, seed: i
 def whitening_file(shards: list[str], out: Path, sample_size: int) -> str:
     """The PCA stage's ``pca.h5`` over ``shards`` (all directions kept, as DeeperCluster does)."""
     pca = DEFAULTS["pca"]
-    fit_pca(shards=shards, out=str(out), dim=None, sample_size=sample_size, seed=0,
+    fit_pca(shards=shards, out=str(out), dim=None, fraction=1.0, sample_size=sample_size, seed=0,
             eigenvalue_floor=pca["eigenvalue_floor"])  # fmt: skip
     return str(out)
 

@@ -63,6 +63,7 @@ def assign(
     all_ids, all_labels = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     index = centroid_index(centroids)
     for ids, x in source.chunks():
+        x = np.ascontiguousarray(x, dtype=np.float32)  # float16 rows widened once, for faiss and the sums
         labels, distances = nearest_centroid(x, index)
         counts += torch.from_numpy(np.bincount(labels, minlength=k).astype(np.float64))
         sums.index_add_(0, torch.from_numpy(labels), torch.from_numpy(x).double())
@@ -107,14 +108,11 @@ def split_empty_clusters(centroids: np.ndarray, counts: np.ndarray, rng: np.rand
 
 
 def initial_centroids(source: FeatureSource, k: int, seed: int) -> np.ndarray:
-    """k rows chosen by a seeded hash of their ids: the same choice on any number of ranks."""
-    best_ids, best_keys = np.zeros(0, np.int64), np.zeros(0, np.uint64)
-    for ids, _ in source.chunks():
-        keys = np.concatenate([best_keys, id_hash(ids, seed)])
-        pool = np.concatenate([best_ids, ids])
-        keep = np.argsort(keys, kind="stable")[:k]
-        best_ids, best_keys = pool[keep], keys[keep]
-    gathered = all_gather_objects((best_ids, best_keys))
+    """k rows chosen by a seeded hash of their ids: the same choice on any number of ranks; one pass reads them."""
+    keys = id_hash(source.ids, seed)  # distinct ids have distinct keys (splitmix64 is a bijection)
+    keep = np.argpartition(keys, k - 1)[:k] if k < len(keys) else np.arange(len(keys))
+    keep = keep[np.argsort(keys[keep])]
+    gathered = all_gather_objects((source.ids[keep], keys[keep]))
     pool, keys = (np.concatenate(parts) for parts in zip(*gathered, strict=True))
     chosen = pool[np.argsort(keys, kind="stable")[:k]]
     if len(chosen) < k:

@@ -21,10 +21,11 @@ log = logging.getLogger(__name__)
 
 
 class FeatureSource(Protocol):
-    """The rows this rank clusters, read chunk by chunk."""
+    """The rows this rank clusters, read chunk by chunk; their ids, in the chunks' order, held in memory."""
 
     dim: int
     count: int
+    ids: np.ndarray
 
     def chunks(self) -> Iterator[Chunk]: ...
 
