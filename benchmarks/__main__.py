@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 FULL = {
     "kmeans": {"rows": 200_000, "dim": 128, "k": 1024, "iterations": 10, "repeats": 2},
     "kmeans_io": {"rows": 200_000, "dim": 256, "m": 4, "k": 256, "repeats": 3},
-    "sub_memory": {"rows": 30_000, "dim": 512, "k": 4096},
+    "sub_memory": {"rows": 10_000, "dim": 1024, "k": 8192},
     "images": 3000,
     "features": {"batch_size": 256, "repeats": 3},
     "training": {"batch_size": 64, "repeats": 3},
@@ -30,7 +30,7 @@ FULL = {
 QUICK = {
     "kmeans": {"rows": 20_000, "dim": 64, "k": 100, "iterations": 5, "repeats": 1},
     "kmeans_io": {"rows": 20_000, "dim": 64, "m": 4, "k": 50, "repeats": 1},
-    "sub_memory": {"rows": 5_000, "dim": 128, "k": 1024},
+    "sub_memory": {"rows": 5_000, "dim": 256, "k": 2048},
     "images": 300,
     "features": {"batch_size": 100, "repeats": 1},
     "training": {"batch_size": 32, "repeats": 1},

@@ -62,11 +62,14 @@ def assign(
     )
     all_ids, all_labels = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     index = centroid_index(centroids)
+    single, double = np.empty((0, dim), np.float32), torch.empty(0, dim, dtype=torch.float64)
     for ids, x in source.chunks():
-        x = np.ascontiguousarray(x, dtype=np.float32)  # float16 rows widened once, for faiss and the sums
-        labels, distances = nearest_centroid(x, index)
+        if len(x) > len(single):  # the widened rows' buffers, reused chunk after chunk (no page faults)
+            single, double = np.empty((len(x), dim), np.float32), torch.empty(len(x), dim, dtype=torch.float64)
+        rows = torch.from_numpy(single[: len(x)]).copy_(torch.from_numpy(x))  # float16 widened for faiss
+        labels, distances = nearest_centroid(rows.numpy(), index)
         counts += torch.from_numpy(np.bincount(labels, minlength=k).astype(np.float64))
-        sums.index_add_(0, torch.from_numpy(labels), torch.from_numpy(x).double())
+        sums.index_add_(0, torch.from_numpy(labels), double[: len(x)].copy_(rows))
         objective += distances.sum()
         all_ids.append(ids)
         all_labels.append(labels)
