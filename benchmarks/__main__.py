@@ -19,6 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Sizes: small but past the caches, so the whole run takes about 10 minutes on 2 cores; --quick about 1.
 FULL = {
     "kmeans": {"rows": 200_000, "dim": 128, "k": 1024, "iterations": 10, "repeats": 2},
+    "kmeans_io": {"rows": 200_000, "dim": 256, "m": 4, "k": 256, "repeats": 3},
+    "sub_memory": {"rows": 10_000, "dim": 1024, "k": 8192},
     "images": 3000,
     "features": {"batch_size": 256, "repeats": 3},
     "training": {"batch_size": 64, "repeats": 3},
@@ -29,6 +31,8 @@ FULL = {
 }
 QUICK = {
     "kmeans": {"rows": 20_000, "dim": 64, "k": 100, "iterations": 5, "repeats": 1},
+    "kmeans_io": {"rows": 20_000, "dim": 64, "m": 4, "k": 50, "repeats": 1},
+    "sub_memory": {"rows": 5_000, "dim": 256, "k": 2048},
     "images": 300,
     "features": {"batch_size": 100, "repeats": 1},
     "training": {"batch_size": 32, "repeats": 1},
@@ -85,6 +89,8 @@ def run(args: argparse.Namespace, work: Path):  # -> Report
         sys.exit('--slurm needs a running cluster: eval "$(tests/slurm/cluster.sh start)" sets SLURM_CONF')
     if "kmeans" in args.only:
         cases.kmeans_case(report, work, **sizes["kmeans"])
+        cases.kmeans_io_case(report, work, **sizes["kmeans_io"])
+        cases.sub_memory_case(report, work, **sizes["sub_memory"])
     if {"features", "training"} & set(args.only):
         images = image_round(work / "images", sizes["images"])
         if "features" in args.only:

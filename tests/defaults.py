@@ -31,7 +31,8 @@ def pca_settings(**changes: Any) -> dict[str, Any]:
 
 def kmeans_settings(**changes: Any) -> dict[str, Any]:
     kmeans = CONFIG["kmeans"]
-    return {"iterations": kmeans["iterations"], "cache_mb": kmeans["cache_mb"], "seed": CONFIG["seed"], **changes}
+    keys = ("iterations", "cache_mb", "dtype")
+    return {**{key: kmeans[key] for key in keys}, "seed": CONFIG["seed"], **changes}
 
 
 def block_settings(method: str = "deepercluster", **changes: Any) -> dict[str, Any]:

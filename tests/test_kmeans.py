@@ -14,17 +14,20 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import deepercluster.cluster.kmeans as kmeans_module
+import deepercluster.cluster.rows as rows_module
 from deepercluster.cluster.kmeans import (
     SPLIT_EPS,
+    assign,
     centroid_index,
     initial_centroids,
     kmeans,
     nearest_centroid,
     split_empty_clusters,
 )
-from deepercluster.cluster.levels import cluster_super, whitened_shards
+from deepercluster.cluster.levels import cluster_sub, cluster_super, whitened_shards
 from deepercluster.cluster.rows import ShardSource
 from deepercluster.distributed import gather_objects, init_distributed
+from deepercluster.formats.clusters import read_clusters
 from deepercluster.formats.whitening import Whitening
 from deepercluster.seeds import id_hash
 from defaults import kmeans_settings
@@ -38,7 +41,7 @@ def _objective(x: np.ndarray, centroids: np.ndarray, assignments: np.ndarray) ->
 
 
 def test_objective_never_increases(real_data, whitened) -> None:
-    source = whitened_shards(real_data.shards, real_data.pca, cache_mb=64)
+    source = whitened_shards(real_data.shards, real_data.pca, cache_mb=64, dtype="float16")
     result = kmeans(source, k=20, iterations=12, seed=0)
     objective = result.objective
     assert objective.shape == (13,) and result.reseeded.shape == (13,)
@@ -99,7 +102,7 @@ def _cluster_on_rank(rank: int, world_size: int, port: int, shards: list[str], p
     assert (context.rank, context.world_size) == (rank, world_size)
     assert dist.is_initialized() and dist.get_backend() == "gloo"
     # This rank's share of the shards, as the stage takes it.
-    rows = whitened_shards(shards, pca, cache_mb=64).count
+    rows = whitened_shards(shards, pca, cache_mb=64, dtype="float16").count
     Path(f"{out}.rank{rank}.rows").write_text(str(rows))
     cluster_super(shards=shards, pca=pca, out=out, super_clusters=8, **kmeans_settings(iterations=6, seed=5))
     # The assignments travel to the writing rank only: the others get nothing back.
@@ -190,24 +193,52 @@ def test_split_empty_clusters_by_hand() -> None:
     assert counts.sum() == 8 and (counts > 0).all()
 
 
-def test_seeded_and_deterministic(real_data, whitened, array_source) -> None:
+def test_seeded_and_deterministic(real_data, whitened, array_source, tmp_path: Path) -> None:
     whitening = Whitening.load(real_data.pca)
-    cached = ShardSource(real_data.shards, whitening, whitening.dim)
-    streamed = ShardSource(real_data.shards, whitening, whitening.dim, cache_mb=0, chunk_rows=64)
-    assert streamed._cache is None and cached._cache is not None
-    a, b, c = kmeans(cached, 12, 5, seed=7), kmeans(cached, 12, 5, seed=7), kmeans(streamed, 12, 5, seed=7)
+    cached = ShardSource(real_data.shards, whitening, whitening.dim, chunk_rows=64)
+    spill = str(tmp_path / "rank0.whitened.h5")
+    spilled = ShardSource(real_data.shards, whitening, whitening.dim, cache_mb=0, chunk_rows=64, spill=spill)
+    assert spilled._cache is None and cached._cache is not None
+    a, b, c = kmeans(cached, 12, 5, seed=7), kmeans(cached, 12, 5, seed=7), kmeans(spilled, 12, 5, seed=7)
     assert np.array_equal(a.assignments, b.assignments) and np.array_equal(a.centroids, b.centroids)
-    # Streamed from disk in other chunks: the same clusters. The whitening's float32 matmul
-    # rounds differently with the chunk size (~1e-6 on unit-norm rows), hence allclose.
+    # Read back from the whitened spill: the same rows in the same chunks, so the same clusters, bit for bit.
     assert np.array_equal(a.ids, c.ids) and np.array_equal(a.assignments, c.assignments)
-    assert np.allclose(a.centroids, c.centroids, atol=1e-5)
+    assert np.array_equal(a.centroids, c.centroids) and np.array_equal(a.objective, c.objective)
     ids, x = whitened
     source = array_source(ids, x)
     assert not np.array_equal(initial_centroids(source, 12, 7), initial_centroids(source, 12, 8))
     assert not np.array_equal(a.assignments, kmeans(cached, 12, 5, seed=8).assignments)
 
 
-def test_initial_centroids_ignore_partition(real_data, whitened, array_source) -> None:
+def test_whitened_once_and_spilled(real_data, tmp_path: Path) -> None:
+    """Rows above the cache are whitened in one pass into a spill that every k-means pass reads back; a rerun
+    reuses a spill of the same rows and pca file, and redoes one that differs."""
+    whitening = Whitening.load(real_data.pca)
+    calls = []
+
+    def counted(x: np.ndarray) -> np.ndarray:
+        calls.append(len(x))
+        return whitening(x)
+
+    spill = str(tmp_path / "rank0.whitened.h5")
+    source = ShardSource(real_data.shards, counted, whitening.dim, cache_mb=0, chunk_rows=64, spill=spill,
+                         pca_sha256="abc")  # fmt: skip
+    kmeans(source, 12, 5, seed=7)
+    assert sum(calls) == 600  # each row whitened once, for 7 passes (the initial rows, 5 iterations, the final one)
+    with h5py.File(spill, "r") as f:
+        assert f["x"].dtype == np.float16 and f.attrs["pca_sha256"] == "abc"
+        assert np.array_equal(f["ids"][:], source.ids) and list(f.attrs["shards"]) == real_data.shards
+        cached = np.concatenate([x for _, x in ShardSource(real_data.shards, whitening, whitening.dim).chunks()])
+        assert np.array_equal(f["x"][:], cached)
+    ShardSource(real_data.shards, counted, whitening.dim, cache_mb=0, spill=spill, pca_sha256="abc")
+    assert sum(calls) == 600  # reused
+    ShardSource(real_data.shards, counted, whitening.dim, cache_mb=0, spill=spill, pca_sha256="other")
+    assert sum(calls) == 1200  # another whitening: written again
+    source.discard()
+    assert not Path(spill).exists()
+
+
+def test_initial_centroids_ignore_partition(real_data, whitened, array_source, tmp_path: Path) -> None:
     ids, x = whitened
     assert np.array_equal(ids, np.arange(600))
     k, seed = 25, 11
@@ -221,9 +252,10 @@ def test_initial_centroids_ignore_partition(real_data, whitened, array_source) -
     parts = array_source(ids[order], x[order], chunk_rows=37)
     assert np.array_equal(initial_centroids(parts, k, seed), whole)
     whitening = Whitening.load(real_data.pca)
-    # Shards in reverse order, streamed in 50-row chunks: the same rows (whitened in other
+    # Shards in reverse order, spilled and read in 50-row chunks: the same rows (whitened in other
     # chunks, so equal up to float32 rounding of the whitening matmul).
-    shards = ShardSource(real_data.shards[::-1], whitening, whitening.dim, cache_mb=0, chunk_rows=50)
+    shards = ShardSource(real_data.shards[::-1], whitening, whitening.dim, cache_mb=0, chunk_rows=50,
+                         spill=str(tmp_path / "spill.h5"))  # fmt: skip
     streamed = initial_centroids(shards, k, seed)
     assert np.allclose(streamed, whole, atol=1e-5)
     nearest, _ = nearest_centroid(streamed, centroid_index(x))
@@ -255,3 +287,48 @@ def test_one_index_per_pass_same_assignments(whitened, array_source, monkeypatch
         before.append(index.search(chunk, 1)[1][:, 0])
     assert np.array_equal(result.assignments, np.concatenate(before))
     assert len(np.unique(result.assignments)) == 20
+
+
+def test_float16_rows_hold(real_data) -> None:
+    """Rows kept as float16 (the default) cluster as float32 rows do: the objective within 0.1%, the same
+    assignments to the same centroids, and nearly all the same after ten iterations from the same start."""
+    whitening = Whitening.load(real_data.pca)
+    dtypes = ("float16", "float32")
+    rows = {dtype: ShardSource(real_data.shards, whitening, whitening.dim, dtype=dtype) for dtype in dtypes}
+    half, single = (kmeans(rows[dtype], 50, 10, seed=0) for dtype in dtypes)
+    assert half.objective[-1] == pytest.approx(single.objective[-1], rel=1e-3)
+    _, assignments, *_ = assign(rows["float16"], single.centroids)
+    assert (assignments == single.assignments).mean() >= 0.999
+    assert (half.assignments == single.assignments).mean() >= 0.99  # 600 rows: one flip is 0.17%
+
+
+def test_sub_jobs_read_each_row_once(real_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the cache, the m sub-cluster jobs together read each row from the shards once (each job only its
+    super-cluster's rows), then only their spills; the clusters are those of rows cached in memory."""
+    read: dict[str, int] = {}
+
+    def counting(name: str, function):
+        def wrapper(*args):
+            for item in function(*args):
+                read[name] = read.get(name, 0) + len(item if isinstance(item, np.ndarray) else item[1])
+                yield item
+
+        return wrapper
+
+    for name in ("read_chunks", "read_rows", "read_spill"):
+        monkeypatch.setattr(rows_module, name, counting(name, getattr(rows_module, name)))
+    for cache_mb, folder in ((0, tmp_path / "spilled"), (64, tmp_path / "cached")):
+        super_file, settings = str(folder / "super.h5"), kmeans_settings(iterations=2, seed=0, cache_mb=cache_mb)
+        common = {"shards": real_data.shards, "pca": real_data.pca, **settings}
+        cluster_super(out=super_file, super_clusters=3, **common)
+        read.clear()
+        for s in range(3):
+            cluster_sub(super_file=super_file, super_cluster=s, out=str(folder / f"sub-{s}.h5"), sub_clusters=4,
+                        **common)  # fmt: skip
+        assert read.get("read_chunks", 0) == 0 and read["read_rows"] == 600  # each row once, over the 3 jobs
+        assert read.get("read_spill", 0) >= (4 * 600 if cache_mb == 0 else 0)  # initial rows, 2 iterations, final
+        assert not list(folder.glob("*.whitened.h5"))  # each job removed its spill
+    for name in ("super.h5", *(f"sub-{s}.h5" for s in range(3))):
+        spilled, cached = (read_clusters(str(tmp_path / f / name), centroids=True) for f in ("spilled", "cached"))
+        assert np.array_equal(spilled.assignments, cached.assignments)
+        assert np.array_equal(spilled.centroids, cached.centroids)

@@ -45,6 +45,7 @@ rule super_clusters:
         options=options(
             iterations=config["kmeans"]["iterations"],
             cache_mb=config["kmeans"]["cache_mb"],
+            dtype=config["kmeans"]["dtype"],
         ),
     shell:
         "python -m deepercluster --threads {threads} --ranks {resources.tasks} super-clusters --super-clusters {params.super_clusters} {params.options} --seed {params.seed}"
@@ -73,6 +74,7 @@ rule sub_clusters:
         options=options(
             iterations=config["kmeans"]["iterations"],
             cache_mb=config["kmeans"]["cache_mb"],
+            dtype=config["kmeans"]["dtype"],
         ),
     shell:
         "python -m deepercluster --threads {threads} --ranks {resources.tasks} sub-clusters --sub-clusters {params.sub_clusters} {params.options} --seed {params.seed}"

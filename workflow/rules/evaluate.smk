@@ -147,6 +147,7 @@ rule eval_kmeans:
             k=EVAL["clusters"],
             iterations=config["kmeans"]["iterations"],
             cache_mb=config["kmeans"]["cache_mb"],
+            dtype=config["kmeans"]["dtype"],
         ),
     shell:
         "python -m deepercluster --threads {threads} eval-kmeans {params.options}"

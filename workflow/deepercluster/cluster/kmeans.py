@@ -50,7 +50,10 @@ def nearest_centroid(x: np.ndarray, index: faiss.Index) -> tuple[np.ndarray, np.
 def assign(
     source: FeatureSource, centroids: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
-    """One pass over this rank's rows: (ids, their clusters; counts, sums and objective over all ranks)."""
+    """One pass over this rank's rows: (ids, their clusters; counts, sums and objective over all ranks).
+
+    The float64 sums are reduced in place: with the centroids and faiss's copy of them, 16 k D bytes a rank.
+    """
     k, dim = centroids.shape
     counts, sums, objective = (
         torch.zeros(k, dtype=torch.float64),
@@ -59,16 +62,30 @@ def assign(
     )
     all_ids, all_labels = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     index = centroid_index(centroids)
+    single, double = np.empty((0, dim), np.float32), torch.empty(0, dim, dtype=torch.float64)
     for ids, x in source.chunks():
-        labels, distances = nearest_centroid(x, index)
+        if len(x) > len(single):  # the widened rows' buffers, reused chunk after chunk (no page faults)
+            single, double = np.empty((len(x), dim), np.float32), torch.empty(len(x), dim, dtype=torch.float64)
+        rows = torch.from_numpy(single[: len(x)]).copy_(torch.from_numpy(x))  # float16 widened for faiss
+        labels, distances = nearest_centroid(rows.numpy(), index)
         counts += torch.from_numpy(np.bincount(labels, minlength=k).astype(np.float64))
-        sums.index_add_(0, torch.from_numpy(labels), torch.from_numpy(x).double())
+        sums.index_add_(0, torch.from_numpy(labels), double[: len(x)].copy_(rows))
         objective += distances.sum()
         all_ids.append(ids)
         all_labels.append(labels)
-    totals = all_reduce_sum(torch.cat([counts, sums.flatten(), torch.tensor([objective], dtype=torch.float64)]))
-    counts, sums = totals[:k].numpy().astype(np.int64), totals[k:-1].view(k, dim).numpy()
-    return np.concatenate(all_ids), np.concatenate(all_labels), counts, sums, float(totals[-1])
+    del index
+    totals = all_reduce_sum(torch.cat([counts, torch.tensor([objective], dtype=torch.float64)]))
+    all_reduce_sum(sums)
+    counts = totals[:k].numpy().astype(np.int64)
+    return np.concatenate(all_ids), np.concatenate(all_labels), counts, sums.numpy(), float(totals[-1])
+
+
+def update_centroids(centroids: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> None:
+    """Each non-empty cluster's centroid = its mean (``sums`` / ``counts``), in place, ``sums`` overwritten:
+    no k x D temporary."""
+    filled = (counts > 0)[:, None]
+    np.divide(sums, counts[:, None], out=sums, where=filled)
+    np.copyto(centroids, sums, where=filled)
 
 
 def split_empty_clusters(centroids: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> int:
@@ -94,24 +111,21 @@ def split_empty_clusters(centroids: np.ndarray, counts: np.ndarray, rng: np.rand
 
 
 def initial_centroids(source: FeatureSource, k: int, seed: int) -> np.ndarray:
-    """k rows chosen by a seeded hash of their ids: the same choice on any number of ranks."""
-    best_ids, best_keys = np.zeros(0, np.int64), np.zeros(0, np.uint64)
-    for ids, _ in source.chunks():
-        keys = np.concatenate([best_keys, id_hash(ids, seed)])
-        pool = np.concatenate([best_ids, ids])
-        keep = np.argsort(keys, kind="stable")[:k]
-        best_ids, best_keys = pool[keep], keys[keep]
-    gathered = all_gather_objects((best_ids, best_keys))
+    """k rows chosen by a seeded hash of their ids: the same choice on any number of ranks; one pass reads them."""
+    keys = id_hash(source.ids, seed)  # distinct ids have distinct keys (splitmix64 is a bijection)
+    keep = np.argpartition(keys, k - 1)[:k] if k < len(keys) else np.arange(len(keys))
+    keep = keep[np.argsort(keys[keep])]
+    gathered = all_gather_objects((source.ids[keep], keys[keep]))
     pool, keys = (np.concatenate(parts) for parts in zip(*gathered, strict=True))
     chosen = pool[np.argsort(keys, kind="stable")[:k]]
     if len(chosen) < k:
         raise ValueError(f"k-means with k={k} needs at least {k} rows, the data has {len(chosen)}")
     order = np.argsort(chosen)
-    rows = torch.zeros(k, source.dim, dtype=torch.float64)
+    rows = torch.zeros(k, source.dim, dtype=torch.float32)  # each row is non-zero on one rank: its sum is exact
     for ids, x in source.chunks():
         held = np.isin(ids, chosen)
-        rows[order[np.searchsorted(chosen[order], ids[held])]] = torch.from_numpy(x[held]).double()
-    return all_reduce_sum(rows).numpy().astype(np.float32)
+        rows[order[np.searchsorted(chosen[order], ids[held])]] = torch.from_numpy(x[held].astype(np.float32))
+    return all_reduce_sum(rows).numpy()
 
 
 def kmeans(source: FeatureSource, k: int, iterations: int, seed: int) -> Clusters:
@@ -127,8 +141,8 @@ def kmeans(source: FeatureSource, k: int, iterations: int, seed: int) -> Cluster
     objective, reseeded = [], []
     for iteration in range(iterations):
         _, _, counts, sums, loss = assign(source, centroids)
-        filled = counts > 0
-        centroids[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+        update_centroids(centroids, sums, counts)
+        del sums
         objective.append(loss)
         reseeded.append(split_empty_clusters(centroids, counts, rng))
         log.info(

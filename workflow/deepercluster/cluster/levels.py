@@ -31,12 +31,24 @@ def level_seed(seed: int, super_cluster: int | None) -> int:
     return derived_seed(seed, 0 if super_cluster is None else 1 + super_cluster)
 
 
-def whitened_shards(shards: list[str], pca: str, cache_mb: float, keep_ids: np.ndarray | None = None) -> ShardSource:
-    """This rank's share of the shards, PCA-whitened and L2-normalised."""
+def whitened_shards(
+    shards: list[str],
+    pca: str,
+    cache_mb: float,
+    out: str | None = None,
+    keep_ids: np.ndarray | None = None,
+    *,
+    dtype: str,
+    **provenance: object,
+) -> ShardSource:
+    """This rank's share of the shards, PCA-whitened and L2-normalised once, kept as ``dtype``: in memory within
+    ``cache_mb``, else spilled to ``{out}.rank{r}.whitened.h5`` with the pca file's sha256 and ``provenance``."""
     context = init_distributed()
     whitening = Whitening.load(pca)
     mine = shards[context.rank :: context.world_size]
-    return ShardSource(mine, whitening, whitening.dim, keep_ids=keep_ids, cache_mb=cache_mb)
+    spill = None if out is None else f"{out}.rank{context.rank}.whitened.h5"
+    return ShardSource(mine, whitening, whitening.dim, keep_ids=keep_ids, cache_mb=cache_mb, dtype=dtype,
+                       spill=spill, pca_sha256=sha256(pca), **provenance)  # fmt: skip
 
 
 def write_result(out: str, result: Clusters, **attrs: object) -> None:
@@ -49,14 +61,16 @@ def write_result(out: str, result: Clusters, **attrs: object) -> None:
 
 
 def cluster_super(
-    *, shards: list[str], pca: str, out: str, super_clusters: int, iterations: int, seed: int, cache_mb: float
-) -> None:
+    *, shards: list[str], pca: str, out: str, super_clusters: int, iterations: int, seed: int, cache_mb: float,
+    dtype: str,
+) -> None:  # fmt: skip
     """Stage 'super-clusters': level 1, ``super_clusters`` (m) clusters over every image."""
     require_rows(super_clusters, sum(shard_rows(p) for p in shards), "methods.deepercluster.super_clusters")
-    source = whitened_shards(shards, pca, cache_mb)
+    source = whitened_shards(shards, pca, cache_mb, out, dtype=dtype)
     log.info("level 1: %d super-clusters over %d images on this rank", super_clusters, source.count)
     result = kmeans(source, super_clusters, iterations, level_seed(seed, None))
     write_result(out, result, level="super", pca_sha256=sha256(pca), seed=seed, iterations=iterations)
+    source.discard()
 
 
 def cluster_sub(
@@ -70,6 +84,7 @@ def cluster_sub(
     iterations: int,
     seed: int,
     cache_mb: float,
+    dtype: str,
 ) -> None:
     """Stage 'sub-clusters': level 2, ``sub_clusters`` (k) clusters inside super-cluster ``super_cluster``.
 
@@ -90,19 +105,24 @@ def cluster_sub(
             sub_clusters,
             k,
         )
-    source = whitened_shards(shards, pca, cache_mb, keep_ids=members)
+    source = whitened_shards(shards, pca, cache_mb, out, keep_ids=members, dtype=dtype,
+                             super_sha256=sha256(super_file))  # fmt: skip
     log.info("level 2: %d sub-clusters inside super-cluster %d (%d images on this rank)", k, super_cluster,
              source.count)  # fmt: skip
     result = kmeans(source, k, iterations, level_seed(seed, super_cluster))
     write_result(out, result, level="sub", super_cluster=super_cluster, super_sha256=sha256(super_file),
                  pca_sha256=sha256(pca), seed=seed, iterations=iterations)  # fmt: skip
+    source.discard()
 
 
-def cluster_flat(*, features: str, pca: str, out: str, k: int, iterations: int, seed: int, cache_mb: float) -> None:
+def cluster_flat(
+    *, features: str, pca: str, out: str, k: int, iterations: int, seed: int, cache_mb: float, dtype: str
+) -> None:
     """Stage 'eval-kmeans': ``k`` clusters over the images of one checkpoint's ``features.h5`` (the evaluations'
     clusters.png), on one rank."""
     require_rows(k, shard_rows(features), "evaluation.clusters")
-    source = whitened_shards([features], pca, cache_mb)
+    source = whitened_shards([features], pca, cache_mb, out, dtype=dtype)
     log.info("flat k-means: %d clusters over %d images", k, source.count)
     result = kmeans(source, k, iterations, level_seed(seed, None))
     write_result(out, result, level="flat", pca_sha256=sha256(pca), seed=seed, iterations=iterations)
+    source.discard()

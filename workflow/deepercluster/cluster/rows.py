@@ -7,22 +7,25 @@ of the algorithm. The shard files themselves are read and written by ``formats.f
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import numpy as np
 
 from deepercluster.errors import ClustersError
-from deepercluster.formats.features import Chunk, read_chunks, read_ids
+from deepercluster.formats.features import Chunk, read_chunks, read_ids, read_rows
+from deepercluster.formats.whitened import read_spill, spill_matches, spill_writer
 
 log = logging.getLogger(__name__)
 
 
 class FeatureSource(Protocol):
-    """The rows this rank clusters, read chunk by chunk."""
+    """The rows this rank clusters, read chunk by chunk; their ids, in the chunks' order, held in memory."""
 
     dim: int
     count: int
+    ids: np.ndarray
 
     def chunks(self) -> Iterator[Chunk]: ...
 
@@ -34,10 +37,13 @@ def require_rows(k: int, rows: int, key: str) -> None:
 
 
 class ShardSource:
-    """A ``FeatureSource`` over HDF5 shards, transformed (e.g. PCA-whitened) and optionally filtered by id.
+    """A ``FeatureSource`` over HDF5 shards (all their rows, or those of ``keep_ids``), transformed (PCA-whitened)
+    once: the rows are read from the shards and whitened in one pass, then kept as ``dtype``.
 
-    Rows are cached in memory when they fit in ``cache_mb``; otherwise every pass streams
-    from disk, so memory stays bounded by one chunk whatever the number of images.
+    In memory when they fit in ``cache_mb``; otherwise in the whitened spill ``spill`` (``formats.whitened``),
+    written once, which every pass reads back, so memory stays bounded by one chunk whatever the number of
+    images and no pass recomputes the whitening. With ``keep_ids`` only those rows are read from the shards
+    (their positions found from the shards' ids), so a sub-cluster job reads its super-cluster's rows alone.
     """
 
     def __init__(
@@ -48,25 +54,71 @@ class ShardSource:
         keep_ids: np.ndarray | None = None,
         cache_mb: float = 4096,
         chunk_rows: int = 16384,
+        dtype: str = "float16",
+        spill: str | None = None,
+        **provenance: object,
     ) -> None:
-        self.paths, self.transform, self.dim = list(paths), transform, dim
-        self.keep_ids = None if keep_ids is None else np.sort(np.asarray(keep_ids, dtype=np.int64))
-        self.chunk_rows = chunk_rows
-        self._cache: list[Chunk] | None = None
-        self.count = sum(int(np.count_nonzero(self._keep_mask(read_ids(p)))) for p in self.paths)
-        if self.count * dim * 4 <= cache_mb * 2**20:
-            self._cache = list(self._stream())
-        else:
-            log.info("%d rows exceed the %.0f MB cache: streaming them from disk each pass", self.count, cache_mb)
+        self.paths, self.transform, self.dim, self.chunk_rows = list(paths), transform, dim, chunk_rows
+        self.positions, self.ids, sizes = kept_rows(self.paths, keep_ids, chunk_rows)
+        self.bounds = np.cumsum([0, *sizes])  # the chunks: each shard's blocks, on any number of ranks
+        self.count, self.spill = len(self.ids), None
+        self._cache: np.ndarray | None = None
+        if self.count * dim * np.dtype(dtype).itemsize <= cache_mb * 2**20:
+            self._cache = cache = np.empty((self.count, dim), dtype)
 
-    def _keep_mask(self, ids: np.ndarray) -> np.ndarray:
-        return np.ones(len(ids), bool) if self.keep_ids is None else np.isin(ids, self.keep_ids, assume_unique=True)
+            def fill(start: int, x: np.ndarray) -> None:
+                cache[start : start + len(x)] = x
 
-    def _stream(self) -> Iterator[Chunk]:
-        for ids, x in read_chunks(self.paths, self.chunk_rows):
-            keep = self._keep_mask(ids)
-            if keep.any():
-                yield ids[keep], self.transform(x[keep])
+            self._whiten(fill, dtype)
+            return
+        if spill is None:
+            raise ValueError(f"{self.count} rows exceed the {cache_mb:g} MB cache and no spill path was given")
+        self.spill, attrs = spill, {"shards": self.paths, "dtype": dtype, **provenance}
+        if spill_matches(spill, self.ids, dim, **attrs):
+            log.info("reusing the whitened spill %s of %d rows", spill, self.count)
+            return
+        log.info("%d rows exceed the %.0f MB cache: whitening them once into %s", self.count, cache_mb, spill)
+        with spill_writer(spill, self.ids, dim, **attrs) as write:
+            self._whiten(write, dtype)
+
+    def _whiten(self, write: Callable[[int, np.ndarray], None], dtype: str) -> None:
+        """Read every kept row from the shards once, whiten it and ``write`` it (first row, rows) as ``dtype``."""
+        start = 0
+        for path, positions in zip(self.paths, self.positions, strict=True):
+            raw = (x for _, x in read_chunks([path], self.chunk_rows)) if positions is None else (
+                read_rows(path, positions, self.chunk_rows))  # fmt: skip
+            for x in raw:
+                write(start, self.transform(x).astype(dtype, copy=False))
+                start += len(x)
 
     def chunks(self) -> Iterator[Chunk]:
-        return iter(self._cache) if self._cache is not None else self._stream()
+        """(ids, whitened rows) of each shard's ``chunk_rows``-row block, from the cache or the spill: the same
+        chunks either way, and on any number of ranks."""
+        bounds = list(zip(self.bounds[:-1], self.bounds[1:], strict=True))
+        rows = (self._cache[a:b] for a, b in bounds) if self._cache is not None else read_spill(self.spill, bounds)
+        return zip((self.ids[a:b] for a, b in bounds), rows, strict=True)
+
+    def discard(self) -> None:
+        """Remove the spill, once the level's result is written."""
+        if self.spill is not None:
+            os.unlink(self.spill)
+
+
+def kept_rows(
+    paths: Sequence[str], keep_ids: np.ndarray | None, chunk_rows: int
+) -> tuple[list[np.ndarray | None], np.ndarray, np.ndarray]:
+    """(per shard the positions of its rows in ``keep_ids``, None for all; the ids of those rows, in order; the
+    number of them in each ``chunk_rows``-row block of each shard), from the shards' ids alone."""
+    keep = None if keep_ids is None else np.sort(np.asarray(keep_ids, np.int64))
+    positions, ids, sizes = [], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for path in paths:
+        shard_ids = read_ids(path)
+        if keep is None or len(keep) == 0:
+            held = None if keep is None else np.zeros(0, np.int64)
+        else:
+            held = np.flatnonzero(keep[np.searchsorted(keep, shard_ids).clip(max=len(keep) - 1)] == shard_ids)
+        block = np.arange(len(shard_ids)) if held is None else held
+        positions.append(held)
+        ids.append(shard_ids if held is None else shard_ids[held])
+        sizes.append(np.unique(block // chunk_rows, return_counts=True)[1])
+    return positions, np.concatenate(ids), np.concatenate(sizes)

@@ -33,7 +33,7 @@ def seeded_clusterings(
 ) -> list[pd.Series]:
     """``seeds`` k-means clusterings of the images ``ids`` (all by default) of one features file, each a cluster
     per image indexed by id."""
-    source = whitened_shards([features], pca, cache_mb=float("inf"), keep_ids=ids)
+    source = whitened_shards([features], pca, cache_mb=float("inf"), keep_ids=ids, dtype="float32")
     results = [kmeans(source, k, iterations, derived_seed(seed, s)) for s in range(seeds)]
     return [pd.Series(result.assignments, index=result.ids) for result in results]
 

@@ -8,6 +8,7 @@ light stages (labels, summary, report) import neither. docs/file-formats.md desc
 | ``features/shard-{i}.h5``, an evaluation's ``features.h5`` and ``probe_features.h5`` | ``formats.features`` |
 | ``pca.h5`` | ``formats.whitening`` |
 | ``clusters/super.h5``, ``clusters/sub-{s}.h5``, an evaluation's ``clusters.h5`` | ``formats.clusters`` |
+| a k-means job's whitened spill ``{out}.rank{r}.whitened.h5`` (while it runs) | ``formats.whitened`` |
 | ``labels.parquet``, ``cluster_sizes.tsv``, a round's ``nmi.json`` | ``formats.labels`` |
 | ``train/metrics.tsv``, the rules' benchmark files | ``formats.metrics`` |
 | an evaluation's ``*.json`` and ``similarity.tsv`` | ``formats.evals`` |
