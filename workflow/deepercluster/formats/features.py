@@ -1,8 +1,8 @@
 """Feature files: a round's shards ``features/shard-{i}.h5`` and an evaluation's ``features.h5`` (the penultimate
 feature, "the feature" the clustering sees), and an evaluation's ``probe_features.h5`` (pooled conv activations).
 
-A shard (or ``features.h5``): ``features`` (n x d float32), ``ids`` (n int64), provenance attributes
-(``checkpoint_sha256``, ``layer``, ``transform``, ``manifest_sha256``...).
+A shard (or ``features.h5``): ``features`` (n x d float32, or float16: ``features.dtype``; read back as float32),
+``ids`` (n int64), provenance attributes (``checkpoint_sha256``, ``layer``, ``transform``, ``manifest_sha256``...).
 
 ``probe_features.h5``: ``ids`` (n int64) and, per pooling of ``POOLINGS`` and conv layer, a float16 dataset
 ``{pooling}/{layer}`` (n x that pooling's dim); attributes ``layers`` (the conv layers' names, in order),
@@ -28,10 +28,13 @@ POOLINGS = {
 }
 
 
-def write_shard(path: str | os.PathLike, features: np.ndarray, ids: np.ndarray, **attrs: object) -> None:
-    """A feature shard: ``features`` (n x d float32), ``ids`` (n int64), ``attrs`` (``checkpoint_sha256``...)."""
+def write_shard(
+    path: str | os.PathLike, features: np.ndarray, ids: np.ndarray, dtype: str = "float32", **attrs: object
+) -> None:
+    """A feature shard: ``features`` (n x d, stored as ``dtype``: float32 or float16), ``ids`` (n int64), ``attrs``
+    (``checkpoint_sha256``...)."""
     with atomic_output(path) as partial, h5py.File(partial, "w") as f:
-        f["features"] = np.asarray(features, np.float32)
+        f["features"] = np.asarray(features, dtype)
         f["ids"] = np.asarray(ids, np.int64)
         f.attrs.update(attrs)
 

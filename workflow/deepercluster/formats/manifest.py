@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
@@ -15,22 +16,41 @@ from deepercluster.files import atomic_output
 log = logging.getLogger(__name__)
 
 
+# Rows per parquet row group: a features job reads the row groups holding its shard's rows, not the whole manifest.
+ROW_GROUP = 65_536
+
+
 def write_manifest(path: str | os.PathLike, frame: pd.DataFrame) -> None:
     with atomic_output(path) as partial:
-        frame.to_parquet(partial, index=False)
+        frame.to_parquet(partial, index=False, row_group_size=ROW_GROUP)
 
 
-def read_manifest(manifest: str) -> pd.DataFrame:
-    """The manifest table: id, path, then metadata columns."""
+def read_manifest(manifest: str, start: int = 0, stop: int | None = None) -> pd.DataFrame:
+    """The manifest table: id, path, then metadata columns; its rows ``[start, stop)`` only (all by default),
+    read from the parquet row groups that hold them alone, so memory is that of those rows whatever N."""
+    file = parquet_file(manifest)
+    if not {"id", "path"} <= set(file.schema_arrow.names):
+        raise DataError(f"{manifest} has no 'id' and 'path' columns, so it is not a manifest; delete it and rerun")
+    sizes = np.array([file.metadata.row_group(i).num_rows for i in range(file.num_row_groups)], np.int64)
+    ends = np.cumsum(sizes)
+    stop = int(sizes.sum()) if stop is None else min(stop, int(sizes.sum()))
+    groups = np.flatnonzero((ends > start) & (ends - sizes < stop))
+    first = int((ends - sizes)[groups[0]]) if len(groups) else start
+    try:
+        table = file.read_row_groups(groups.tolist())
+    except (OSError, ValueError) as error:
+        raise DataError(f"{manifest} is not a readable parquet file ({error}); delete it and rerun") from error
+    return table.slice(start - first, max(0, stop - start)).to_pandas()
+
+
+def parquet_file(manifest: str) -> pq.ParquetFile:
+    """The manifest's parquet file, opened (its footer read), or one line naming it and the fix."""
     if not os.path.exists(manifest):
         raise DataError(f"{manifest} does not exist; run the workflow's 'manifest' stage to build it")
     try:
-        frame = pd.read_parquet(manifest)
+        return pq.ParquetFile(manifest)
     except (OSError, ValueError) as error:
         raise DataError(f"{manifest} is not a readable parquet file ({error}); delete it and rerun") from error
-    if not {"id", "path"} <= set(frame.columns):
-        raise DataError(f"{manifest} has no 'id' and 'path' columns, so it is not a manifest; delete it and rerun")
-    return frame
 
 
 def write_skipped(path: str | os.PathLike, errors: dict[str, str]) -> None:
@@ -41,10 +61,7 @@ def write_skipped(path: str | os.PathLike, errors: dict[str, str]) -> None:
 
 def manifest_size(manifest: str) -> int:
     """The number of images of a manifest, read from its parquet footer alone (the rules plan shards with it)."""
-    try:
-        return pq.ParquetFile(manifest).metadata.num_rows
-    except (OSError, ValueError) as error:
-        raise DataError(f"{manifest} is not a readable parquet file ({error}); delete it and rerun") from error
+    return parquet_file(manifest).metadata.num_rows
 
 
 def metadata_columns(frame: pd.DataFrame) -> list[str]:
