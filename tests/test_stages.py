@@ -197,7 +197,8 @@ def test_cli_missing_checkpoint_one_line_error(real_data, tmp_path: Path) -> Non
     done = _cli(
         "features",
         *("--manifest", real_data.manifest, "--checkpoint", str(missing), "--shard", "0"),
-        *("--shard-size", "200", "--image-size", "32", "--batch-size", "64", "--workers", "0", "--out", str(out)),
+        *("--shard-size", "200", "--image-size", "32", "--batch-size", "64", "--workers", "0", "--dtype", "float32"),
+        *("--out", str(out)),
     )
     assert done.returncode == 1
     assert "Traceback" not in done.stderr

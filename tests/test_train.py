@@ -23,11 +23,13 @@ import torch.multiprocessing as mp
 from deepercluster.checkpoints import load_checkpoint
 from deepercluster.errors import CheckpointError, ClustersError
 from deepercluster.formats.labels import Labels, read_labels, write_labels
+from deepercluster.formats.manifest import read_manifest
 from deepercluster.methods import METHODS
 from deepercluster.nn.heads import Heads, targets_for
 from deepercluster.nn.layers import GlobalBatchNorm2d
+from deepercluster.seeds import derived_seed
 from deepercluster.stages import options
-from deepercluster.train.batches import Layout, RankBatches, group_sampler, layout_for
+from deepercluster.train.batches import Layout, RankBatches, group_images, group_sampler, layout_for
 from deepercluster.train.block import train_block
 from deepercluster.train.sampler import UniformClusterSampler
 from defaults import allocation_settings, block_settings
@@ -360,11 +362,23 @@ def test_ranks_form_one_training_group_per_super_class_when_they_divide_evenly()
     assert layout_for(targets_for(METHODS["rotnet"], [1]), rank=3, world_size=4) == Layout(4, 3, 0, 1)
 
 
-def test_a_group_sees_only_its_super_cluster_at_its_rotation() -> None:
-    table = pd.DataFrame({"super_cluster": [0, 0, 0, 1, 1, 1, 1, 1], "sub_cluster": [0, 1, 1, 0, 0, 1, 2, 2]})
-    layout = Layout(groups=8, group=6, part=0, parts=1)  # super-class 6 = super-cluster 1 at rotation 2
-    indices, rotations = group_sampler(METHODS["deepercluster"], layout, Labels(table, [2, 3]), seed=0).epoch(0)
-    assert len(indices) == 1 and set(indices) <= {3, 4, 5, 6, 7} and set(rotations) == {2}
+def test_a_group_sees_only_its_super_cluster_at_its_rotation(block_inputs) -> None:
+    """2 super-clusters x 4 rotations = 8 groups: group 6 (super-cluster 1 at rotation 2) reads the labels and
+    manifest rows of super-cluster 1 alone, in the manifest's order, and draws 600 / 8 of them at rotation 2:
+    the images a sampler over every image, restricted to the group's, draws."""
+    manifest, labels = block_inputs["manifest"], block_inputs["labels"]
+    layout = Layout(groups=8, group=6, part=0, parts=1)
+    images, clusters = group_images(manifest, labels, METHODS["deepercluster"], layout)
+    every = read_labels(labels).table
+    own = np.flatnonzero(every["super_cluster"].to_numpy() == 1)
+    assert images["id"].tolist() == every["id"].iloc[own].tolist() == clusters.table["id"].tolist()
+    assert images["path"].tolist() == read_manifest(manifest)["path"].iloc[own].tolist()
+    assert (clusters.table["super_cluster"] == 1).all() and clusters.sub_clusters == [5, 5]
+    indices, rotations = group_sampler(METHODS["deepercluster"], layout, clusters, 600, seed=0).epoch(0)
+    assert len(indices) == 600 // 8 and set(rotations) == {2}
+    flat = every["super_cluster"].to_numpy() * 5 + every["sub_cluster"].to_numpy()
+    whole = UniformClusterSampler(flat, rotations=[2], seed=derived_seed(0, 6), images=own, draws=600 // 8).epoch(0)
+    assert images["id"].to_numpy()[indices].tolist() == every["id"].to_numpy()[whole[0]].tolist()
     group_batches = RankBatches(np.arange(8), np.zeros(8, int), 4, Layout(1, 0, 1, 2), 0, seed=0, epoch=0)
     assert [[key[0] for key in batch] for batch in group_batches] == [[2, 3], [6, 7]]  # rank 1's half of each
 

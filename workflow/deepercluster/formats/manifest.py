@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from deepercluster.errors import DataError
@@ -29,8 +30,6 @@ def read_manifest(manifest: str, start: int = 0, stop: int | None = None) -> pd.
     """The manifest table: id, path, then metadata columns; its rows ``[start, stop)`` only (all by default),
     read from the parquet row groups that hold them alone, so memory is that of those rows whatever N."""
     file = parquet_file(manifest)
-    if not {"id", "path"} <= set(file.schema_arrow.names):
-        raise DataError(f"{manifest} has no 'id' and 'path' columns, so it is not a manifest; delete it and rerun")
     sizes = np.array([file.metadata.row_group(i).num_rows for i in range(file.num_row_groups)], np.int64)
     ends = np.cumsum(sizes)
     stop = int(sizes.sum()) if stop is None else min(stop, int(sizes.sum()))
@@ -48,9 +47,28 @@ def parquet_file(manifest: str) -> pq.ParquetFile:
     if not os.path.exists(manifest):
         raise DataError(f"{manifest} does not exist; run the workflow's 'manifest' stage to build it")
     try:
-        return pq.ParquetFile(manifest)
+        file = pq.ParquetFile(manifest)
     except (OSError, ValueError) as error:
         raise DataError(f"{manifest} is not a readable parquet file ({error}); delete it and rerun") from error
+    if not {"id", "path"} <= set(file.schema_arrow.names):
+        raise DataError(f"{manifest} has no 'id' and 'path' columns, so it is not a manifest; delete it and rerun")
+    return file
+
+
+def read_manifest_ids(manifest: str, ids: np.ndarray) -> pd.DataFrame:
+    """The id and path of the images ``ids``, in the manifest's order, read a row group at a time: memory is that
+    of those rows and one group, whatever N (a training group's images)."""
+    wanted, parts = np.sort(np.asarray(ids, np.int64)), []
+    try:
+        for batch in parquet_file(manifest).iter_batches(ROW_GROUP, columns=["id", "path"]) if len(wanted) else []:
+            found = batch.column("id").to_numpy()
+            keep = wanted[np.searchsorted(wanted, found).clip(max=len(wanted) - 1)] == found
+            parts.append(batch.filter(pa.array(keep)))
+    except (OSError, ValueError) as error:
+        raise DataError(f"{manifest} is not a readable parquet file ({error}); delete it and rerun") from error
+    if not parts:
+        return pd.DataFrame({"id": np.zeros(0, np.int64), "path": np.zeros(0, str)})
+    return pa.Table.from_batches(parts).to_pandas()
 
 
 def write_skipped(path: str | os.PathLike, errors: dict[str, str]) -> None:
