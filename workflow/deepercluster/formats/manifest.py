@@ -29,7 +29,7 @@ def write_manifest(path: str | os.PathLike, frame: pd.DataFrame) -> None:
 def read_manifest(manifest: str, start: int = 0, stop: int | None = None) -> pd.DataFrame:
     """The manifest table: id, path, then metadata columns; its rows ``[start, stop)`` only (all by default),
     read from the parquet row groups that hold them alone, so memory is that of those rows whatever N."""
-    file = parquet_file(manifest)
+    file = manifest_file(manifest)
     sizes = np.array([file.metadata.row_group(i).num_rows for i in range(file.num_row_groups)], np.int64)
     ends = np.cumsum(sizes)
     stop = int(sizes.sum()) if stop is None else min(stop, int(sizes.sum()))
@@ -50,6 +50,12 @@ def parquet_file(manifest: str) -> pq.ParquetFile:
         file = pq.ParquetFile(manifest)
     except (OSError, ValueError) as error:
         raise DataError(f"{manifest} is not a readable parquet file ({error}); delete it and rerun") from error
+    return file
+
+
+def manifest_file(manifest: str) -> pq.ParquetFile:
+    """``parquet_file``, checked to hold a manifest's id and path columns."""
+    file = parquet_file(manifest)
     if not {"id", "path"} <= set(file.schema_arrow.names):
         raise DataError(f"{manifest} has no 'id' and 'path' columns, so it is not a manifest; delete it and rerun")
     return file
@@ -60,7 +66,7 @@ def read_manifest_ids(manifest: str, ids: np.ndarray) -> pd.DataFrame:
     of those rows and one group, whatever N (a training group's images)."""
     wanted, parts = np.sort(np.asarray(ids, np.int64)), []
     try:
-        for batch in parquet_file(manifest).iter_batches(ROW_GROUP, columns=["id", "path"]) if len(wanted) else []:
+        for batch in manifest_file(manifest).iter_batches(ROW_GROUP, columns=["id", "path"]) if len(wanted) else []:
             found = batch.column("id").to_numpy()
             keep = wanted[np.searchsorted(wanted, found).clip(max=len(wanted) - 1)] == found
             parts.append(batch.filter(pa.array(keep)))
