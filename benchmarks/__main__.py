@@ -23,6 +23,7 @@ FULL = {
     "sub_memory": {"rows": 10_000, "dim": 1024, "k": 8192},
     "images": 3000,
     "features": {"batch_size": 256, "repeats": 3},
+    "features_memory": {"rows": 1_000_000, "shard_size": 256},
     "training": {"batch_size": 64, "repeats": 3},
     "io": {"rows": 200_000, "dim": 256, "repeats": 6},
     "memory": {"rows": 100_000, "dim": 256, "k": 64},
@@ -35,6 +36,7 @@ QUICK = {
     "sub_memory": {"rows": 5_000, "dim": 256, "k": 2048},
     "images": 300,
     "features": {"batch_size": 100, "repeats": 1},
+    "features_memory": {"rows": 25_000, "shard_size": 100},
     "training": {"batch_size": 32, "repeats": 1},
     "io": {"rows": 20_000, "dim": 128, "repeats": 2},
     "memory": {"rows": 20_000, "dim": 64, "k": 16},
@@ -95,6 +97,7 @@ def run(args: argparse.Namespace, work: Path):  # -> Report
         images = image_round(work / "images", sizes["images"])
         if "features" in args.only:
             cases.features_case(report, images, work, **sizes["features"])
+            cases.features_memory_case(report, images, work, **sizes["features_memory"])
         if "training" in args.only:
             cases.training_case(report, images, work, **sizes["training"])
     if "io" in args.only:

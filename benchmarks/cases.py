@@ -39,6 +39,7 @@ from deepercluster.features import extract_features
 from deepercluster.formats.clusters import read_clusters
 from deepercluster.formats.features import read_chunks, write_shard
 from deepercluster.formats.labels import read_labels
+from deepercluster.formats.manifest import write_manifest
 from deepercluster.formats.whitening import Whitening
 from deepercluster.methods import METHODS
 from deepercluster.nn.heads import Heads, linear_head, targets_for
@@ -292,6 +293,7 @@ def features_case(
             out=str(work / "shard-0.h5"),
             batch_size=batch_size,
             workers=workers,
+            dtype=DEFAULTS["features"]["dtype"],
         )
 
     @torch.no_grad()
@@ -314,6 +316,31 @@ def features_case(
         bound,
     )
     report.figure(f"extraction, {images.arch} {image_size}px, {device().type.upper()}", f"{n / ours_s:.0f} img/s")
+
+
+def features_memory_case(report: Report, images: ImageRound, work: Path, rows: int, shard_size: int) -> None:
+    """Peak memory of a features job (``shard_size`` images) whose manifest lists N and 4N images (its paths those of
+    ``images`` repeated, written by the manifest stage's writer): flat in N when the job reads only its rows."""
+    peaks = {}
+    for n in (rows, 4 * rows):
+        manifest = work / f"manifest-{n}.parquet"
+        write_manifest(manifest, pd.DataFrame({"id": np.arange(n), "path": np.resize(np.asarray(images.paths), n)}))
+        peaks[n] = peak_rss(["-m", "deepercluster", "--threads", "2", "features", "--manifest", str(manifest),
+                             "--checkpoint", images.checkpoint, "--shard", "0", "--shard-size", str(shard_size),
+                             "--image-size", str(IMAGE_SIZE), "--batch-size", str(shard_size), "--workers", "0",
+                             "--dtype", "float32", "--out", str(work / f"memory-shard-{n}.h5")])  # fmt: skip
+    report.add(
+        "features job peak RSS, 4N vs N",
+        f"manifest of N={rows} images, a shard of {shard_size}",
+        f"{peaks[4 * rows]:.0f} MB",
+        f"{peaks[rows]:.0f} MB",
+        peaks[4 * rows] / peaks[rows],
+        "<=",
+        1.1,
+    )
+    report.figure(f"features job peak RSS, manifest of {rows} / {4 * rows} images",
+                  f"{peaks[rows]:.0f} / {peaks[4 * rows]:.0f} MB, "
+                  f"{(peaks[4 * rows] - peaks[rows]) * MB / (3 * rows):.1f} B more per image")  # fmt: skip
 
 
 def training_case(report: Report, images: ImageRound, work: Path, batch_size: int, repeats: int) -> None:

@@ -18,7 +18,7 @@ def manifest_settings(**changes: Any) -> dict[str, Any]:
 
 def feature_settings(**changes: Any) -> dict[str, Any]:
     return {"image_size": CONFIG["data"]["image_size"], "batch_size": CONFIG["features"]["batch_size"], "workers": 0,
-            **changes}  # fmt: skip
+            "dtype": CONFIG["features"]["dtype"], **changes}  # fmt: skip
 
 
 def pca_settings(**changes: Any) -> dict[str, Any]:

@@ -177,7 +177,7 @@ def test_an_8000_pixel_jpeg_is_read_in_bounded_memory(real_data, tmp_path: Path)
         stage = [
             "features", "--manifest", str(manifest), "--checkpoint", real_data.checkpoint,
             "--shard", "0", "--shard-size", "10", "--image-size", "32", "--batch-size", "64", "--workers", "0",
-            "--out", str(out),
+            "--dtype", "float32", "--out", str(out),
         ]  # fmt: skip
         measured = subprocess.run(
             [sys.executable, "-c", PEAK_MB, *stage], capture_output=True, text=True, timeout=300, check=True

@@ -11,6 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 from sklearn.metrics import normalized_mutual_info_score
@@ -19,11 +20,12 @@ from deepercluster.checkpoints import initial_checkpoint, load_model
 from deepercluster.cluster.labels import make_labels
 from deepercluster.cluster.levels import cluster_sub, cluster_super
 from deepercluster.data.images import ImageDataset, feature_transform
-from deepercluster.errors import CheckpointError
+from deepercluster.errors import CheckpointError, DataError
 from deepercluster.formats.clusters import read_clusters
+from deepercluster.formats.features import read_chunks
 from deepercluster.formats.manifest import read_manifest
 from deepercluster.nn.models import build_model
-from defaults import kmeans_settings
+from defaults import feature_settings, kmeans_settings
 
 pytestmark = pytest.mark.usefixtures("single_process")
 
@@ -60,6 +62,55 @@ def test_shards_hold_every_id_once(real_data, raw_features) -> None:
     # (loose enough for shards extracted on a GPU, where cuDNN may use TF32)
     assert np.allclose(features[picked], expected, rtol=2e-3, atol=1e-4)
     assert not np.allclose(features[picked], features[picked[::-1]], rtol=2e-3, atol=1e-4)
+
+
+def wreck_row_groups(path: Path, keep: set[int]) -> None:
+    """Overwrite with garbage the bytes of every parquet row group of ``path`` but those of ``keep``."""
+    metadata = pq.ParquetFile(path).metadata
+    with open(path, "r+b") as f:
+        for group in set(range(metadata.num_row_groups)) - keep:
+            for column in range(metadata.num_columns):
+                chunk = metadata.row_group(group).column(column)
+                first = min(o for o in (chunk.dictionary_page_offset, chunk.data_page_offset) if o is not None)
+                f.seek(first)
+                f.write(b"\xff" * chunk.total_compressed_size)
+
+
+def test_a_features_job_reads_only_its_shards_row_groups(real_data, tmp_path: Path, monkeypatch) -> None:
+    """The manifest in row groups of 100 images; every row group but shard 1's (images 200-399) made unreadable:
+    shard 1 is extracted as from the whole manifest, and reading the whole manifest fails."""
+    from deepercluster.features import extract_features
+    from deepercluster.formats import manifest as manifest_format
+
+    monkeypatch.setattr(manifest_format, "ROW_GROUP", 100)
+    manifest = tmp_path / "manifest.parquet"
+    manifest_format.write_manifest(manifest, read_manifest(real_data.manifest))
+    assert pq.ParquetFile(manifest).num_row_groups == 6
+    wreck_row_groups(manifest, keep={2, 3})
+    with pytest.raises(DataError, match=r"manifest\.parquet is not a readable parquet file"):
+        read_manifest(str(manifest))
+    out = tmp_path / "shard-1.h5"
+    extract_features(manifest=str(manifest), checkpoint=real_data.checkpoint, shard=1, out=str(out),
+                     **feature_settings(shard_size=200, image_size=32))  # fmt: skip
+    with h5py.File(out, "r") as ours, h5py.File(real_data.shards[1], "r") as whole:
+        assert np.array_equal(ours["ids"][:], np.arange(200, 400))
+        assert np.array_equal(ours["features"][:], whole["features"][:])
+
+
+def test_a_float16_shard_holds_the_float32_features_rounded_in_half_the_bytes(real_data, tmp_path: Path) -> None:
+    """features.dtype float16: the shard's features are the float32 shard's rounded to float16, stored as such
+    (half the bytes), and read back as float32 by the stages' readers."""
+    from deepercluster.features import extract_features
+
+    out = tmp_path / "shard-1.h5"
+    extract_features(manifest=real_data.manifest, checkpoint=real_data.checkpoint, shard=1, out=str(out),
+                     **feature_settings(shard_size=200, image_size=32, dtype="float16"))  # fmt: skip
+    with h5py.File(out, "r") as half, h5py.File(real_data.shards[1], "r") as whole:
+        assert half["features"].dtype == np.float16 and whole["features"].dtype == np.float32
+        assert half["features"].id.get_storage_size() * 2 == whole["features"].id.get_storage_size()
+        assert np.array_equal(half["features"][:], whole["features"][:].astype(np.float16))
+    (ids, x), *_ = read_chunks([str(out)])
+    assert x.dtype == np.float32 and np.array_equal(ids, np.arange(200, 400))
 
 
 def test_labels_from_two_levels(real_data, tmp_path: Path) -> None:
@@ -146,7 +197,8 @@ def test_cli_missing_checkpoint_one_line_error(real_data, tmp_path: Path) -> Non
     done = _cli(
         "features",
         *("--manifest", real_data.manifest, "--checkpoint", str(missing), "--shard", "0"),
-        *("--shard-size", "200", "--image-size", "32", "--batch-size", "64", "--workers", "0", "--out", str(out)),
+        *("--shard-size", "200", "--image-size", "32", "--batch-size", "64", "--workers", "0", "--dtype", "float32"),
+        *("--out", str(out)),
     )
     assert done.returncode == 1
     assert "Traceback" not in done.stderr

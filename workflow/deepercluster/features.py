@@ -25,30 +25,33 @@ LAYER = "classifier output before ReLU (penultimate)"
 
 def extract_features(
     *, manifest: str, checkpoint: str, shard: int, shard_size: int, image_size: int, out: str, batch_size: int,
-    workers: int,
+    workers: int, dtype: str,
 ) -> None:  # fmt: skip
-    """Stage 'features': rows ``[shard * shard_size, (shard + 1) * shard_size)`` of the manifest -> a shard."""
-    rows = read_manifest(manifest).iloc[shard * shard_size : (shard + 1) * shard_size]
+    """Stage 'features': rows ``[shard * shard_size, (shard + 1) * shard_size)`` of the manifest -> a shard (read
+    alone: the job's memory does not grow with the manifest)."""
+    rows = read_manifest(manifest, shard * shard_size, (shard + 1) * shard_size)
     if rows.empty:
         raise ShardError(
             f"shard {shard} of {manifest} is empty: features.shard_size changed since the manifest; "
             "delete results/rounds/*/features and rerun"
         )
     write_features(rows, manifest, checkpoint, image_size, out, batch_size, workers, f"features shard {shard}",
-                   shard=shard)  # fmt: skip
+                   dtype, shard=shard)  # fmt: skip
 
 
 def extract_all(*, manifest: str, checkpoint: str, image_size: int, out: str, batch_size: int, workers: int) -> None:
     """Stage 'eval-features': every image of the (evaluation) manifest -> one features file."""
-    write_features(read_manifest(manifest), manifest, checkpoint, image_size, out, batch_size, workers, "features")
+    write_features(read_manifest(manifest), manifest, checkpoint, image_size, out, batch_size, workers, "features",
+                   "float32")  # fmt: skip
 
 
 @torch.no_grad()
 def write_features(
     rows: pd.DataFrame, manifest: str, checkpoint: str, image_size: int, out: str, batch_size: int, workers: int,
-    what: str, **attrs: object,
+    what: str, dtype: str, **attrs: object,
 ) -> None:  # fmt: skip
-    """The features of the images ``rows`` of ``manifest`` -> ``out`` (``formats.features``).
+    """The features of the images ``rows`` of ``manifest`` -> ``out`` (``formats.features``), held and stored as
+    ``dtype`` (float32, or float16: half the bytes).
 
     Centre crop, no rotation, no flip; the model in eval mode (BatchNorm running statistics, no dropout).
     The shard's attributes: the checkpoint and its sha256, the layer, the transform, the manifest's sha256.
@@ -63,7 +66,7 @@ def write_features(
         num_workers=workers,
         pin_memory=device.type == "cuda",
     )
-    features = np.zeros((len(rows), model.feature_dim), np.float32)
+    features = np.zeros((len(rows), model.feature_dim), dtype)
     ids = np.zeros(len(rows), np.int64)
     start = 0
     for images, batch_ids in progress(loader, what, total=len(loader), unit="batch"):
@@ -71,6 +74,9 @@ def write_features(
         features[start:stop] = model(images.to(device, non_blocking=True)).float().cpu().numpy()
         ids[start:stop] = batch_ids.numpy()
         start = stop
+    if not np.isfinite(features).all():
+        raise ShardError(f"{what}: features of {checkpoint} are not finite as {dtype} (beyond float16's range?); "
+                         "set features.dtype: float32 in the config and rerun")  # fmt: skip
     log.info("%s: %d images, %d-d features from %s", what, len(ids), features.shape[1], checkpoint)
     write_shard(out, features, ids, checkpoint=str(checkpoint), checkpoint_sha256=sha256(checkpoint), layer=LAYER,
-                transform=repr(transform), manifest_sha256=sha256(manifest), **attrs)  # fmt: skip
+                transform=repr(transform), manifest_sha256=sha256(manifest), dtype=dtype, **attrs)  # fmt: skip

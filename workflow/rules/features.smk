@@ -16,6 +16,7 @@ rule features:
     params:
         options=options(
             shard_size=config["features"]["shard_size"],
+            dtype=config["features"]["dtype"],
             batch_size=config["features"]["batch_size"],
             image_size=config["data"]["image_size"],
             workers=config["data"]["workers"],

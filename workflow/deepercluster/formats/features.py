@@ -1,8 +1,8 @@
 """Feature files: a round's shards ``features/shard-{i}.h5`` and an evaluation's ``features.h5`` (the penultimate
 feature, "the feature" the clustering sees), and an evaluation's ``probe_features.h5`` (pooled conv activations).
 
-A shard (or ``features.h5``): ``features`` (n x d float32), ``ids`` (n int64), provenance attributes
-(``checkpoint_sha256``, ``layer``, ``transform``, ``manifest_sha256``...).
+A shard (or ``features.h5``): ``features`` (n x d float32, or float16: ``features.dtype``; read back as float32),
+``ids`` (n int64), provenance attributes (``checkpoint_sha256``, ``layer``, ``transform``, ``manifest_sha256``...).
 
 ``probe_features.h5``: ``ids`` (n int64) and, per pooling of ``POOLINGS`` and conv layer, a float16 dataset
 ``{pooling}/{layer}`` (n x that pooling's dim); attributes ``layers`` (the conv layers' names, in order),
@@ -28,12 +28,36 @@ POOLINGS = {
 }
 
 
-def write_shard(path: str | os.PathLike, features: np.ndarray, ids: np.ndarray, **attrs: object) -> None:
-    """A feature shard: ``features`` (n x d float32), ``ids`` (n int64), ``attrs`` (``checkpoint_sha256``...)."""
-    with atomic_output(path) as partial, h5py.File(partial, "w") as f:
-        f["features"] = np.asarray(features, np.float32)
-        f["ids"] = np.asarray(ids, np.int64)
-        f.attrs.update(attrs)
+def write_shard(
+    path: str | os.PathLike, features: np.ndarray, ids: np.ndarray, dtype: str = "float32", **attrs: object
+) -> None:
+    """A feature shard: ``features`` (n x d, stored as ``dtype``: float32 or float16), ``ids`` (n int64), ``attrs``
+    (``checkpoint_sha256``...).
+
+    HDF5 allocates the features' contiguous bytes (never filled) and numpy writes them in place: HDF5's own
+    write of a large array ran at 0.65-0.8 of ``np.save``'s speed here, numpy's at about 0.95.
+    """
+    features = np.ascontiguousarray(features, dtype)
+    with atomic_output(path) as partial:
+        with h5py.File(partial, "w") as f:
+            offset = allocated_dataset(f, "features", features)
+            f["ids"] = np.asarray(ids, np.int64)
+            f.attrs.update(attrs)
+        if features.size:
+            with open(partial, "r+b") as raw:
+                raw.seek(offset)
+                features.tofile(raw)
+
+
+def allocated_dataset(f: h5py.File, name: str, like: np.ndarray) -> int:
+    """A contiguous dataset ``name`` of ``like``'s shape and type, allocated now and left unwritten: its offset in
+    the file."""
+    layout = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    layout.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    layout.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    space = h5py.h5s.create_simple(like.shape)
+    dataset = h5py.h5d.create(f.id, name.encode(), h5py.h5t.py_create(like.dtype), space, dcpl=layout)
+    return dataset.get_offset()
 
 
 def open_shard(path: str | os.PathLike) -> h5py.File:

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from deepercluster.errors import ClustersError
 from deepercluster.files import atomic_output
+from deepercluster.formats.manifest import ROW_GROUP
 
 METADATA_KEY = b"deepercluster"
 COLUMNS = ("id", "super_cluster", "sub_cluster")
@@ -44,25 +45,38 @@ class Labels:
 
 
 def write_labels(path: str | os.PathLike, labels: Labels) -> None:
+    """``labels.parquet``, in row groups of ``ROW_GROUP`` rows (a super-cluster's rows are read a group at a time)."""
     table = pa.Table.from_pandas(labels.table[list(COLUMNS)], preserve_index=False)
     metadata = {**(table.schema.metadata or {}), METADATA_KEY: json.dumps({"sub_clusters": labels.sub_clusters})}
     with atomic_output(path) as partial:
-        pq.write_table(table.replace_schema_metadata(metadata), partial)
+        pq.write_table(table.replace_schema_metadata(metadata), partial, row_group_size=ROW_GROUP)
 
 
-def read_labels(path: str | os.PathLike) -> Labels:
-    """A labels table and its k per super-cluster, checked against each other."""
+def labels_file(path: str | os.PathLike) -> tuple[pq.ParquetFile, list[int]]:
+    """A labels file, opened (its footer read), and its k per super-cluster."""
     try:
-        table = pq.read_table(path)
+        file = pq.ParquetFile(path)
     except (OSError, ValueError, pa.ArrowException) as error:
         raise ClustersError(f"{path} is not a readable labels file ({error}): delete it and rerun its stage") from error
-    metadata = (table.schema.metadata or {}).get(METADATA_KEY)
-    if metadata is None or not set(COLUMNS) <= set(table.column_names):
+    metadata = (file.schema_arrow.metadata or {}).get(METADATA_KEY)
+    if metadata is None or not set(COLUMNS) <= set(file.schema_arrow.names):
         raise ClustersError(
             f"{path} lacks the columns {', '.join(COLUMNS)} or its k per super-cluster (written by an older "
             "version?): delete it and rerun its stage"
         )
-    labels = Labels(table.to_pandas()[list(COLUMNS)], json.loads(metadata)["sub_clusters"])
+    return file, json.loads(metadata)["sub_clusters"]
+
+
+def read_labels(path: str | os.PathLike, super_cluster: int | None = None) -> Labels:
+    """A labels table and its k per super-cluster, checked against each other; only super-cluster
+    ``super_cluster``'s rows when given (the rows of every other are dropped a row group at a time)."""
+    _, sub_clusters = labels_file(path)
+    wanted = None if super_cluster is None else [("super_cluster", "==", super_cluster)]
+    try:
+        table = pq.read_table(path, columns=list(COLUMNS), filters=wanted)
+    except (OSError, ValueError, pa.ArrowException) as error:
+        raise ClustersError(f"{path} is not a readable labels file ({error}): delete it and rerun its stage") from error
+    labels = Labels(table.to_pandas()[list(COLUMNS)], sub_clusters)
     k = np.asarray(labels.sub_clusters)
     s, j = (labels.table[column].to_numpy() for column in ("super_cluster", "sub_cluster"))
     if not ((s >= 0) & (s < len(k)) & (j >= 0) & (j < k[np.clip(s, 0, len(k) - 1)])).all():

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from deepercluster.errors import DataError
@@ -20,11 +22,15 @@ from deepercluster.files import atomic_output
 log = logging.getLogger(__name__)
 
 
+# Rows per parquet row group: a features job reads the row groups holding its shard's rows, not the whole manifest.
+ROW_GROUP = 65_536
+
+
 def write_manifest(path: str | os.PathLike, frame: pd.DataFrame) -> None:
     cwd = os.getcwd()
     frame = frame.assign(path=[stored_path(p, cwd) for p in frame["path"]])
     with atomic_output(path) as partial:
-        frame.to_parquet(partial, index=False)
+        frame.to_parquet(partial, index=False, row_group_size=ROW_GROUP)
 
 
 def stored_path(image: str, cwd: str) -> str:
@@ -34,18 +40,60 @@ def stored_path(image: str, cwd: str) -> str:
     return image if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
 
 
-def read_manifest(manifest: str) -> pd.DataFrame:
-    """The manifest table: id, path (absolute), then metadata columns."""
+def read_manifest(manifest: str, start: int = 0, stop: int | None = None) -> pd.DataFrame:
+    """The manifest table: id, path (absolute), then metadata columns; its rows ``[start, stop)`` only (all by default),
+    read from the parquet row groups that hold them alone, so memory is that of those rows whatever N."""
+    file = manifest_file(manifest)
+    sizes = np.array([file.metadata.row_group(i).num_rows for i in range(file.num_row_groups)], np.int64)
+    ends = np.cumsum(sizes)
+    stop = int(sizes.sum()) if stop is None else min(stop, int(sizes.sum()))
+    groups = np.flatnonzero((ends > start) & (ends - sizes < stop))
+    first = int((ends - sizes)[groups[0]]) if len(groups) else start
+    try:
+        table = file.read_row_groups(groups.tolist())
+    except (OSError, ValueError) as error:
+        raise DataError(f"{manifest} is not a readable parquet file ({error}); delete it and rerun") from error
+    return absolute(table.slice(start - first, max(0, stop - start)).to_pandas())
+
+
+def parquet_file(manifest: str) -> pq.ParquetFile:
+    """The manifest's parquet file, opened (its footer read), or one line naming it and the fix."""
     if not os.path.exists(manifest):
         raise DataError(f"{manifest} does not exist; run the workflow's 'manifest' stage to build it")
     try:
-        frame = pd.read_parquet(manifest)
+        file = pq.ParquetFile(manifest)
     except (OSError, ValueError) as error:
         raise DataError(f"{manifest} is not a readable parquet file ({error}); delete it and rerun") from error
-    if not {"id", "path"} <= set(frame.columns):
+    return file
+
+
+def manifest_file(manifest: str) -> pq.ParquetFile:
+    """``parquet_file``, checked to hold a manifest's id and path columns."""
+    file = parquet_file(manifest)
+    if not {"id", "path"} <= set(file.schema_arrow.names):
         raise DataError(f"{manifest} has no 'id' and 'path' columns, so it is not a manifest; delete it and rerun")
-    frame["path"] = [os.path.abspath(p) for p in frame["path"]]
-    return frame
+    return file
+
+
+def read_manifest_ids(manifest: str, ids: np.ndarray) -> pd.DataFrame:
+    """The id and path of the images ``ids``, in the manifest's order, read a row group at a time: memory is that
+    of those rows and one group, whatever N (a training group's images)."""
+    wanted, parts = np.sort(np.asarray(ids, np.int64)), []
+    try:
+        for batch in manifest_file(manifest).iter_batches(ROW_GROUP, columns=["id", "path"]) if len(wanted) else []:
+            found = batch.column("id").to_numpy()
+            keep = wanted[np.searchsorted(wanted, found).clip(max=len(wanted) - 1)] == found
+            parts.append(batch.filter(pa.array(keep)))
+    except (OSError, ValueError) as error:
+        raise DataError(f"{manifest} is not a readable parquet file ({error}); delete it and rerun") from error
+    if not parts:
+        return pd.DataFrame({"id": np.zeros(0, np.int64), "path": np.zeros(0, str)})
+    return absolute(pa.Table.from_batches(parts).to_pandas())
+
+
+def absolute(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with its stored paths (relative to the working directory where they lie under it) absolute."""
+    return frame.assign(path=[os.path.abspath(p) for p in frame["path"]])
 
 
 def write_skipped(path: str | os.PathLike, errors: dict[str, str]) -> None:
@@ -56,10 +104,7 @@ def write_skipped(path: str | os.PathLike, errors: dict[str, str]) -> None:
 
 def manifest_size(manifest: str) -> int:
     """The number of images of a manifest, read from its parquet footer alone (the rules plan shards with it)."""
-    try:
-        return pq.ParquetFile(manifest).metadata.num_rows
-    except (OSError, ValueError) as error:
-        raise DataError(f"{manifest} is not a readable parquet file ({error}); delete it and rerun") from error
+    return parquet_file(manifest).metadata.num_rows
 
 
 def metadata_columns(frame: pd.DataFrame) -> list[str]:

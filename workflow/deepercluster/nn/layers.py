@@ -17,10 +17,14 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     rank's own batch statistics would be those of a single class. The sums travel through
     a differentiable all-reduce, so gradients flow through the global statistics.
 
-    The sums are accumulated in float64, where adding float32 values is exact in practice, so
-    the statistics do not depend on how the global batch is split over ranks: one rank and
-    many compute the same normalised activations, bit for bit (float32 sums of 40 images or
-    of 2 x 20 round differently, and a max-pool near-tie then routes a gradient elsewhere).
+    The per-channel sums are accumulated in float64, so the statistics do not depend on how the
+    global batch is split over ranks: one rank and many compute the same normalised activations,
+    bit for bit (float32 sums of 40 images or of 2 x 20 round differently, and a max-pool near-tie
+    then routes a gradient elsewhere). Each sample's sums over its map are float32 (they do not
+    depend on the split either); only those B x C sums are added in float64, where adding float32
+    values is exact in practice, so the activations are never copied to float64. The output is
+    ``x * a + b`` in one pass, with ``a = weight / sqrt(var + eps)`` and ``b = bias - mean * a``
+    (as torch's own CPU BatchNorm computes it).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -28,8 +32,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         channels = x.shape[1]
         count = torch.full((1,), x.numel() / channels, dtype=torch.float64, device=x.device)
-        sums = [x.sum((0, 2, 3), dtype=torch.float64), (x * x).sum((0, 2, 3), dtype=torch.float64)]
-        total = differentiable_all_reduce(torch.cat([*sums, count]))
+        per_sample = torch.cat([x.sum((2, 3)), (x * x).sum((2, 3))], 1)  # B x 2C, float32
+        total = differentiable_all_reduce(torch.cat([per_sample.sum(0, dtype=torch.float64), count]))
         n = total[-1]
         mean = total[:channels] / n
         var = total[channels : 2 * channels] / n - mean * mean
@@ -37,9 +41,10 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             self.num_batches_tracked += 1
             self.running_mean.lerp_(mean.to(x.dtype), self.momentum)
             self.running_var.lerp_((var * n / (n - 1)).to(x.dtype), self.momentum)
+        scale = self.weight / torch.sqrt(var + self.eps)
+        shift = (self.bias - mean * scale).to(x.dtype)
         shape = (1, channels, 1, 1)
-        scale = (self.weight / torch.sqrt(var + self.eps)).to(x.dtype)
-        return (x - mean.to(x.dtype).view(shape)) * scale.view(shape) + self.bias.view(shape)
+        return torch.addcmul(shift.view(shape), x, scale.to(x.dtype).view(shape))
 
 
 def global_batchnorm(module: nn.Module) -> nn.Module:

@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 
 from deepercluster.data.images import ImageDataset
 from deepercluster.errors import TrainingInputError
-from deepercluster.formats.labels import Labels, read_labels
+from deepercluster.formats.labels import Labels, labels_file, read_labels
+from deepercluster.formats.manifest import manifest_size, read_manifest, read_manifest_ids
 from deepercluster.methods import Method
 from deepercluster.nn.heads import Targets
 from deepercluster.seeds import derived_seed, id_hash
@@ -53,30 +54,30 @@ def layout_for(targets: Targets, rank: int, world_size: int) -> Layout:
     return Layout(1, 0, rank, world_size)
 
 
-def image_clusters(manifest: pd.DataFrame, labels: str | None) -> Labels:
-    """The labels of every manifest row, in the manifest's order; without labels (RotNet) one cluster of all."""
+def group_images(manifest: str, labels: str | None, method: Method, layout: Layout) -> tuple[pd.DataFrame, Labels]:
+    """The images this rank's training group draws from (id and path, in the manifest's order) and their labels:
+    its super-cluster's alone in the paper's layout, read without the other rows (every image when the group is
+    all of them); without labels (RotNet) every image, in one cluster."""
     if labels is None:
-        return Labels(pd.DataFrame({"id": manifest["id"], "super_cluster": 0, "sub_cluster": 0}), [1])
-    found = read_labels(labels)
-    table = found.table.set_index("id").reindex(manifest["id"])
-    if table.isna().any().any():
-        raise TrainingInputError(f"{labels} lacks some images of the manifest: rerun the round's labels stage")
-    return Labels(table.reset_index().astype(np.int64), found.sub_clusters)
+        images = read_manifest(manifest)
+        return images, Labels(pd.DataFrame({"id": images["id"], "super_cluster": 0, "sub_cluster": 0}), [1])
+    found = read_labels(labels, layout.group // method.rotations if layout.groups > 1 else None)
+    images = read_manifest_ids(manifest, found.table["id"].to_numpy())
+    if len(images) < len(found.table) or labels_file(labels)[0].metadata.num_rows != manifest_size(manifest):
+        raise TrainingInputError(f"{labels} does not label the images of {manifest}: rerun the round's labels stage")
+    table = found.table.set_index("id").loc[images["id"]].reset_index()
+    return images, Labels(table.astype(np.int64), found.sub_clusters)
 
 
-def group_sampler(method: Method, layout: Layout, clusters: Labels, seed: int) -> UniformClusterSampler:
-    """Uniform over the clusters of this rank's group: its super-cluster's images at its rotation
-    (super-class g = super-cluster g // rotations at rotation g % rotations)."""
+def group_sampler(method: Method, layout: Layout, clusters: Labels, images: int, seed: int) -> UniformClusterSampler:
+    """Uniform over the clusters of this rank's group, ``clusters`` being its images' (``group_images``): its
+    super-cluster's images at its rotation (super-class g = super-cluster g // rotations at rotation
+    g % rotations); ``images`` / groups draws an epoch, ``images`` the round's number of images."""
     table = clusters.table
     flat = table["super_cluster"].to_numpy() * max(clusters.sub_clusters) + table["sub_cluster"].to_numpy()
-    images, rotations = None, list(range(method.rotations))
-    if layout.groups > 1:
-        rotations = [layout.group % method.rotations]
-        images = np.flatnonzero(table["super_cluster"].to_numpy() == layout.group // method.rotations)
-    return UniformClusterSampler(
-        flat, rotations=rotations, seed=derived_seed(seed, layout.group), images=images,
-        draws=len(table) // layout.groups,
-    )  # fmt: skip
+    rotations = [layout.group % method.rotations] if layout.groups > 1 else list(range(method.rotations))
+    return UniformClusterSampler(flat, rotations=rotations, seed=derived_seed(seed, layout.group),
+                                 draws=images // layout.groups)  # fmt: skip
 
 
 class RotatedImages(Dataset):

@@ -39,7 +39,8 @@ from deepercluster.distributed import (
     synchronise_gradients,
 )
 from deepercluster.errors import TrainingInputError
-from deepercluster.formats.manifest import read_manifest
+from deepercluster.formats.labels import labels_file
+from deepercluster.formats.manifest import manifest_size
 from deepercluster.logs import code_version
 from deepercluster.methods import Method
 from deepercluster.nn.heads import Heads, Targets, targets_for
@@ -49,8 +50,8 @@ from deepercluster.train.batches import (
     Layout,
     RankBatches,
     RotatedImages,
+    group_images,
     group_sampler,
-    image_clusters,
     layout_for,
 )
 from deepercluster.train.metrics import MetricsLog, mean_over_ranks
@@ -83,12 +84,12 @@ def block_data(
     manifest: str, labels: str | None, method: Method, context: Distributed, batch_size: int, image_size: int,
     min_crop_scale: float, seed: int,
 ) -> BlockData:  # fmt: skip
-    images = read_manifest(manifest)
-    clusters = image_clusters(images, labels if method.labelled else None)
-    targets = targets_for(method, clusters.sub_clusters)
+    labels = labels if method.labelled else None
+    targets = targets_for(method, labels_file(labels)[1] if labels else [1])
     layout = layout_for(targets, context.rank, context.world_size)
     group = group_of_ranks(layout.parts)  # a collective: every rank makes every group's
-    sampler = group_sampler(method, layout, clusters, seed)
+    images, clusters = group_images(manifest, labels, method, layout)
+    sampler = group_sampler(method, layout, clusters, manifest_size(manifest), seed)
     augment = train_transform(image_size, min_crop_scale)
     dataset = RotatedImages(ImageDataset(images["path"].tolist(), images["id"].tolist(), augment))
     super_clusters, sub_clusters = (torch.tensor(clusters.table[c].to_numpy()) for c in SPLIT)
