@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -23,16 +24,18 @@ import yaml
 from PIL import Image
 
 from deepercluster.__main__ import main
+from deepercluster.checkpoints import load_checkpoint, non_finite_weights
 from deepercluster.cluster.levels import cluster_super
 from deepercluster.config import ConfigError, validate_config
 from deepercluster.data.images import ImageDataset
 from deepercluster.data.manifest import build_manifest
-from deepercluster.errors import ClustersError
+from deepercluster.errors import ClustersError, TrainingInputError
 from deepercluster.features import extract_features
 from deepercluster.formats.manifest import read_manifest
 from deepercluster.nn.models import build_model
 from deepercluster.stages import options
-from defaults import feature_settings, kmeans_settings, manifest_settings, pca_settings
+from deepercluster.train.block import train_block
+from defaults import block_settings, feature_settings, kmeans_settings, manifest_settings, pca_settings
 from test_workflow import TEST_CONFIG, snakemake
 
 pytestmark = pytest.mark.usefixtures("single_process")
@@ -402,3 +405,66 @@ def test_a_full_disk_is_named_and_the_rerun_keeps_finished_outputs(tmp_path: Pat
     assert run.returncode == 0, run.stderr[-3000:]
     assert (workdir / shard).is_file()
     assert {path: (workdir / path).stat().st_mtime_ns for path in finished} == before
+
+
+# 3. Non-finite numbers: refused where they are read, naming what made them.
+
+
+@pytest.mark.parametrize(
+    ("lr", "diverged"),
+    [
+        (10.0, "model (by last.pt's names) hold non-finite values after its step"),  # BatchNorm's variance: inf
+        (1000.0, "the loss of the super-class head V is nan (loss_super) and the loss of the sub-class heads W_s"),
+    ],
+)
+def test_a_diverged_block_stops_there_and_saves_only_finite_states(
+    real_data, class_labels: str, tmp_path: Path, lr: float, diverged: str
+) -> None:
+    train_dir = tmp_path / "train"
+    with pytest.raises(TrainingInputError) as error:
+        train_block(manifest=real_data.manifest, previous_checkpoint=real_data.checkpoint, labels=class_labels,
+                    method="deepercluster", round=1, train_dir=str(train_dir), out=str(train_dir / "checkpoint.pt"),
+                    **block_settings(epochs=2, batch_size=50, checkpoint_every=1, seed=7, lr=lr))  # fmt: skip
+    message = str(error.value)
+    found = re.fullmatch(
+        rf"round 1's training block diverged at iteration (\d+) \(epoch 0, batch \1\) with lr {lr}: (.*); lower "
+        r"methods\.deepercluster\.lr and rerun, which trains the block afresh \(nothing non-finite was saved: "
+        r"last\.pt holds the last finite state, if any\)",
+        message,
+    )
+    assert found and found[2].startswith(diverged), message
+    # last.pt (saved every iteration) is the state before the diverged one, finite, and so are its group files.
+    assert not (train_dir / "checkpoint.pt").exists() and not (train_dir / "metrics.tsv").exists()
+    saved = [train_dir / "last.pt", *train_dir.glob("last-group*.pt")]
+    assert len(saved) == 2 and all(non_finite_weights(load_checkpoint(path)) == [] for path in saved)
+    assert (load_checkpoint(train_dir / "last.pt")["batch"]) == int(found[1])
+    losses = pd.read_csv(train_dir / "running-metrics.tsv", sep="\t")["loss"]
+    assert len(losses) == int(found[1]) and np.isfinite(losses).all() and losses.max() > 100
+
+
+@pytest.fixture
+def diverged_checkpoint(real_data, tmp_path: Path) -> Path:
+    """Round 1's checkpoint as a diverged block of lr 0.5 would have written it: a NaN in its first conv."""
+    checkpoint = load_checkpoint(real_data.checkpoint)
+    weight = next(name for name in checkpoint["model"] if name.endswith("weight") and "sobel" not in name)
+    checkpoint["model"][weight][0] = float("nan")
+    checkpoint |= {"round": 1, "provenance": {"method": "deepercluster", "lr": 0.5}}
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    return tmp_path / "checkpoint.pt"
+
+
+@pytest.mark.parametrize("stage", ["features", "eval-probe-features", "export"])
+def test_a_checkpoint_with_non_finite_weights_is_refused(
+    real_data, diverged_checkpoint: Path, tmp_path: Path, stage: str
+) -> None:
+    out = tmp_path / "out"
+    arguments = {
+        "features": {"shard": 0, "shard_size": 200, "manifest": real_data.manifest, **feature_settings()},
+        "eval-probe-features": {"manifest": real_data.manifest, **feature_settings()},
+        "export": {"image_size": 32},
+    }[stage]
+    line = one_line_error(cli(stage, *shlex.split(options(checkpoint=diverged_checkpoint, out=out, **arguments))))
+    assert re.search(rf"checkpoint {diverged_checkpoint} holds NaN or infinite values in model\.\S+: round 1's "
+                     "deepercluster training block made it with lr 0.5 and diverged: lower methods.deepercluster.lr "
+                     "and rerun snakemake", line), line  # fmt: skip
+    assert not out.exists()
