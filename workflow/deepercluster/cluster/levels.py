@@ -19,8 +19,8 @@ from deepercluster.distributed import gather_objects, init_distributed
 from deepercluster.errors import ClustersError
 from deepercluster.files import sha256
 from deepercluster.formats.clusters import Clusters, read_clusters, write_clusters
-from deepercluster.formats.features import shard_rows
-from deepercluster.formats.whitening import Whitening
+from deepercluster.formats.features import require_checkpoint, shard_rows
+from deepercluster.formats.whitening import Whitening, whitening_checkpoint
 from deepercluster.seeds import derived_seed
 
 log = logging.getLogger(__name__)
@@ -32,10 +32,12 @@ def level_seed(seed: int, super_cluster: int | None) -> int:
 
 
 def whitened_shards(shards: list[str], pca: str, cache_mb: float, keep_ids: np.ndarray | None = None) -> ShardSource:
-    """This rank's share of the shards, PCA-whitened and L2-normalised."""
+    """This rank's share of the shards, PCA-whitened and L2-normalised; each must hold the features of the
+    checkpoint ``pca`` was fitted on."""
     context = init_distributed()
     whitening = Whitening.load(pca)
     mine = shards[context.rank :: context.world_size]
+    require_checkpoint(mine, whitening_checkpoint(pca), f"the checkpoint {pca} was fitted on")
     return ShardSource(mine, whitening, whitening.dim, keep_ids=keep_ids, cache_mb=cache_mb)
 
 
