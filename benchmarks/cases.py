@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader
 
-from benchmarks.inputs import DEFAULTS, IMAGE_SIZE, ImageRound, synthetic_shards, whitening_file
+from benchmarks.inputs import DEFAULTS, IMAGE_SIZE, ImageRound, synthetic_checkpoint, synthetic_shards, whitening_file
 from deepercluster.checkpoints import load_model
 from deepercluster.cluster.kmeans import assign, initial_centroids
 from deepercluster.cluster.levels import cluster_super, level_seed
@@ -476,7 +476,8 @@ def memory_case(report: Report, work: Path, rows: int, dim: int, k: int) -> None
         out = str(work / f"memory-{n}")
         floor = str(DEFAULTS["pca"]["eigenvalue_floor"])
         fraction = str(DEFAULTS["methods"]["deepercluster"]["pca_fraction"])
-        pca_stage = ["pca", "--shards", *paths, "--out", out + ".pca.h5", "--sample-size", str(sample), "--seed", "0"]
+        pca_stage = ["pca", "--shards", *paths, "--checkpoint", synthetic_checkpoint(paths), "--out", out + ".pca.h5",
+                     "--sample-size", str(sample), "--seed", "0"]  # fmt: skip
         peaks["PCA", n] = peak_rss([*stage, *pca_stage, "--eigenvalue-floor", floor, "--fraction", fraction])
         peaks["k-means", n] = peak_rss(
             [

@@ -12,6 +12,7 @@ from deepercluster.checkpoints import initial_checkpoint
 from deepercluster.cluster.pca import fit_pca
 from deepercluster.config import validate_config
 from deepercluster.data.manifest import build_manifest
+from deepercluster.files import sha256
 from deepercluster.formats.features import write_shard
 from deepercluster.formats.labels import Labels, write_labels
 
@@ -21,25 +22,34 @@ IMAGE_SIZE = 32
 DEFAULTS = validate_config({})
 
 
+def synthetic_checkpoint(shards: list[str]) -> str:
+    """The stand-in for the checkpoint whose features ``synthetic_shards`` says its shards hold, beside them."""
+    return str(Path(shards[0]).with_name("checkpoint.pt"))
+
+
 def synthetic_shards(folder: Path, rows: int, dim: int, shard_rows: int, seed: int = 0) -> list[str]:
-    """``rows`` float32 rows of a 64-centre Gaussian mixture in ``dim`` dimensions, as feature shards."""
+    """``rows`` float32 rows of a 64-centre Gaussian mixture in ``dim`` dimensions, as feature shards (of the
+    stand-in checkpoint ``synthetic_checkpoint``)."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(64, dim)).astype(np.float32)
     folder.mkdir(parents=True, exist_ok=True)
+    checkpoint = folder / "checkpoint.pt"
+    checkpoint.write_bytes(b"a stand-in for the checkpoint the synthetic rows come from")
     paths = []
     for start in range(0, rows, shard_rows):
         n = min(shard_rows, rows - start)
         x = centres[rng.integers(0, len(centres), n)] + rng.normal(scale=0.5, size=(n, dim)).astype(np.float32)
         paths.append(str(folder / f"shard-{len(paths)}.h5"))
-        write_shard(paths[-1], x, np.arange(start, start + n), checkpoint_sha256="synthetic")
+        write_shard(paths[-1], x, np.arange(start, start + n), checkpoint_sha256=sha256(checkpoint))
     return paths
 
 
 def whitening_file(shards: list[str], out: Path, sample_size: int) -> str:
     """The PCA stage's ``pca.h5`` over ``shards`` (all directions kept, as DeeperCluster does)."""
     pca = DEFAULTS["pca"]
-    fit_pca(shards=shards, out=str(out), dim=None, fraction=DEFAULTS["methods"]["deepercluster"]["pca_fraction"],
-            sample_size=sample_size, seed=0, eigenvalue_floor=pca["eigenvalue_floor"])  # fmt: skip
+    fit_pca(shards=shards, checkpoint=synthetic_checkpoint(shards), out=str(out), dim=None,
+            fraction=DEFAULTS["methods"]["deepercluster"]["pca_fraction"], sample_size=sample_size, seed=0,
+            eigenvalue_floor=pca["eigenvalue_floor"])  # fmt: skip
     return str(out)
 
 

@@ -72,7 +72,7 @@ def real_data(tmp_path_factory: pytest.TempPathFactory) -> RealData:
             **feature_settings(image_size=IMAGE_SIZE),
         )
     pca = str(root / "pca.h5")
-    fit_pca(shards=shards, out=pca, **pca_settings(sample_size=100_000, seed=0))
+    fit_pca(shards=shards, checkpoint=checkpoint, out=pca, **pca_settings(sample_size=100_000, seed=0))
     return RealData(root, manifest, checkpoint, shards, pca)
 
 

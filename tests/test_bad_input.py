@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,16 +25,18 @@ import yaml
 from PIL import Image
 
 from deepercluster.__main__ import main
-from deepercluster.cluster.levels import cluster_super
+from deepercluster.checkpoints import initial_checkpoint, load_checkpoint, non_finite_weights
+from deepercluster.cluster.levels import cluster_flat, cluster_super
 from deepercluster.config import ConfigError, validate_config
 from deepercluster.data.images import ImageDataset
 from deepercluster.data.manifest import build_manifest
-from deepercluster.errors import ClustersError
+from deepercluster.errors import ClustersError, ShardError, TrainingInputError
 from deepercluster.features import extract_features
 from deepercluster.formats.manifest import read_manifest
 from deepercluster.nn.models import build_model
 from deepercluster.stages import options
-from defaults import feature_settings, kmeans_settings, manifest_settings, pca_settings
+from deepercluster.train.block import train_block
+from defaults import block_settings, feature_settings, kmeans_settings, manifest_settings, pca_settings
 from test_workflow import TEST_CONFIG, snakemake
 
 pytestmark = pytest.mark.usefixtures("single_process")
@@ -322,6 +326,8 @@ def test_a_truncated_shard_given_to_pca(real_data, tmp_path: Path) -> None:
             "--shards",
             str(truncated),
             *real_data.shards[1:],
+            "--checkpoint",
+            real_data.checkpoint,
             "--out",
             str(tmp_path / "pca.h5"),
             *shlex.split(options(**pca_settings())),
@@ -402,3 +408,113 @@ def test_a_full_disk_is_named_and_the_rerun_keeps_finished_outputs(tmp_path: Pat
     assert run.returncode == 0, run.stderr[-3000:]
     assert (workdir / shard).is_file()
     assert {path: (workdir / path).stat().st_mtime_ns for path in finished} == before
+
+
+# 3. Non-finite numbers and another checkpoint's features: refused where they are read, naming what made them.
+
+
+@pytest.mark.parametrize(
+    ("lr", "diverged"),
+    [
+        (10.0, "model (by last.pt's names) hold non-finite values after its step"),  # BatchNorm's variance: inf
+        (1000.0, "the loss of the super-class head V is nan (loss_super) and the loss of the sub-class heads W_s"),
+    ],
+)
+def test_a_diverged_block_stops_there_and_saves_only_finite_states(
+    real_data, class_labels: str, tmp_path: Path, lr: float, diverged: str
+) -> None:
+    train_dir = tmp_path / "train"
+    with pytest.raises(TrainingInputError) as error:
+        train_block(manifest=real_data.manifest, previous_checkpoint=real_data.checkpoint, labels=class_labels,
+                    method="deepercluster", round=1, train_dir=str(train_dir), out=str(train_dir / "checkpoint.pt"),
+                    **block_settings(epochs=2, batch_size=50, checkpoint_every=1, seed=7, lr=lr))  # fmt: skip
+    message = str(error.value)
+    found = re.fullmatch(
+        rf"round 1's training block diverged at iteration (\d+) \(epoch 0, batch \1\) with lr {lr}: (.*); lower "
+        r"methods\.deepercluster\.lr and rerun, which trains the block afresh \(nothing non-finite was saved: "
+        r"last\.pt holds the last finite state, if any\)",
+        message,
+    )
+    assert found and found[2].startswith(diverged), message
+    # last.pt (saved every iteration) is the state before the diverged one, finite, and so are its group files.
+    assert not (train_dir / "checkpoint.pt").exists() and not (train_dir / "metrics.tsv").exists()
+    saved = [train_dir / "last.pt", *train_dir.glob("last-group*.pt")]
+    assert len(saved) == 2 and all(non_finite_weights(load_checkpoint(path)) == [] for path in saved)
+    assert (load_checkpoint(train_dir / "last.pt")["batch"]) == int(found[1])
+    losses = pd.read_csv(train_dir / "running-metrics.tsv", sep="\t")["loss"]
+    assert len(losses) == int(found[1]) and np.isfinite(losses).all() and losses.max() > 100
+
+
+@pytest.fixture
+def diverged_checkpoint(real_data, tmp_path: Path) -> Path:
+    """Round 1's checkpoint as a diverged block of lr 0.5 would have written it: a NaN in its first conv."""
+    checkpoint = load_checkpoint(real_data.checkpoint)
+    weight = next(name for name in checkpoint["model"] if name.endswith("weight") and "sobel" not in name)
+    checkpoint["model"][weight][0] = float("nan")
+    checkpoint |= {"round": 1, "provenance": {"method": "deepercluster", "lr": 0.5}}
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    return tmp_path / "checkpoint.pt"
+
+
+@pytest.mark.parametrize("stage", ["features", "eval-probe-features", "export"])
+def test_a_checkpoint_with_non_finite_weights_is_refused(
+    real_data, diverged_checkpoint: Path, tmp_path: Path, stage: str
+) -> None:
+    out = tmp_path / "out"
+    arguments = {
+        "features": {"shard": 0, "shard_size": 200, "manifest": real_data.manifest, **feature_settings()},
+        "eval-probe-features": {"manifest": real_data.manifest, **feature_settings()},
+        "export": {"image_size": 32},
+    }[stage]
+    line = one_line_error(cli(stage, *shlex.split(options(checkpoint=diverged_checkpoint, out=out, **arguments))))
+    assert re.search(rf"checkpoint {diverged_checkpoint} holds NaN or infinite values in model\.\S+: round 1's "
+                     "deepercluster training block made it with lr 0.5 and diverged: lower methods.deepercluster.lr "
+                     "and rerun snakemake", line), line  # fmt: skip
+    assert not out.exists()
+
+
+def with_nan_row(shard: str, row: int, out: Path) -> str:
+    """A copy of ``shard`` whose row ``row`` is NaN."""
+    shutil.copyfile(shard, out)
+    with h5py.File(out, "r+") as f:
+        f["features"][row] = np.nan
+    return str(out)
+
+
+def test_features_with_nan_rows_are_refused_by_pca_and_k_means(real_data, tmp_path: Path) -> None:
+    shards = [real_data.shards[0], with_nan_row(real_data.shards[1], 7, tmp_path / "shard-1.h5"), real_data.shards[2]]
+    line = one_line_error(cli("pca", "--shards", *shards, "--checkpoint", real_data.checkpoint, "--out",
+                              str(tmp_path / "pca.h5"), *shlex.split(options(**pca_settings()))))  # fmt: skip
+    refused = (
+        f"features file {shards[1]} holds non-finite values (1 of the 200 rows read, e.g. image id 207's): "
+        f"{real_data.checkpoint} made them; that checkpoint's training diverged or overflows: lower the lr"
+    )
+    assert refused in line and not (tmp_path / "pca.h5").exists()
+    # k-means, a level of the round's or the evaluations' flat one (faiss would give NaN rows cluster -1).
+    with pytest.raises(ShardError, match=re.escape(refused)):
+        cluster_super(shards=shards, pca=real_data.pca, out=str(tmp_path / "super.h5"), super_clusters=4,
+                      **kmeans_settings(iterations=2))  # fmt: skip
+    with pytest.raises(ShardError, match=re.escape(refused)):
+        cluster_flat(features=shards[1], pca=real_data.pca, out=str(tmp_path / "flat.h5"), k=4,
+                     **kmeans_settings(iterations=2))  # fmt: skip
+    assert not (tmp_path / "super.h5").exists() and not (tmp_path / "flat.h5").exists()
+
+
+def test_shards_of_another_checkpoint_are_refused(real_data, tmp_path: Path) -> None:
+    """Every shard of the round replaced by those of another run's checkpoint (seed 1): pca and k-means refuse
+    them, naming the checkpoint the round extracts with and the fix."""
+    other = tmp_path / "seed-1.pt"
+    initial_checkpoint(arch="small_convnet", sobel=True, seed=1, out=str(other), init_checkpoint=None)
+    foreign = str(tmp_path / "features" / "shard-0.h5")
+    extract_features(manifest=real_data.manifest, checkpoint=str(other), shard=0, shard_size=600, out=foreign,
+                     **feature_settings(image_size=32))  # fmt: skip
+    line = one_line_error(cli("pca", "--shards", foreign, "--checkpoint", real_data.checkpoint, "--out",
+                              str(tmp_path / "pca.h5"), *shlex.split(options(**pca_settings()))))  # fmt: skip
+    assert f"feature shard {foreign} holds the features of another checkpoint (sha256 " in line
+    assert f"than {real_data.checkpoint} (sha256 " in line and not (tmp_path / "pca.h5").exists()
+    assert line.endswith(f"delete the shards of {tmp_path / 'features'} that are not of it and rerun snakemake, "
+                         "which re-extracts them")  # fmt: skip
+    with pytest.raises(ShardError, match=rf"feature shard {re.escape(foreign)} holds the features of another "
+                       rf"checkpoint .* than the checkpoint {re.escape(real_data.pca)} was fitted on"):  # fmt: skip
+        cluster_super(shards=[foreign], pca=real_data.pca, out=str(tmp_path / "super.h5"), super_clusters=4,
+                      **kmeans_settings(iterations=2))  # fmt: skip

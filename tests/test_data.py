@@ -186,3 +186,28 @@ def test_transforms(tmp_path: Path) -> None:
     image = Image.new("RGB", (50, 37), (128, 64, 0))
     assert feature_transform(24)(image).shape == (3, 24, 24)
     assert train_transform(24)(image).shape == (3, 24, 24)
+
+
+def grey_pixels(path: Path) -> list[list[int]]:
+    """An image as the stages read it (8-bit RGB), as its one grey channel: R, G and B must be equal."""
+    (pixels, _) = ImageDataset([str(path)], [0], np.asarray)[0]
+    assert pixels.dtype == np.uint8 and (pixels == pixels[..., :1]).all()
+    return pixels[..., 0].tolist()
+
+
+def test_float_and_32_bit_integer_images_are_scaled_not_zeroed_or_clipped(tmp_path: Path) -> None:
+    """Real TIFFs of PIL's modes F and I: floats in [0, 1] by 255, other floats by their own range, 32-bit integers
+    by int32's range; a 16-bit PGM (also mode I) keeps the 16-bit rule."""
+    images = {
+        "unit.tif": np.array([[0.0, 0.25], [0.5, 1.0]], np.float32),
+        "wide.tif": np.array([[-2.0, 0.0], [6.0, np.nan]], np.float32),
+        "int32.tif": np.array([[0, 2**30], [2**31 - 1, 70_000]], np.int32),
+        "grey16.pgm": np.array([[0, 257], [32768, 65535]], np.int32),
+    }
+    for name, grey in images.items():
+        Image.fromarray(grey).save(tmp_path / name)
+    assert [Image.open(tmp_path / name).mode for name in images] == ["F", "F", "I", "I"]
+    assert grey_pixels(tmp_path / "unit.tif") == [[0, 64], [128, 255]]
+    assert grey_pixels(tmp_path / "wide.tif") == [[0, 64], [255, 0]]  # -2 -> 0, 6 -> 255; NaN is black
+    assert grey_pixels(tmp_path / "int32.tif") == [[0, 128], [255, 0]]  # 70,000 of 2^31 - 1 is dark, not clipped
+    assert grey_pixels(tmp_path / "grey16.pgm") == [[0, 1], [128, 255]]

@@ -108,11 +108,11 @@ def test_the_evaluation_manifest_holds_the_train_images_then_the_test_images(rea
 
 
 @pytest.fixture(scope="module")
-def clusters_files(features_file: str, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+def clusters_files(real_data, features_file: str, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """Two k-means clusterings of those features (k=8 and k=5), as the eval_pca and eval_kmeans rules make them."""
     folder = tmp_path_factory.mktemp("eval-clusters")
     pca = str(folder / "pca.h5")
-    fit_pca(shards=[features_file], out=pca, **pca_settings(dim=32))
+    fit_pca(shards=[features_file], checkpoint=real_data.checkpoint, out=pca, **pca_settings(dim=32))
     outputs = []
     with pytest.MonkeyPatch.context() as patch:  # a world of one (the function-scoped single_process comes later)
         for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID"):
@@ -241,10 +241,12 @@ def test_knn_matches_scikit_learn_on_the_test_images(eval_manifest, features_fil
     assert np.array_equal(knn_predict(conv3, targets, conv3, 1, len(classes)), targets)  # each row's nearest: itself
 
 
-def test_nmi_is_the_mean_over_seeds_per_column_and_across_rounds(eval_manifest, features_file: str, tmp_path) -> None:
+def test_nmi_is_the_mean_over_seeds_per_column_and_across_rounds(
+    real_data, eval_manifest, features_file: str, tmp_path
+) -> None:
     pcas = [str(tmp_path / f"pca-{dim}.h5") for dim in (32, 16)]
     for pca, dim in zip(pcas, (32, 16), strict=True):
-        fit_pca(shards=[features_file], out=pca, **pca_settings(dim=dim))
+        fit_pca(shards=[features_file], checkpoint=real_data.checkpoint, out=pca, **pca_settings(dim=dim))
     out, plot = tmp_path / "nmi.json", tmp_path / "nmi.png"
     cluster_nmi(manifest=eval_manifest, features=[features_file] * 2, pcas=pcas, out=str(out), plot=str(plot),
                 k=5, seeds=3, iterations=5, seed=0, first_round=3)  # fmt: skip

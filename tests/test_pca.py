@@ -12,6 +12,7 @@ import pytest
 
 from deepercluster.cluster.pca import fit_pca, sample_rows
 from deepercluster.errors import ShardError
+from deepercluster.files import sha256
 from deepercluster.formats.features import shard_rows
 from deepercluster.formats.whitening import Whitening
 from defaults import pca_settings
@@ -20,7 +21,9 @@ FLOOR = 1e-5  # fit_pca's default eigenvalue_floor
 
 
 def _write_shards(folder: Path, x: np.ndarray, parts: int) -> list[str]:
-    """``x`` as ``parts`` shards in the extraction stage's format, ids 0..n-1 in row order."""
+    """``x`` as ``parts`` shards in the extraction stage's format, ids 0..n-1 in row order, of the stand-in
+    checkpoint ``folder/checkpoint.pt``."""
+    (folder / "checkpoint.pt").write_bytes(b"a stand-in for the checkpoint the rows come from")
     paths = []
     for i, (ids, rows) in enumerate(
         zip(np.array_split(np.arange(len(x)), parts), np.array_split(x, parts), strict=True)
@@ -29,7 +32,7 @@ def _write_shards(folder: Path, x: np.ndarray, parts: int) -> list[str]:
         with h5py.File(paths[-1], "w") as f:
             f["features"] = rows.astype(np.float32)
             f["ids"] = ids.astype(np.int64)
-            f.attrs["checkpoint_sha256"] = "0" * 64
+            f.attrs["checkpoint_sha256"] = sha256(folder / "checkpoint.pt")
     return paths
 
 
@@ -66,7 +69,7 @@ def test_whitened_unit_variance_zero_mean_unit_norm(real_data, raw_features) -> 
 def test_dim_keeps_leading_directions(real_data, raw_features, tmp_path: Path) -> None:
     _, x = raw_features
     out = str(tmp_path / "pca32.h5")
-    fit_pca(shards=real_data.shards, out=out, **pca_settings(dim=32))
+    fit_pca(shards=real_data.shards, checkpoint=real_data.checkpoint, out=out, **pca_settings(dim=32))
     whitening, full = Whitening.load(out), Whitening.load(real_data.pca)
     assert whitening.projection.shape == (256, 32) and whitening.eigenvalues.shape == (32,)
     assert whitening.dim == 32 and whitening(x).shape == (len(x), 32)
@@ -89,7 +92,8 @@ def test_eigenvalue_floor(real_data, raw_features, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     low_rank = rng.normal(size=(300, 3)) @ rng.normal(size=(3, 8)) + 5.0
     shards = _write_shards(tmp_path, low_rank, parts=2)
-    fit_pca(shards=shards, out=str(tmp_path / "pca.h5"), **pca_settings(eigenvalue_floor=1e-3))
+    fit_pca(shards=shards, checkpoint=str(tmp_path / "checkpoint.pt"), out=str(tmp_path / "pca.h5"),
+            **pca_settings(eigenvalue_floor=1e-3))  # fmt: skip
     whitening = Whitening.load(str(tmp_path / "pca.h5"))
     assert np.all(whitening.eigenvalues >= 1e-3 * whitening.eigenvalues[0] * (1 - 1e-6))
     assert np.isclose(whitening.eigenvalues[3:], 1e-3 * whitening.eigenvalues[0], rtol=1e-6, atol=0).all()
@@ -103,7 +107,8 @@ def test_streamed_fit_equals_numpy(real_data, raw_features, tmp_path: Path, samp
     """Running sums over 3 shards give numpy's covariance of the concatenated sample."""
     _, x = raw_features
     out = str(tmp_path / "pca.h5")
-    fit_pca(shards=real_data.shards, out=out, **pca_settings(sample_size=sample_size, seed=4))
+    fit_pca(shards=real_data.shards, checkpoint=real_data.checkpoint, out=out,
+            **pca_settings(sample_size=sample_size, seed=4))  # fmt: skip
     whitening = Whitening.load(out)
     counts = [shard_rows(p) for p in real_data.shards]
     sample = x[sample_rows(counts, sample_size, seed=4)].astype(np.float64)
@@ -126,7 +131,8 @@ def test_truncated_shard_names_file_and_fix(real_data, tmp_path: Path) -> None:
     os.truncate(truncated, truncated.stat().st_size // 2)
     out = tmp_path / "pca.h5"
     with pytest.raises(ShardError) as error:
-        fit_pca(shards=[real_data.shards[0], str(truncated), real_data.shards[2]], out=str(out), **pca_settings())
+        fit_pca(shards=[real_data.shards[0], str(truncated), real_data.shards[2]], checkpoint=real_data.checkpoint,
+                out=str(out), **pca_settings())  # fmt: skip
     message = str(error.value)
     assert str(truncated) in message and "truncated" in message
     assert "delete it and rerun" in message
@@ -149,7 +155,7 @@ def test_reads_only_the_sampled_rows(raw_features, tmp_path: Path) -> None:
     row_bytes = many.shape[1] * 4
     out = str(tmp_path / "pca.h5")
     before = _bytes_read()
-    fit_pca(shards=shards, out=out, **pca_settings(sample_size=100, seed=2))
+    fit_pca(shards=shards, checkpoint=str(tmp_path / "checkpoint.pt"), out=out, **pca_settings(sample_size=100, seed=2))
     read = _bytes_read() - before
     assert 100 * row_bytes <= read < 100 * row_bytes + 256 * 1024, read  # the rows, and HDF5's metadata
     assert read < many.nbytes / 50

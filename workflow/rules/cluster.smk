@@ -1,6 +1,7 @@
 rule pca:
     input:
-        shard_files,
+        shards=shard_files,
+        checkpoint=previous_checkpoint,
     output:
         PCA,
     log:
@@ -21,7 +22,7 @@ rule pca:
         ),
     shell:
         "python -m deepercluster --threads {threads} pca {params.options} --fraction {params.fraction} --seed {params.seed}"
-        " --shards {input} --out {output} > {log} 2>&1"
+        " --shards {input.shards} --checkpoint {input.checkpoint} --out {output} > {log} 2>&1"
 
 
 rule super_clusters:

@@ -102,7 +102,8 @@ rule eval_features:
 
 rule eval_pca:
     input:
-        evaluation("features.h5"),
+        features=evaluation("features.h5"),
+        checkpoint=eval_checkpoint,
     output:
         evaluation("pca.h5"),
     log:
@@ -123,7 +124,8 @@ rule eval_pca:
             eigenvalue_floor=config["pca"]["eigenvalue_floor"],
         ),
     shell:
-        "python -m deepercluster --threads {threads} pca {params.options} --shards {input} --out {output} > {log} 2>&1"
+        "python -m deepercluster --threads {threads} pca {params.options} --shards {input.features}"
+        " --checkpoint {input.checkpoint} --out {output} > {log} 2>&1"
 
 
 rule eval_kmeans:

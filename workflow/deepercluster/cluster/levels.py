@@ -19,8 +19,8 @@ from deepercluster.distributed import gather_objects, init_distributed
 from deepercluster.errors import ClustersError
 from deepercluster.files import sha256
 from deepercluster.formats.clusters import Clusters, read_clusters, write_clusters
-from deepercluster.formats.features import shard_rows
-from deepercluster.formats.whitening import Whitening
+from deepercluster.formats.features import require_checkpoint, shard_rows
+from deepercluster.formats.whitening import Whitening, whitening_checkpoint
 from deepercluster.seeds import derived_seed
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,12 @@ def whitened_shards(
     **provenance: object,
 ) -> ShardSource:
     """This rank's share of the shards, PCA-whitened and L2-normalised once, kept as ``dtype``: in memory within
-    ``cache_mb``, else spilled to ``{out}.rank{r}.whitened.h5`` with the pca file's sha256 and ``provenance``."""
+    ``cache_mb``, else spilled to ``{out}.rank{r}.whitened.h5`` with the pca file's sha256 and ``provenance``;
+    each shard must hold the features of the checkpoint ``pca`` was fitted on."""
     context = init_distributed()
     whitening = Whitening.load(pca)
     mine = shards[context.rank :: context.world_size]
+    require_checkpoint(mine, whitening_checkpoint(pca), f"the checkpoint {pca} was fitted on")
     spill = None if out is None else f"{out}.rank{context.rank}.whitened.h5"
     return ShardSource(mine, whitening, whitening.dim, keep_ids=keep_ids, cache_mb=cache_mb, dtype=dtype,
                        spill=spill, pca_sha256=sha256(pca), **provenance)  # fmt: skip

@@ -13,7 +13,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 
 from deepercluster.errors import ShardError
-from deepercluster.formats.features import read_rows, shard_checkpoint, shard_dim, shard_rows
+from deepercluster.files import sha256
+from deepercluster.formats.features import read_rows, require_checkpoint, shard_dim, shard_rows
 from deepercluster.formats.whitening import Whitening
 from deepercluster.logs import progress
 
@@ -66,20 +67,17 @@ def fit_whitening(chunks: Iterable[np.ndarray], dim: int | None, eigenvalue_floo
 
 
 def fit_pca(
-    *, shards: list[str], out: str, dim: int | None, fraction: float, sample_size: int, seed: int,
+    *, shards: list[str], checkpoint: str, out: str, dim: int | None, fraction: float, sample_size: int, seed: int,
     eigenvalue_floor: float,
 ) -> None:  # fmt: skip
-    """Stage 'pca': fit the whitening on a sample of ``sample_size`` rows of ``shards`` and write ``pca.h5``.
+    """Stage 'pca': fit the whitening on a sample of ``sample_size`` rows of ``shards``, the features of
+    ``checkpoint`` (every shard must say so), and write ``pca.h5``.
 
     ``dim`` keeps that many leading directions; None keeps ``fraction`` of the feature's (DeeperCluster all of
     them, DeepCluster 1/16).
     """
-    checkpoints = {shard_checkpoint(path) for path in shards}
-    if len(checkpoints) != 1:
-        raise ShardError(
-            f"the shards {shards[0]}, ... come from {len(checkpoints)} different checkpoints: "
-            "delete them and rerun their extraction"
-        )
+    checkpoint_sha256 = sha256(checkpoint)
+    require_checkpoint(shards, checkpoint_sha256, checkpoint)
     counts = [shard_rows(p) for p in shards]
     chosen = sample_rows(counts, sample_size, seed)
     log.info("PCA on %d of %d rows from %d shards", len(chosen), sum(counts), len(shards))
@@ -90,5 +88,5 @@ def fit_pca(
     rows = progress(sampled_rows(shards, counts, chosen), "pca sample", unit="chunk")
     whitening, total = fit_whitening(rows, dim or max(1, round(fraction * shard_dim(shards[0]))), eigenvalue_floor)
     whitening.save(
-        out, checkpoint_sha256=checkpoints.pop(), sample_size=total, seed=seed, eigenvalue_floor=eigenvalue_floor
+        out, checkpoint_sha256=checkpoint_sha256, sample_size=total, seed=seed, eigenvalue_floor=eigenvalue_floor
     )

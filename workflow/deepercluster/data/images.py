@@ -18,21 +18,42 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 READ_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
 # JPEGs are decoded at 1/2, 1/4 or 1/8 scale when that keeps both sides at least this long.
 DRAFT_SIDE = 1024
-SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # greyscale modes of 16-bit PNGs and TIFFs
+WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # greyscale of 16- and 32-bit integers, 32-bit floats
+
+
+def grey_range(image: Image.Image, grey: np.ndarray) -> tuple[float, float]:
+    """The values black and white stand for in a wide greyscale image's samples ``grey``: its integer type's
+    range from 0 (16 bits: 65535; a TIFF's 32-bit or signed integers: their largest), or for floats [0, 1] when
+    they lie in it, else their own range."""
+    if image.mode == "F":
+        finite = grey[np.isfinite(grey)]
+        if finite.size == 0 or (finite.min() >= 0 and finite.max() <= 1):
+            return 0.0, 1.0
+        return float(finite.min()), float(finite.max())
+    tags = getattr(image, "tag_v2", {})  # mode I: a TIFF says its samples' width and sign; PGMs and PNGs are 16-bit
+    bits, signed = (tags.get(258, (16,))[0], tags.get(339, (1,))[0] == 2) if image.mode == "I" else (16, False)
+    return 0.0, float(2 ** (bits - signed) - 1)
+
+
+def eight_bit(grey: np.ndarray, black: float, white: float) -> np.ndarray:
+    """``grey`` from [``black``, ``white``] to [0, 255], rounded, clipped; NaN is black."""
+    scaled = (grey.astype(np.float64) - black) / ((white - black) or 1.0)
+    return np.rint(np.nan_to_num(scaled, nan=0.0).clip(0, 1) * 255).astype(np.uint8)
 
 
 def read_rgb(path: str) -> Image.Image:
     """Open and fully decode an image as 8-bit RGB, whatever its mode.
 
-    16-bit greyscale is scaled by 255/65535 (PIL's convert would clip it); alpha is dropped;
-    CMYK, palette and 1-bit images go through PIL's conversion. A large JPEG is decoded at a
-    reduced scale with both sides at least ``DRAFT_SIDE``, so its memory stays bounded.
+    Wide greyscale (16- and 32-bit integers, floats) is scaled to 8 bits by ``grey_range`` (PIL's convert would
+    clip integers at 255 and floats at 1, or truncate floats to 0); alpha is dropped; CMYK, palette and 1-bit
+    images go through PIL's conversion. A large JPEG is decoded at a reduced scale with both sides at least
+    ``DRAFT_SIDE``, so its memory stays bounded.
     """
     with Image.open(path) as image:
         image.draft("RGB", (DRAFT_SIDE, DRAFT_SIDE))
-        if image.mode in SIXTEEN_BIT:
-            grey = np.asarray(image).astype(np.int64).clip(0, 65535)
-            image = Image.fromarray(((grey * 255 + 32767) // 65535).astype(np.uint8))
+        if image.mode in WIDE_GREY:
+            grey = np.asarray(image)
+            image = Image.fromarray(eight_bit(grey, *grey_range(image, grey)))
         return image.convert("RGB")
 
 

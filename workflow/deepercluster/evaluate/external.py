@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-from deepercluster.checkpoints import CHECK, load_checkpoint, load_model, model_checkpoint, save_checkpoint
+from deepercluster.checkpoints import (
+    CHECK,
+    load_checkpoint,
+    load_model,
+    model_checkpoint,
+    require_finite_weights,
+    save_checkpoint,
+)
 from deepercluster.errors import CheckpointError
 from deepercluster.files import atomic_output, sha256
 from deepercluster.nn.models import build_model
@@ -88,5 +95,6 @@ def import_checkpoint(*, source: str, out: str, arch: str | None, sobel: bool) -
             "state dict, give its arch and sobel in its checkpoints entry ({path: ..., arch: ..., sobel: ...})"
         )
     wrapped = wrap_state_dict(state, arch=arch, sobel=sobel, source=source)
+    require_finite_weights(source, wrapped)
     log.info("%s: a plain %s state dict (sobel=%s), %d tensors", source, arch, sobel, len(wrapped["model"]))
     save_checkpoint(out, wrapped)

@@ -101,6 +101,35 @@ def shard_checkpoint(path: str | os.PathLike) -> str:
         return str(f.attrs["checkpoint_sha256"])
 
 
+def require_checkpoint(paths: Sequence[str], checkpoint_sha256: str, checkpoint: str) -> None:
+    """Refuse the shards whose features are not those of ``checkpoint`` (of sha256 ``checkpoint_sha256``), the one
+    their round (or evaluation) extracts with: another round's or another run's, copied over them."""
+    for path in paths:
+        found = shard_checkpoint(path)
+        if found != checkpoint_sha256:
+            raise ShardError(
+                f"feature shard {path} holds the features of another checkpoint (sha256 {found[:12]}...) than "
+                f"{checkpoint} (sha256 {checkpoint_sha256[:12]}...), which its round extracts them with: delete "
+                f"the shards of {os.path.dirname(path) or '.'} that are not of it and rerun snakemake, which "
+                "re-extracts them"
+            )
+
+
+def finite_features(path: str | os.PathLike, f: h5py.File, x: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
+    """``x``, the features of rows ``rows`` read from ``path`` (open as ``f``), refused with one line naming the
+    checkpoint that made them when any is NaN or infinite. Every reader of features calls it."""
+    if np.isfinite(x).all():
+        return x
+    bad = ~np.isfinite(x).all(axis=1)
+    first = int(f["ids"][:][rows][bad][0])
+    made_by = f.attrs.get("checkpoint", f"the checkpoint of sha256 {f.attrs.get('checkpoint_sha256')}")
+    raise ShardError(
+        f"features file {path} holds non-finite values ({int(bad.sum())} of the {len(x)} rows read, e.g. image id "
+        f"{first}'s): {made_by} made them; that checkpoint's training diverged or overflows: lower the lr "
+        "of the method that trained it (methods.<method>.lr) and rerun snakemake, which re-extracts them"
+    )
+
+
 def read_ids(path: str | os.PathLike) -> np.ndarray:
     with open_shard(path) as f:
         return f["ids"][:].astype(np.int64)
@@ -113,8 +142,8 @@ def read_chunks(paths: Sequence[str], chunk_rows: int = 16384) -> Iterator[Chunk
             n = f["ids"].shape[0]
             for start in range(0, n, chunk_rows):
                 stop = min(start + chunk_rows, n)
-                ids, x = f["ids"][start:stop], f["features"][start:stop]
-                yield ids.astype(np.int64, copy=False), x.astype(np.float32, copy=False)
+                ids, x = f["ids"][start:stop], f["features"][start:stop].astype(np.float32, copy=False)
+                yield ids.astype(np.int64, copy=False), finite_features(path, f, x, slice(start, stop))
 
 
 def read_rows(path: str | os.PathLike, positions: np.ndarray, chunk_rows: int = 16384) -> Iterator[np.ndarray]:
@@ -127,7 +156,8 @@ def read_rows(path: str | os.PathLike, positions: np.ndarray, chunk_rows: int = 
     blocks = positions // chunk_rows
     with open_shard(path) as f:
         for block in np.unique(blocks):
-            yield f["features"][positions[blocks == block]].astype(np.float32, copy=False)
+            rows = positions[blocks == block]
+            yield finite_features(path, f, f["features"][rows].astype(np.float32, copy=False), rows)
 
 
 @contextlib.contextmanager
@@ -159,4 +189,4 @@ def read_probe_layer(path: str | os.PathLike, layer: str, ids: np.ndarray) -> np
     """One dataset's (``{pooling}/{layer}``) activations (float32) of the images ``ids`` of a ``probe_features.h5``."""
     with h5py.File(path, "r") as f:
         position = np.searchsorted(f["ids"][:], ids)
-        return f[layer][:][position].astype(np.float32)
+        return finite_features(path, f, f[layer][:][position].astype(np.float32), position)

@@ -47,3 +47,9 @@ class Whitening:
             f["projection"] = self.projection.astype(np.float32)
             f["eigenvalues"] = self.eigenvalues.astype(np.float32)
             f.attrs.update(attrs)
+
+
+def whitening_checkpoint(path: str) -> str:
+    """The sha256 of the checkpoint whose features a ``pca.h5`` was fitted on."""
+    with h5py.File(path, "r") as f:
+        return str(f.attrs["checkpoint_sha256"])

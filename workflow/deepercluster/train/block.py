@@ -54,7 +54,7 @@ from deepercluster.train.batches import (
     group_sampler,
     layout_for,
 )
-from deepercluster.train.metrics import MetricsLog, mean_over_ranks
+from deepercluster.train.metrics import MetricsLog, diverged_heads, mean_over_ranks
 from deepercluster.train.preemption import Preemption
 from deepercluster.train.sampler import UniformClusterSampler
 from deepercluster.train.state import BlockState, block_provenance, resume_state, save_state
@@ -62,6 +62,7 @@ from deepercluster.train.state import BlockState, block_provenance, resume_state
 log = logging.getLogger(__name__)
 
 SPLIT = ("super_cluster", "sub_cluster")
+STOP = "pre-emption signal"
 
 
 @dataclass
@@ -276,6 +277,22 @@ def log_start(loop: Loop, start_epoch: int, start_batch: int) -> None:
              ",".join(loop.heads.sub_class), *data.layout.head_part, held)  # fmt: skip
 
 
+def refuse_divergence(loop: Loop, row: dict[str, float], weights: set[str], epoch: int, batch: int,
+                      iteration: int) -> None:  # fmt: skip
+    """Stop the block, on every rank at once, at an iteration whose loss is NaN or infinite, or whose state after
+    its step, about to be saved, is (``weights``: the objects of any rank that are): last.pt keeps the last state
+    saved, which was finite."""
+    heads = diverged_heads(row)
+    if not heads and not weights:
+        return
+    what = heads or f"{', '.join(sorted(weights))} (by last.pt's names) hold non-finite values after its step"
+    raise TrainingInputError(
+        f"round {loop.round}'s training block diverged at iteration {iteration} (epoch {epoch}, batch {batch}) with "
+        f"lr {loop.lr}: {what}; lower methods.{loop.data.method.name}.lr and rerun, which trains the block afresh "
+        f"(nothing non-finite was saved: {loop.last.name} holds the last finite state, if any)"
+    )
+
+
 def run_epoch(loop: Loop, epoch: int, start_batch: int, preemption: Preemption) -> None:
     """One epoch from batch ``start_batch``: a step per batch, a save every ``checkpoint_every`` iterations, at
     a pre-emption signal (then handing over to submitit) and at the end."""
@@ -293,7 +310,12 @@ def run_epoch(loop: Loop, epoch: int, start_batch: int, preemption: Preemption) 
         super_target = data.method.super_class(data.super_clusters[index].to(device), rotation)
         losses = loop.heads(loop.model(x), super_target, data.sub_clusters[index].to(device))
         loop.optimisers.step(losses["loss"])
-        row, stop = mean_over_ranks(losses, preemption.signalled, loop.context.world_size)
+        signalled = preemption.signalled
+        saves = (iteration + 1) % loop.checkpoint_every == 0 or batch + 1 == per_epoch or signalled
+        flags = {STOP: signalled, **loop.state.non_finite(look=saves)}  # a state saved must be finite
+        row, raised = mean_over_ranks(losses, flags, loop.context.world_size)
+        refuse_divergence(loop, row, raised - {STOP}, epoch, batch, iteration)
+        stop = STOP in raised
         now, iteration = time.perf_counter(), iteration + 1
         loop.metrics.write(round=loop.round, epoch=epoch, iteration=iteration - 1, lr=loop.lr,
                            images_per_s=len(x) * loop.context.world_size / (now - tick), **row)  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -30,9 +31,23 @@ class MetricsLog:
             self.writer.publish(out)
 
 
-def mean_over_ranks(values: dict[str, torch.Tensor], stop: bool, world_size: int) -> tuple[dict[str, float], bool]:
-    """Each loss and accuracy averaged over the ranks, and whether any rank was told to ``stop``, in one
-    all-reduce: every rank then stops at the same iteration."""
-    flag = torch.tensor(float(stop), device=values["loss"].device)
-    stacked = all_reduce_sum(torch.stack([*(v.detach().float() for v in values.values()), flag]))
-    return dict(zip(values, (stacked[:-1] / world_size).tolist(), strict=True)), bool(stacked[-1] > 0)
+def mean_over_ranks(
+    values: dict[str, torch.Tensor], flags: dict[str, bool], world_size: int
+) -> tuple[dict[str, float], set[str]]:
+    """Each loss and accuracy averaged over the ranks, and which of ``flags`` any rank raised (the pre-emption
+    signal, non-finite weights), in one all-reduce: every rank then acts on them at the same iteration."""
+    flagged = torch.tensor([float(flag) for flag in flags.values()], device=values["loss"].device)
+    stacked = all_reduce_sum(torch.cat([torch.stack([v.detach().float() for v in values.values()]), flagged]))
+    means, raised = (stacked[: len(values)] / world_size).tolist(), stacked[len(values) :].tolist()
+    return dict(zip(values, means, strict=True)), {name for name, n in zip(flags, raised, strict=True) if n > 0}
+
+
+HEAD_LOSSES = {"loss_super": "the super-class head V", "loss_sub": "the sub-class heads W_s", "loss": "the heads"}
+
+
+def diverged_heads(row: dict[str, float]) -> str:
+    """Whose loss in an iteration's ``row`` (averaged over the ranks: NaN when any rank's is) is NaN or infinite
+    ("the loss of the super-class head V is nan (loss_super)"), or '' when every loss is finite."""
+    bad = [k for k in HEAD_LOSSES if k in row and not math.isfinite(row[k])]
+    heads = [k for k in bad if k != "loss"] or bad
+    return " and ".join(f"the loss of {HEAD_LOSSES[k]} is {row[k]} ({k})" for k in heads)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from deepercluster.checkpoints import load_checkpoint, save_checkpoint
+from deepercluster.checkpoints import load_checkpoint, non_finite_weights, save_checkpoint
 from deepercluster.distributed import all_gather_objects, barrier, is_main_process
 from deepercluster.files import sha256
 from deepercluster.train.batches import Layout
@@ -41,6 +41,12 @@ class BlockState:
 
     shared: dict[str, Any]
     held: dict[str, Any]
+
+    def non_finite(self, look: bool) -> dict[str, bool]:
+        """Whether each object holds a NaN or an infinity (a weight, a BatchNorm statistic, a momentum buffer);
+        all False, unread, when not ``look``."""
+        objects = {**self.shared, **self.held}
+        return {name: look and bool(non_finite_weights(o.state_dict())) for name, o in objects.items()}
 
 
 def rng_state() -> dict[str, Any]:
