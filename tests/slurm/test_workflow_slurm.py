@@ -57,7 +57,7 @@ def super_clusters(workdir: Path, out: str, tasks: int, real_data) -> np.ndarray
     """Level 1 on the real shards as one SLURM job of ``tasks`` tasks; (centroids, assignments)."""
     stage = [sys.executable, "-m", "deepercluster", "--ranks", str(tasks), "super-clusters", "--out", out]
     stage += ["--shards", *real_data.shards, "--pca", real_data.pca, "--super-clusters", "3"]
-    stage += ["--iterations", "5", "--seed", "0", "--cache-mb", "4096"]
+    stage += ["--iterations", "5", "--seed", "0", "--cache-mb", "4096", "--dtype", "float16"]
     job = subprocess.run(["sbatch", "--wait", f"--ntasks={tasks}", "--cpus-per-task=1", f"--output={out}.log",
                           "--wrap", " ".join(stage)], cwd=workdir, env={**os.environ, "PATH": VENV_PATH},
                          timeout=300, capture_output=True, text=True)  # fmt: skip
