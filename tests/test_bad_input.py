@@ -463,7 +463,7 @@ def test_a_checkpoint_with_non_finite_weights_is_refused(
     out = tmp_path / "out"
     arguments = {
         "features": {"shard": 0, "shard_size": 200, "manifest": real_data.manifest, **feature_settings()},
-        "eval-probe-features": {"manifest": real_data.manifest, **feature_settings()},
+        "eval-probe-features": {"manifest": real_data.manifest, **feature_settings(dtype=None)},
         "export": {"image_size": 32},
     }[stage]
     line = one_line_error(cli(stage, *shlex.split(options(checkpoint=diverged_checkpoint, out=out, **arguments))))

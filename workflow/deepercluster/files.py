@@ -97,8 +97,9 @@ def running(pid: int) -> bool:
 
 
 def out_of_space(error: OSError | RuntimeError, folder: Path) -> bool:
-    """Whether a failed write was a full disk: errno ENOSPC, or (no errno) almost no free bytes left."""
-    if isinstance(error, OSError):
+    """Whether a failed write was a full disk: errno ENOSPC, or (no errno: torch.save, numpy's short write) almost
+    no free bytes left."""
+    if isinstance(error, OSError) and error.errno is not None:
         return error.errno in (errno.ENOSPC, errno.EDQUOT)
     usage = os.statvfs(folder)
     return usage.f_bavail * usage.f_frsize < FULL_DISK_BYTES
