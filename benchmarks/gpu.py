@@ -116,11 +116,12 @@ class Rows:
     def __init__(self, x: np.ndarray, chunk_rows: int = 16384) -> None:
         self.x, self.chunk_rows = x, chunk_rows
         self.count, self.dim = x.shape
+        self.ids = np.arange(self.count)
 
     def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for start in range(0, self.count, self.chunk_rows):
             stop = min(start + self.chunk_rows, self.count)
-            yield np.arange(start, stop), self.x[start:stop]
+            yield self.ids[start:stop], self.x[start:stop]
 
 
 def mixture_rows(rows: int, dim: int, seed: int = 0) -> np.ndarray:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from defaults import feature_settings, manifest_settings, pca_settings
+from defaults import manifest_settings, pca_settings, shard_settings
 
 # torch and faiss each bring their own OpenMP runtime; with the default (spinning) wait
 # policy the two thread pools fight over the cores and every k-means pass on small chunks
@@ -69,7 +69,7 @@ def real_data(tmp_path_factory: pytest.TempPathFactory) -> RealData:
             shard=shard,
             shard_size=SHARD_SIZE,
             out=shards[-1],
-            **feature_settings(image_size=IMAGE_SIZE),
+            **shard_settings(image_size=IMAGE_SIZE),
         )
     pca = str(root / "pca.h5")
     fit_pca(shards=shards, checkpoint=checkpoint, out=pca, **pca_settings(sample_size=100_000, seed=0))

@@ -17,8 +17,14 @@ def manifest_settings(**changes: Any) -> dict[str, Any]:
 
 
 def feature_settings(**changes: Any) -> dict[str, Any]:
+    """The settings of a stage that runs the frozen backbone over images (features of all images, probes...)."""
     return {"image_size": CONFIG["data"]["image_size"], "batch_size": CONFIG["features"]["batch_size"], "workers": 0,
-            "dtype": CONFIG["features"]["dtype"], **changes}  # fmt: skip
+            **changes}  # fmt: skip
+
+
+def shard_settings(**changes: Any) -> dict[str, Any]:
+    """The features stage's settings: those of ``feature_settings`` and the shards' dtype."""
+    return feature_settings(**{"dtype": CONFIG["features"]["dtype"], **changes})
 
 
 def pca_settings(**changes: Any) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from deepercluster.formats.manifest import read_manifest
 from deepercluster.nn.models import build_model
 from deepercluster.stages import options
 from deepercluster.train.block import train_block
-from defaults import block_settings, feature_settings, kmeans_settings, manifest_settings, pca_settings
+from defaults import block_settings, feature_settings, kmeans_settings, manifest_settings, pca_settings, shard_settings
 from test_workflow import TEST_CONFIG, snakemake
 
 pytestmark = pytest.mark.usefixtures("single_process")
@@ -205,7 +205,7 @@ def test_spaces_and_non_ascii_names_work_end_to_end(real_data, tmp_path: Path) -
     assert set(frame["label"]) == {"classe ü"}
     out = tmp_path / "shard é.h5"
     extract_features(manifest=str(tmp_path / "manifest.parquet"), checkpoint=real_data.checkpoint, shard=0,
-                     shard_size=10, out=str(out), **feature_settings())  # fmt: skip
+                     shard_size=10, out=str(out), **shard_settings())  # fmt: skip
     with h5py.File(out) as f:
         assert f["ids"][:].tolist() == [0, 1, 2]
         assert not np.allclose(f["features"][0], f["features"][1])
@@ -462,8 +462,8 @@ def test_a_checkpoint_with_non_finite_weights_is_refused(
 ) -> None:
     out = tmp_path / "out"
     arguments = {
-        "features": {"shard": 0, "shard_size": 200, "manifest": real_data.manifest, **feature_settings()},
-        "eval-probe-features": {"manifest": real_data.manifest, **feature_settings(dtype=None)},
+        "features": {"shard": 0, "shard_size": 200, "manifest": real_data.manifest, **shard_settings()},
+        "eval-probe-features": {"manifest": real_data.manifest, **feature_settings()},
         "export": {"image_size": 32},
     }[stage]
     line = one_line_error(cli(stage, *shlex.split(options(checkpoint=diverged_checkpoint, out=out, **arguments))))
@@ -507,7 +507,7 @@ def test_shards_of_another_checkpoint_are_refused(real_data, tmp_path: Path) -> 
     initial_checkpoint(arch="small_convnet", sobel=True, seed=1, out=str(other), init_checkpoint=None)
     foreign = str(tmp_path / "features" / "shard-0.h5")
     extract_features(manifest=real_data.manifest, checkpoint=str(other), shard=0, shard_size=600, out=foreign,
-                     **feature_settings(image_size=32))  # fmt: skip
+                     **shard_settings(image_size=32))  # fmt: skip
     line = one_line_error(cli("pca", "--shards", foreign, "--checkpoint", real_data.checkpoint, "--out",
                               str(tmp_path / "pca.h5"), *shlex.split(options(**pca_settings()))))  # fmt: skip
     assert f"feature shard {foreign} holds the features of another checkpoint (sha256 " in line

@@ -149,7 +149,7 @@ def features(run: Path, workers: int = 0) -> subprocess.CompletedProcess:
     return cli(
         "features", "--manifest", "manifest.parquet", "--checkpoint", "checkpoint.pt", "--shard", "0",
         "--shard-size", "100", "--image-size", "32", "--out", "shard.h5", "--batch-size", "4",
-        "--workers", str(workers), cwd=run,
+        "--workers", str(workers), "--dtype", "float32", cwd=run,
     )  # fmt: skip
 
 

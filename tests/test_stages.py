@@ -25,7 +25,7 @@ from deepercluster.formats.clusters import read_clusters
 from deepercluster.formats.features import read_chunks
 from deepercluster.formats.manifest import read_manifest
 from deepercluster.nn.models import build_model
-from defaults import feature_settings, kmeans_settings
+from defaults import kmeans_settings, shard_settings
 
 pytestmark = pytest.mark.usefixtures("single_process")
 
@@ -91,7 +91,7 @@ def test_a_features_job_reads_only_its_shards_row_groups(real_data, tmp_path: Pa
         read_manifest(str(manifest))
     out = tmp_path / "shard-1.h5"
     extract_features(manifest=str(manifest), checkpoint=real_data.checkpoint, shard=1, out=str(out),
-                     **feature_settings(shard_size=200, image_size=32))  # fmt: skip
+                     **shard_settings(shard_size=200, image_size=32))  # fmt: skip
     with h5py.File(out, "r") as ours, h5py.File(real_data.shards[1], "r") as whole:
         assert np.array_equal(ours["ids"][:], np.arange(200, 400))
         assert np.array_equal(ours["features"][:], whole["features"][:])
@@ -104,7 +104,7 @@ def test_a_float16_shard_holds_the_float32_features_rounded_in_half_the_bytes(re
 
     out = tmp_path / "shard-1.h5"
     extract_features(manifest=real_data.manifest, checkpoint=real_data.checkpoint, shard=1, out=str(out),
-                     **feature_settings(shard_size=200, image_size=32, dtype="float16"))  # fmt: skip
+                     **shard_settings(shard_size=200, image_size=32, dtype="float16"))  # fmt: skip
     with h5py.File(out, "r") as half, h5py.File(real_data.shards[1], "r") as whole:
         assert half["features"].dtype == np.float16 and whole["features"].dtype == np.float32
         assert half["features"].id.get_storage_size() * 2 == whole["features"].id.get_storage_size()
