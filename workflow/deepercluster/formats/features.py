@@ -55,6 +55,7 @@ def allocated_dataset(f: h5py.File, name: str, like: np.ndarray) -> int:
     layout = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     layout.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     layout.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    layout.set_obj_track_times(False)  # no creation time in the header: identical runs, identical bytes
     space = h5py.h5s.create_simple(like.shape)
     dataset = h5py.h5d.create(f.id, name.encode(), h5py.h5t.py_create(like.dtype), space, dcpl=layout)
     return dataset.get_offset()
