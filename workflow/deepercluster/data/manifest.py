@@ -78,20 +78,7 @@ def build_manifest(
     root = Path(os.path.abspath(path))
     if source != "fashion-mnist" and not root.exists():
         raise DataError(f"{root} does not exist; set data.path in the config to your images")
-    pixels = None
-    if source == "folder":
-        frame, looked_for = _folder_candidates(root, label_from_folder)
-    elif source == "table":
-        frame, looked_for = _table_candidates(root, path_column)
-    else:
-        frame, pixels = _fashion_mnist_candidates(root)
-        looked_for = "Fashion-MNIST"
-    if split is not None and "split" in frame.columns:
-        in_split = np.flatnonzero((frame["split"] == split).to_numpy())
-        logger.info("split %r: %d of %d images", split, len(in_split), len(frame))
-        frame, pixels = frame.iloc[in_split].reset_index(drop=True), None if pixels is None else pixels[in_split]
-    elif split is not None:
-        logger.info("the images have no split column: split %r keeps them all", split)
+    frame, pixels, looked_for = _candidates(source, root, label_from_folder, path_column, split)
     found = len(frame)
     keep = _subsample(found, max_images, seed)
     frame = frame.iloc[keep].reset_index(drop=True)
@@ -117,6 +104,28 @@ def build_manifest(
         raise DataError(f"no readable images in {root} (looked for {looked_for}{some}); fix data.path or data.source")
     frame.insert(0, "id", np.arange(len(frame), dtype=np.int64))
     write_manifest(manifest, frame)
+
+
+def _candidates(
+    source: str, root: Path, label_from_folder: bool, path_column: str, split: str | None
+) -> tuple[pd.DataFrame, np.ndarray | None, str]:
+    """The source's images in ``split`` (all of them where they have no split column): (their table, the pixels of
+    Fashion-MNIST's images still to be written or None, what was looked for)."""
+    pixels = None
+    if source == "folder":
+        frame, looked_for = _folder_candidates(root, label_from_folder)
+    elif source == "table":
+        frame, looked_for = _table_candidates(root, path_column)
+    else:
+        frame, pixels = _fashion_mnist_candidates(root)
+        looked_for = "Fashion-MNIST"
+    if split is not None and "split" in frame.columns:
+        in_split = np.flatnonzero((frame["split"] == split).to_numpy())
+        logger.info("split %r: %d of %d images", split, len(in_split), len(frame))
+        frame, pixels = frame.iloc[in_split].reset_index(drop=True), None if pixels is None else pixels[in_split]
+    elif split is not None:
+        logger.info("the images have no split column: split %r keeps them all", split)
+    return frame, pixels, looked_for
 
 
 def join_evaluation(*, train: str, test: str, out: str) -> None:
