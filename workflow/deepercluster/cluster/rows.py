@@ -16,6 +16,7 @@ import numpy as np
 from deepercluster.errors import ClustersError
 from deepercluster.formats.features import Chunk, read_chunks, read_ids, read_rows
 from deepercluster.formats.whitened import read_spill, spill_matches, spill_writer
+from deepercluster.ids import in_sorted
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +114,7 @@ def kept_rows(
     positions, ids, sizes = [], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for path in paths:
         shard_ids = read_ids(path)
-        if keep is None or len(keep) == 0:
-            held = None if keep is None else np.zeros(0, np.int64)
-        else:
-            held = np.flatnonzero(keep[np.searchsorted(keep, shard_ids).clip(max=len(keep) - 1)] == shard_ids)
+        held = None if keep is None else np.flatnonzero(in_sorted(shard_ids, keep))
         block = np.arange(len(shard_ids)) if held is None else held
         positions.append(held)
         ids.append(shard_ids if held is None else shard_ids[held])

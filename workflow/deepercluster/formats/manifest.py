@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from deepercluster.errors import DataError
 from deepercluster.files import atomic_output
+from deepercluster.ids import in_sorted
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def read_manifest(manifest: str, start: int = 0, stop: int | None = None) -> pd.
     try:
         table = file.read_row_groups(groups.tolist())
     except (OSError, ValueError) as error:
-        raise DataError(f"{manifest} is not a readable parquet file ({error}); delete it and rerun") from error
+        raise unreadable(manifest, error) from error
     return absolute(table.slice(start - first, max(0, stop - start)).to_pandas())
 
 
@@ -63,7 +64,7 @@ def parquet_file(manifest: str) -> pq.ParquetFile:
     try:
         file = pq.ParquetFile(manifest)
     except (OSError, ValueError) as error:
-        raise DataError(f"{manifest} is not a readable parquet file ({error}); delete it and rerun") from error
+        raise unreadable(manifest, error) from error
     return file
 
 
@@ -82,13 +83,17 @@ def read_manifest_ids(manifest: str, ids: np.ndarray) -> pd.DataFrame:
     try:
         for batch in manifest_file(manifest).iter_batches(ROW_GROUP, columns=["id", "path"]) if len(wanted) else []:
             found = batch.column("id").to_numpy()
-            keep = wanted[np.searchsorted(wanted, found).clip(max=len(wanted) - 1)] == found
-            parts.append(batch.filter(pa.array(keep)))
+            parts.append(batch.filter(pa.array(in_sorted(found, wanted))))
     except (OSError, ValueError) as error:
-        raise DataError(f"{manifest} is not a readable parquet file ({error}); delete it and rerun") from error
+        raise unreadable(manifest, error) from error
     if not parts:
         return pd.DataFrame({"id": np.zeros(0, np.int64), "path": np.zeros(0, str)})
     return absolute(pa.Table.from_batches(parts).to_pandas())
+
+
+def unreadable(manifest: str, error: Exception) -> DataError:
+    """The error of a manifest that is not a readable parquet file."""
+    return DataError(f"{manifest} is not a readable parquet file ({error}); delete it and rerun")
 
 
 def absolute(frame: pd.DataFrame) -> pd.DataFrame:
