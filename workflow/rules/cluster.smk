@@ -8,6 +8,7 @@ rule pca:
         log_file(PCA),
     benchmark:
         benchmark_file(PCA)
+    priority: ROUND_PRIORITY
     conda:
         ENV
     threads: stage_threads(RESOURCES, "pca")
@@ -35,6 +36,7 @@ rule super_clusters:
         log_file(SUPER),
     benchmark:
         benchmark_file(SUPER)
+    priority: ROUND_PRIORITY
     conda:
         ENV
     threads: stage_threads(RESOURCES, "super_clusters")
@@ -64,6 +66,7 @@ rule sub_clusters:
         log_file(SUB),
     benchmark:
         benchmark_file(SUB)
+    priority: ROUND_PRIORITY
     conda:
         ENV
     threads: stage_threads(RESOURCES, "sub_clusters")
@@ -97,6 +100,7 @@ rule labels:
         log_file(LABELS),
     benchmark:
         benchmark_file(LABELS)
+    priority: ROUND_PRIORITY
     conda:
         ENV
     threads: stage_threads(RESOURCES, "labels")

@@ -46,6 +46,10 @@ validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 
 ENV = "../../envs/deepercluster.yaml"
 RESOURCES = config["resources"]
+# A round's stages (features to the training block) before any evaluation, when both wait for cores: each run's
+# rounds are one chain, job after job, while the evaluations of finished rounds are independent and fill the cores
+# the chains leave free (without it, --cores 2 ran the evaluations first and DeepCluster's 30 rounds last, alone).
+ROUND_PRIORITY = 10
 EVAL = config["evaluation"]
 PLAN = Plan(config)
 # The main run's rounds that train: 1..rounds (round 0 is where it starts).

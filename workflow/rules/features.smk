@@ -8,6 +8,7 @@ rule features:
         log_file(SHARD),
     benchmark:
         benchmark_file(SHARD)
+    priority: ROUND_PRIORITY
     conda:
         ENV
     threads: stage_threads(RESOURCES, "features")

@@ -5,6 +5,7 @@ rule initial_checkpoint:
         log_file(fill(CHECKPOINT, run=MAIN, round=0)),
     benchmark:
         benchmark_file(fill(CHECKPOINT, run=MAIN, round=0))
+    priority: ROUND_PRIORITY
     conda:
         ENV
     threads: stage_threads(RESOURCES, "initial_checkpoint")
@@ -34,6 +35,7 @@ rule train:
         benchmark_file(CHECKPOINT)
     wildcard_constraints:
         round=r"[1-9]\d*",
+    priority: ROUND_PRIORITY
     localrule: True
     conda:
         ENV
@@ -70,6 +72,7 @@ rule true_labels:
         log_file(TRUE_LABELS),
     benchmark:
         benchmark_file(TRUE_LABELS)
+    priority: ROUND_PRIORITY
     conda:
         ENV
     threads: stage_threads(RESOURCES, "labels")
