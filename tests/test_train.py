@@ -426,7 +426,9 @@ def test_four_ranks_in_the_papers_layout_train_rotnet(block_inputs, tmp_path: Pa
 # rank came to hold only its group's head (they then equalled, to rtol 2e-6, those of every rank holding all
 # four), again when the seeds became seeds.derived_seed's, and again when GlobalBatchNorm2d came to add float32
 # per-sample sums in float64 and to normalise as x * a + b (the earlier record's losses agree to 6.4e-6: float32
-# rounding, from iteration 11 on).
+# rounding, from iteration 11 on). Another CPU's kernels round differently: CI's machine gave 5.0e-6 at
+# iteration 13. The tolerance, 5e-5 (2e-4 in the loss), sits well above that rounding and well below what any
+# change in the method moves (the losses differ from iteration to iteration by 5e-4 to 2e-2).
 LOSSES_RECORDED = [
     3.6888041,
     3.6915472,
@@ -480,7 +482,7 @@ def test_four_ranks_in_the_papers_layout_train_deepercluster(block_inputs, tmp_p
     assert sorted(load_checkpoint(tmp_path / "ck.pt")["heads"]) == [
         "sub_class.0.1.bias", "sub_class.0.1.weight", "super_class.1.bias", "super_class.1.weight"]  # fmt: skip
     metrics = pd.read_csv(tmp_path / "metrics.tsv", sep="\t")
-    np.testing.assert_allclose(metrics["loss"], LOSSES_RECORDED, rtol=2e-6)
+    np.testing.assert_allclose(metrics["loss"], LOSSES_RECORDED, rtol=5e-5)
 
     # Run again, every rank resumes from last.pt and its group's file at the block's end: the same weights.
     first = block_weights(tmp_path / "ck.pt")
