@@ -52,6 +52,7 @@ from deepercluster.evaluate.retrieval import (
 from deepercluster.evaluate.voc07 import class_average_precisions, crop_scores, fine_tune, image_paths, read_voc, voc07
 from deepercluster.features import extract_all
 from deepercluster.files import sha256
+from deepercluster.formats import features as features_format
 from deepercluster.formats.manifest import read_manifest
 from deepercluster.nn.models import build_model
 from defaults import eval_settings, feature_settings, kmeans_settings, pca_settings
@@ -157,6 +158,26 @@ def test_probe_features_are_each_conv_layers_pooled_activations(real_data, eval_
             np.testing.assert_allclose(f[f"channels/{name}"][picked], channels, rtol=2e-3, atol=2e-3)
 
 
+def test_probe_layers_are_read_and_standardised_a_block_at_a_time(probe_cache, monkeypatch) -> None:
+    """Read in blocks of 7 rows into one array, any ids in any order come back as the file's rows; standardised in
+    blocks and in place, the copies are what one float64 pass over the whole array gives."""
+    monkeypatch.setattr(features_format, "BLOCK_BYTES", 7 * 4 * 9248)
+    with h5py.File(probe_cache) as f:
+        stored, ids = f["pooled/conv1"][:].astype(np.float32), f["ids"][:]
+    wanted = np.random.default_rng(0).permutation(len(ids))[:450]
+    x = features_format.read_probe_layer(probe_cache, "pooled/conv1", ids[wanted])
+    assert x.dtype == np.float32 and np.array_equal(x, stored[wanted])
+
+    train, test = np.arange(0, 450, 2), np.arange(1, 450, 2)[::-1]
+    x[:, 5] = 3.0  # a constant dim: 0 after, not NaN
+    mean, std = x[train].mean(0, dtype=np.float64), x[train].std(0, dtype=np.float64)
+    scale = np.where(std > 1e-6, 1 / np.maximum(std, 1e-6), 0.0)
+    for got, rows in zip(standardise(x, train, test), (train, test), strict=True):
+        assert got.dtype == np.float32 and got.shape == (len(rows), 9248)
+        np.testing.assert_allclose(got, (x[rows] - mean) * scale, rtol=1e-5, atol=1e-5)
+        assert not got[:, 5].any()
+
+
 def test_linear_probe_converges_to_the_optimum_scikit_learn_finds(eval_manifest, probe_cache, tmp_path) -> None:
     from sklearn.linear_model import LogisticRegression
 
@@ -182,7 +203,7 @@ def test_linear_probe_converges_to_the_optimum_scikit_learn_finds(eval_manifest,
     data = labelled_roles(eval_manifest, "label")
     with h5py.File(probe_cache) as f:
         x = f["pooled/conv3"][:, :256].astype(np.float32)
-    train, val = map(torch.from_numpy, standardise(x[data.train], x[~data.train]))
+    train, val = map(torch.from_numpy, standardise(x, np.flatnonzero(data.train), np.flatnonzero(~data.train)))
     weight, bias, iterations = fit_logistic(train, torch.from_numpy(data.targets[data.train]), 10, 1e-2, 500)
     reference = LogisticRegression(C=1 / (1e-2 * len(train)), max_iter=2000, tol=1e-8)
     reference.fit(train.double().numpy(), data.targets[data.train])

@@ -9,6 +9,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from deepercluster.files import atomic_output
+from deepercluster.formats.features import row_blocks
 
 
 def average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
@@ -35,11 +36,22 @@ def bootstrap_interval(correct: np.ndarray, seed: int, resamples: int = 1000) ->
     return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
 
 
-def standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
-    """Float32 arrays with the train rows' per-dimension mean removed and unit variance (constant dims: 0)."""
-    mean, std = train.mean(0, dtype=np.float64), train.std(0, dtype=np.float64)
+def standardise(x: np.ndarray, train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    """Float32 copies of the rows ``train``, ``*others`` (index arrays) of ``x``, with the train rows' per-dimension
+    mean removed and unit variance (constant dims: 0).
+
+    The statistics are summed in float64 a block of rows at a time and each copy is scaled in place: no temporary
+    the size of ``x`` (on a VM a fresh page can cost more than the arithmetic done on it).
+    """
+    blocks = row_blocks(train, x.shape[1], 8)
+    mean = sum(x[rows].sum(0, dtype=np.float64) for rows in blocks) / len(train)
+    std = np.sqrt(sum(np.square(x[rows] - mean).sum(0) for rows in blocks) / len(train))
     scale = np.where(std > 1e-6, 1 / np.maximum(std, 1e-6), 0.0)
-    return [((x - mean) * scale).astype(np.float32) for x in (train, *others)]
+    copies = [x[rows].astype(np.float32, copy=False) for rows in (train, *others)]
+    for copy in copies:
+        copy -= mean.astype(np.float32)
+        copy *= scale.astype(np.float32)
+    return copies
 
 
 def save_figure(figure: Figure, path: str | os.PathLike) -> None:

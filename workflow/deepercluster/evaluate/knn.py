@@ -50,7 +50,7 @@ def knn_predict(
 def knn_layer(x: np.ndarray, data: LabelledSet, k: int, seed: int) -> dict[str, object]:
     """Top-1 and 95% interval of the test images' k-NN vote among the train images, on features ``x`` standardised
     by the train images' mean and spread (as the linear probes' are)."""
-    train, test = standardise(x[data.train], x[~data.train])
+    train, test = standardise(x, np.flatnonzero(data.train), np.flatnonzero(~data.train))
     correct = knn_predict(train, data.targets[data.train], test, k, len(data.classes))
     correct = correct == data.targets[~data.train]
     return {"top1": float(correct.mean()), "ci95": bootstrap_interval(correct, seed)}

@@ -149,7 +149,7 @@ def probe_layer(
     train, classes = np.flatnonzero(data.train), len(data.classes)
     held_out = np.zeros(len(train), bool)
     held_out[np.random.default_rng(seed).permutation(len(train))[: round(len(train) * SELECTION_FRACTION)]] = True
-    fit_x, select_x = map(torch.from_numpy, standardise(x[train[~held_out]], x[train[held_out]]))
+    fit_x, select_x = map(torch.from_numpy, standardise(x, train[~held_out], train[held_out]))
     fit_y, select_y = (torch.from_numpy(data.targets[train[rows]]) for rows in (~held_out, held_out))
     selection, solutions, steps, start = {}, {}, {}, None
     for weight_decay in sorted(weight_decays, reverse=True):  # each fit starts from the more regularised one
@@ -161,7 +161,7 @@ def probe_layer(
         log.info("  weight decay %g: held-out top-1 %.4f after %d L-BFGS iterations", weight_decay,
                  selection[weight_decay], iterations)  # fmt: skip
     chosen = max(weight_decays, key=lambda wd: (selection[wd], wd))  # ties: the stronger regularisation
-    train_x, test_x = map(torch.from_numpy, standardise(x[data.train], x[~data.train]))
+    train_x, test_x = map(torch.from_numpy, standardise(x, train, np.flatnonzero(~data.train)))
     train_y = torch.from_numpy(data.targets[data.train])
     # The refit on all the train images runs as many iterations as the chosen fit needed to stop moving.
     weight, bias, iterations = fit_logistic(train_x, train_y, classes, chosen, steps[chosen], solutions[chosen])

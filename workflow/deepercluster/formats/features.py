@@ -186,8 +186,24 @@ def probe_attributes(path: str | os.PathLike) -> dict[str, object]:
         return dict(f.attrs)
 
 
+BLOCK_BYTES = 8 << 20  # small enough for malloc to reuse a block's memory (fresh pages are dear on some VMs)
+
+
+def row_blocks(rows: np.ndarray, dim: int, itemsize: int) -> list[np.ndarray]:
+    """``rows`` cut into consecutive blocks of at most ``BLOCK_BYTES`` of ``dim``-wide rows of ``itemsize`` bytes."""
+    size = max(1, BLOCK_BYTES // (dim * itemsize))
+    return [rows[start : start + size] for start in range(0, len(rows), size)]
+
+
 def read_probe_layer(path: str | os.PathLike, layer: str, ids: np.ndarray) -> np.ndarray:
-    """One dataset's (``{pooling}/{layer}``) activations (float32) of the images ``ids`` of a ``probe_features.h5``."""
+    """One dataset's (``{pooling}/{layer}``) activations (float32) of the images ``ids`` of a ``probe_features.h5``,
+    read a block of rows at a time into the one array it returns."""
     with h5py.File(path, "r") as f:
+        stored = f[layer]
         position = np.searchsorted(f["ids"][:], ids)
-        return finite_features(path, f, f[layer][:][position].astype(np.float32), position)
+        x = np.empty((len(ids), stored.shape[1]), np.float32)
+        for wanted in row_blocks(np.argsort(position, kind="stable"), stored.shape[1], 4):
+            rows = position[wanted]
+            values = stored[rows[0] : rows[-1] + 1][rows - rows[0]].astype(np.float32)
+            x[wanted] = finite_features(path, f, values, rows)
+        return x
