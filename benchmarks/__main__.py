@@ -78,7 +78,8 @@ def prepare_environment() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(REPO / "workflow"), str(REPO), os.environ.get("PYTHONPATH")])
     )
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch's and faiss's OpenMP pools, as the CLI sets it
+    import deepercluster  # noqa: F401  its process defaults (OpenMP's passive wait, no huge pages), as the CLI's
+
     os.environ.setdefault("TQDM_DISABLE", "1")
 
 

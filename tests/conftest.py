@@ -7,7 +7,6 @@ labels runs on the features a workflow run would give it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import deepercluster  # noqa: F401  its process defaults (__init__.py), before torch or faiss loads
 from defaults import manifest_settings, pca_settings, shard_settings
-
-# torch and faiss each bring their own OpenMP runtime; with the default (spinning) wait
-# policy the two thread pools fight over the cores and every k-means pass on small chunks
-# becomes ~50x slower on a 2-core machine. Passive waiting changes no result, only speed.
-# Set before anything imports torch or faiss (the fixtures below import the package lazily),
-# and inherited by the subprocesses and spawned ranks of the tests.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 IMAGES = 600  # Fashion-MNIST images in the manifest
 SHARD_SIZE = 200  # -> 3 shards

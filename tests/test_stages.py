@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -190,6 +191,18 @@ def test_cli_init_writes_checkpoint(real_data, tmp_path: Path) -> None:
     reference = torch.load(real_data.checkpoint, map_location="cpu", weights_only=True)["model"]
     assert checkpoint["model"].keys() == reference.keys()
     assert all(torch.equal(checkpoint["model"][k], reference[k]) for k in reference)
+
+
+def test_a_process_that_imports_the_package_waits_passively_and_asks_numpy_for_no_huge_pages() -> None:
+    """Unless the environment says otherwise: the values it holds win."""
+    probe = "import deepercluster, os, numpy._core.multiarray as m; print(os.environ['OMP_WAIT_POLICY'], m._get_madvise_hugepage())"  # noqa: E501
+    names = ("OMP_WAIT_POLICY", "NUMPY_MADVISE_HUGEPAGE")
+    environment = {key: value for key, value in os.environ.items() if key not in names}
+    for printed, given in {"PASSIVE False": {}, "ACTIVE True": dict(zip(names, ("ACTIVE", "1"), strict=True))}.items():
+        done = subprocess.run(
+            [sys.executable, "-c", probe], env={**environment, **given}, capture_output=True, text=True
+        )
+        assert done.stdout.strip() == printed, done.stderr
 
 
 def test_cli_missing_checkpoint_one_line_error(real_data, tmp_path: Path) -> None:

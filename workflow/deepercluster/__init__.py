@@ -6,8 +6,12 @@ call them through ``python -m deepercluster <stage>``, and the tests call them d
 
 import os
 
-# numpy asks the kernel for transparent huge pages for each array of 4 MB or more, read once, when numpy is imported.
-# On a VM whose host backs the guest's memory on first touch, a fresh huge page costs far more than 512 small ones:
-# on the 2-core VM of docs/science.md, a 0.74 GB array took 10.9 s to fill the first time with them, 0.28 s without,
-# and a linear-probe job spent most of its time in the kernel clearing them. NUMPY_MADVISE_HUGEPAGE=1 asks again.
+# Process defaults, set when the package is imported (before torch, faiss or numpy is, in the CLI's processes,
+# the ranks it starts and the jobs submitit starts); each one yields to a value already in the environment.
+# - torch and faiss each bring an OpenMP runtime; busy-waiting threads of one starve the other (with the default,
+#   spinning, policy every k-means pass on small chunks was about 50x slower on 2 cores). No result changes.
+# - numpy asks for transparent huge pages for each array of 4 MB or more. On a VM whose host backs the guest's
+#   memory on first touch, a fresh huge page costs far more than 512 small ones: on the 2-core VM of
+#   docs/science.md a 0.74 GB array took 10.9 s to fill the first time with them, 0.28 s without.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")

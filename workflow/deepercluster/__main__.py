@@ -83,8 +83,6 @@ def parse_command(argv: list[str]) -> Command:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # torch and faiss each bring an OpenMP runtime; busy-waiting threads of one starve the other.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = sys.argv[1:] if argv is None else argv
     command = parse_command(argv)
     if command.ranks > 1:  # start the ranks, unless this process is one of them
