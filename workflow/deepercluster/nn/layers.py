@@ -14,37 +14,80 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose training statistics are over every rank's batch, on CPU (gloo) and GPU alike.
 
     DeeperCluster needs it: the ranks of a training group see one super-class each, so a
-    rank's own batch statistics would be those of a single class. The sums travel through
-    a differentiable all-reduce, so gradients flow through the global statistics.
+    rank's own batch statistics would be those of a single class. The gradient flows through
+    the global statistics too: its backward all-reduces the per-channel sums it needs.
 
     The per-channel sums are accumulated in float64, so the statistics do not depend on how the
     global batch is split over ranks: one rank and many compute the same normalised activations,
     bit for bit (float32 sums of 40 images or of 2 x 20 round differently, and a max-pool near-tie
     then routes a gradient elsewhere). Each sample's sums over its map are float32 (they do not
     depend on the split either); only those B x C sums are added in float64, where adding float32
-    values is exact in practice, so the activations are never copied to float64. The output is
-    ``x * a + b`` in one pass, with ``a = weight / sqrt(var + eps)`` and ``b = bias - mean * a``
-    (as torch's own CPU BatchNorm computes it).
+    values is exact in practice, so the activations are never copied to float64. Forward and backward
+    are each one affine pass, ``x * a + b`` (as torch's own CPU BatchNorm computes it), with the
+    coefficients from the global sums: ``_GlobalBatchNorm``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
-        channels = x.shape[1]
-        count = torch.full((1,), x.numel() / channels, dtype=torch.float64, device=x.device)
-        per_sample = torch.cat([x.sum((2, 3)), (x * x).sum((2, 3))], 1)  # B x 2C, float32
-        total = differentiable_all_reduce(torch.cat([per_sample.sum(0, dtype=torch.float64), count]))
-        n = total[-1]
-        mean = total[:channels] / n
-        var = total[channels : 2 * channels] / n - mean * mean
+        y, mean, var, n = _GlobalBatchNorm.apply(x, self.weight, self.bias, self.eps)
         with torch.no_grad():
             self.num_batches_tracked += 1
             self.running_mean.lerp_(mean.to(x.dtype), self.momentum)
             self.running_var.lerp_((var * n / (n - 1)).to(x.dtype), self.momentum)
-        scale = self.weight / torch.sqrt(var + self.eps)
-        shift = (self.bias - mean * scale).to(x.dtype)
-        shape = (1, channels, 1, 1)
-        return torch.addcmul(shift.view(shape), x, scale.to(x.dtype).view(shape))
+        return y
+
+
+def _channel_sums(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Per channel, the sums over the batch of ``u`` and of ``u * v`` (2C, float64): each sample's in float32, then
+    those B values in float64 (the same on any split of the batch)."""
+    per_sample = torch.cat([u.sum((2, 3)), (u * v).sum((2, 3))], 1)
+    return per_sample.sum(0, dtype=torch.float64)
+
+
+def _per_channel(coefficient: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return coefficient.to(like.dtype).view(1, -1, 1, 1)
+
+
+class _GlobalBatchNorm(torch.autograd.Function):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias with mean and var over every rank's batch; returns
+    (y, mean, var, images x pixels over all ranks), the last three not differentiable."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        channels = x.shape[1]
+        count = torch.full((1,), x.numel() / channels, dtype=torch.float64, device=x.device)
+        total = all_reduce_sum(torch.cat([_channel_sums(x, x), count]))
+        n = total[-1]
+        mean = total[:channels] / n
+        var = total[channels:-1] / n - mean * mean
+        inverse_std = 1 / torch.sqrt(var + eps)
+        scale = weight * inverse_std
+        ctx.save_for_backward(x, mean, inverse_std, scale, n)
+        ctx.mark_non_differentiable(mean, var, n)
+        return torch.addcmul(_per_channel(bias - mean * scale, x), x, _per_channel(scale, x)), mean, var, n
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, dy: torch.Tensor, *_: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        # With x_hat = (x - mean) * inverse_std and sums over every rank's batch (N values per channel):
+        # dx = scale * (dy - sum(dy) / N - x_hat * sum(dy * x_hat) / N), one affine pass in x and dy;
+        # d weight and d bias are this rank's own sums (the ranks' parameter gradients are reduced by the trainer).
+        x, mean, inverse_std, scale, n = ctx.saved_tensors
+        channels = x.shape[1]
+        local = _channel_sums(dy, x)
+        dy_sum, dy_x = local[:channels], local[channels:]
+        total = all_reduce_sum(local.clone())
+        dy_x_hat = inverse_std * (total[channels:] - mean * total[:channels])
+        x_coefficient = -scale * inverse_std * dy_x_hat / n
+        constant = -scale * total[:channels] / n - x_coefficient * mean
+        dx = torch.addcmul(_per_channel(constant, x), x, _per_channel(x_coefficient, x))
+        dx.addcmul_(dy, _per_channel(scale, x))
+        d_weight = (inverse_std * (dy_x - mean * dy_sum)).to(x.dtype)
+        return dx, d_weight, dy_sum.to(x.dtype), None
 
 
 def global_batchnorm(module: nn.Module) -> nn.Module:
@@ -58,23 +101,6 @@ def global_batchnorm(module: nn.Module) -> nn.Module:
         else:
             global_batchnorm(child)
     return module
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks; the gradient of a sum over ranks is the sum of the ranks' gradients."""
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, tensor: torch.Tensor) -> torch.Tensor:
-        return all_reduce_sum(tensor.clone())
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
-        return all_reduce_sum(grad.clone())
-
-
-def differentiable_all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, through which gradients flow back to every rank."""
-    return _AllReduceSum.apply(tensor)
 
 
 class _AllGather(torch.autograd.Function):
