@@ -100,12 +100,13 @@ def fit_logistic(
     held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Multinomial logistic regression, mean cross-entropy + weight_decay / 2 * |W|^2, by full-batch L-BFGS
-    from ``start`` (W, b; zeros by default), for at most ``max_iterations`` iterations.
+    from ``start`` (W, b; zeros by default; W is classes x dims, as ``nn.Linear`` holds it), for at most
+    ``max_iterations`` iterations.
 
     With ``held_out`` (x, y), it also stops once the held-out top-1 moved less than ``STILL`` over the last
     ``CHECK_EVERY`` iterations. Returns (W, b, iterations); fewer than ``max_iterations``: it stopped before.
     """
-    weight = torch.zeros(x.shape[1], classes) if start is None else start[0].clone()
+    weight = torch.zeros(classes, x.shape[1]) if start is None else start[0].clone()
     bias = torch.zeros(classes) if start is None else start[1].clone()
     chunk = min(CHECK_EVERY, max_iterations) if held_out is not None else max_iterations
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=chunk, tolerance_grad=1e-5, tolerance_change=1e-9,
@@ -114,16 +115,17 @@ def fit_logistic(
 
     def closure() -> torch.Tensor:
         # The gradient by hand: (softmax - one-hot)^T x reads x row-major, several times faster on CPU
-        # than autograd's x^T (softmax - one-hot) over a transposed x.
-        logits = x @ weight + bias
+        # than autograd's x^T (softmax - one-hot) over a transposed x. W as classes x dims: MKL's x W^T is
+        # twice as fast as x W with W dims x classes on AMD's CPUs (60 against 117 ms at 8,000 x 9,248).
+        logits = F.linear(x, weight, bias)
         loss = F.cross_entropy(logits, y) + weight_decay / 2 * weight.pow(2).sum()
         error = (logits.softmax(1) - one_hot) / len(y)
-        weight.grad = (error.t() @ x).t().contiguous() + weight_decay * weight
+        weight.grad = error.t() @ x + weight_decay * weight
         bias.grad = error.sum(0)
         return loss
 
     def held_out_top1() -> float:
-        return float(((held_out[0] @ weight + bias).argmax(1) == held_out[1]).float().mean())
+        return float((F.linear(held_out[0], weight, bias).argmax(1) == held_out[1]).float().mean())
 
     iterations, top1 = 0, held_out_top1() if held_out is not None else 0.0
     while iterations < max_iterations:
@@ -157,7 +159,7 @@ def probe_layer(
                                                 held_out=(select_x, select_y))  # fmt: skip
         steps[weight_decay] = iterations
         solutions[weight_decay] = start = (weight, bias)
-        selection[weight_decay] = float(((select_x @ start[0] + start[1]).argmax(1) == select_y).float().mean())
+        selection[weight_decay] = float((F.linear(select_x, *start).argmax(1) == select_y).float().mean())
         log.info("  weight decay %g: held-out top-1 %.4f after %d L-BFGS iterations", weight_decay,
                  selection[weight_decay], iterations)  # fmt: skip
     chosen = max(weight_decays, key=lambda wd: (selection[wd], wd))  # ties: the stronger regularisation
@@ -165,7 +167,7 @@ def probe_layer(
     train_y = torch.from_numpy(data.targets[data.train])
     # The refit on all the train images runs as many iterations as the chosen fit needed to stop moving.
     weight, bias, iterations = fit_logistic(train_x, train_y, classes, chosen, steps[chosen], solutions[chosen])
-    correct = ((test_x @ weight + bias).argmax(1) == torch.from_numpy(data.targets[~data.train])).numpy()
+    correct = (F.linear(test_x, weight, bias).argmax(1) == torch.from_numpy(data.targets[~data.train])).numpy()
     return {
         "top1": float(correct.mean()),
         "ci95": bootstrap_interval(correct, seed),
