@@ -228,7 +228,9 @@ def test_whitened_once_and_spilled(real_data, tmp_path: Path) -> None:
     with h5py.File(spill, "r") as f:
         assert f["x"].dtype == np.float16 and f.attrs["pca_sha256"] == "abc"
         assert np.array_equal(f["ids"][:], source.ids) and list(f.attrs["shards"]) == real_data.shards
-        cached = np.concatenate([x for _, x in ShardSource(real_data.shards, whitening, whitening.dim).chunks()])
+        # The cache of the same chunks: a GEMM's rounding may depend on how many rows it multiplies (MKL on AMD).
+        cached = np.concatenate([x for _, x in ShardSource(real_data.shards, whitening, whitening.dim,
+                                                           chunk_rows=64).chunks()])  # fmt: skip
         assert np.array_equal(f["x"][:], cached)
     ShardSource(real_data.shards, counted, whitening.dim, cache_mb=0, spill=spill, pca_sha256="abc")
     assert sum(calls) == 600  # reused
