@@ -90,6 +90,11 @@ CHECK_EVERY = 25  # L-BFGS iterations between two looks at the held-out top-1
 STILL = 0.001  # a held-out top-1 that moved less than this over CHECK_EVERY iterations has stopped moving
 
 
+def hits(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Whether the probe (W classes x dims, b) puts each row of ``x`` in its class ``y``."""
+    return F.linear(x, weight, bias).argmax(1) == y
+
+
 def fit_logistic(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -125,7 +130,7 @@ def fit_logistic(
         return loss
 
     def held_out_top1() -> float:
-        return float((F.linear(held_out[0], weight, bias).argmax(1) == held_out[1]).float().mean())
+        return float(hits(*held_out, weight, bias).float().mean())
 
     iterations, top1 = 0, held_out_top1() if held_out is not None else 0.0
     while iterations < max_iterations:
@@ -159,7 +164,7 @@ def probe_layer(
                                                 held_out=(select_x, select_y))  # fmt: skip
         steps[weight_decay] = iterations
         solutions[weight_decay] = start = (weight, bias)
-        selection[weight_decay] = float((F.linear(select_x, *start).argmax(1) == select_y).float().mean())
+        selection[weight_decay] = float(hits(select_x, select_y, *start).float().mean())
         log.info("  weight decay %g: held-out top-1 %.4f after %d L-BFGS iterations", weight_decay,
                  selection[weight_decay], iterations)  # fmt: skip
     chosen = max(weight_decays, key=lambda wd: (selection[wd], wd))  # ties: the stronger regularisation
@@ -167,7 +172,7 @@ def probe_layer(
     train_y = torch.from_numpy(data.targets[data.train])
     # The refit on all the train images runs as many iterations as the chosen fit needed to stop moving.
     weight, bias, iterations = fit_logistic(train_x, train_y, classes, chosen, steps[chosen], solutions[chosen])
-    correct = (F.linear(test_x, weight, bias).argmax(1) == torch.from_numpy(data.targets[~data.train])).numpy()
+    correct = hits(test_x, torch.from_numpy(data.targets[~data.train]), weight, bias).numpy()
     return {
         "top1": float(correct.mean()),
         "ci95": bootstrap_interval(correct, seed),
