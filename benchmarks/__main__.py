@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Sizes: small but past the caches, so the whole run takes about 10 minutes on 2 cores; --quick about 1.
 FULL = {
-    "kmeans": {"rows": 200_000, "dim": 128, "k": 1024, "iterations": 10, "repeats": 2},
+    "kmeans": {"rows": 200_000, "dim": 128, "k": 1024, "iterations": 10, "repeats": 3},
     "kmeans_io": {"rows": 200_000, "dim": 256, "m": 4, "k": 256, "repeats": 3},
     "sub_memory": {"rows": 10_000, "dim": 1024, "k": 8192},
     "images": 3000,

@@ -516,9 +516,10 @@ def memory_case(report: Report, work: Path, rows: int, dim: int, k: int) -> None
 
 def sub_memory_case(report: Report, work: Path, rows: int, dim: int, k: int) -> None:
     """Peak memory of the sub_clusters stage (one rank) at k against k / 2 sub-clusters: the k x D part of it,
-    against the bound 16 k D bytes (float64 sums, float32 centroids, faiss's copy of them)."""
+    against the bound 16 k D bytes (float64 sums, float32 centroids, faiss's copy of them). Shards of fewer rows
+    than k / 2 make both runs sum as the paper's k does (k above a chunk's rows: ``kmeans.ClusterSums``)."""
     folder = work / "sub-memory"
-    shards = synthetic_shards(folder, rows, dim, shard_rows=-(-rows // 2))
+    shards = synthetic_shards(folder, rows, dim, shard_rows=k // 4)
     pca = whitening_file(shards, folder / "pca.h5", sample_size=rows)
     super_file, kmeans = str(folder / "super.h5"), DEFAULTS["kmeans"]
     cluster_super(shards=shards, pca=pca, out=super_file, super_clusters=1, iterations=0, seed=0,

@@ -47,37 +47,61 @@ def nearest_centroid(x: np.ndarray, index: faiss.Index) -> tuple[np.ndarray, np.
     return labels[:, 0].astype(np.int64), distances[:, 0].astype(np.float64)
 
 
+class ClusterSums:
+    """Per-cluster counts and float64 sums of float32 rows, added chunk by chunk into buffers reused from chunk to
+    chunk (no page faults).
+
+    When k is at most a chunk's rows, the chunk is first summed per cluster in float32 (as faiss sums every row),
+    and only those k x D sums are widened: half the work of widening every row, in a buffer no bigger than the
+    chunk's. The float64 sums across chunks and ranks keep 1 rank = n ranks to float tolerance.
+    """
+
+    def __init__(self, k: int, dim: int) -> None:
+        self.counts = torch.zeros(k, dtype=torch.float64)
+        self.sums = torch.zeros(k, dim, dtype=torch.float64)
+        self._chunk_sums, self._widened = torch.empty(0, dim), torch.empty(0, dim, dtype=torch.float64)
+
+    def add(self, labels: torch.Tensor, rows: torch.Tensor) -> None:
+        """Add each of ``rows`` to the sum of its cluster ``labels``."""
+        k, n = len(self.sums), len(rows)
+        self.counts += torch.bincount(labels, minlength=k)
+        if k <= n:
+            if len(self._chunk_sums) < k:
+                self._chunk_sums = torch.empty_like(self.sums, dtype=torch.float32)
+            self.sums += self._chunk_sums.zero_().index_add_(0, labels, rows)
+        else:
+            if len(self._widened) < n:
+                self._widened = torch.empty(n, self.sums.shape[1], dtype=torch.float64)
+            self.sums.index_add_(0, labels, self._widened[:n].copy_(rows))
+
+
 def assign(
     source: FeatureSource, centroids: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
     """One pass over this rank's rows: (ids, their clusters; counts, sums and objective over all ranks).
 
-    The float64 sums are reduced in place: with the centroids and faiss's copy of them, 16 k D bytes a rank.
+    The float64 sums are reduced in place: with the centroids and faiss's copy of them, 16 k D bytes a rank, and
+    buffers no bigger than a chunk's rows.
     """
     k, dim = centroids.shape
-    counts, sums, objective = (
-        torch.zeros(k, dtype=torch.float64),
-        torch.zeros(k, dim, dtype=torch.float64),
-        0.0,
-    )
+    total, objective = ClusterSums(k, dim), 0.0
     all_ids, all_labels = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     index = centroid_index(centroids)
-    single, double = np.empty((0, dim), np.float32), torch.empty(0, dim, dtype=torch.float64)
+    single = np.empty((0, dim), np.float32)
     for ids, x in source.chunks():
-        if len(x) > len(single):  # the widened rows' buffers, reused chunk after chunk (no page faults)
-            single, double = np.empty((len(x), dim), np.float32), torch.empty(len(x), dim, dtype=torch.float64)
+        if len(x) > len(single):  # the widened rows' buffer, reused chunk after chunk (no page faults)
+            single = np.empty((len(x), dim), np.float32)
         rows = torch.from_numpy(single[: len(x)]).copy_(torch.from_numpy(x))  # float16 widened for faiss
         labels, distances = nearest_centroid(rows.numpy(), index)
-        counts += torch.from_numpy(np.bincount(labels, minlength=k).astype(np.float64))
-        sums.index_add_(0, torch.from_numpy(labels), double[: len(x)].copy_(rows))
+        total.add(torch.from_numpy(labels), rows)
         objective += distances.sum()
         all_ids.append(ids)
         all_labels.append(labels)
     del index
-    totals = all_reduce_sum(torch.cat([counts, torch.tensor([objective], dtype=torch.float64)]))
-    all_reduce_sum(sums)
+    totals = all_reduce_sum(torch.cat([total.counts, torch.tensor([objective], dtype=torch.float64)]))
+    all_reduce_sum(total.sums)
     counts = totals[:k].numpy().astype(np.int64)
-    return np.concatenate(all_ids), np.concatenate(all_labels), counts, sums.numpy(), float(totals[-1])
+    return np.concatenate(all_ids), np.concatenate(all_labels), counts, total.sums.numpy(), float(totals[-1])
 
 
 def update_centroids(centroids: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> None:
