@@ -46,3 +46,17 @@ def test_light_stages_import_neither_torch_nor_faiss() -> None:
     check = check.replace("deepercluster.cluster.labels", "deepercluster.cluster.levels")
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "['faiss', 'torch']", done.stderr
+
+
+def test_torchvision_is_imported_only_where_a_transform_is_built() -> None:
+    """torchvision's import costs about 2 s (its ops import torch._dynamo): no stage's module imports it, so the
+    stages that transform no image (the manifest from Debian's files, probes, k-NN, similarity, ...) skip it."""
+    check = (
+        "import sys\nfrom deepercluster.stages import STAGES, load_stage\n"
+        "for stage in STAGES: load_stage(stage)\nbefore = 'torchvision' in sys.modules\n"
+        "from deepercluster.data.images import feature_transform\nfeature_transform(32)\n"
+        "print(before, 'torchvision' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False True"

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms
 
 from deepercluster.errors import UnreadableImageError
 
@@ -84,6 +83,8 @@ class ImageDataset(Dataset):
 
 def feature_transform(image_size: int) -> Callable:
     """Deterministic: resize to 256/224 of the size, center-crop, normalise as ImageNet."""
+    from torchvision import transforms  # here, not above: a stage that builds no transform skips its ~2 s import
+
     return transforms.Compose(
         [
             transforms.Resize(round(image_size * 256 / 224)),
@@ -97,6 +98,8 @@ def feature_transform(image_size: int) -> Callable:
 def train_transform(image_size: int, min_crop_scale: float = 0.08) -> Callable:
     """Augmenting: random resized crop (of ``min_crop_scale`` to all of the image's area, torchvision's and the
     papers' 0.08 by default) and horizontal flip, normalised as ImageNet."""
+    from torchvision import transforms  # here, as in feature_transform
+
     return transforms.Compose(
         [
             transforms.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0)),

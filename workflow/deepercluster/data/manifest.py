@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets import FashionMNIST
 
 from deepercluster.data.images import READ_ERRORS, read_rgb
 from deepercluster.errors import DataError
@@ -199,6 +198,8 @@ def _load_fashion_mnist(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     }
     if all(p.exists() for pair in files.values() for p in pair):
         return {split: (_read_idx(images), _read_idx(labels)) for split, (images, labels) in files.items()}
+    from torchvision.datasets import FashionMNIST  # here, not above: Debian's files need no torchvision (~2 s)
+
     try:
         sets = {s: FashionMNIST(root=root / "raw", train=s == "train", download=True) for s in FASHION_MNIST_SPLITS}
     except (OSError, RuntimeError) as error:
