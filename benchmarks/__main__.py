@@ -22,7 +22,7 @@ FULL = {
     "kmeans_io": {"rows": 200_000, "dim": 256, "m": 4, "k": 256, "repeats": 3},
     "sub_memory": {"rows": 10_000, "dim": 1024, "k": 8192},
     "images": 3000,
-    "features": {"batch_size": 256, "repeats": 3},
+    "features": {"batch_size": 256, "repeats": 5},
     "features_memory": {"rows": 1_000_000, "shard_size": 256},
     "training": {"batch_size": 64, "repeats": 3},
     "io": {"rows": 200_000, "dim": 256, "repeats": 6},
