@@ -24,7 +24,7 @@ FULL = {
     "images": 3000,
     "features": {"batch_size": 256, "repeats": 5},
     "features_memory": {"rows": 1_000_000, "shard_size": 256},
-    "training": {"batch_size": 64, "repeats": 3},
+    "training": {"batch_size": 64, "repeats": 5},
     "io": {"rows": 200_000, "dim": 256, "repeats": 6},
     "memory": {"rows": 100_000, "dim": 256, "k": 64},
     # The paper's layout: one rank's part of its group's W_g (k = 80,000 over p = 4 ranks), 48 images per GPU.
