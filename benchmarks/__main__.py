@@ -29,6 +29,7 @@ FULL = {
     "memory": {"rows": 100_000, "dim": 256, "k": 64},
     # The paper's layout: one rank's part of its group's W_g (k = 80,000 over p = 4 ranks), 48 images per GPU.
     "head": {"k": 80_000, "dim": 4096, "batch": 48, "parts": 4},
+    "manifest": {"rows": 250_000, "per_tar": 5_000},
 }
 QUICK = {
     "kmeans": {"rows": 20_000, "dim": 64, "k": 100, "iterations": 5, "repeats": 1},
@@ -41,8 +42,9 @@ QUICK = {
     "io": {"rows": 20_000, "dim": 128, "repeats": 2},
     "memory": {"rows": 20_000, "dim": 64, "k": 16},
     "head": {"k": 8_000, "dim": 4096, "batch": 48, "parts": 4},
+    "manifest": {"rows": 4_000, "per_tar": 500},
 }
-CASES = ("kmeans", "features", "training", "io", "memory", "head", "workflow")
+CASES = ("kmeans", "features", "training", "io", "memory", "head", "manifest", "workflow")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -107,6 +109,11 @@ def run(args: argparse.Namespace, work: Path):  # -> Report
         cases.memory_case(report, work, **sizes["memory"])
     if "head" in args.only:
         cases.head_memory_case(report, **sizes["head"])
+    if "manifest" in args.only:
+        from benchmarks import manifests
+
+        manifests.manifest_case(report, work, **sizes["manifest"])
+        manifests.tar_read_case(report, work, sizes["manifest"]["rows"])
     if "workflow" in args.only:
         cases.workflow_case(report, work, args.quick, slurm=False)
         if args.slurm:

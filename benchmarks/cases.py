@@ -300,7 +300,7 @@ def features_case(
     def bare() -> None:
         model, _ = load_model(images.checkpoint)
         model.to(device()).eval()
-        dataset = ImageDataset(images.paths, images.ids, feature_transform(image_size))
+        dataset = ImageDataset(images.frame(), feature_transform(image_size))
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device().type == "cuda")
         np.concatenate([model(x.to(device(), non_blocking=True)).cpu().numpy() for x, _ in loader])
 
@@ -393,7 +393,7 @@ def bare_training(images: ImageRound, batch_size: int, image_size: int = IMAGE_S
     model.to(on).train()
     heads.train()
     optimizer = torch.optim.SGD([*model.parameters(), *heads.parameters()], lr=0.05, momentum=0.9, weight_decay=1e-5)
-    dataset = ImageDataset(images.paths, range(len(images.paths)), train_transform(image_size))
+    dataset = ImageDataset.of_files(images.paths, train_transform(image_size))
     loader = DataLoader(dataset, batch_size, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0),
                         num_workers=workers, pin_memory=on.type == "cuda")  # fmt: skip
     steps, tick = [], time.perf_counter()

@@ -64,6 +64,10 @@ class ImageRound:
     ids: list[int]
     arch: str
 
+    def frame(self) -> pd.DataFrame:
+        """The images as manifest rows (id, path)."""
+        return pd.DataFrame({"id": self.ids, "path": self.paths})
+
 
 def image_round(folder: Path, images: int, arch: str = "small_convnet") -> ImageRound:
     """``images`` Fashion-MNIST images, a random ``arch``, labels 2 super-clusters x 5 sub-clusters."""
@@ -78,7 +82,7 @@ def image_round(folder: Path, images: int, arch: str = "small_convnet") -> Image
         label_from_folder=True,
         path_column="path",
         split=None,
-        verify_images=False,
+        verify_images="none",
         workers=0,
     )
     initial_checkpoint(arch=arch, sobel=True, seed=0, out=checkpoint, init_checkpoint=None)

@@ -137,7 +137,7 @@ def test_every_image_mode_is_read_as_8_bit_rgb(tmp_path: Path) -> None:
 
     frame, _ = build(tmp_path, folder)
     assert len(frame) == 5 and pd.read_csv(tmp_path / "skipped.tsv", sep="\t").empty
-    read = ImageDataset(frame["path"].tolist(), frame["id"].tolist(), np.asarray)
+    read = ImageDataset(frame, np.asarray)
     pixels = {Path(path).name: read[i][0] for i, path in enumerate(frame["path"])}
     assert all(p.dtype == np.uint8 and p.shape[2] == 3 for p in pixels.values())
     assert np.abs(pixels["cmyk.jpg"][4, 4].astype(int) - [255, 0, 255]).max() <= 2  # JPEG is lossy
@@ -228,7 +228,7 @@ def test_a_table_of_missing_files(tmp_path: Path) -> None:
     table = write_table(tmp_path / "t.csv", "path", ["here.png", "gone.png", "never/there.jpg"])
     # Missing files are skipped and listed even when images are not decoded.
     build_manifest(source="table", path=str(table), manifest=str(tmp_path / "m.parquet"),
-                   skipped=str(tmp_path / "s.tsv"), **manifest_settings(verify_images=False, split=None))  # fmt: skip
+                   skipped=str(tmp_path / "s.tsv"), **manifest_settings(verify_images="none", split=None))  # fmt: skip
     assert read_manifest(str(tmp_path / "m.parquet"))["path"].tolist() == [str(good)]
     skipped = pd.read_csv(tmp_path / "s.tsv", sep="\t")
     assert skipped["path"].tolist() == [str(tmp_path / "gone.png"), str(tmp_path / "never" / "there.jpg")]

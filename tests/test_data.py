@@ -76,10 +76,10 @@ def test_folder_without_labels(tmp_path: Path, folder: Path) -> None:
 
 
 def test_folder_unverified_and_subsampled(tmp_path: Path, folder: Path) -> None:
-    frame, skipped = _build(tmp_path, source="folder", path=str(folder), verify_images=False, max_images=3, seed=1)
+    frame, skipped = _build(tmp_path, source="folder", path=str(folder), verify_images="none", max_images=3, seed=1)
     assert len(frame) == 3 and skipped.empty and list(skipped.columns) == ["path", "error"]
     assert frame["path"].tolist() == sorted(frame["path"])
-    again, _ = _build(tmp_path, source="folder", path=str(folder), verify_images=False, max_images=3, seed=1)
+    again, _ = _build(tmp_path, source="folder", path=str(folder), verify_images="none", max_images=3, seed=1)
     assert again.equals(frame)
 
 
@@ -175,7 +175,7 @@ def test_read_manifest_errors(tmp_path: Path) -> None:
 def test_image_dataset(tmp_path: Path) -> None:
     good = _image(tmp_path / "good.png", (10, 20, 30), size=(40, 30))
     bad = _corrupt(tmp_path / "bad.jpg")
-    dataset = ImageDataset([str(good), str(bad)], [7, 8], feature_transform(16))
+    dataset = ImageDataset(pd.DataFrame({"id": [7, 8], "path": [str(good), str(bad)]}), feature_transform(16))
     image, index = dataset[0]
     assert image.shape == (3, 16, 16) and index == 7
     with pytest.raises(UnreadableImageError, match=r"bad\.jpg.*delete the manifest"):
@@ -190,7 +190,7 @@ def test_transforms(tmp_path: Path) -> None:
 
 def grey_pixels(path: Path) -> list[list[int]]:
     """An image as the stages read it (8-bit RGB), as its one grey channel: R, G and B must be equal."""
-    (pixels, _) = ImageDataset([str(path)], [0], np.asarray)[0]
+    (pixels, _) = ImageDataset.of_files([str(path)], np.asarray)[0]
     assert pixels.dtype == np.uint8 and (pixels == pixels[..., :1]).all()
     return pixels[..., 0].tolist()
 

@@ -21,7 +21,7 @@ from test_workflow import TEST_CONFIG, snakemake
 def real_images(manifest: str, count: int, image_size: int) -> torch.Tensor:
     """The first ``count`` images of the manifest as the features stage sees them (normalised RGB)."""
     table = pd.read_parquet(manifest).head(count)
-    dataset = ImageDataset(table["path"].tolist(), table["id"].tolist(), feature_transform(image_size))
+    dataset = ImageDataset(table, feature_transform(image_size))
     return torch.stack([dataset[i][0] for i in range(count)])
 
 

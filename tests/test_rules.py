@@ -76,7 +76,7 @@ CHANGED = {
         "label_from_folder": False,
         "split": None,
         "max_images": 250,
-        "verify_images": False,
+        "verify_images": "none",
         "image_size": 40,
         "workers": 1,
     },

@@ -55,7 +55,7 @@ def test_shards_hold_every_id_once(real_data, raw_features) -> None:
     assert np.isfinite(features).all()
     # Each row is the feature of the image with its id: recompute a few from the images.
     model, _ = load_model(real_data.checkpoint)
-    dataset = ImageDataset(manifest["path"].tolist(), manifest["id"].tolist(), feature_transform(32))
+    dataset = ImageDataset(manifest, feature_transform(32))
     picked = [0, 199, 200, 457, 599]
     images = torch.stack([dataset[i][0] for i in picked])
     with torch.no_grad():

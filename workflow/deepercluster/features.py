@@ -61,7 +61,7 @@ def write_features(
     model.to(device).eval()
     transform = feature_transform(image_size)
     loader = DataLoader(
-        ImageDataset(rows["path"].tolist(), rows["id"].tolist(), transform),
+        ImageDataset(rows, transform),
         batch_size=batch_size,
         num_workers=workers,
         pin_memory=device.type == "cuda",

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import glob
 import hashlib
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,6 +57,23 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         ) from error
     finally:
         partial.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def scratch_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A folder beside ``path`` for the temporary files of the stage writing it (``.{name}.{pid}.scratch``), removed
+    when the block ends; those of ``path`` that killed writers left are removed first."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.scratch"):
+        pid = stale.name.rsplit(".", 2)[1]
+        if pid.isdigit() and not running(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    folder = path.with_name(f".{path.name}.{os.getpid()}.scratch")
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def writable(path: Path) -> Path:

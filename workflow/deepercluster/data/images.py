@@ -4,13 +4,17 @@ papers (a deterministic centre crop for features, a random resized crop and flip
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import BinaryIO
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from deepercluster.data.tars import TarReader
 from deepercluster.errors import UnreadableImageError
+from deepercluster.formats.manifest import LOCATION
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,8 +44,8 @@ def eight_bit(grey: np.ndarray, black: float, white: float) -> np.ndarray:
     return np.rint(np.nan_to_num(scaled, nan=0.0).clip(0, 1) * 255).astype(np.uint8)
 
 
-def read_rgb(path: str) -> Image.Image:
-    """Open and fully decode an image as 8-bit RGB, whatever its mode.
+def read_rgb(path: str | BinaryIO) -> Image.Image:
+    """Open and fully decode an image (a file, or its bytes) as 8-bit RGB, whatever its mode.
 
     Wide greyscale (16- and 32-bit integers, floats) is scaled to 8 bits by ``grey_range`` (PIL's convert would
     clip integers at 255 and floats at 1, or truncate floats to 0); alpha is dropped; CMYK, palette and 1-bit
@@ -57,28 +61,46 @@ def read_rgb(path: str) -> Image.Image:
 
 
 class ImageDataset(Dataset):
-    """(transform(RGB image), id) for the images of a manifest."""
+    """(transform(RGB image), id) for the rows ``images`` of a manifest: ``id``, ``path`` and, for an image in a
+    tar, where its bytes are (``tars.LOCATION``), read with one positioned read."""
 
-    def __init__(self, paths: Sequence[str], ids: Sequence[int], transform: Callable) -> None:
-        if len(paths) != len(ids):
-            raise ValueError(f"ImageDataset got {len(paths)} paths but {len(ids)} ids; pass one id per path")
-        self.paths = list(paths)
-        self.ids = [int(i) for i in ids]
+    def __init__(self, images: pd.DataFrame, transform: Callable) -> None:
+        self.paths = images["path"].tolist()
+        self.ids = images["id"].to_numpy(np.int64)
+        in_tars = set(LOCATION) <= set(images.columns)
+        self.location = images[list(LOCATION)].fillna(-1).to_numpy(np.int64) if in_tars else None
+        self.tars = TarReader()
         self.transform = transform
+
+    @classmethod
+    def of_files(cls, paths: Sequence[str], transform: Callable) -> ImageDataset:
+        """The image files ``paths``, with ids 0..N-1."""
+        return cls(pd.DataFrame({"id": np.arange(len(paths)), "path": list(paths)}), transform)
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def source(self, i: int) -> str | BinaryIO:
+        """Image ``i``'s file, or its bytes read from its tar."""
+        if self.location is None or self.location[i, 0] < 0:
+            return self.paths[i]
+        return self.tars.read(self.paths[i], *self.location[i].tolist())
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         try:
-            image = read_rgb(self.paths[i])
+            image = read_rgb(self.source(i))
         except READ_ERRORS as error:
             raise UnreadableImageError(
-                f"cannot read image {self.paths[i]} ({type(error).__name__}: {error}); the image was "
-                "readable when results/data/manifest.parquet was built; restore it, or delete the manifest "
+                f"cannot read image {self.paths[i]}{self.member(i)} ({type(error).__name__}: {error}); the image "
+                "was readable when results/data/manifest.parquet was built; restore it, or delete the manifest "
                 "and rerun to skip it"
             ) from error
-        return self.transform(image), self.ids[i]
+        return self.transform(image), int(self.ids[i])
+
+    def member(self, i: int) -> str:
+        """Where in its tar image ``i`` is (empty for an image file)."""
+        in_tar = self.location is not None and self.location[i, 0] >= 0
+        return f" (bytes {self.location[i, 0]} to {self.location[i, 0] + self.location[i, 1]})" if in_tar else ""
 
 
 def feature_transform(image_size: int) -> Callable:

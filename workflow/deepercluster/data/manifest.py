@@ -1,4 +1,4 @@
-"""The manifest stage: one row per readable image of a data source (a folder, a table, Fashion-MNIST).
+"""The manifest stage: one row per readable image of a data source (a folder, a table, tar shards, Fashion-MNIST).
 
 The manifest is the only list of images every later stage reads; an image unreadable when it is built is
 left out and listed in ``skipped.tsv``.
@@ -6,27 +6,41 @@ left out and listed in ``skipped.tsv``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import logging
+import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from deepercluster.data.images import READ_ERRORS, read_rgb
-from deepercluster.errors import DataError
-from deepercluster.files import atomic_output
-from deepercluster.formats.manifest import read_manifest, write_manifest, write_skipped
+from deepercluster.data.images import READ_ERRORS, ImageDataset, read_rgb
+from deepercluster.data.tars import duplicate_keys, index_tar, member_name, tar_paths
+from deepercluster.errors import DataError, UnreadableImageError
+from deepercluster.files import atomic_output, scratch_folder
+from deepercluster.formats.manifest import (
+    LOCATION,
+    ROW_GROUP,
+    manifest_writer,
+    read_manifest,
+    skipped_writer,
+    write_manifest,
+)
+from deepercluster.ids import in_sorted
 from deepercluster.logs import progress
+from deepercluster.seeds import derived_seed
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("folder", "table", "fashion-mnist")
+SOURCES = ("folder", "table", "fashion-mnist", "tar")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 TABLE_READERS: dict[str, Callable[[Path], pd.DataFrame]] = {
     ".csv": pd.read_csv,
@@ -49,6 +63,9 @@ FASHION_MNIST_CLASSES = (
     "Ankle boot",
 )
 VERIFY_BATCH = 64
+# Fashion-MNIST's candidates: the row of each image's pixels, to write the kept ones as PNGs (not a manifest column).
+PIXEL_ROW = "pixel_row"
+VERIFY_CHOICES = "all, none, or a number of images"
 
 
 def build_manifest(
@@ -62,69 +79,150 @@ def build_manifest(
     label_from_folder: bool,
     path_column: str,
     split: str | None,
-    verify_images: bool,
+    verify_images: str,
     workers: int,
 ) -> None:
-    """Stage 'manifest': one row per readable image.
+    """Stage 'manifest': one row per readable image, in two streamed passes, so its memory is that of one row group
+    (``ROW_GROUP`` rows) whatever N: the source's candidates into scratch files, then the kept ones (a seeded
+    subsample of ``max_images``), checked, into the manifest.
 
     ``split`` keeps only the images whose ``split`` metadata column has that value (Fashion-MNIST's
-    train or test split, a table's split column); images without that column are all kept.
+    train or test split, a table's split column); images without that column are all kept. ``verify_images``: decode
+    ``all`` the kept images, ``none``, or a seeded sample of that many; an image found unreadable is left out.
     """
     if source not in SOURCES:
         raise DataError(f"data.source is {source!r}; set it to one of {', '.join(SOURCES)}")
     if max_images is not None and max_images < 1:
         raise DataError(f"data.max_images is {max_images}; set it to a positive number, or null for all images")
+    checks = verification(verify_images)
     root = Path(os.path.abspath(path))
-    if source != "fashion-mnist" and not root.exists():
+    if source not in ("fashion-mnist", "tar") and not root.exists():
         raise DataError(f"{root} does not exist; set data.path in the config to your images")
-    frame, pixels, looked_for = _candidates(source, root, label_from_folder, path_column, split)
-    found = len(frame)
-    keep = _subsample(found, max_images, seed)
-    frame = frame.iloc[keep].reset_index(drop=True)
-    if pixels is not None:
-        _write_pngs(frame["path"].tolist(), pixels[keep])
-    errors = _missing(frame["path"].tolist())
-    if verify_images:
-        errors.update(_unreadable(frame.loc[~frame["path"].isin(errors), "path"].tolist(), workers))
-    write_skipped(skipped, errors)
-    if errors:
-        logger.warning("%d unreadable images skipped; they are listed in %s", len(errors), skipped)
-    frame = frame[~frame["path"].isin(errors)].reset_index(drop=True)
-    logger.info(
-        "%s: %d images found, %d kept (max_images=%s), %d skipped as unreadable",
-        root,
-        found,
-        len(frame),
-        max_images,
-        len(errors),
-    )
-    if frame.empty:
-        some = f"; {len(errors)} unreadable, e.g. {next(iter(errors))}, listed in {skipped}" if errors else ""
-        raise DataError(f"no readable images in {root} (looked for {looked_for}{some}); fix data.path or data.source")
-    frame.insert(0, "id", np.arange(len(frame), dtype=np.int64))
-    write_manifest(manifest, frame)
+    with scratch_folder(manifest) as scratch:
+        found = Candidates(scratch)
+        looked_for = found.write(source, root, label_from_folder, path_column, split, workers)
+        keep = _subsample(found.count, max_images, seed)
+        chosen = found.count if keep is None else len(keep)
+        checked = None if checks is None else _subsample(chosen, checks, derived_seed(seed, 1))
+        kept, errors = write_kept(found, keep, checked, manifest, skipped, workers, root, looked_for)
+    logger.info("%s: %d images found, %d kept (max_images=%s), %d skipped as unreadable", root, found.count,
+                kept, max_images, errors)  # fmt: skip
 
 
-def _candidates(
-    source: str, root: Path, label_from_folder: bool, path_column: str, split: str | None
-) -> tuple[pd.DataFrame, np.ndarray | None, str]:
-    """The source's images in ``split`` (all of them where they have no split column): (their table, the pixels of
-    Fashion-MNIST's images still to be written or None, what was looked for)."""
-    pixels = None
+def verification(verify_images: str) -> int | None:
+    """How many images ``verify_images`` asks to decode: None for all, 0 for none, else that number."""
+    words = {"all": None, "none": 0}
+    if verify_images in words:
+        return words[verify_images]
+    if not verify_images.isdigit() or int(verify_images) < 1:
+        raise DataError(f"data.verify_images is {verify_images!r}; set it to {VERIFY_CHOICES}")
+    return int(verify_images)
+
+
+class Candidates:
+    """A source's images (split kept), written in chunks of ``ROW_GROUP`` rows to scratch parquet files: their
+    number, their chunks in order, and one schema for them all."""
+
+    def __init__(self, scratch: Path) -> None:
+        self.scratch, self.files, self.count = scratch, [], 0
+
+    def write(self, source: str, root: Path, label_from_folder: bool, path_column: str, split: str | None,
+              workers: int) -> str:  # fmt: skip
+        """Write the candidates of ``source``; return what was looked for."""
+        chunks, looked_for = source_chunks(source, root, label_from_folder, path_column, workers)
+        in_split = 0
+        for chunk in rows_of(chunks, ROW_GROUP):
+            if split is not None and "split" in chunk.columns:
+                in_split += int((chunk["split"] == split).sum())
+                chunk = chunk[chunk["split"] == split]
+            self.files.append(self.scratch / f"{len(self.files):06d}.parquet")
+            chunk.reset_index(drop=True).to_parquet(self.files[-1], index=False)
+            self.count += len(chunk)
+        if source == "tar":
+            check_unique_keys(self)
+        logger.info("%d candidate images%s", self.count, f" in split {split!r}" if split is not None else "")
+        return looked_for
+
+    def __iter__(self) -> Iterator[tuple[int, pd.DataFrame]]:
+        """(index of its first row, rows) of each chunk."""
+        start = 0
+        for file in self.files:
+            chunk = pd.read_parquet(file)
+            yield start, chunk
+            start += len(chunk)
+
+    def schema(self) -> pa.Schema:
+        """The columns of every chunk, each of the type that holds all of its chunks' values."""
+        schemas = [pq.read_schema(f).remove_metadata() for f in self.files]
+        return pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+
+
+def source_chunks(source: str, root: Path, label_from_folder: bool, path_column: str,
+                  workers: int) -> tuple[Iterator[pd.DataFrame], str]:  # fmt: skip
+    """The candidate rows of ``source``, in frames of any size, and what was looked for."""
     if source == "folder":
-        frame, looked_for = _folder_candidates(root, label_from_folder)
-    elif source == "table":
-        frame, looked_for = _table_candidates(root, path_column)
-    else:
-        frame, pixels = _fashion_mnist_candidates(root)
-        looked_for = "Fashion-MNIST"
-    if split is not None and "split" in frame.columns:
-        in_split = np.flatnonzero((frame["split"] == split).to_numpy())
-        logger.info("split %r: %d of %d images", split, len(in_split), len(frame))
-        frame, pixels = frame.iloc[in_split].reset_index(drop=True), None if pixels is None else pixels[in_split]
-    elif split is not None:
-        logger.info("the images have no split column: split %r keeps them all", split)
-    return frame, pixels, looked_for
+        return folder_chunks(root, label_from_folder), f"files ending in {', '.join(IMAGE_EXTENSIONS)}"
+    if source == "tar":
+        return tar_chunks(str(root), workers), f"image members ({', '.join(IMAGE_EXTENSIONS)}) of .tar files"
+    if source == "table":
+        return iter([_table_candidates(root, path_column)]), f"image paths in column {path_column!r}"
+    return iter([_fashion_mnist_candidates(root)]), "Fashion-MNIST"
+
+
+def rows_of(chunks: Iterator[pd.DataFrame], size: int) -> Iterator[pd.DataFrame]:
+    """The rows of ``chunks`` regrouped ``size`` at a time (the last group shorter)."""
+    pending: list[pd.DataFrame] = []
+    held = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        held += len(chunk)
+        while held >= size:
+            rows = pd.concat(pending, ignore_index=True)
+            yield rows.iloc[:size]
+            pending, held = [rows.iloc[size:]], held - size
+    if held:
+        yield pd.concat(pending, ignore_index=True)
+
+
+def write_kept(found: Candidates, keep: np.ndarray | None, checked: np.ndarray | None, manifest: str, skipped: str,
+               workers: int, root: Path, looked_for: str) -> tuple[int, int]:  # fmt: skip
+    """Write the candidates ``keep`` (sorted indices; None: all) that are readable to ``manifest``, the others to
+    ``skipped``; decode those ``checked`` (sorted indices into the kept ones; None: all). Return the (kept, skipped)
+    counts."""
+    errors, example = 0, ""
+    schema = found.schema()
+    columns = pa.schema([f for f in schema if f.name != PIXEL_ROW])
+    with manifest_writer(manifest, pa.schema([("id", pa.int64()), *columns])) as write:
+        with skipped_writer(skipped) as skip:
+            for start, chunk in progress(found, "manifest", total=len(found.files), unit="chunk"):
+                everyone = np.arange(start, start + len(chunk))
+                picked = everyone if keep is None else keep[in_range(keep, start, len(chunk))]
+                rows = chunk.iloc[picked - start].reset_index(drop=True)
+                if PIXEL_ROW in rows.columns:
+                    _write_pngs(rows["path"].tolist(), _fashion_mnist_pixels(root)[rows.pop(PIXEL_ROW).to_numpy()])
+                first = start if keep is None else int(np.searchsorted(keep, start))  # its first kept row's ordinal
+                check = np.arange(len(rows)) if checked is None else checked[in_range(checked, first, len(rows))]
+                check -= 0 if checked is None else first
+                failed = unreadable_rows(rows, check, workers)
+                for name, error in failed.values():
+                    skip(name, error)
+                    example = example or f", e.g. {name}"
+                rows = rows.drop(index=list(failed)).reset_index(drop=True)
+                rows.insert(0, "id", np.arange(write.count, write.count + len(rows), dtype=np.int64))
+                write(rows)
+                errors += len(failed)
+        if errors:
+            logger.warning("%d unreadable images skipped; they are listed in %s", errors, skipped)
+        if write.count == 0:  # raised here, the manifest is not written
+            unreadable = f"; {errors} unreadable{example}, listed in {skipped}" if errors else ""
+            raise DataError(f"no readable images in {root} (looked for {looked_for}{unreadable}); fix data.path or "
+                            "data.source")  # fmt: skip
+    return write.count, errors
+
+
+def in_range(sorted_values: np.ndarray, start: int, count: int) -> np.ndarray:
+    """A mask of the ``sorted_values`` in ``[start, start + count)``."""
+    return (sorted_values >= start) & (sorted_values < start + count)
 
 
 def join_evaluation(*, train: str, test: str, out: str) -> None:
@@ -138,17 +236,68 @@ def join_evaluation(*, train: str, test: str, out: str) -> None:
     write_manifest(out, frame)
 
 
-def _folder_candidates(root: Path, label_from_folder: bool) -> tuple[pd.DataFrame, str]:
-    """Image files under ``root``, sorted; the label is the first subfolder's name."""
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    frame = pd.DataFrame({"path": [str(p) for p in files]})
+def folder_chunks(root: Path, label_from_folder: bool) -> Iterator[pd.DataFrame]:
+    """Image files under ``root`` in sorted order (a folder's files and subfolders sorted by name together), a
+    folder's files at a time; the label is the first subfolder's name."""
+    files: list[str] = []
+    for file in sorted_walk(str(root)):
+        files.append(file)
+        if len(files) == ROW_GROUP:
+            yield folder_rows(root, files, label_from_folder)
+            files = []
+    yield folder_rows(root, files, label_from_folder)
+
+
+def sorted_walk(folder: str) -> Iterator[str]:
+    """The image files under ``folder``, depth first, each folder's entries in name order."""
+    with os.scandir(folder) as entries:
+        listed = sorted(entries, key=lambda e: e.name)
+    for entry in listed:
+        if entry.is_dir():
+            yield from sorted_walk(entry.path)
+        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+            yield entry.path
+
+
+def folder_rows(root: Path, files: list[str], label_from_folder: bool) -> pd.DataFrame:
+    """The rows of image files under ``root``."""
+    frame = pd.DataFrame({"path": pd.array(files, dtype="string")})
     if label_from_folder:
-        parts = [p.relative_to(root).parts for p in files]
+        parts = [os.path.relpath(f, root).split(os.sep) for f in files]
         frame["label"] = pd.array([q[0] if len(q) > 1 else pd.NA for q in parts], dtype="string")
-    return frame, f"files ending in {', '.join(IMAGE_EXTENSIONS)}"
+    return frame
 
 
-def _table_candidates(table: Path, path_column: str) -> tuple[pd.DataFrame, str]:
+def tar_chunks(root: str, workers: int) -> Iterator[pd.DataFrame]:
+    """The image members of the tars of ``data.path`` (a folder or a glob), a tar at a time, indexed by ``workers``
+    processes."""
+    tars = tar_paths(root)
+    if not tars:
+        raise DataError(f"no .tar files at {root}; set data.path to a folder or glob of tar shards")
+    index = functools.partial(index_tar, image_extensions=IMAGE_EXTENSIONS)
+    with multiprocessing.get_context("fork").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        indexes = pool.imap(index, tars) if pool is not None else map(index, tars)
+        for tar, frame in zip(tars, progress(indexes, "index tars", total=len(tars), unit="tar"), strict=True):
+            if frame.empty:
+                raise DataError(f"{tar} holds no image members ({', '.join(IMAGE_EXTENSIONS)}); move it out of "
+                                "data.path, or add its images")  # fmt: skip
+            yield frame
+
+
+def check_unique_keys(found: Candidates) -> None:
+    """Stop if two tars hold the same key: keys are hashed a chunk at a time (8 bytes each), only a repeated hash's
+    rows read again."""
+    hashes = [pd.util.hash_pandas_object(chunk["key"], index=False).to_numpy() for _, chunk in found]
+    every = np.sort(np.concatenate(hashes)) if hashes else np.zeros(0, np.uint64)
+    repeated = np.unique(every[1:][every[1:] == every[:-1]])
+    if len(repeated):
+        rows = [chunk[in_sorted(h, repeated)] for h, (_, chunk) in zip(hashes, found, strict=True)]
+        error = duplicate_keys(pd.concat(rows, ignore_index=True))
+        if error is not None:
+            raise error
+
+
+def _table_candidates(table: Path, path_column: str) -> pd.DataFrame:
     """Rows of a CSV, TSV or parquet table; image paths are relative to the table's folder."""
     reader = TABLE_READERS.get(table.suffix.lower())
     if reader is None:
@@ -172,19 +321,26 @@ def _table_candidates(table: Path, path_column: str) -> tuple[pd.DataFrame, str]
         )
     frame = frame.rename(columns={"id": "source_id", "path": "source_path"})
     frame.insert(0, "path", paths.tolist())
-    return frame, f"image paths in column {path_column!r}"
+    return frame
 
 
-def _fashion_mnist_candidates(root: Path) -> tuple[pd.DataFrame, np.ndarray]:
-    """Fashion-MNIST's 70000 images as rows ``{root}/{split}/{class}/{index:05d}.png`` and their pixels."""
+def _fashion_mnist_candidates(root: Path) -> pd.DataFrame:
+    """Fashion-MNIST's 70000 images as rows ``{root}/{split}/{class}/{index:05d}.png``, each with its ``PIXEL_ROW``
+    in ``_fashion_mnist_pixels``."""
     splits = _load_fashion_mnist(root)
     rows = [
         (str(root / split / str(label) / f"{index:05d}.png"), FASHION_MNIST_CLASSES[label], split)
         for split, (_, labels) in splits.items()
         for index, label in enumerate(labels.tolist())
     ]
-    pixels = np.concatenate([images for images, _ in splits.values()])
-    return pd.DataFrame(rows, columns=["path", "label", "split"]), pixels
+    frame = pd.DataFrame(rows, columns=["path", "label", "split"])
+    return frame.assign(**{PIXEL_ROW: np.arange(len(frame))})
+
+
+@functools.cache
+def _fashion_mnist_pixels(root: Path) -> np.ndarray:
+    """The pixels of Fashion-MNIST's images, in the order of ``_fashion_mnist_candidates``."""
+    return np.concatenate([images for images, _ in _load_fashion_mnist(root).values()])
 
 
 def _load_fashion_mnist(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -225,10 +381,11 @@ def _read_idx(path: Path) -> np.ndarray:
     return values.reshape(shape)
 
 
-def _subsample(count: int, max_images: int | None, seed: int) -> np.ndarray:
-    """Indices of a seeded random subset of ``max_images`` of ``count`` rows, in their original order."""
+def _subsample(count: int, max_images: int | None, seed: int) -> np.ndarray | None:
+    """Indices of a seeded random subset of ``max_images`` of ``count`` rows, in their original order; None for
+    all of them."""
     if max_images is None or max_images >= count:
-        return np.arange(count)
+        return None
     return np.sort(np.random.default_rng(seed).choice(count, size=max_images, replace=False))
 
 
@@ -243,32 +400,35 @@ def _write_pngs(paths: Sequence[str], pixels: np.ndarray) -> None:
     logger.info("wrote %d PNGs, kept %d existing", written, len(paths) - written)
 
 
-def _missing(paths: Sequence[str]) -> dict[str, str]:
-    """'FileNotFoundError' for each path that is not a file (a table's rows may name any path)."""
-    return {path: "FileNotFoundError: no such file" for path in paths if not os.path.isfile(path)}
+def unreadable_rows(rows: pd.DataFrame, check: np.ndarray, workers: int) -> dict[int, tuple[str, str]]:
+    """The rows that are no file (of those not in a tar), and those of the rows ``check`` that fail to decode:
+    (name, error) by row."""
+    failed = {}
+    if not set(LOCATION) <= set(rows.columns):
+        missing = [i for i, path in enumerate(rows["path"]) if not os.path.isfile(path)]
+        failed = {i: (rows["path"].iloc[i], "FileNotFoundError: no such file") for i in missing}
+    check = np.setdiff1d(check, list(failed))
+    if len(check):
+        failed.update(_undecodable(rows.iloc[check], check, workers))
+    return dict(sorted(failed.items()))
 
 
-class _ReadCheck(Dataset):
-    """(path, error) per image; the error is empty when the image decodes."""
+class _ReadCheck(ImageDataset):
+    """(row, name, error) per image; the error is empty when the image decodes."""
 
-    def __init__(self, paths: Sequence[str]) -> None:
-        self.paths = paths
+    def __init__(self, rows: pd.DataFrame, numbers: np.ndarray) -> None:
+        super().__init__(rows.assign(id=numbers), transform=lambda image: image)
+        self.names = [member_name(row) for _, row in rows.iterrows()] if "key" in rows.columns else self.paths
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[str, str]:
+    def __getitem__(self, i: int) -> tuple[int, str, str]:
         try:
-            read_rgb(self.paths[i])
-        except READ_ERRORS as error:
-            return self.paths[i], f"{type(error).__name__}: {error}"
-        return self.paths[i], ""
+            read_rgb(self.source(i))
+        except (*READ_ERRORS, UnreadableImageError) as error:
+            return int(self.ids[i]), self.names[i], f"{type(error).__name__}: {error}"
+        return int(self.ids[i]), self.names[i], ""
 
 
-def _unreadable(paths: Sequence[str], workers: int) -> dict[str, str]:
-    """Decode every image in a DataLoader; return the error of each one that fails, by path."""
-    loader = DataLoader(_ReadCheck(paths), batch_size=VERIFY_BATCH, num_workers=workers, collate_fn=list)
-    errors: dict[str, str] = {}
-    for batch in progress(loader, desc="verify images", total=len(loader), unit="batch"):
-        errors.update((path, error) for path, error in batch if error)
-    return errors
+def _undecodable(rows: pd.DataFrame, numbers: np.ndarray, workers: int) -> dict[int, tuple[str, str]]:
+    """Decode each of ``rows`` (row ``numbers``) in a DataLoader; the (name, error) of each that fails, by number."""
+    loader = DataLoader(_ReadCheck(rows, numbers), batch_size=VERIFY_BATCH, num_workers=workers, collate_fn=list)
+    return {number: (name, error) for batch in loader for number, name, error in batch if error}

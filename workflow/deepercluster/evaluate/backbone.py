@@ -4,7 +4,6 @@ activations, the pooling of linear probes, and a labelled train/val split of a m
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,17 +89,11 @@ def labelled_roles(manifest: str, label_column: str) -> LabelledSet:
 
 
 def image_loader(
-    paths: Sequence[str],
-    ids: Sequence[int],
-    transform: Callable,
-    batch_size: int,
-    workers: int = 0,
-    shuffle: bool = False,
-    seed: int = 0,
+    images: ImageDataset, batch_size: int, workers: int = 0, shuffle: bool = False, seed: int = 0
 ) -> DataLoader:
-    """(images, ids) batches of ``data.ImageDataset``; shuffled with its own seeded generator."""
+    """(images, ids) batches of ``images``; shuffled with its own seeded generator."""
     return DataLoader(
-        ImageDataset(paths, ids, transform),
+        images,
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=workers,

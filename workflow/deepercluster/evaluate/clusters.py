@@ -70,7 +70,7 @@ def grid_figure(
     for panel, cluster in zip(axes, chosen, strict=False):
         members = assignment.index[assignment == cluster].to_numpy()
         picked = np.sort(rng.choice(members, size=min(per_cluster, len(members)), replace=False))
-        loaded = ImageDataset(images.loc[picked, "path"].tolist(), picked, functools.partial(thumbnail, side=side))
+        loaded = ImageDataset(images.loc[picked].reset_index(), functools.partial(thumbnail, side=side))
         panel.imshow(mosaic([loaded[i][0] for i in range(len(loaded))], side))
         caption = [f"cluster {cluster} ({len(members)} images)", *dominant_values(images.loc[members], columns)]
         panel.set_title("\n".join(caption), fontsize=9)

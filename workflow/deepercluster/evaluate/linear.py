@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deepercluster.data.images import feature_transform
+from deepercluster.data.images import ImageDataset, feature_transform
 from deepercluster.evaluate.backbone import (
     LabelledSet,
     conv_activations,
@@ -77,7 +77,7 @@ def probe_features(*, checkpoint: str, manifest: str, out: str, image_size: int,
     dims = {f"pooled/{name}": dim for name, (_, dim) in zip(names, pools, strict=True)}
     dims |= {f"channels/{name}": channels for name, (channels, _) in zip(names, shapes, strict=True)}
     log.info("probe features of %s (%s) on %d images: %s", checkpoint, state["arch"], len(images), dims)
-    loader = image_loader(images["path"], images["id"], feature_transform(image_size), batch_size, workers)
+    loader = image_loader(ImageDataset(images, feature_transform(image_size)), batch_size, workers)
     attrs = {"checkpoint_sha256": sha256(checkpoint), "arch": state["arch"], "pools": [s for s, _ in pools]}
     with probe_features_writer(out, images["id"].to_numpy(), names, dims, **attrs) as write:
         start = 0

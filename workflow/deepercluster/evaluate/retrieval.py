@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from deepercluster.cluster.pca import fit_whitening
-from deepercluster.data.images import feature_transform
+from deepercluster.data.images import ImageDataset, feature_transform
 from deepercluster.errors import EvaluationError
 from deepercluster.evaluate.backbone import conv_activations, device, frozen_backbone, image_loader
 from deepercluster.evaluate.common import average_precision
@@ -72,7 +72,7 @@ def region_vectors(activations: torch.Tensor, regions: np.ndarray) -> torch.Tens
 @torch.no_grad()
 def image_regions(model: ConvNet, paths: list[str], image_size: int, batch_size: int, workers: int) -> np.ndarray:
     """[images, regions, channels] R-MAC region vectors of the last conv layer (centre crops)."""
-    loader = image_loader(paths, np.arange(len(paths)), feature_transform(image_size), batch_size, workers)
+    loader = image_loader(ImageDataset.of_files(paths, feature_transform(image_size)), batch_size, workers)
     batches = []
     for x, _ in progress(loader, "R-MAC regions", total=len(loader), unit="batch"):
         activations = conv_activations(model, x.to(device()))[-1]

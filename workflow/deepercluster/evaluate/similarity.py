@@ -22,7 +22,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from deepercluster.data.images import feature_transform
+from deepercluster.data.images import ImageDataset, feature_transform
 from deepercluster.evaluate.backbone import conv_activations, device, frozen_backbone, image_loader, layer_names
 from deepercluster.evaluate.common import save_figure
 from deepercluster.evaluate.linear import activation_shapes, pooled, probe_pools
@@ -51,10 +51,12 @@ def conv_weights(model: ConvNet) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def layer_grams(model: ConvNet, paths: list[str], image_size: int, batch_size: int, workers: int) -> list[np.ndarray]:
-    """The ``centred_gram`` of each conv layer's pooled activations over the images ``paths``."""
+def layer_grams(
+    model: ConvNet, images: pd.DataFrame, image_size: int, batch_size: int, workers: int
+) -> list[np.ndarray]:
+    """The ``centred_gram`` of each conv layer's pooled activations over the manifest rows ``images``."""
     pools = probe_pools(activation_shapes(model, image_size))
-    loader = image_loader(paths, np.arange(len(paths)), feature_transform(image_size), batch_size, workers)
+    loader = image_loader(ImageDataset(images, feature_transform(image_size)), batch_size, workers)
     batches = [pooled(conv_activations(model, x.to(device())), pools)[: len(pools)] for x, _ in loader]
     return [centred_gram(torch.cat(layer).cpu().numpy()) for layer in zip(*batches, strict=True)]
 
@@ -65,14 +67,14 @@ def similarity(
 ) -> None:  # fmt: skip
     """Stage 'eval-similarity': each conv layer of each of ``checkpoints`` (rounds 0, 1, ...) against round 0's: its
     weights' cosine and its activations' linear CKA on the first ``images`` test images -> ``out``, ``plot``."""
-    paths = test_images(read_manifest(manifest))["path"].iloc[:images].tolist()
+    shown = test_images(read_manifest(manifest)).iloc[:images]
     start, _ = frozen_backbone(checkpoints[0])
     names, weights = layer_names(start), conv_weights(start)
-    grams = layer_grams(start, paths, image_size, batch_size, workers)
+    grams = layer_grams(start, shown, image_size, batch_size, workers)
     rows = []
     for r, checkpoint in enumerate(checkpoints):
         model, _ = frozen_backbone(checkpoint)
-        own = layer_grams(model, paths, image_size, batch_size, workers) if r else grams
+        own = layer_grams(model, shown, image_size, batch_size, workers) if r else grams
         for name, w0, w, g0, g in zip(names, weights, conv_weights(model), grams, own, strict=True):
             cosine = float(torch.nn.functional.cosine_similarity(w0, w, dim=0))
             rows.append({"round": r, "layer": name, "weight_cosine": cosine, "cka": linear_cka(g0, g)})
@@ -80,7 +82,7 @@ def similarity(
                                                 for row in rows[-len(names) :]))  # fmt: skip
     table = pd.DataFrame(rows)
     write_similarity(out, table)
-    save_figure(similarity_figure(table, len(paths)), plot)
+    save_figure(similarity_figure(table, len(shown)), plot)
 
 
 def similarity_figure(table: pd.DataFrame, images: int) -> Figure:

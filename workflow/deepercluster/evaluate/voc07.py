@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from deepercluster.checkpoints import load_model
-from deepercluster.data.images import train_transform
+from deepercluster.data.images import ImageDataset, train_transform
 from deepercluster.errors import EvaluationError
 from deepercluster.evaluate.backbone import device, image_loader
 from deepercluster.evaluate.common import average_precision
@@ -113,7 +113,7 @@ def fine_tune(
     parameters = [*set_trainable(model, setting), *head.parameters()]
     optimizer = torch.optim.SGD(parameters, lr=lr, momentum=MOMENTUM, weight_decay=weight_decay)
     transform = train_transform(image_size)
-    loader = image_loader(paths, np.arange(len(paths)), transform, batch_size, workers, shuffle=True, seed=seed)
+    loader = image_loader(ImageDataset.of_files(paths, transform), batch_size, workers, shuffle=True, seed=seed)
     labels = torch.from_numpy(targets)
     for epoch in range(epochs):
         train_mode(model, setting)
@@ -140,9 +140,8 @@ def crop_scores(
     for crop in range(TEST_CROPS):
         crop_seed = derived_seed(seed, crop)
         torch.manual_seed(crop_seed)  # the crops of the main process, and (through the loader's seed) of workers
-        loader = image_loader(
-            paths, np.arange(len(paths)), train_transform(image_size), batch_size, workers, seed=crop_seed
-        )
+        crops = ImageDataset.of_files(paths, train_transform(image_size))
+        loader = image_loader(crops, batch_size, workers, seed=crop_seed)
         for x, rows in progress(loader, f"voc07 test crop {crop + 1}/{TEST_CROPS}", total=len(loader), unit="batch"):
             scores[rows.numpy()] += torch.sigmoid(head(model(x.to(device())))).cpu().double().numpy()
     return scores / TEST_CROPS

@@ -1,5 +1,8 @@
 """``manifest.parquet``: one row per image, ``id`` (0..N-1), ``path``, then metadata columns (e.g. ``label``); and
-``skipped.tsv`` beside it, the images left out as unreadable.
+``skipped.tsv`` beside it, the images left out as unreadable. An image in a tar shard has ``path`` its tar, ``key``
+its name there and the columns ``data.tars.LOCATION`` (where its bytes are, and the tar's size and mtime when indexed).
+
+Both are written a row group (``ROW_GROUP`` rows) at a time, so building a manifest of any N holds one group.
 
 An image under the working directory is stored by its path relative to it, any other by its absolute path, so a
 run folder holding its images (the demo's) can be moved or copied elsewhere; ``read_manifest`` gives them back
@@ -8,8 +11,11 @@ absolute, resolved against the working directory of the stage reading it.
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import logging
 import os
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -23,15 +29,52 @@ from deepercluster.ids import in_sorted
 log = logging.getLogger(__name__)
 
 
+# The columns that say where an image's bytes are in its tar shard (a manifest with them reads its images from
+# tars): the offset and size of its bytes, and its tar's size and mtime when indexed (a tar changed since is refused).
+LOCATION = ("offset", "size", "tar_size", "tar_mtime_ns")
 # Rows per parquet row group: a features job reads the row groups holding its shard's rows, not the whole manifest.
 ROW_GROUP = 65_536
 
 
 def write_manifest(path: str | os.PathLike, frame: pd.DataFrame) -> None:
-    cwd = os.getcwd()
-    frame = frame.assign(path=[stored_path(p, cwd) for p in frame["path"]])
-    with atomic_output(path) as partial:
-        frame.to_parquet(partial, index=False, row_group_size=ROW_GROUP)
+    """The manifest ``frame`` (every row at once)."""
+    with manifest_writer(path, pa.Schema.from_pandas(frame, preserve_index=False)) as write:
+        write(frame)
+
+
+class ManifestRows:
+    """Appends rows to a manifest being written, a row group of ``ROW_GROUP`` rows at a time."""
+
+    def __init__(self, writer: pq.ParquetWriter) -> None:
+        self.writer, self.pending, self.count, self.cwd = writer, [], 0, os.getcwd()
+
+    def __call__(self, frame: pd.DataFrame) -> None:
+        """Append ``frame``'s rows (columns of the schema missing from it are null)."""
+        frame = frame.assign(path=[stored_path(p, self.cwd) for p in frame["path"]])
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+                   for f in self.writer.schema]  # fmt: skip
+        self.pending.append(pa.Table.from_arrays(columns, schema=self.writer.schema))
+        self.count += len(frame)
+        self.flush(final=False)
+
+    def flush(self, final: bool) -> None:
+        """Write the pending rows' whole row groups (all of them when ``final``)."""
+        pending = pa.concat_tables(self.pending) if self.pending else None
+        whole = 0 if pending is None else len(pending) if final else len(pending) // ROW_GROUP * ROW_GROUP
+        if whole:
+            self.writer.write_table(pending.slice(0, whole), row_group_size=ROW_GROUP)
+        self.pending = [pending.slice(whole)] if pending is not None and whole < len(pending) else []
+
+
+@contextlib.contextmanager
+def manifest_writer(path: str | os.PathLike, schema: pa.Schema) -> Iterator[ManifestRows]:
+    """A manifest with ``schema`` written atomically: ``ManifestRows`` to append to; renamed onto ``path`` when the
+    block ends without an exception."""
+    with atomic_output(path) as partial, pq.ParquetWriter(partial, schema) as writer:
+        rows = ManifestRows(writer)
+        yield rows
+        rows.flush(final=True)
 
 
 def stored_path(image: str, cwd: str) -> str:
@@ -77,11 +120,13 @@ def manifest_file(manifest: str) -> pq.ParquetFile:
 
 
 def read_manifest_ids(manifest: str, ids: np.ndarray) -> pd.DataFrame:
-    """The id and path of the images ``ids``, in the manifest's order, read a row group at a time: memory is that
-    of those rows and one group, whatever N (a training group's images)."""
-    wanted, parts = np.sort(np.asarray(ids, np.int64)), []
+    """The id and path (and for an image in a tar, its ``LOCATION``) of the images ``ids``, in the manifest's order,
+    read a row group at a time: memory is that of those rows and one group, whatever N (a training group's
+    images)."""
+    wanted, parts, file = np.sort(np.asarray(ids, np.int64)), [], manifest_file(manifest)
+    columns = [c for c in file.schema_arrow.names if c in ("id", "path", *LOCATION)]
     try:
-        for batch in manifest_file(manifest).iter_batches(ROW_GROUP, columns=["id", "path"]) if len(wanted) else []:
+        for batch in file.iter_batches(ROW_GROUP, columns=columns) if len(wanted) else []:
             found = batch.column("id").to_numpy()
             parts.append(batch.filter(pa.array(in_sorted(found, wanted))))
     except (OSError, ValueError) as error:
@@ -102,9 +147,20 @@ def absolute(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_skipped(path: str | os.PathLike, errors: dict[str, str]) -> None:
-    """``skipped.tsv``: ``path`` and ``error`` of each image the manifest left out as unreadable."""
-    with atomic_output(path) as partial:
-        pd.DataFrame({"path": list(errors), "error": list(errors.values())}).to_csv(partial, sep="\t", index=False)
+    """``skipped.tsv`` (every row at once)."""
+    with skipped_writer(path) as write:
+        for image, error in errors.items():
+            write(image, error)
+
+
+@contextlib.contextmanager
+def skipped_writer(path: str | os.PathLike) -> Iterator[Callable[[str, str], object]]:
+    """``skipped.tsv`` written a row at a time, atomically: ``path`` and ``error`` of each image the manifest left
+    out as unreadable; yields a function of (path, error)."""
+    with atomic_output(path) as partial, open(partial, "w", newline="") as file:
+        table = csv.writer(file, delimiter="\t", lineterminator="\n")
+        table.writerow(["path", "error"])
+        yield lambda image, error: table.writerow([image, error])
 
 
 def manifest_size(manifest: str) -> int:

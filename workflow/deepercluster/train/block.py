@@ -92,7 +92,7 @@ def block_data(
     images, clusters = group_images(manifest, labels, method, layout)
     sampler = group_sampler(method, layout, clusters, manifest_size(manifest), seed)
     augment = train_transform(image_size, min_crop_scale)
-    dataset = RotatedImages(ImageDataset(images["path"].tolist(), images["id"].tolist(), augment))
+    dataset = RotatedImages(ImageDataset(images, augment))
     super_clusters, sub_clusters = (torch.tensor(clusters.table[c].to_numpy()) for c in SPLIT)
     group_batch = min(batch_size // layout.groups, len(sampler))
     return BlockData(method, dataset, super_clusters, sub_clusters, targets, layout, group, sampler, group_batch)

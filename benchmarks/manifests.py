@@ -1,0 +1,146 @@
+"""The manifest stage at scale: its rate and peak memory at N and 4N images, as a folder and as tar shards; and
+reading images from tar shards against the same images as loose files."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from benchmarks.cases import Report, peak_rss, timed_pair
+from deepercluster.data.images import ImageDataset
+from deepercluster.formats.manifest import read_manifest
+
+FILES_PER_FOLDER = 1_000
+QUARTERS = "abcd"  # the 4N collection is four N collections side by side, the first of them the N one
+
+
+def image_bytes(seed: int) -> bytes:
+    """A 32 x 32 greyscale PNG of seeded noise (Fashion-MNIST's size, as the demo's files)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def write_collection(root: Path, rows: int, per_tar: int) -> None:
+    """``4 * rows`` images as files (``root/files/{quarter}/{folder}/{i}.png``) and as tars of ``per_tar``
+    (``root/tars/{quarter}/shard-{j}.tar``, each image with a ``.cls``), the first quarter ``rows`` of each."""
+    images = [image_bytes(seed) for seed in range(64)]
+    for quarter in QUARTERS:
+        files, tars = root / "files" / quarter, root / "tars" / quarter
+        for i in range(rows):
+            path = files / f"{i // FILES_PER_FOLDER:05d}" / f"{i:08d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(images[i % len(images)])
+        tars.mkdir(parents=True, exist_ok=True)
+        for start in range(0, rows, per_tar):
+            with tarfile.open(tars / f"shard-{start // per_tar:06d}.tar", "w") as tar:
+                for i in range(start, min(rows, start + per_tar)):
+                    add(tar, f"{quarter}{i:08d}.png", images[i % len(images)])
+                    add(tar, f"{quarter}{i:08d}.cls", str(i % 10).encode())
+
+
+def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    member = tarfile.TarInfo(name)
+    member.size = len(data)
+    tar.addfile(member, io.BytesIO(data))
+
+
+def manifest_run(source: str, path: Path, out: Path, verify: str) -> tuple[float, float]:
+    """(wall seconds, peak RSS MB) of the manifest stage on ``path``, 2 workers."""
+    command = [
+        "-m",
+        "deepercluster",
+        "manifest",
+        "--source",
+        source,
+        "--path",
+        str(path),
+        "--manifest",
+        str(out / "manifest.parquet"),
+        "--skipped",
+        str(out / "skipped.tsv"),
+        "--seed",
+        "0",
+        "--no-label-from-folder",
+        "--path-column",
+        "path",
+        "--verify-images",
+        verify,
+        "--workers",
+        "2",
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    tick = time.perf_counter()
+    peak = peak_rss(command)
+    return time.perf_counter() - tick, peak
+
+
+def manifest_case(report: Report, work: Path, rows: int, per_tar: int) -> None:
+    """The manifest stage at N and 4N images, folder and tar shards, no image decoded: its peak memory flat in N, its
+    time linear; then the rate of decoding every image of N (verify_images: all)."""
+    write_collection(work / "collection", rows, per_tar)
+    for source, folder in (("folder", "files"), ("tar", "tars")):
+        small = manifest_run(source, work / "collection" / folder / QUARTERS[0], work / f"m-{source}-n", "none")
+        large = manifest_run(source, work / "collection" / folder, work / f"m-{source}-4n", "none")
+        sizes = f"N={rows} images{f', tars of {per_tar}' if source == 'tar' else ''}, no image decoded"
+        report.add(
+            f"manifest peak RSS, 4N vs N ({source})",
+            sizes,
+            f"{large[1]:.0f} MB",
+            f"{small[1]:.0f} MB",
+            large[1] / small[1],
+            "<=",
+            1.1,
+        )
+        per_image = (large[0] / (4 * rows), small[0] / rows)
+        report.add(
+            f"manifest time per image, 4N vs N ({source})",
+            sizes,
+            f"{per_image[0] * 1e6:.1f} us",
+            f"{per_image[1] * 1e6:.1f} us",
+            per_image[0] / per_image[1],
+            "<=",
+            1.1,
+        )
+        report.figure(
+            f"manifest stage ({source}), N / 4N images, none decoded",
+            f"{rows / small[0]:.0f} / {4 * rows / large[0]:.0f} img/s, {small[1]:.0f} / {large[1]:.0f} MB",
+        )
+        verified = manifest_run(source, work / "collection" / folder / QUARTERS[0], work / f"m-{source}-all", "all")
+        report.figure(
+            f"manifest stage ({source}), N images, all decoded (2 workers)", f"{rows / verified[0]:.0f} img/s"
+        )
+
+
+def tar_read_case(report: Report, work: Path, rows: int, repeats: int = 5) -> None:
+    """Reading and decoding the same images from tar shards (one pread each) and as loose files (open, read,
+    close), best of ``repeats`` alternating passes, on the manifests ``manifest_case`` built; both from the page
+    cache (this machine's disk is no parallel file system, where an open costs far more)."""
+    frames = {
+        s: read_manifest(str(work / f"m-{s}-n" / "manifest.parquet")).iloc[: min(rows, 20_000)]
+        for s in ("tar", "folder")
+    }
+    sets = {source: ImageDataset(frame, np.asarray) for source, frame in frames.items()}
+
+    def read(source: str) -> None:
+        images = sets[source]
+        for i in range(len(images)):
+            images[i]
+
+    ours, bare = timed_pair(repeats, lambda: read("tar"), lambda: read("folder"))
+    n = len(frames["tar"])
+    report.add(
+        "image reads, tar shards vs loose files",
+        f"{n} PNGs of 32 px, page cache warm, 1 process",
+        f"{n / ours:.0f} img/s",
+        f"{n / bare:.0f} img/s (files)",
+        bare / ours,
+        ">=",
+        1.0,
+    )
