@@ -105,8 +105,14 @@ def build_manifest(
         chosen = found.count if keep is None else len(keep)
         checked = None if checks is None else _subsample(chosen, checks, derived_seed(seed, 1))
         kept, errors = write_kept(found, keep, checked, manifest, skipped, workers, root, looked_for)
-    logger.info("%s: %d images found, %d kept (max_images=%s), %d skipped as unreadable", root, found.count,
-                kept, max_images, errors)  # fmt: skip
+    logger.info(
+        "%s: %d images found, %d kept (max_images=%s), %d skipped as unreadable",
+        root,
+        found.count,
+        kept,
+        max_images,
+        errors,
+    )
 
 
 def verification(verify_images: str) -> int | None:
@@ -126,21 +132,22 @@ class Candidates:
     def __init__(self, scratch: Path) -> None:
         self.scratch, self.files, self.count = scratch, [], 0
 
-    def write(self, source: str, root: Path, label_from_folder: bool, path_column: str, split: str | None,
-              workers: int) -> str:  # fmt: skip
+    def write(
+        self, source: str, root: Path, label_from_folder: bool, path_column: str, split: str | None, workers: int
+    ) -> str:
         """Write the candidates of ``source``; return what was looked for."""
         chunks, looked_for = source_chunks(source, root, label_from_folder, path_column, workers)
-        in_split = 0
+        seen = 0
         for chunk in rows_of(chunks, ROW_GROUP):
+            seen += len(chunk)
             if split is not None and "split" in chunk.columns:
-                in_split += int((chunk["split"] == split).sum())
                 chunk = chunk[chunk["split"] == split]
             self.files.append(self.scratch / f"{len(self.files):06d}.parquet")
             chunk.reset_index(drop=True).to_parquet(self.files[-1], index=False)
             self.count += len(chunk)
         if source == "tar":
             check_unique_keys(self)
-        logger.info("%d candidate images%s", self.count, f" in split {split!r}" if split is not None else "")
+        logger.info("%d images found, %d in split %r (all those without a split column)", seen, self.count, split)
         return looked_for
 
     def __iter__(self) -> Iterator[tuple[int, pd.DataFrame]]:
@@ -157,8 +164,9 @@ class Candidates:
         return pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
 
 
-def source_chunks(source: str, root: Path, label_from_folder: bool, path_column: str,
-                  workers: int) -> tuple[Iterator[pd.DataFrame], str]:  # fmt: skip
+def source_chunks(
+    source: str, root: Path, label_from_folder: bool, path_column: str, workers: int
+) -> tuple[Iterator[pd.DataFrame], str]:
     """The candidate rows of ``source``, in frames of any size, and what was looked for."""
     if source == "folder":
         return folder_chunks(root, label_from_folder), f"files ending in {', '.join(IMAGE_EXTENSIONS)}"
@@ -184,30 +192,28 @@ def rows_of(chunks: Iterator[pd.DataFrame], size: int) -> Iterator[pd.DataFrame]
         yield pd.concat(pending, ignore_index=True)
 
 
-def write_kept(found: Candidates, keep: np.ndarray | None, checked: np.ndarray | None, manifest: str, skipped: str,
-               workers: int, root: Path, looked_for: str) -> tuple[int, int]:  # fmt: skip
+def write_kept(
+    found: Candidates,
+    keep: np.ndarray | None,
+    checked: np.ndarray | None,
+    manifest: str,
+    skipped: str,
+    workers: int,
+    root: Path,
+    looked_for: str,
+) -> tuple[int, int]:
     """Write the candidates ``keep`` (sorted indices; None: all) that are readable to ``manifest``, the others to
     ``skipped``; decode those ``checked`` (sorted indices into the kept ones; None: all). Return the (kept, skipped)
     counts."""
     errors, example = 0, ""
-    schema = found.schema()
-    columns = pa.schema([f for f in schema if f.name != PIXEL_ROW])
+    columns = [f for f in found.schema() if f.name != PIXEL_ROW]
     with manifest_writer(manifest, pa.schema([("id", pa.int64()), *columns])) as write:
         with skipped_writer(skipped) as skip:
             for start, chunk in progress(found, "manifest", total=len(found.files), unit="chunk"):
-                everyone = np.arange(start, start + len(chunk))
-                picked = everyone if keep is None else keep[in_range(keep, start, len(chunk))]
-                rows = chunk.iloc[picked - start].reset_index(drop=True)
-                if PIXEL_ROW in rows.columns:
-                    _write_pngs(rows["path"].tolist(), _fashion_mnist_pixels(root)[rows.pop(PIXEL_ROW).to_numpy()])
-                first = start if keep is None else int(np.searchsorted(keep, start))  # its first kept row's ordinal
-                check = np.arange(len(rows)) if checked is None else checked[in_range(checked, first, len(rows))]
-                check -= 0 if checked is None else first
-                failed = unreadable_rows(rows, check, workers)
-                for name, error in failed.values():
+                rows, failed = kept_rows(chunk, start, keep, checked, workers, root)
+                for name, error in failed:
                     skip(name, error)
                     example = example or f", e.g. {name}"
-                rows = rows.drop(index=list(failed)).reset_index(drop=True)
                 rows.insert(0, "id", np.arange(write.count, write.count + len(rows), dtype=np.int64))
                 write(rows)
                 errors += len(failed)
@@ -215,9 +221,25 @@ def write_kept(found: Candidates, keep: np.ndarray | None, checked: np.ndarray |
             logger.warning("%d unreadable images skipped; they are listed in %s", errors, skipped)
         if write.count == 0:  # raised here, the manifest is not written
             unreadable = f"; {errors} unreadable{example}, listed in {skipped}" if errors else ""
-            raise DataError(f"no readable images in {root} (looked for {looked_for}{unreadable}); fix data.path or "
-                            "data.source")  # fmt: skip
+            raise DataError(
+                f"no readable images in {root} (looked for {looked_for}{unreadable}); fix data.path or data.source"
+            )
     return write.count, errors
+
+
+def kept_rows(
+    chunk: pd.DataFrame, start: int, keep: np.ndarray | None, checked: np.ndarray | None, workers: int, root: Path
+) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """The rows of ``chunk`` (candidates ``start``, ...) that are kept and readable, and the (name, error) of those
+    kept but unreadable; Fashion-MNIST's kept images written as PNGs first."""
+    picked = np.arange(start, start + len(chunk)) if keep is None else keep[in_range(keep, start, len(chunk))]
+    rows = chunk.iloc[picked - start].reset_index(drop=True)
+    if PIXEL_ROW in rows.columns:
+        _write_pngs(rows["path"].tolist(), _fashion_mnist_pixels(root)[rows.pop(PIXEL_ROW).to_numpy()])
+    first = start if keep is None else int(np.searchsorted(keep, start))  # the kept ordinal of rows' first
+    check = np.arange(len(rows)) if checked is None else checked[in_range(checked, first, len(rows))] - first
+    failed = unreadable_rows(rows, check, workers)
+    return rows.drop(index=list(failed)).reset_index(drop=True), list(failed.values())
 
 
 def in_range(sorted_values: np.ndarray, start: int, count: int) -> np.ndarray:
@@ -279,8 +301,10 @@ def tar_chunks(root: str, workers: int) -> Iterator[pd.DataFrame]:
         indexes = pool.imap(index, tars) if pool is not None else map(index, tars)
         for tar, frame in zip(tars, progress(indexes, "index tars", total=len(tars), unit="tar"), strict=True):
             if frame.empty:
-                raise DataError(f"{tar} holds no image members ({', '.join(IMAGE_EXTENSIONS)}); move it out of "
-                                "data.path, or add its images")  # fmt: skip
+                raise DataError(
+                    f"{tar} holds no image members ({', '.join(IMAGE_EXTENSIONS)}); move it out of "
+                    "data.path, or add its images"
+                )
             yield frame
 
 

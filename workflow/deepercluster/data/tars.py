@@ -134,8 +134,9 @@ class TarReader:
         """The image bytes ``[offset, offset + size)`` of the tar ``path``."""
         data = os.pread(self.descriptor(path, tar_size, tar_mtime_ns), size, offset)
         if len(data) != size:
-            raise UnreadableImageError(f"{path} ended at byte {offset + len(data)} inside an image of {size} bytes "
-                                       f"at {offset}; {RESTORE}")  # fmt: skip
+            raise UnreadableImageError(
+                f"{path} ended at byte {offset + len(data)} inside an image of {size} bytes at {offset}; {RESTORE}"
+            )
         return io.BytesIO(data)
 
     def descriptor(self, path: str, tar_size: int, tar_mtime_ns: int) -> int:

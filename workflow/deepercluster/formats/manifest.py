@@ -52,8 +52,10 @@ class ManifestRows:
         """Append ``frame``'s rows (columns of the schema missing from it are null)."""
         frame = frame.assign(path=[stored_path(p, self.cwd) for p in frame["path"]])
         table = pa.Table.from_pandas(frame, preserve_index=False)
-        columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
-                   for f in self.writer.schema]  # fmt: skip
+        columns = [
+            table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+            for f in self.writer.schema
+        ]
         self.pending.append(pa.Table.from_arrays(columns, schema=self.writer.schema))
         self.count += len(frame)
         self.flush(final=False)
