@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from deepercluster.data.images import ImageDataset
-from deepercluster.data.manifest import build_manifest
+from deepercluster.data.manifest import build_manifest, join_evaluation
 from deepercluster.errors import DataError, UnreadableImageError
-from deepercluster.formats.manifest import read_manifest
+from deepercluster.formats.manifest import read_manifest, write_manifest
 from defaults import manifest_settings
 from test_workflow import snakemake
 
@@ -98,6 +98,23 @@ def test_tars_index_to_the_folders_rows_and_pixels(collection: tuple[pd.DataFram
     # A glob names the same tars; a sample of 5 decoded, the others only indexed.
     again = build(tmp_path / "glob", source="tar", path=str(tars[0].parent / "shard-*.tar"), verify_images="5")
     assert again.drop(columns="path").equals(frame.drop(columns="path"))
+
+
+def test_an_evaluation_manifest_joins_tar_images_and_files(
+    collection: tuple[pd.DataFrame, list[Path]], tmp_path: Path
+) -> None:
+    """The train role from a tar, the test role from files: each image's pixels as its own manifest reads them."""
+    folder, tars = collection
+    train = build(tmp_path / "train", source="tar", path=str(tars[0]))
+    write_manifest(tmp_path / "test.parquet", folder)
+    join_evaluation(
+        train=str(tmp_path / "train/manifest.parquet"), test=str(tmp_path / "test.parquet"), out=str(tmp_path / "e.pq")
+    )
+    joined = ImageDataset(read_manifest(str(tmp_path / "e.pq")), np.asarray)
+    alone = [ImageDataset(train, np.asarray), ImageDataset(folder, np.asarray)]
+    assert len(joined) == 20 + 60
+    for i in range(len(joined)):
+        assert np.array_equal(joined[i][0], alone[i >= 20][i - 20 * (i >= 20)][0])
 
 
 def test_an_unreadable_member_is_skipped_and_named(collection: tuple[pd.DataFrame, list[Path]], tmp_path: Path) -> None:

@@ -68,7 +68,7 @@ class ImageDataset(Dataset):
         self.paths = images["path"].tolist()
         self.ids = images["id"].to_numpy(np.int64)
         in_tars = set(LOCATION) <= set(images.columns)
-        self.location = images[list(LOCATION)].fillna(-1).to_numpy(np.int64) if in_tars else None
+        self.location = images[list(LOCATION)].to_numpy(np.float64) if in_tars else None
         self.tars = TarReader()
         self.transform = transform
 
@@ -82,9 +82,10 @@ class ImageDataset(Dataset):
 
     def source(self, i: int) -> str | BinaryIO:
         """Image ``i``'s file, or its bytes read from its tar."""
-        if self.location is None or self.location[i, 0] < 0:
+        if not self.in_tar(i):
             return self.paths[i]
-        return self.tars.read(self.paths[i], *self.location[i].tolist())
+        offset, size, tar_size, tar_mtime = self.location[i].tolist()
+        return self.tars.read(self.paths[i], int(offset), int(size), int(tar_size), tar_mtime)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         try:
@@ -97,10 +98,15 @@ class ImageDataset(Dataset):
             ) from error
         return self.transform(image), int(self.ids[i])
 
+    def in_tar(self, i: int) -> bool:
+        return self.location is not None and not np.isnan(self.location[i, 0])
+
     def member(self, i: int) -> str:
         """Where in its tar image ``i`` is (empty for an image file)."""
-        in_tar = self.location is not None and self.location[i, 0] >= 0
-        return f" (bytes {self.location[i, 0]} to {self.location[i, 0] + self.location[i, 1]})" if in_tar else ""
+        if not self.in_tar(i):
+            return ""
+        offset, size = self.location[i, :2].astype(np.int64)
+        return f" (bytes {offset} to {offset + size})"
 
 
 def feature_transform(image_size: int) -> Callable:

@@ -2,7 +2,7 @@
 indexed from their headers and read by one positioned read each, never extracted.
 
 A tar's index gives one row per image member: the tar's ``path``, the member's ``key``, the ``offset`` and
-``size`` of its bytes, the tar's ``tar_size`` and ``tar_mtime_ns`` when it was indexed (a tar changed since is
+``size`` of its bytes, the tar's ``tar_size`` and ``tar_mtime`` when it was indexed (a tar changed since is
 refused): ``formats.manifest.LOCATION``; and the key's metadata members as columns: ``.cls`` -> ``label``,
 ``.txt`` -> ``text``, each top-level scalar of ``.json`` -> a column of its name.
 """
@@ -50,7 +50,7 @@ def index_tar(path: str, image_extensions: tuple[str, ...]) -> pd.DataFrame:
         for key, m in images.items()
     ]
     frame = pd.DataFrame(rows, columns=["path", "key", "offset", "size"] if not rows else None)
-    return frame.assign(tar_size=stat.st_size, tar_mtime_ns=stat.st_mtime_ns)
+    return frame.assign(tar_size=stat.st_size, tar_mtime=stat.st_mtime)
 
 
 def file_members(file: io.BufferedReader, path: str, size: int) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
@@ -130,16 +130,16 @@ class TarReader:
         for descriptor in self.files.values():
             os.close(descriptor)
 
-    def read(self, path: str, offset: int, size: int, tar_size: int, tar_mtime_ns: int) -> io.BytesIO:
+    def read(self, path: str, offset: int, size: int, tar_size: int, tar_mtime: float) -> io.BytesIO:
         """The image bytes ``[offset, offset + size)`` of the tar ``path``."""
-        data = os.pread(self.descriptor(path, tar_size, tar_mtime_ns), size, offset)
+        data = os.pread(self.descriptor(path, tar_size, tar_mtime), size, offset)
         if len(data) != size:
             raise UnreadableImageError(
                 f"{path} ended at byte {offset + len(data)} inside an image of {size} bytes at {offset}; {RESTORE}"
             )
         return io.BytesIO(data)
 
-    def descriptor(self, path: str, tar_size: int, tar_mtime_ns: int) -> int:
+    def descriptor(self, path: str, tar_size: int, tar_mtime: float) -> int:
         """The open file of ``path``, opened (and checked) when this process has not kept it open."""
         if path in self.files:
             self.files.move_to_end(path)
@@ -149,11 +149,11 @@ class TarReader:
         except OSError as error:
             raise UnreadableImageError(f"cannot open {path} ({error.strerror}); {RESTORE}") from error
         stat = os.fstat(descriptor)
-        if (stat.st_size, stat.st_mtime_ns) != (tar_size, tar_mtime_ns):
+        if (stat.st_size, stat.st_mtime) != (tar_size, tar_mtime):
             os.close(descriptor)
             raise UnreadableImageError(
                 f"{path} changed since results/data/manifest.parquet was built (now {stat.st_size} bytes, modified "
-                f"{stat.st_mtime_ns}; then {tar_size} bytes, {tar_mtime_ns}): its images' offsets no longer hold; "
+                f"{stat.st_mtime}; then {tar_size} bytes, {tar_mtime}): its images' offsets no longer hold; "
                 "restore it, or delete the manifest and rerun to index it again"
             )
         self.files[path] = descriptor

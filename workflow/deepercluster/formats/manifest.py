@@ -30,8 +30,10 @@ log = logging.getLogger(__name__)
 
 
 # The columns that say where an image's bytes are in its tar shard (a manifest with them reads its images from
-# tars): the offset and size of its bytes, and its tar's size and mtime when indexed (a tar changed since is refused).
-LOCATION = ("offset", "size", "tar_size", "tar_mtime_ns")
+# tars): the offset and size of its bytes, and its tar's size and mtime (float seconds, as os.stat gives it) when
+# indexed (a tar changed since is refused). Null for an image file in a manifest that joins both (the evaluation
+# images'), where they read back as float64: exact for any offset below 2^53 and for the mtime as indexed.
+LOCATION = ("offset", "size", "tar_size", "tar_mtime")
 # Rows per parquet row group: a features job reads the row groups holding its shard's rows, not the whole manifest.
 ROW_GROUP = 65_536
 
