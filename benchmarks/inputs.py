@@ -82,6 +82,7 @@ def image_round(folder: Path, images: int, arch: str = "small_convnet") -> Image
         label_from_folder=True,
         path_column="path",
         split=None,
+        uncurated=None,
         verify_images="none",
         workers=0,
     )

@@ -12,7 +12,7 @@ CONFIG = validate_config({})
 
 def manifest_settings(**changes: Any) -> dict[str, Any]:
     data = CONFIG["data"]
-    keys = ("max_images", "label_from_folder", "path_column", "split", "verify_images")
+    keys = ("max_images", "label_from_folder", "path_column", "split", "uncurated", "verify_images")
     return {"seed": CONFIG["seed"], "workers": 0, **{key: data[key] for key in keys}, **changes}
 
 

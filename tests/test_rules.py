@@ -76,6 +76,7 @@ CHANGED = {
         "label_from_folder": False,
         "split": None,
         "max_images": 250,
+        "uncurated": {"tail_ratio": 20, "duplicate_share": 0.05, "distractor_share": 0.2},
         "verify_images": "none",
         "image_size": 40,
         "workers": 1,
@@ -212,7 +213,8 @@ def expected(rule: str, config: dict, arguments: dict) -> dict:
     image = {"image_size": data["image_size"], "workers": data["workers"]}
     return {
         "manifest": {"seed": config["seed"], **{key: data[key] for key in (
-            "source", "path", "path_column", "label_from_folder", "split", "max_images", "verify_images", "workers")}},
+            "source", "path", "path_column", "label_from_folder", "split", "max_images", "uncurated", "verify_images",
+            "workers")}},
         "initial_checkpoint": {"seed": config["seed"], **config["model"]},
         "features": {**image, "shard_size": config["features"]["shard_size"],
                      "batch_size": config["features"]["batch_size"]},

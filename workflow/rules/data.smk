@@ -20,6 +20,7 @@ checkpoint manifest:
             label_from_folder=config["data"]["label_from_folder"],
             split=config["data"]["split"],
             max_images=config["data"]["max_images"],
+            uncurated=config["data"]["uncurated"],
             verify_images=config["data"]["verify_images"],
             workers=config["data"]["workers"],
         ),

@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import gzip
+import hashlib
 import logging
 import multiprocessing
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from deepercluster.data.images import READ_ERRORS, ImageDataset, read_rgb
+from deepercluster.data.pools import uncurated_pool
 from deepercluster.data.tars import duplicate_keys, index_tar, member_name, tar_paths
 from deepercluster.errors import DataError, UnreadableImageError
 from deepercluster.files import atomic_output, scratch_folder
@@ -79,6 +82,7 @@ def build_manifest(
     label_from_folder: bool,
     path_column: str,
     split: str | None,
+    uncurated: dict[str, float] | None,
     verify_images: str,
     workers: int,
 ) -> None:
@@ -87,8 +91,10 @@ def build_manifest(
     subsample of ``max_images``), checked, into the manifest.
 
     ``split`` keeps only the images whose ``split`` metadata column has that value (Fashion-MNIST's
-    train or test split, a table's split column); images without that column are all kept. ``verify_images``: decode
-    ``all`` the kept images, ``none``, or a seeded sample of that many; an image found unreadable is left out.
+    train or test split, a table's split column); images without that column are all kept. ``uncurated`` (source
+    fashion-mnist) draws an uncurated pool of ``max_images`` from the split instead (``data.pools``).
+    ``verify_images``: decode ``all`` the kept images, ``none``, or a seeded sample of that many; an image found
+    unreadable is left out.
     """
     if source not in SOURCES:
         raise DataError(f"data.source is {source!r}; set it to one of {', '.join(SOURCES)}")
@@ -98,9 +104,10 @@ def build_manifest(
     root = Path(os.path.abspath(path))
     if source not in ("fashion-mnist", "tar") and not root.exists():
         raise DataError(f"{root} does not exist; set data.path in the config to your images")
+    request = Source(source, root, label_from_folder, path_column, split, uncurated, max_images, seed, workers)
     with scratch_folder(manifest) as scratch:
         found = Candidates(scratch)
-        looked_for = found.write(source, root, label_from_folder, path_column, split, workers)
+        looked_for = found.write(request)
         keep = _subsample(found.count, max_images, seed)
         chosen = found.count if keep is None else len(keep)
         checked = None if checks is None else _subsample(chosen, checks, derived_seed(seed, 1))
@@ -125,19 +132,33 @@ def verification(verify_images: str) -> int | None:
     return int(verify_images)
 
 
+@dataclass(frozen=True)
+class Source:
+    """What the manifest stage is asked to list: ``build_manifest``'s arguments of the same names."""
+
+    source: str
+    root: Path
+    label_from_folder: bool
+    path_column: str
+    split: str | None
+    uncurated: dict[str, float] | None
+    max_images: int | None
+    seed: int
+    workers: int
+
+
 class Candidates:
     """A source's images (split kept), written in chunks of ``ROW_GROUP`` rows to scratch parquet files: their
-    number, their chunks in order, and one schema for them all."""
+    number, their chunks in order, and one schema for them all; and for images to write (Fashion-MNIST's), their
+    pixels by ``PIXEL_ROW``."""
 
     def __init__(self, scratch: Path) -> None:
-        self.scratch, self.files, self.count = scratch, [], 0
+        self.scratch, self.files, self.count, self.pixels = scratch, [], 0, None
 
-    def write(
-        self, source: str, root: Path, label_from_folder: bool, path_column: str, split: str | None, workers: int
-    ) -> str:
-        """Write the candidates of ``source``; return what was looked for."""
-        chunks, looked_for = source_chunks(source, root, label_from_folder, path_column, workers)
-        seen = 0
+    def write(self, request: Source) -> str:
+        """Write the candidates of ``request``; return what was looked for."""
+        chunks, looked_for = self.source_chunks(request)
+        split, seen = request.split, 0
         for chunk in rows_of(chunks, ROW_GROUP):
             seen += len(chunk)
             if split is not None and "split" in chunk.columns:
@@ -145,7 +166,7 @@ class Candidates:
             self.files.append(self.scratch / f"{len(self.files):06d}.parquet")
             chunk.reset_index(drop=True).to_parquet(self.files[-1], index=False)
             self.count += len(chunk)
-        if source == "tar":
+        if request.source == "tar":
             check_unique_keys(self)
         logger.info("%d images found, %d in split %r (all those without a split column)", seen, self.count, split)
         return looked_for
@@ -158,23 +179,22 @@ class Candidates:
             yield start, chunk
             start += len(chunk)
 
+    def source_chunks(self, request: Source) -> tuple[Iterator[pd.DataFrame], str]:
+        """The candidate rows of ``request``, in frames of any size, and what was looked for."""
+        root = request.root
+        if request.source == "folder":
+            return folder_chunks(root, request.label_from_folder), f"files ending in {', '.join(IMAGE_EXTENSIONS)}"
+        if request.source == "tar":
+            return tar_chunks(str(root), request.workers), f"image members ({', '.join(IMAGE_EXTENSIONS)}) of tars"
+        if request.source == "table":
+            return iter([_table_candidates(root, request.path_column)]), f"paths in column {request.path_column!r}"
+        frame, self.pixels = fashion_mnist_candidates(request)
+        return iter([frame]), "Fashion-MNIST"
+
     def schema(self) -> pa.Schema:
         """The columns of every chunk, each of the type that holds all of its chunks' values."""
         schemas = [pq.read_schema(f).remove_metadata() for f in self.files]
         return pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
-
-
-def source_chunks(
-    source: str, root: Path, label_from_folder: bool, path_column: str, workers: int
-) -> tuple[Iterator[pd.DataFrame], str]:
-    """The candidate rows of ``source``, in frames of any size, and what was looked for."""
-    if source == "folder":
-        return folder_chunks(root, label_from_folder), f"files ending in {', '.join(IMAGE_EXTENSIONS)}"
-    if source == "tar":
-        return tar_chunks(str(root), workers), f"image members ({', '.join(IMAGE_EXTENSIONS)}) of .tar files"
-    if source == "table":
-        return iter([_table_candidates(root, path_column)]), f"image paths in column {path_column!r}"
-    return iter([_fashion_mnist_candidates(root)]), "Fashion-MNIST"
 
 
 def rows_of(chunks: Iterator[pd.DataFrame], size: int) -> Iterator[pd.DataFrame]:
@@ -210,7 +230,7 @@ def write_kept(
     with manifest_writer(manifest, pa.schema([("id", pa.int64()), *columns])) as write:
         with skipped_writer(skipped) as skip:
             for start, chunk in progress(found, "manifest", total=len(found.files), unit="chunk"):
-                rows, failed = kept_rows(chunk, start, keep, checked, workers, root)
+                rows, failed = kept_rows(chunk, start, keep, checked, workers, found.pixels)
                 for name, error in failed:
                     skip(name, error)
                     example = example or f", e.g. {name}"
@@ -228,14 +248,19 @@ def write_kept(
 
 
 def kept_rows(
-    chunk: pd.DataFrame, start: int, keep: np.ndarray | None, checked: np.ndarray | None, workers: int, root: Path
+    chunk: pd.DataFrame,
+    start: int,
+    keep: np.ndarray | None,
+    checked: np.ndarray | None,
+    workers: int,
+    pixels: np.ndarray | None,
 ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """The rows of ``chunk`` (candidates ``start``, ...) that are kept and readable, and the (name, error) of those
     kept but unreadable; Fashion-MNIST's kept images written as PNGs first."""
     picked = np.arange(start, start + len(chunk)) if keep is None else keep[in_range(keep, start, len(chunk))]
     rows = chunk.iloc[picked - start].reset_index(drop=True)
     if PIXEL_ROW in rows.columns:
-        _write_pngs(rows["path"].tolist(), _fashion_mnist_pixels(root)[rows.pop(PIXEL_ROW).to_numpy()])
+        _write_pngs(rows["path"].tolist(), pixels[rows.pop(PIXEL_ROW).to_numpy()])
     first = start if keep is None else int(np.searchsorted(keep, start))  # the kept ordinal of rows' first
     check = np.arange(len(rows)) if checked is None else checked[in_range(checked, first, len(rows))] - first
     failed = unreadable_rows(rows, check, workers)
@@ -348,23 +373,49 @@ def _table_candidates(table: Path, path_column: str) -> pd.DataFrame:
     return frame
 
 
-def _fashion_mnist_candidates(root: Path) -> pd.DataFrame:
-    """Fashion-MNIST's 70000 images as rows ``{root}/{split}/{class}/{index:05d}.png``, each with its ``PIXEL_ROW``
-    in ``_fashion_mnist_pixels``."""
-    splits = _load_fashion_mnist(root)
+def fashion_mnist_candidates(request: Source) -> tuple[pd.DataFrame, np.ndarray]:
+    """Fashion-MNIST's 70000 images as rows ``{root}/{split}/{class}/{index:05d}.png`` (or the uncurated pool drawn
+    from the split), each with its ``PIXEL_ROW`` in the pixels returned."""
+    splits = _load_fashion_mnist(request.root)
+    if request.uncurated is not None:
+        return uncurated_candidates(request, splits)
     rows = [
-        (str(root / split / str(label) / f"{index:05d}.png"), FASHION_MNIST_CLASSES[label], split)
+        (str(request.root / split / str(label) / f"{index:05d}.png"), FASHION_MNIST_CLASSES[label], split)
         for split, (_, labels) in splits.items()
         for index, label in enumerate(labels.tolist())
     ]
     frame = pd.DataFrame(rows, columns=["path", "label", "split"])
-    return frame.assign(**{PIXEL_ROW: np.arange(len(frame))})
+    pixels = np.concatenate([images for images, _ in splits.values()])
+    return frame.assign(**{PIXEL_ROW: np.arange(len(frame))}), pixels
 
 
-@functools.cache
-def _fashion_mnist_pixels(root: Path) -> np.ndarray:
-    """The pixels of Fashion-MNIST's images, in the order of ``_fashion_mnist_candidates``."""
-    return np.concatenate([images for images, _ in _load_fashion_mnist(root).values()])
+def uncurated_candidates(
+    request: Source, splits: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """The uncurated pool of ``max_images`` drawn from Fashion-MNIST's ``split``: an original keeps its file's path,
+    a near-duplicate or a distractor is written under ``{root}/uncurated-{digest}/`` (its settings' digest)."""
+    if request.max_images is None or request.split not in splits:
+        raise DataError(
+            "data.uncurated draws a pool of data.max_images images from one of Fashion-MNIST's splits "
+            f"({', '.join(splits)}); set data.max_images and data.split (now {request.max_images}, {request.split})"
+        )
+    images, labels = splits[request.split]
+    settings = {key: float(value) for key, value in sorted(request.uncurated.items())}
+    try:
+        rows, pixels = uncurated_pool(images, labels, request.max_images, settings, derived_seed(request.seed, 2))
+    except ValueError as error:
+        raise DataError(f"data.uncurated: {error}") from error
+    digest = hashlib.sha256(repr((request.seed, request.max_images, settings)).encode()).hexdigest()[:8]
+    pool, split = request.root / f"uncurated-{digest}", request.split
+    rows["path"] = [
+        str(request.root / split / str(label) / f"{original:05d}.png")
+        if kind == "original"
+        else str(pool / kind / f"{n:05d}.png")
+        for n, (kind, original, label) in enumerate(zip(rows["kind"], rows["original"], rows["label"], strict=True))
+    ]
+    rows["label"] = [FASHION_MNIST_CLASSES[label] if label >= 0 else "none" for label in rows["label"]]
+    frame = rows[["path", "label"]].assign(split=split, kind=rows["kind"], original=rows["original"])
+    return frame.assign(**{PIXEL_ROW: np.arange(len(frame))}), pixels
 
 
 def _load_fashion_mnist(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
