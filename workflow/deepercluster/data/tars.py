@@ -112,6 +112,17 @@ def duplicate_keys(frame: pd.DataFrame) -> DataError | None:
     )
 
 
+class MemberBytes(io.BytesIO):
+    """An image's bytes read from a tar, shown (in PIL's messages) as where they were read."""
+
+    def __init__(self, data: bytes, where: str) -> None:
+        super().__init__(data)
+        self.where = where
+
+    def __repr__(self) -> str:
+        return self.where
+
+
 class TarReader:
     """Reads images from the tars of a manifest: one ``os.pread`` of each image's bytes, the tar checked against
     its size and mtime when indexed the first time this process opens it. Picklable: DataLoader workers open their
@@ -137,7 +148,7 @@ class TarReader:
             raise UnreadableImageError(
                 f"{path} ended at byte {offset + len(data)} inside an image of {size} bytes at {offset}; {RESTORE}"
             )
-        return io.BytesIO(data)
+        return MemberBytes(data, f"{path} bytes {offset} to {offset + size}")
 
     def descriptor(self, path: str, tar_size: int, tar_mtime: float) -> int:
         """The open file of ``path``, opened (and checked) when this process has not kept it open."""
