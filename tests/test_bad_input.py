@@ -504,7 +504,7 @@ def test_shards_of_another_checkpoint_are_refused(real_data, tmp_path: Path) -> 
     """Every shard of the round replaced by those of another run's checkpoint (seed 1): pca and k-means refuse
     them, naming the checkpoint the round extracts with and the fix."""
     other = tmp_path / "seed-1.pt"
-    initial_checkpoint(arch="small_convnet", sobel=True, seed=1, out=str(other), init_checkpoint=None)
+    initial_checkpoint(arch="small_convnet", sobel=True, seed=1, out=str(other))
     foreign = str(tmp_path / "features" / "shard-0.h5")
     extract_features(manifest=real_data.manifest, checkpoint=str(other), shard=0, shard_size=600, out=foreign,
                      **shard_settings(image_size=32))  # fmt: skip

@@ -31,7 +31,7 @@ def job_resources(resources: dict[str, Any], stage: str) -> dict[str, Any]:
         if wanted["gpu_model"]:
             job["gpu_model"] = wanted["gpu_model"]
     if wanted["tasks"] > 1:
-        job["mpi"] = "srun"  # the stage starts its ranks itself (python -m deepercluster --tasks)
+        job["mpi"] = "srun"  # the stage starts its ranks itself (python -m deepercluster --ranks)
     for key in ("slurm_partition", "slurm_account"):
         if wanted[key]:
             job[key] = wanted[key]
