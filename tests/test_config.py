@@ -18,6 +18,7 @@ from deepercluster.config import (
     as_written,
     is_leaf,
     reference,
+    resolved,
     schema_nodes,
     validate_config,
 )
@@ -84,6 +85,7 @@ def in_schema(schema: dict, key: str) -> bool:
     (``methods.<method>.lr``), and a key under an object of free keys (``checkpoints``) is one."""
     node = schema
     for part in key.split("."):
+        node = resolved(schema, node)
         node = schema["$defs"][node["$ref"].removeprefix("#/$defs/")] if "$ref" in node else node
         free = node.get("additionalProperties")
         if part in node.get("properties", {}):
@@ -124,3 +126,22 @@ def test_every_config_key_a_message_or_doc_names_is_in_the_schema() -> None:
                 wrong.append(f"{path}:{number}: {key}")
         wrong += [f"{path}:{number}: {key}" for key in gone if re.search(rf"\b{key}\b", text)]
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_schemas_choices_are_the_codes() -> None:
+    """Each choice the schema offers is one the code knows, and the reverse: the methods (as ``method`` and as the
+    keys of ``methods``), the launchers, the image sources (one ``$defs`` entry for data, evaluation.data and
+    evaluation.train_data) and the architectures (of the model and of a registered checkpoint)."""
+    from deepercluster.data.manifest import SOURCES
+    from deepercluster.launch import LAUNCHERS
+    from deepercluster.methods import METHODS
+    from deepercluster.nn.models import ARCHITECTURES
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    nodes = schema_nodes(schema)
+    assert set(nodes["method"]["enum"]) == set(nodes["methods"]["properties"]) == set(METHODS)
+    assert set(nodes["launcher"]["enum"]) == set(LAUNCHERS)
+    for source in ("data.source", "evaluation.data.source", "evaluation.train_data.source"):
+        assert set(nodes[source]["enum"]) == set(SOURCES), source
+    registered = nodes["checkpoints"]["additionalProperties"]["properties"]["arch"]
+    assert set(nodes["model.arch"]["enum"]) == set(registered["enum"]) == set(ARCHITECTURES)
