@@ -109,8 +109,11 @@ def test_global_batchnorm_on_one_rank_is_batchnorm(single_process) -> None:
         (y * torch.arange(4.0).view(1, 4, 1, 1)).sin().sum().backward()
         grads.append((y.detach(), x.grad.clone(), bn.weight.grad, bn.bias.grad))
         x.grad = None
+    # torch's kernels sum the batch in float32, in an order set by the CPU's vector width and the threads: the
+    # weight gradient (sums of 720 products, up to 19) differed by 6.9e-6 relative on this Intel Xeon (2 threads),
+    # 0.61 of the former rtol = atol = 1e-5. rtol 1e-4 is 15 x that drift; a wrong formula misses by > 1e-2.
     for got, want in zip(*grads, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ours.running_mean, theirs.running_mean)
     torch.testing.assert_close(ours.running_var, theirs.running_var)
 
@@ -152,7 +155,9 @@ def test_global_batchnorm_on_two_ranks_is_the_one_rank_batchnorm_bit_for_bit(sin
     assert torch.equal(torch.cat([half["y"] for half in halves]), y.detach())
     for half in halves:
         assert torch.equal(half["mean"], bn.running_mean) and torch.equal(half["var"], bn.running_var)
-    torch.testing.assert_close(torch.cat([half["grad"] for half in halves]), x.grad, rtol=1e-5, atol=1e-5)
+    # Equal to the bit on this Intel Xeon (the sums are float64); the gradients are at most 3e-5, so the former
+    # atol 1e-5 let through a third of them: atol 1e-10 is 1e-5 of the largest, rtol 1e-5 about 100 float32 ulps.
+    torch.testing.assert_close(torch.cat([half["grad"] for half in halves]), x.grad, rtol=1e-5, atol=1e-10)
 
 
 def test_sampler_is_uniform_over_clusters_and_reseeded_each_epoch() -> None:
@@ -427,8 +432,10 @@ def test_four_ranks_in_the_papers_layout_train_rotnet(block_inputs, tmp_path: Pa
 # four), again when the seeds became seeds.derived_seed's, and again when GlobalBatchNorm2d came to add float32
 # per-sample sums in float64 and to normalise as x * a + b (the earlier record's losses agree to 6.4e-6: float32
 # rounding, from iteration 11 on). Another CPU's kernels round differently: CI's machine gave 5.0e-6 at
-# iteration 13. The tolerance, 5e-5 (2e-4 in the loss), sits well above that rounding and well below what any
-# change in the method moves (the losses differ from iteration to iteration by 5e-4 to 2e-2).
+# iteration 13, an Intel Xeon 5.05e-6 (issue 29's check), an AMD EPYC passed (issue 29). The tolerance, rtol 5e-5
+# (2e-4 in the loss), is 10 x the largest measured and 3 x the largest drift any float comparison of a block met
+# (1.65e-5, AMD, 8 ranks against 4: below), and well below what any change in the method moves (the losses
+# differ from iteration to iteration by 5e-4 to 2e-2).
 LOSSES_RECORDED = [
     3.6888041,
     3.6915472,
@@ -532,7 +539,14 @@ def test_eight_ranks_split_each_groups_sub_class_head_and_train_as_four_holding_
     one draw that depends on the rank. 8 ranks sum the backbone's gradients in another order than 4: weights
     of up to 0.3 then differ by up to 6.5e-6 after the 15 steps, as much with 8 ranks holding W_g whole (the
     code before the split, measured), whose weights the split ones match to 1.2e-7.
-    Run again, every rank resumes its part: the same weights."""
+    Run again, every rank resumes its part: the same weights.
+
+    The drift depends on the CPU's kernels. Measured (issue 29): on an Intel Xeon the losses 2.1e-7 relative,
+    the weights 2.4e-7; on an AMD EPYC loss_super 1.65e-5 at iteration 14, 96 x Intel's 1.7e-7 (the test stopped
+    there, before the weights). So the losses get rtol 1e-4 (6 x AMD's), the weights rtol = atol = 1e-4 (4 x
+    Intel's 2.4e-7 scaled by that 96; 15 x the 6.5e-6 above), and an accuracy one prediction of the global
+    batch, 1/40 (a near-tie in the logits may flip where they drift; none flipped on the Intel Xeon). The losses
+    move by 5e-4 to 2e-2 relative from one iteration to the next, so a change in the method still fails."""
     from deepercluster.launch import train
 
     inputs = {**block_inputs, "labels": one_super_cluster(block_inputs, tmp_path), "epochs": 1, "batch_size": 40,
@@ -551,15 +565,17 @@ def test_eight_ranks_split_each_groups_sub_class_head_and_train_as_four_holding_
         assert own.name == f"last-group{g}-part{part}-epoch1-batch0.pt"
         assert load_checkpoint(own)["sub_class"][f"{g}.1.weight"].shape == (5, 256)
     metrics = [pd.read_csv(train_dir / "metrics.tsv", sep="\t") for train_dir in runs.values()]
-    for column in ("loss", "loss_super", "loss_sub", "acc_super", "acc_sub"):
-        np.testing.assert_allclose(metrics[1][column], metrics[0][column], rtol=1e-5, err_msg=column)
+    for column in ("loss", "loss_super", "loss_sub"):
+        np.testing.assert_allclose(metrics[1][column], metrics[0][column], rtol=1e-4, err_msg=column)
+    for column in ("acc_super", "acc_sub"):
+        np.testing.assert_allclose(metrics[1][column], metrics[0][column], rtol=0, atol=1 / 40, err_msg=column)
     whole, split = (block_weights(train_dir / "ck.pt") for train_dir in runs.values())
     assert split["heads.sub_class.0.1.weight"].shape == (5, 256)  # rank 0's part of W_0
     whole["heads.sub_class.0.1.weight"] = whole["heads.sub_class.0.1.weight"][:5]
     whole["heads.sub_class.0.1.bias"] = whole["heads.sub_class.0.1.bias"][:5]
     assert whole.keys() == split.keys()
     for key, tensor in whole.items():
-        torch.testing.assert_close(split[key], tensor, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(split[key], tensor, rtol=1e-4, atol=1e-4)
 
     train(
         **allocation_settings(launcher="local", tasks=8, cpus_per_task=1),
