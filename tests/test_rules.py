@@ -30,6 +30,7 @@ from deepercluster.errors import ConfigError
 from deepercluster.resources import allocation, require_array_fits
 from deepercluster.seeds import derived_seed
 from deepercluster.stages import STAGES, stage_options
+from deepercluster.train.settings import Allocation, BlockSettings
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):$")
@@ -221,15 +222,18 @@ def expected(rule: str, config: dict, arguments: dict) -> dict:
         "super_clusters": {"seed": round_seed, **kmeans, "super_clusters": method.get("super_clusters", 1)},
         "sub_clusters": {"seed": round_seed, "sub_clusters": method.get("sub_clusters", method.get("clusters")),
                          **kmeans},
-        "train": {**image, "seed": round_seed, "round": r, "method": methods.get(run),
-                  "launcher": config["launcher"], "epochs": method.get("epochs_per_round"), "lr": method.get("lr"),
-                  "head_momentum": method.get("head_momentum"),
-                  **{key: config["train"][key] for key in (
-                      "batch_size", "momentum", "weight_decay", "checkpoint_every", "dropout")},
-                  "tasks": train["tasks"], "nodes": train["nodes"], "gpus_per_node": train["gpus"],
-                  "gpu_model": train["gpu_model"], "cpus_per_task": train["cpus_per_task"],
-                  "mem_mb": train["mem_mb"], "timeout_min": train["runtime"],
-                  "slurm_partition": train["slurm_partition"], "slurm_account": train["slurm_account"]},
+        "train": {"workers": data["workers"], "round": r, "method": methods.get(run), "launcher": config["launcher"],
+                  "checkpoint_every": config["train"]["checkpoint_every"],
+                  "settings": BlockSettings(
+                      epochs=method.get("epochs_per_round"), lr=method.get("lr"),
+                      head_momentum=method.get("head_momentum"), image_size=data["image_size"], seed=round_seed,
+                      **{key: config["train"][key] for key in (
+                          "batch_size", "momentum", "weight_decay", "dropout", "min_crop_scale")}),
+                  "allocation": Allocation(
+                      tasks=train["tasks"], nodes=train["nodes"], gpus_per_node=train["gpus"],
+                      gpu_model=train["gpu_model"], cpus_per_task=train["cpus_per_task"], mem_mb=train["mem_mb"],
+                      timeout_min=train["runtime"], slurm_partition=train["slurm_partition"],
+                      slurm_account=train["slurm_account"])},
         "round_figures": {"seed": config["seed"], "shown": evaluation["clusters_shown"]},
         "eval_images": {"seed": config["seed"], "verify_images": data["verify_images"], "workers": data["workers"],
                         **evaluation["train_data" if "/train.parquet" in arguments.get("manifest", "") else "data"]},

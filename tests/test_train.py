@@ -5,11 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shlex
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,11 +26,9 @@ from deepercluster.methods import METHODS
 from deepercluster.nn.heads import Heads, targets_for
 from deepercluster.nn.layers import GlobalBatchNorm2d
 from deepercluster.seeds import derived_seed
-from deepercluster.stages import options
 from deepercluster.train.batches import Layout, RankBatches, group_images, group_sampler, layout_for
-from deepercluster.train.block import train_block
 from deepercluster.train.sampler import UniformClusterSampler
-from defaults import allocation_settings, block_settings
+from defaults import allocation_settings, block_settings, run_block, run_train, train_command
 
 
 def cross_entropy_by_hand(logits: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -207,12 +203,12 @@ def block_command(inputs: dict[str, object], train_dir: Path) -> list[str]:
         "train_dir": train_dir,
         "out": train_dir / "checkpoint.pt",
     }
-    return [sys.executable, "-m", "deepercluster", "train", *shlex.split(options(**arguments))]
+    return train_command(arguments)
 
 
 def test_a_killed_block_resumes_to_the_same_weights(block_inputs, tmp_path: Path) -> None:
     whole = tmp_path / "whole"
-    train_block(**block_inputs, train_dir=str(whole), out=str(whole / "checkpoint.pt"))
+    run_block(**block_inputs, train_dir=str(whole), out=str(whole / "checkpoint.pt"))
 
     interrupted = tmp_path / "interrupted"
     process = subprocess.Popen(block_command(block_inputs, interrupted), stderr=subprocess.DEVNULL)
@@ -227,7 +223,7 @@ def test_a_killed_block_resumes_to_the_same_weights(block_inputs, tmp_path: Path
     # The declared metrics.tsv appears only with the block's end; the running log it resumes from is apart.
     assert not (interrupted / "metrics.tsv").exists() and (interrupted / "running-metrics.tsv").exists()
 
-    train_block(**block_inputs, train_dir=str(interrupted), out=str(interrupted / "checkpoint.pt"))
+    run_block(**block_inputs, train_dir=str(interrupted), out=str(interrupted / "checkpoint.pt"))
     expected, resumed = (load_checkpoint(d / "checkpoint.pt") for d in (whole, interrupted))
     for part in ("model", "heads"):
         assert expected[part].keys() == resumed[part].keys()
@@ -245,7 +241,7 @@ def test_a_trailing_empty_sub_cluster_keeps_its_class_in_the_head(block_inputs, 
     labels = read_labels(block_inputs["labels"])
     write_labels(tmp_path / "trailing.parquet", Labels(labels.table, [5, 6]))
     out = tmp_path / "ck.pt"
-    train_block(**{**block_inputs, "epochs": 1, "labels": str(tmp_path / "trailing.parquet")},
+    run_block(**{**block_inputs, "epochs": 1, "labels": str(tmp_path / "trailing.parquet")},
                 train_dir=str(tmp_path / "train"), out=str(out))  # fmt: skip
     heads = load_checkpoint(out)["heads"]
     assert [heads[f"sub_class.{g}.1.weight"].shape[0] for g in range(8)] == [5] * 4 + [6] * 4
@@ -259,8 +255,8 @@ def test_rotnet_keeps_its_head_and_every_method_its_backbone_optimizer_from_roun
     momentum; DeeperCluster's from new heads but round 1's backbone momentum; DeeperCluster from a RotNet
     checkpoint (the paper's start) from a fresh backbone optimiser, as the paper's code loads weights only."""
     rotnet = {**block_inputs, "method": "rotnet", "labels": None, "epochs": 1}
-    train_block(**rotnet, train_dir=str(tmp_path / "r1"), out=str(tmp_path / "r1.pt"))
-    train_block(**{**rotnet, "previous_checkpoint": str(tmp_path / "r1.pt"), "round": 2, "epochs": 0},
+    run_block(**rotnet, train_dir=str(tmp_path / "r1"), out=str(tmp_path / "r1.pt"))
+    run_block(**{**rotnet, "previous_checkpoint": str(tmp_path / "r1.pt"), "round": 2, "epochs": 0},
                 train_dir=str(tmp_path / "r2"), out=str(tmp_path / "r2.pt"))  # fmt: skip
     first, second = load_checkpoint(tmp_path / "r1.pt"), load_checkpoint(tmp_path / "r2.pt")
     assert first["heads"].keys() == second["heads"].keys() == {"super_class.1.weight", "super_class.1.bias"}
@@ -271,9 +267,9 @@ def test_rotnet_keeps_its_head_and_every_method_its_backbone_optimizer_from_roun
         assert before and all(torch.equal(before[i]["momentum_buffer"], after[i]["momentum_buffer"]) for i in before)
 
     deeper = {**block_inputs, "epochs": 1}
-    train_block(**deeper, train_dir=str(tmp_path / "d1"), out=str(tmp_path / "d1.pt"))
+    run_block(**deeper, train_dir=str(tmp_path / "d1"), out=str(tmp_path / "d1.pt"))
     for previous, name in ((tmp_path / "d1.pt", "d2"), (tmp_path / "r1.pt", "from-rotnet")):
-        train_block(**{**deeper, "previous_checkpoint": str(previous), "round": 2, "epochs": 0},
+        run_block(**{**deeper, "previous_checkpoint": str(previous), "round": 2, "epochs": 0},
                     train_dir=str(tmp_path / name), out=str(tmp_path / f"{name}.pt"))  # fmt: skip
     first, second, started = (load_checkpoint(tmp_path / f"{n}.pt") for n in ("d1", "d2", "from-rotnet"))
     assert not torch.equal(first["heads"]["super_class.1.weight"], second["heads"]["super_class.1.weight"])
@@ -287,7 +283,7 @@ def test_deepclusters_top_layer_trains_without_momentum(block_inputs, tmp_path: 
     """head_momentum 0 (DeepCluster's top layer): its optimiser keeps no momentum buffer; the backbone's does."""
     deepcluster = {**block_inputs, "method": "deepcluster", "labels": one_super_cluster(block_inputs, tmp_path),
                    "epochs": 1, "head_momentum": 0.0}  # fmt: skip
-    train_block(**deepcluster, train_dir=str(tmp_path / "train"), out=str(tmp_path / "ck.pt"))
+    run_block(**deepcluster, train_dir=str(tmp_path / "train"), out=str(tmp_path / "ck.pt"))
     optimizers = load_checkpoint(tmp_path / "ck.pt")["optimizers"]
     assert optimizers["sub_class"]["param_groups"][0]["momentum"] == 0.0
     assert all(state.get("momentum_buffer") is None for state in optimizers["sub_class"]["state"].values())
@@ -298,17 +294,17 @@ def test_labels_outside_their_recorded_k_are_refused(block_inputs, tmp_path: Pat
     labels = read_labels(block_inputs["labels"])
     write_labels(tmp_path / "short.parquet", Labels(labels.table, [5, 4]))
     with pytest.raises(ClustersError, match=r"labels images outside its 2 super-clusters of k = \[5, 4\]"):
-        train_block(**{**block_inputs, "labels": str(tmp_path / "short.parquet")}, train_dir=str(tmp_path),
+        run_block(**{**block_inputs, "labels": str(tmp_path / "short.parquet")}, train_dir=str(tmp_path),
                     out=str(tmp_path / "ck.pt"))  # fmt: skip
 
 
 def test_a_last_checkpoint_of_other_labels_is_not_resumed(block_inputs, tmp_path: Path) -> None:
     train_dir = tmp_path / "train"
-    train_block(**{**block_inputs, "epochs": 1}, train_dir=str(train_dir), out=str(train_dir / "first.pt"))
+    run_block(**{**block_inputs, "epochs": 1}, train_dir=str(train_dir), out=str(train_dir / "first.pt"))
     labels = read_labels(block_inputs["labels"])
     other = labels.table.assign(sub_cluster=lambda t: (t["sub_cluster"] + 1) % 5)
     write_labels(tmp_path / "other.parquet", Labels(other, labels.sub_clusters))
-    train_block(
+    run_block(
         **{**block_inputs, "epochs": 1, "labels": str(tmp_path / "other.parquet")},
         train_dir=str(train_dir),
         out=str(train_dir / "second.pt"),
@@ -331,9 +327,9 @@ def block_weights(path: Path) -> dict[str, torch.Tensor]:
 def test_a_finished_block_rerun_with_another_lr_trains_afresh(block_inputs, tmp_path: Path, caplog) -> None:
     one_epoch = {**block_inputs, "epochs": 1, "checkpoint_every": 1000}
     train_dir = tmp_path / "train"
-    train_block(**{**one_epoch, "lr": 0.05}, train_dir=str(train_dir), out=str(tmp_path / "first.pt"))
-    train_block(**{**one_epoch, "lr": 0.5}, train_dir=str(train_dir), out=str(tmp_path / "rerun.pt"))
-    train_block(**{**one_epoch, "lr": 0.5}, train_dir=str(tmp_path / "fresh"), out=str(tmp_path / "fresh.pt"))
+    run_block(**{**one_epoch, "lr": 0.05}, train_dir=str(train_dir), out=str(tmp_path / "first.pt"))
+    run_block(**{**one_epoch, "lr": 0.5}, train_dir=str(train_dir), out=str(tmp_path / "rerun.pt"))
+    run_block(**{**one_epoch, "lr": 0.5}, train_dir=str(tmp_path / "fresh"), out=str(tmp_path / "fresh.pt"))
     first, rerun, fresh = (block_weights(tmp_path / f"{name}.pt") for name in ("first", "rerun", "fresh"))
     assert not torch.equal(first["model.features.0.weight"], rerun["model.features.0.weight"])
     for key, tensor in fresh.items():
@@ -411,10 +407,8 @@ def test_sample_seeds_depend_on_the_position_only_not_on_the_rank_or_the_resume_
 
 def test_four_ranks_in_the_papers_layout_train_rotnet(block_inputs, tmp_path: Path) -> None:
     """RotNet on 4 local ranks: one group per rotation, the global batch split over the groups."""
-    from deepercluster.launch import train
-
     inputs = {**block_inputs, "method": "rotnet", "labels": None, "epochs": 1, "batch_size": 40}
-    train(
+    run_train(
         **allocation_settings(launcher="local", tasks=4, cpus_per_task=1),
         train_dir=str(tmp_path),
         out=str(tmp_path / "ck.pt"),
@@ -467,11 +461,9 @@ def one_super_cluster(block_inputs: dict[str, object], tmp_path: Path) -> str:
 def test_four_ranks_in_the_papers_layout_train_deepercluster(block_inputs, tmp_path: Path) -> None:
     """DeeperCluster with m = 1 super-cluster on 4 local ranks: a training group per rotation, each rank holding
     its group's sub-class head only, saved by the group in its own file; the losses are the recorded ones."""
-    from deepercluster.launch import train
-
     inputs = {**block_inputs, "labels": one_super_cluster(block_inputs, tmp_path), "epochs": 1, "batch_size": 40,
               "checkpoint_every": 4}  # fmt: skip
-    train(
+    run_train(
         **allocation_settings(launcher="local", tasks=4, cpus_per_task=1),
         train_dir=str(tmp_path),
         out=str(tmp_path / "ck.pt"),
@@ -493,7 +485,7 @@ def test_four_ranks_in_the_papers_layout_train_deepercluster(block_inputs, tmp_p
 
     # Run again, every rank resumes from last.pt and its group's file at the block's end: the same weights.
     first = block_weights(tmp_path / "ck.pt")
-    train(
+    run_train(
         **allocation_settings(launcher="local", tasks=4, cpus_per_task=1),
         train_dir=str(tmp_path),
         out=str(tmp_path / "ck.pt"),
@@ -509,7 +501,7 @@ def test_a_rerun_ends_the_local_block_its_killed_predecessor_started(block_input
     settings = {**block_inputs, "epochs": 3, **allocation_settings(launcher="local", cpus_per_task=1),
                 "train_dir": str(tmp_path), "out": str(tmp_path / "ck.pt")}  # fmt: skip
     launched = subprocess.Popen(
-        [sys.executable, "-c", f"from deepercluster.launch import train; train(**{settings!r})"],
+        train_command(settings),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.monotonic() + 120
@@ -521,9 +513,7 @@ def test_a_rerun_ends_the_local_block_its_killed_predecessor_started(block_input
     earlier = int(json.loads((tmp_path / "job.json").read_text())["job_id"])
     assert Path(f"/proc/{earlier}").exists()
 
-    from deepercluster.launch import train
-
-    train(**settings)
+    run_train(**settings)
     assert f"earlier local job {earlier} still runs: killing it" in caplog.text
     assert not Path(f"/proc/{earlier}").exists() or "Z" in Path(f"/proc/{earlier}/stat").read_text().split()[2]
     metrics = pd.read_csv(tmp_path / "metrics.tsv", sep="\t")
@@ -547,13 +537,11 @@ def test_eight_ranks_split_each_groups_sub_class_head_and_train_as_four_holding_
     Intel's 2.4e-7 scaled by that 96; 15 x the 6.5e-6 above), and an accuracy one prediction of the global
     batch, 1/40 (a near-tie in the logits may flip where they drift; none flipped on the Intel Xeon). The losses
     move by 5e-4 to 2e-2 relative from one iteration to the next, so a change in the method still fails."""
-    from deepercluster.launch import train
-
     inputs = {**block_inputs, "labels": one_super_cluster(block_inputs, tmp_path), "epochs": 1, "batch_size": 40,
               "checkpoint_every": 8, "dropout": 0.0}  # fmt: skip
     runs = {tasks: tmp_path / f"{tasks}-ranks" for tasks in (4, 8)}
     for tasks, train_dir in runs.items():
-        train(**local(tasks), train_dir=str(train_dir), out=str(train_dir / "ck.pt"),
+        run_train(**local(tasks), train_dir=str(train_dir), out=str(train_dir / "ck.pt"),
               **inputs)  # fmt: skip
     logs = [p.read_text() for p in sorted((runs[8] / "submitit").glob("*_log.err"))]
     assert len(logs) == 8
@@ -577,7 +565,7 @@ def test_eight_ranks_split_each_groups_sub_class_head_and_train_as_four_holding_
     for key, tensor in whole.items():
         torch.testing.assert_close(split[key], tensor, rtol=1e-4, atol=1e-4)
 
-    train(
+    run_train(
         **allocation_settings(launcher="local", tasks=8, cpus_per_task=1),
         train_dir=str(runs[8]),
         out=str(runs[8] / "ck.pt"),
