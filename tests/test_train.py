@@ -206,6 +206,16 @@ def block_command(inputs: dict[str, object], train_dir: Path) -> list[str]:
     return train_command(arguments)
 
 
+def tensorboard_curves(train_dir: Path) -> dict[str, pd.Series]:
+    """The scalars of the TensorBoard events in ``train_dir``, read by TensorBoard's own reader: a series of float32
+    values by step, per tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(train_dir)).Reload()
+    scalars = {tag: events.Scalars(tag) for tag in events.Tags()["scalars"]}
+    return {tag: pd.Series([e.value for e in got], index=[e.step for e in got]) for tag, got in scalars.items()}
+
+
 def test_a_killed_block_resumes_to_the_same_weights(block_inputs, tmp_path: Path) -> None:
     whole = tmp_path / "whole"
     run_block(**block_inputs, train_dir=str(whole), out=str(whole / "checkpoint.pt"))
@@ -233,6 +243,15 @@ def test_a_killed_block_resumes_to_the_same_weights(block_inputs, tmp_path: Path
     metrics = [pd.read_csv(d / "metrics.tsv", sep="\t")[columns] for d in (whole, interrupted)]
     assert metrics[0]["iteration"].tolist() == list(range(2 * 600 // 50))
     pd.testing.assert_frame_equal(metrics[0], metrics[1])
+    # TensorBoard's own reader finds the metrics' rows as curves, each row once, the killed run's too: the events
+    # written past its last save were purged when it resumed.
+    for train_dir in (whole, interrupted):
+        written = pd.read_csv(train_dir / "metrics.tsv", sep="\t").set_index("iteration")
+        curves = tensorboard_curves(train_dir)
+        assert sorted(curves) == sorted(["lr", "images_per_s", *columns[2:]])
+        for name, curve in curves.items():
+            assert curve.index.tolist() == written.index.tolist(), name
+            np.testing.assert_array_equal(curve.to_numpy(), written[name].to_numpy(np.float32), err_msg=name)
 
 
 def test_a_trailing_empty_sub_cluster_keeps_its_class_in_the_head(block_inputs, tmp_path: Path) -> None:
@@ -574,3 +593,24 @@ def test_eight_ranks_split_each_groups_sub_class_head_and_train_as_four_holding_
     assert "".join(p.read_text() for p in (runs[8] / "submitit").glob("*_log.err")).count("resuming round 1") == 8
     for key, tensor in block_weights(runs[8] / "ck.pt").items():
         assert torch.equal(tensor, split[key]), key
+
+
+def test_a_resumed_log_purges_the_curves_past_its_resume_point(single_process, tmp_path: Path) -> None:
+    """A block killed after writing iterations 0-5 but saving at 3 resumes at 3 and writes 3-5 again (other values):
+    the running log and TensorBoard's curves both hold 0-2 of the first run, then 3-5 of the second."""
+    from deepercluster.train.metrics import MetricsLog
+
+    def rows(log: MetricsLog, iterations: range, loss: float) -> None:
+        for i in iterations:
+            log.write(round=1, epoch=0, iteration=i, lr=0.1, images_per_s=100.0, loss=loss + i, loss_super=loss)
+        log.flush()
+
+    rows(MetricsLog(tmp_path / "running-metrics.tsv", resume_at=0), range(6), loss=1.0)  # then killed
+    resumed = MetricsLog(tmp_path / "running-metrics.tsv", resume_at=3)
+    rows(resumed, range(3, 6), loss=2.0)
+    resumed.publish(tmp_path / "metrics.tsv")
+    expected = [1.0, 2.0, 3.0, 5.0, 6.0, 7.0]
+    assert pd.read_csv(tmp_path / "metrics.tsv", sep="\t")["loss"].tolist() == expected
+    curves = tensorboard_curves(tmp_path)
+    assert curves["loss"].index.tolist() == list(range(6)) and curves["loss"].tolist() == expected
+    assert curves["loss_super"].tolist() == [1.0] * 3 + [2.0] * 3 and "loss_sub" not in curves  # absent: no curve
