@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import faiss
@@ -44,6 +44,7 @@ from deepercluster.formats.whitening import Whitening
 from deepercluster.methods import METHODS
 from deepercluster.nn.heads import Heads, linear_head, targets_for
 from deepercluster.train.block import train_block
+from deepercluster.train.settings import BlockSettings
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 1e6
@@ -358,7 +359,7 @@ def training_case(report: Report, images: ImageRound, work: Path, batch_size: in
             method="deepercluster",
             round=1,
             labels=images.labels,
-            **{**block_settings(), "epochs": 1, "batch_size": batch_size, "image_size": IMAGE_SIZE},
+            **block_settings(epochs=1, batch_size=batch_size, image_size=IMAGE_SIZE),
         )
 
     ours_s, bare_s = timed_pair(repeats, ours, lambda: bare_training(images, batch_size))
@@ -616,10 +617,8 @@ def workflow_case(report: Report, work: Path, quick: bool, slurm: bool) -> None:
     report.figure(f"per-job overhead ({where})", f"{(wall - in_job) / len(jobs):.2f} s")
 
 
-def block_settings(workers: int = 0) -> dict:
-    """The training block's settings from the schema's defaults and DeeperCluster's (the benchmark sets epochs, batch,
-    image size)."""
-    train, own = DEFAULTS["train"], DEFAULTS["methods"]["deepercluster"]
-    keys = ("momentum", "weight_decay", "dropout", "min_crop_scale", "checkpoint_every")
-    return {**{key: train[key] for key in keys}, "lr": own["lr"], "head_momentum": own["head_momentum"],
-            "workers": workers, "seed": 0}  # fmt: skip
+def block_settings(workers: int = 0, **changes: object) -> dict:
+    """``train_block``'s arguments but its files: DeeperCluster's settings of the schema's defaults (seed 0), with
+    ``changes`` to their fields (the benchmark sets epochs, batch, image size), and ``workers``."""
+    settings = replace(BlockSettings.of(DEFAULTS, "deepercluster", seed=0), **changes)
+    return {"settings": settings, "workers": workers, "checkpoint_every": DEFAULTS["train"]["checkpoint_every"]}

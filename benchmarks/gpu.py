@@ -167,12 +167,12 @@ def training_check(
     """The training block against a bare step loop on the same model, heads, batches and DataLoader: images/s of
     the steps (the median step: the block's loading and saving are a figure of their own) and peak GPU memory."""
     inputs = image_round(work / "images", images, arch)
-    folder, settings = work / "train", {**block_settings(workers), "epochs": 1, "batch_size": batch_size}
+    folder = work / "train"
+    settings = block_settings(workers, epochs=1, batch_size=batch_size, image_size=image_size)
     tick = time.perf_counter()
     ours_mb = peak_memory(lambda: train_block(
         manifest=inputs.manifest, previous_checkpoint=inputs.checkpoint, out=str(folder / "out.pt"),
-        train_dir=str(folder), method="deepercluster", round=1, labels=inputs.labels, image_size=image_size,
-        **settings))  # fmt: skip
+        train_dir=str(folder), method="deepercluster", round=1, labels=inputs.labels, **settings))  # fmt: skip
     wall, steps = time.perf_counter() - tick, []
     bare_mb = peak_memory(lambda: steps.extend(bare_training(inputs, batch_size, image_size, workers)))
     metrics = pd.read_csv(folder / "metrics.tsv", sep="\t")
@@ -207,8 +207,8 @@ def ranks_check(report: Report, work: Path, images: int, arch: str, image_size: 
     one GPU use gloo on its CUDA tensors."""
     inputs = image_round(work / "images", images, arch)
     block = {"manifest": inputs.manifest, "previous_checkpoint": inputs.checkpoint, "labels": inputs.labels,
-             "method": "deepercluster", "round": 1, **block_settings(), "epochs": 1, "batch_size": batch_size,
-             "image_size": image_size, "dropout": 0.0}  # fmt: skip
+             "method": "deepercluster", "round": 1,
+             **block_settings(epochs=1, batch_size=batch_size, image_size=image_size, dropout=0.0)}  # fmt: skip
     runs = {ranks: work / f"{ranks}-ranks" for ranks in (1, 2)}
     tick = time.perf_counter()
     exact_block(**block, out=str(runs[1] / "out.pt"), train_dir=str(runs[1]))

@@ -86,7 +86,7 @@ def image_round(folder: Path, images: int, arch: str = "small_convnet") -> Image
         verify_images="none",
         workers=0,
     )
-    initial_checkpoint(arch=arch, sobel=True, seed=0, out=checkpoint, init_checkpoint=None)
+    initial_checkpoint(arch=arch, sobel=True, seed=0, out=checkpoint)
     frame = pd.read_parquet(manifest)
     classes = frame["label"].astype("category").cat.codes.to_numpy().astype(np.int64)
     labels = str(folder / "labels.parquet")

@@ -52,7 +52,7 @@ def real_data(tmp_path_factory: pytest.TempPathFactory) -> RealData:
         skipped=str(root / "skipped.tsv"),
         **manifest_settings(max_images=IMAGES, split=None),  # both splits
     )
-    initial_checkpoint(arch="small_convnet", sobel=True, seed=0, out=checkpoint, init_checkpoint=None)
+    initial_checkpoint(arch="small_convnet", sobel=True, seed=0, out=checkpoint)
     shards = []
     for shard in range(shard_count(IMAGES, SHARD_SIZE)):
         shards.append(str(root / f"shard-{shard}.h5"))

@@ -3,9 +3,14 @@ tests that call stage functions directly; keyword arguments change any of them."
 
 from __future__ import annotations
 
+import shlex
+import sys
+from dataclasses import asdict, fields
 from typing import Any
 
 from deepercluster.config import validate_config
+from deepercluster.stages import options
+from deepercluster.train.settings import Allocation, BlockSettings
 
 CONFIG = validate_config({})
 
@@ -42,21 +47,48 @@ def kmeans_settings(**changes: Any) -> dict[str, Any]:
 
 
 def block_settings(method: str = "deepercluster", **changes: Any) -> dict[str, Any]:
-    """The training block's settings (``train_block``'s) for ``method``, one process, no DataLoader workers."""
-    train, own = CONFIG["train"], CONFIG["methods"][method]
-    keys = ("batch_size", "momentum", "weight_decay", "dropout", "min_crop_scale", "checkpoint_every")
-    return {"epochs": own["epochs_per_round"], "lr": own["lr"], "head_momentum": own["head_momentum"],
-            **{key: train[key] for key in keys}, "image_size": CONFIG["data"]["image_size"], "workers": 0,
-            "seed": CONFIG["seed"], **changes}  # fmt: skip
+    """The training block's settings for ``method``: the fields of ``BlockSettings.of`` the schema's defaults (seed
+    the config's), one process's ``workers`` (none) and ``checkpoint_every``, flat so that a test changes any;
+    ``packed`` makes them ``train_block``'s arguments."""
+    settings = asdict(BlockSettings.of(CONFIG, method, CONFIG["seed"]))
+    return {**settings, "workers": 0, "checkpoint_every": CONFIG["train"]["checkpoint_every"], **changes}
 
 
 def allocation_settings(**changes: Any) -> dict[str, Any]:
-    """The training block's allocation (``launch.train``'s), ``resources.train`` of the schema's defaults."""
-    wanted = CONFIG["resources"]["default"]
-    return {"launcher": CONFIG["launcher"], "tasks": wanted["tasks"], "nodes": wanted["nodes"],
-            "gpus_per_node": wanted["gpus"], "gpu_model": wanted["gpu_model"], "cpus_per_task": wanted["cpus_per_task"],
-            "mem_mb": wanted["mem_mb"], "timeout_min": wanted["runtime"], "slurm_partition": wanted["slurm_partition"],
-            "slurm_account": wanted["slurm_account"], **changes}  # fmt: skip
+    """The training block's launcher and allocation (``resources.train`` of the schema's defaults), flat."""
+    allocation = asdict(Allocation.of(CONFIG["resources"]["default"]))
+    return {"launcher": CONFIG["launcher"], **allocation, **changes}
+
+
+def packed(arguments: dict[str, Any]) -> dict[str, Any]:
+    """Flat ``arguments`` as ``train_block`` and ``launch.train`` take them: the fields of ``BlockSettings`` as
+    ``settings``, those of ``Allocation`` (where there are any) as ``allocation``."""
+    records = {"settings": BlockSettings, "allocation": Allocation}
+    names = {key: {f.name for f in fields(record)} for key, record in records.items()}
+    out = {name: value for name, value in arguments.items() if not any(name in n for n in names.values())}
+    for key, record in records.items():
+        if names[key] & arguments.keys():
+            out[key] = record(**{name: arguments[name] for name in names[key]})
+    return out
+
+
+def run_block(**arguments: Any) -> None:
+    """``train_block`` of flat ``arguments`` (``packed``)."""
+    from deepercluster.train.block import train_block
+
+    train_block(**packed(arguments))
+
+
+def run_train(**arguments: Any) -> None:
+    """``launch.train`` (the train stage) of flat ``arguments`` (``packed``)."""
+    from deepercluster.launch import train
+
+    train(**packed(arguments))
+
+
+def train_command(arguments: dict[str, Any]) -> list[str]:
+    """The train stage's command line of flat ``arguments`` (``packed``), as the rule runs it."""
+    return [sys.executable, "-m", "deepercluster", "train", *shlex.split(options(**packed(arguments)))]
 
 
 def eval_settings(**changes: Any) -> dict[str, Any]:

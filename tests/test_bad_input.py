@@ -35,8 +35,15 @@ from deepercluster.features import extract_features
 from deepercluster.formats.manifest import read_manifest
 from deepercluster.nn.models import build_model
 from deepercluster.stages import options
-from deepercluster.train.block import train_block
-from defaults import block_settings, feature_settings, kmeans_settings, manifest_settings, pca_settings, shard_settings
+from defaults import (
+    block_settings,
+    feature_settings,
+    kmeans_settings,
+    manifest_settings,
+    pca_settings,
+    run_block,
+    shard_settings,
+)
 from test_workflow import TEST_CONFIG, snakemake
 
 pytestmark = pytest.mark.usefixtures("single_process")
@@ -425,7 +432,7 @@ def test_a_diverged_block_stops_there_and_saves_only_finite_states(
 ) -> None:
     train_dir = tmp_path / "train"
     with pytest.raises(TrainingInputError) as error:
-        train_block(manifest=real_data.manifest, previous_checkpoint=real_data.checkpoint, labels=class_labels,
+        run_block(manifest=real_data.manifest, previous_checkpoint=real_data.checkpoint, labels=class_labels,
                     method="deepercluster", round=1, train_dir=str(train_dir), out=str(train_dir / "checkpoint.pt"),
                     **block_settings(epochs=2, batch_size=50, checkpoint_every=1, seed=7, lr=lr))  # fmt: skip
     message = str(error.value)
@@ -504,7 +511,7 @@ def test_shards_of_another_checkpoint_are_refused(real_data, tmp_path: Path) -> 
     """Every shard of the round replaced by those of another run's checkpoint (seed 1): pca and k-means refuse
     them, naming the checkpoint the round extracts with and the fix."""
     other = tmp_path / "seed-1.pt"
-    initial_checkpoint(arch="small_convnet", sobel=True, seed=1, out=str(other), init_checkpoint=None)
+    initial_checkpoint(arch="small_convnet", sobel=True, seed=1, out=str(other))
     foreign = str(tmp_path / "features" / "shard-0.h5")
     extract_features(manifest=real_data.manifest, checkpoint=str(other), shard=0, shard_size=600, out=foreign,
                      **shard_settings(image_size=32))  # fmt: skip

@@ -75,7 +75,7 @@ def test_export_of_a_sobel_checkpoint_computes_the_same_feature_on_real_images(r
 @pytest.mark.parametrize(("arch", "kernel"), [("vgg16_bn", 5), ("alexnet_bn", 13)])
 def test_vgg16_and_alexnet_exports_load_strictly_and_agree_at_224_px(real_data, tmp_path: Path, arch, kernel) -> None:
     checkpoint = str(tmp_path / "checkpoint.pt")
-    initial_checkpoint(arch=arch, sobel=True, seed=0, out=checkpoint, init_checkpoint=None)
+    initial_checkpoint(arch=arch, sobel=True, seed=0, out=checkpoint)
     original, _ = load_model(checkpoint)
     original.eval()
     _, model = exported(checkpoint, tmp_path / "model.pth", image_size=224)

@@ -214,5 +214,5 @@ def test_a_registered_checkpoint_that_is_not_a_torch_file_says_to_check_it(tmp_p
     out = tmp_path / "ext.pt"
     line = one_line_error(cli("import-checkpoint", "--source", str(garbage), "--out", str(out), "--sobel"))
     assert f"checkpoint {garbage} is unreadable" in line and "not a PyTorch file" in line
-    assert "check its path in the config (init_checkpoint or checkpoints:), or the file itself" in line
+    assert "check its path under checkpoints: in the config, or the file itself" in line
     assert "rerun the stage that makes it" not in line

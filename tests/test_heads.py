@@ -74,6 +74,8 @@ def split_head_step(rank: int, ranks: int, port: int) -> None:
     out["loss"].backward()
     mean = torch.stack([out["loss_sub"], out["acc_sub"]]).detach()
     dist.all_reduce(mean)
+    # torch's float32 defaults, rtol 1.3e-6 and atol 1e-5: on an Intel Xeon (issue 29) every comparison below used
+    # at most 0.3% of them (the largest, the weight's gradient, 2.9e-3 of its tolerance); passed on an AMD EPYC.
     torch.testing.assert_close(mean / ranks, torch.stack([expected["loss_sub"], expected["acc_sub"]]))
     for name in ("weight", "bias"):  # the sum over the group's losses, averaged as the training step does
         gradient = getattr(split.sub_class["5"][1], name).grad / ranks

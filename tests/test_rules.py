@@ -29,7 +29,8 @@ from deepercluster.config import validate_config
 from deepercluster.errors import ConfigError
 from deepercluster.resources import allocation, require_array_fits
 from deepercluster.seeds import derived_seed
-from deepercluster.stages import stage_options
+from deepercluster.stages import STAGES, stage_options
+from deepercluster.train.settings import Allocation, BlockSettings
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):$")
@@ -223,15 +224,18 @@ def expected(rule: str, config: dict, arguments: dict) -> dict:
         "super_clusters": {"seed": round_seed, **kmeans, "super_clusters": method.get("super_clusters", 1)},
         "sub_clusters": {"seed": round_seed, "sub_clusters": method.get("sub_clusters", method.get("clusters")),
                          **kmeans},
-        "train": {**image, "seed": round_seed, "round": r, "method": methods.get(run),
-                  "launcher": config["launcher"], "epochs": method.get("epochs_per_round"), "lr": method.get("lr"),
-                  "head_momentum": method.get("head_momentum"),
-                  **{key: config["train"][key] for key in (
-                      "batch_size", "momentum", "weight_decay", "checkpoint_every", "dropout")},
-                  "tasks": train["tasks"], "nodes": train["nodes"], "gpus_per_node": train["gpus"],
-                  "gpu_model": train["gpu_model"], "cpus_per_task": train["cpus_per_task"],
-                  "mem_mb": train["mem_mb"], "timeout_min": train["runtime"],
-                  "slurm_partition": train["slurm_partition"], "slurm_account": train["slurm_account"]},
+        "train": {"workers": data["workers"], "round": r, "method": methods.get(run), "launcher": config["launcher"],
+                  "checkpoint_every": config["train"]["checkpoint_every"],
+                  "settings": BlockSettings(
+                      epochs=method.get("epochs_per_round"), lr=method.get("lr"),
+                      head_momentum=method.get("head_momentum"), image_size=data["image_size"], seed=round_seed,
+                      **{key: config["train"][key] for key in (
+                          "batch_size", "momentum", "weight_decay", "dropout", "min_crop_scale")}),
+                  "allocation": Allocation(
+                      tasks=train["tasks"], nodes=train["nodes"], gpus_per_node=train["gpus"],
+                      gpu_model=train["gpu_model"], cpus_per_task=train["cpus_per_task"], mem_mb=train["mem_mb"],
+                      timeout_min=train["runtime"], slurm_partition=train["slurm_partition"],
+                      slurm_account=train["slurm_account"])},
         "round_figures": {"seed": config["seed"], "shown": evaluation["clusters_shown"]},
         "eval_images": {"seed": config["seed"], "verify_images": data["verify_images"], "workers": data["workers"],
                         **evaluation["train_data" if "/train.parquet" in arguments.get("manifest", "") else "data"]},
@@ -310,3 +314,20 @@ def test_a_job_array_the_slurm_plugin_would_never_submit_is_refused() -> None:
     for arrays in ("features, sub_clusters", "all"):
         with pytest.raises(ConfigError, match=r"features, which has 960 jobs per round, more than jobs \(100\)"):
             require_array_fits("features", 960, arrays, 100)
+
+
+def test_every_stage_is_run_by_a_rule_and_each_rule_runs_one_stage() -> None:
+    """Every stage of `python -m deepercluster` (``stages.STAGES``) is run by exactly one rule, and a rule runs one
+    stage at most; but pca and manifest, which the evaluations run again on their own images (eval_pca on a
+    checkpoint's features of them, eval_images reading evaluation.data and evaluation.train_data)."""
+    text = "\n".join(path.read_text() for path in sorted((REPO / "workflow" / "rules").glob("*.smk")))
+    runs: dict[str, list[str]] = {}
+    for block in re.split(r"^(?=(?:rule|checkpoint) )", text, flags=re.M)[1:]:
+        rule = HEADER.match(block.splitlines()[0]).group(1)
+        stages = re.findall(r"python -m deepercluster(?: --[\w-]+ \S+)* ([a-z][\w-]*)", block)
+        assert len(stages) <= 1, f"rule {rule} runs {stages}"
+        for stage in stages:
+            runs.setdefault(stage, []).append(rule)
+    assert sorted(runs) == sorted(STAGES)
+    assert {stage: sorted(rules) for stage, rules in runs.items() if len(rules) > 1} == {
+        "pca": ["eval_pca", "pca"], "manifest": ["eval_images", "manifest"]}  # fmt: skip

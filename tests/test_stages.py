@@ -17,11 +17,11 @@ import pytest
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
-from deepercluster.checkpoints import initial_checkpoint, load_model
+from deepercluster.checkpoints import load_model
 from deepercluster.cluster.labels import make_labels
 from deepercluster.cluster.levels import cluster_sub, cluster_super
 from deepercluster.data.images import ImageDataset, feature_transform
-from deepercluster.errors import CheckpointError, DataError
+from deepercluster.errors import DataError
 from deepercluster.formats.clusters import read_clusters
 from deepercluster.formats.features import read_chunks
 from deepercluster.formats.manifest import read_manifest
@@ -219,18 +219,6 @@ def test_cli_missing_checkpoint_one_line_error(real_data, tmp_path: Path) -> Non
     assert len(lines) == 1, done.stderr
     assert str(missing) in lines[0] and "does not exist" in lines[0]
     assert not out.exists()
-
-
-def test_init_checkpoint_of_another_arch(real_data, tmp_path: Path) -> None:
-    out = tmp_path / "round0.pt"
-    with pytest.raises(CheckpointError) as error:
-        initial_checkpoint(arch="alexnet_bn", sobel=True, seed=0, out=str(out), init_checkpoint=real_data.checkpoint)
-    message = str(error.value)
-    assert real_data.checkpoint in message and "small_convnet" in message and "model.arch" in message
-    assert not out.exists()
-    # The matching arch is copied as is.
-    initial_checkpoint(arch="small_convnet", sobel=True, seed=1, out=str(out), init_checkpoint=real_data.checkpoint)
-    assert _sha256(out) == _sha256(real_data.checkpoint)
 
 
 @pytest.mark.parametrize(

@@ -5,11 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shlex
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,11 +26,9 @@ from deepercluster.methods import METHODS
 from deepercluster.nn.heads import Heads, targets_for
 from deepercluster.nn.layers import GlobalBatchNorm2d
 from deepercluster.seeds import derived_seed
-from deepercluster.stages import options
 from deepercluster.train.batches import Layout, RankBatches, group_images, group_sampler, layout_for
-from deepercluster.train.block import train_block
 from deepercluster.train.sampler import UniformClusterSampler
-from defaults import allocation_settings, block_settings
+from defaults import allocation_settings, block_settings, run_block, run_train, train_command
 
 
 def cross_entropy_by_hand(logits: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -109,8 +105,11 @@ def test_global_batchnorm_on_one_rank_is_batchnorm(single_process) -> None:
         (y * torch.arange(4.0).view(1, 4, 1, 1)).sin().sum().backward()
         grads.append((y.detach(), x.grad.clone(), bn.weight.grad, bn.bias.grad))
         x.grad = None
+    # torch's kernels sum the batch in float32, in an order set by the CPU's vector width and the threads: the
+    # weight gradient (sums of 720 products, up to 19) differed by 6.9e-6 relative on this Intel Xeon (2 threads),
+    # 0.61 of the former rtol = atol = 1e-5. rtol 1e-4 is 15 x that drift; a wrong formula misses by > 1e-2.
     for got, want in zip(*grads, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ours.running_mean, theirs.running_mean)
     torch.testing.assert_close(ours.running_var, theirs.running_var)
 
@@ -152,7 +151,9 @@ def test_global_batchnorm_on_two_ranks_is_the_one_rank_batchnorm_bit_for_bit(sin
     assert torch.equal(torch.cat([half["y"] for half in halves]), y.detach())
     for half in halves:
         assert torch.equal(half["mean"], bn.running_mean) and torch.equal(half["var"], bn.running_var)
-    torch.testing.assert_close(torch.cat([half["grad"] for half in halves]), x.grad, rtol=1e-5, atol=1e-5)
+    # Equal to the bit on this Intel Xeon (the sums are float64); the gradients are at most 3e-5, so the former
+    # atol 1e-5 let through a third of them: atol 1e-10 is 1e-5 of the largest, rtol 1e-5 about 100 float32 ulps.
+    torch.testing.assert_close(torch.cat([half["grad"] for half in halves]), x.grad, rtol=1e-5, atol=1e-10)
 
 
 def test_sampler_is_uniform_over_clusters_and_reseeded_each_epoch() -> None:
@@ -202,12 +203,22 @@ def block_command(inputs: dict[str, object], train_dir: Path) -> list[str]:
         "train_dir": train_dir,
         "out": train_dir / "checkpoint.pt",
     }
-    return [sys.executable, "-m", "deepercluster", "train", *shlex.split(options(**arguments))]
+    return train_command(arguments)
+
+
+def tensorboard_curves(train_dir: Path) -> dict[str, pd.Series]:
+    """The scalars of the TensorBoard events in ``train_dir``, read by TensorBoard's own reader: a series of float32
+    values by step, per tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(train_dir)).Reload()
+    scalars = {tag: events.Scalars(tag) for tag in events.Tags()["scalars"]}
+    return {tag: pd.Series([e.value for e in got], index=[e.step for e in got]) for tag, got in scalars.items()}
 
 
 def test_a_killed_block_resumes_to_the_same_weights(block_inputs, tmp_path: Path) -> None:
     whole = tmp_path / "whole"
-    train_block(**block_inputs, train_dir=str(whole), out=str(whole / "checkpoint.pt"))
+    run_block(**block_inputs, train_dir=str(whole), out=str(whole / "checkpoint.pt"))
 
     interrupted = tmp_path / "interrupted"
     process = subprocess.Popen(block_command(block_inputs, interrupted), stderr=subprocess.DEVNULL)
@@ -222,7 +233,7 @@ def test_a_killed_block_resumes_to_the_same_weights(block_inputs, tmp_path: Path
     # The declared metrics.tsv appears only with the block's end; the running log it resumes from is apart.
     assert not (interrupted / "metrics.tsv").exists() and (interrupted / "running-metrics.tsv").exists()
 
-    train_block(**block_inputs, train_dir=str(interrupted), out=str(interrupted / "checkpoint.pt"))
+    run_block(**block_inputs, train_dir=str(interrupted), out=str(interrupted / "checkpoint.pt"))
     expected, resumed = (load_checkpoint(d / "checkpoint.pt") for d in (whole, interrupted))
     for part in ("model", "heads"):
         assert expected[part].keys() == resumed[part].keys()
@@ -232,6 +243,15 @@ def test_a_killed_block_resumes_to_the_same_weights(block_inputs, tmp_path: Path
     metrics = [pd.read_csv(d / "metrics.tsv", sep="\t")[columns] for d in (whole, interrupted)]
     assert metrics[0]["iteration"].tolist() == list(range(2 * 600 // 50))
     pd.testing.assert_frame_equal(metrics[0], metrics[1])
+    # TensorBoard's own reader finds the metrics' rows as curves, each row once, the killed run's too: the events
+    # written past its last save were purged when it resumed.
+    for train_dir in (whole, interrupted):
+        written = pd.read_csv(train_dir / "metrics.tsv", sep="\t").set_index("iteration")
+        curves = tensorboard_curves(train_dir)
+        assert sorted(curves) == sorted(["lr", "images_per_s", *columns[2:]])
+        for name, curve in curves.items():
+            assert curve.index.tolist() == written.index.tolist(), name
+            np.testing.assert_array_equal(curve.to_numpy(), written[name].to_numpy(np.float32), err_msg=name)
 
 
 def test_a_trailing_empty_sub_cluster_keeps_its_class_in_the_head(block_inputs, tmp_path: Path) -> None:
@@ -240,7 +260,7 @@ def test_a_trailing_empty_sub_cluster_keeps_its_class_in_the_head(block_inputs, 
     labels = read_labels(block_inputs["labels"])
     write_labels(tmp_path / "trailing.parquet", Labels(labels.table, [5, 6]))
     out = tmp_path / "ck.pt"
-    train_block(**{**block_inputs, "epochs": 1, "labels": str(tmp_path / "trailing.parquet")},
+    run_block(**{**block_inputs, "epochs": 1, "labels": str(tmp_path / "trailing.parquet")},
                 train_dir=str(tmp_path / "train"), out=str(out))  # fmt: skip
     heads = load_checkpoint(out)["heads"]
     assert [heads[f"sub_class.{g}.1.weight"].shape[0] for g in range(8)] == [5] * 4 + [6] * 4
@@ -254,8 +274,8 @@ def test_rotnet_keeps_its_head_and_every_method_its_backbone_optimizer_from_roun
     momentum; DeeperCluster's from new heads but round 1's backbone momentum; DeeperCluster from a RotNet
     checkpoint (the paper's start) from a fresh backbone optimiser, as the paper's code loads weights only."""
     rotnet = {**block_inputs, "method": "rotnet", "labels": None, "epochs": 1}
-    train_block(**rotnet, train_dir=str(tmp_path / "r1"), out=str(tmp_path / "r1.pt"))
-    train_block(**{**rotnet, "previous_checkpoint": str(tmp_path / "r1.pt"), "round": 2, "epochs": 0},
+    run_block(**rotnet, train_dir=str(tmp_path / "r1"), out=str(tmp_path / "r1.pt"))
+    run_block(**{**rotnet, "previous_checkpoint": str(tmp_path / "r1.pt"), "round": 2, "epochs": 0},
                 train_dir=str(tmp_path / "r2"), out=str(tmp_path / "r2.pt"))  # fmt: skip
     first, second = load_checkpoint(tmp_path / "r1.pt"), load_checkpoint(tmp_path / "r2.pt")
     assert first["heads"].keys() == second["heads"].keys() == {"super_class.1.weight", "super_class.1.bias"}
@@ -266,9 +286,9 @@ def test_rotnet_keeps_its_head_and_every_method_its_backbone_optimizer_from_roun
         assert before and all(torch.equal(before[i]["momentum_buffer"], after[i]["momentum_buffer"]) for i in before)
 
     deeper = {**block_inputs, "epochs": 1}
-    train_block(**deeper, train_dir=str(tmp_path / "d1"), out=str(tmp_path / "d1.pt"))
+    run_block(**deeper, train_dir=str(tmp_path / "d1"), out=str(tmp_path / "d1.pt"))
     for previous, name in ((tmp_path / "d1.pt", "d2"), (tmp_path / "r1.pt", "from-rotnet")):
-        train_block(**{**deeper, "previous_checkpoint": str(previous), "round": 2, "epochs": 0},
+        run_block(**{**deeper, "previous_checkpoint": str(previous), "round": 2, "epochs": 0},
                     train_dir=str(tmp_path / name), out=str(tmp_path / f"{name}.pt"))  # fmt: skip
     first, second, started = (load_checkpoint(tmp_path / f"{n}.pt") for n in ("d1", "d2", "from-rotnet"))
     assert not torch.equal(first["heads"]["super_class.1.weight"], second["heads"]["super_class.1.weight"])
@@ -282,7 +302,7 @@ def test_deepclusters_top_layer_trains_without_momentum(block_inputs, tmp_path: 
     """head_momentum 0 (DeepCluster's top layer): its optimiser keeps no momentum buffer; the backbone's does."""
     deepcluster = {**block_inputs, "method": "deepcluster", "labels": one_super_cluster(block_inputs, tmp_path),
                    "epochs": 1, "head_momentum": 0.0}  # fmt: skip
-    train_block(**deepcluster, train_dir=str(tmp_path / "train"), out=str(tmp_path / "ck.pt"))
+    run_block(**deepcluster, train_dir=str(tmp_path / "train"), out=str(tmp_path / "ck.pt"))
     optimizers = load_checkpoint(tmp_path / "ck.pt")["optimizers"]
     assert optimizers["sub_class"]["param_groups"][0]["momentum"] == 0.0
     assert all(state.get("momentum_buffer") is None for state in optimizers["sub_class"]["state"].values())
@@ -293,17 +313,17 @@ def test_labels_outside_their_recorded_k_are_refused(block_inputs, tmp_path: Pat
     labels = read_labels(block_inputs["labels"])
     write_labels(tmp_path / "short.parquet", Labels(labels.table, [5, 4]))
     with pytest.raises(ClustersError, match=r"labels images outside its 2 super-clusters of k = \[5, 4\]"):
-        train_block(**{**block_inputs, "labels": str(tmp_path / "short.parquet")}, train_dir=str(tmp_path),
+        run_block(**{**block_inputs, "labels": str(tmp_path / "short.parquet")}, train_dir=str(tmp_path),
                     out=str(tmp_path / "ck.pt"))  # fmt: skip
 
 
 def test_a_last_checkpoint_of_other_labels_is_not_resumed(block_inputs, tmp_path: Path) -> None:
     train_dir = tmp_path / "train"
-    train_block(**{**block_inputs, "epochs": 1}, train_dir=str(train_dir), out=str(train_dir / "first.pt"))
+    run_block(**{**block_inputs, "epochs": 1}, train_dir=str(train_dir), out=str(train_dir / "first.pt"))
     labels = read_labels(block_inputs["labels"])
     other = labels.table.assign(sub_cluster=lambda t: (t["sub_cluster"] + 1) % 5)
     write_labels(tmp_path / "other.parquet", Labels(other, labels.sub_clusters))
-    train_block(
+    run_block(
         **{**block_inputs, "epochs": 1, "labels": str(tmp_path / "other.parquet")},
         train_dir=str(train_dir),
         out=str(train_dir / "second.pt"),
@@ -326,9 +346,9 @@ def block_weights(path: Path) -> dict[str, torch.Tensor]:
 def test_a_finished_block_rerun_with_another_lr_trains_afresh(block_inputs, tmp_path: Path, caplog) -> None:
     one_epoch = {**block_inputs, "epochs": 1, "checkpoint_every": 1000}
     train_dir = tmp_path / "train"
-    train_block(**{**one_epoch, "lr": 0.05}, train_dir=str(train_dir), out=str(tmp_path / "first.pt"))
-    train_block(**{**one_epoch, "lr": 0.5}, train_dir=str(train_dir), out=str(tmp_path / "rerun.pt"))
-    train_block(**{**one_epoch, "lr": 0.5}, train_dir=str(tmp_path / "fresh"), out=str(tmp_path / "fresh.pt"))
+    run_block(**{**one_epoch, "lr": 0.05}, train_dir=str(train_dir), out=str(tmp_path / "first.pt"))
+    run_block(**{**one_epoch, "lr": 0.5}, train_dir=str(train_dir), out=str(tmp_path / "rerun.pt"))
+    run_block(**{**one_epoch, "lr": 0.5}, train_dir=str(tmp_path / "fresh"), out=str(tmp_path / "fresh.pt"))
     first, rerun, fresh = (block_weights(tmp_path / f"{name}.pt") for name in ("first", "rerun", "fresh"))
     assert not torch.equal(first["model.features.0.weight"], rerun["model.features.0.weight"])
     for key, tensor in fresh.items():
@@ -406,10 +426,8 @@ def test_sample_seeds_depend_on_the_position_only_not_on_the_rank_or_the_resume_
 
 def test_four_ranks_in_the_papers_layout_train_rotnet(block_inputs, tmp_path: Path) -> None:
     """RotNet on 4 local ranks: one group per rotation, the global batch split over the groups."""
-    from deepercluster.launch import train
-
     inputs = {**block_inputs, "method": "rotnet", "labels": None, "epochs": 1, "batch_size": 40}
-    train(
+    run_train(
         **allocation_settings(launcher="local", tasks=4, cpus_per_task=1),
         train_dir=str(tmp_path),
         out=str(tmp_path / "ck.pt"),
@@ -427,8 +445,10 @@ def test_four_ranks_in_the_papers_layout_train_rotnet(block_inputs, tmp_path: Pa
 # four), again when the seeds became seeds.derived_seed's, and again when GlobalBatchNorm2d came to add float32
 # per-sample sums in float64 and to normalise as x * a + b (the earlier record's losses agree to 6.4e-6: float32
 # rounding, from iteration 11 on). Another CPU's kernels round differently: CI's machine gave 5.0e-6 at
-# iteration 13. The tolerance, 5e-5 (2e-4 in the loss), sits well above that rounding and well below what any
-# change in the method moves (the losses differ from iteration to iteration by 5e-4 to 2e-2).
+# iteration 13, an Intel Xeon 5.05e-6 (issue 29's check), an AMD EPYC passed (issue 29). The tolerance, rtol 5e-5
+# (2e-4 in the loss), is 10 x the largest measured and 3 x the largest drift any float comparison of a block met
+# (1.65e-5, AMD, 8 ranks against 4: below), and well below what any change in the method moves (the losses
+# differ from iteration to iteration by 5e-4 to 2e-2).
 LOSSES_RECORDED = [
     3.6888041,
     3.6915472,
@@ -460,11 +480,9 @@ def one_super_cluster(block_inputs: dict[str, object], tmp_path: Path) -> str:
 def test_four_ranks_in_the_papers_layout_train_deepercluster(block_inputs, tmp_path: Path) -> None:
     """DeeperCluster with m = 1 super-cluster on 4 local ranks: a training group per rotation, each rank holding
     its group's sub-class head only, saved by the group in its own file; the losses are the recorded ones."""
-    from deepercluster.launch import train
-
     inputs = {**block_inputs, "labels": one_super_cluster(block_inputs, tmp_path), "epochs": 1, "batch_size": 40,
               "checkpoint_every": 4}  # fmt: skip
-    train(
+    run_train(
         **allocation_settings(launcher="local", tasks=4, cpus_per_task=1),
         train_dir=str(tmp_path),
         out=str(tmp_path / "ck.pt"),
@@ -486,7 +504,7 @@ def test_four_ranks_in_the_papers_layout_train_deepercluster(block_inputs, tmp_p
 
     # Run again, every rank resumes from last.pt and its group's file at the block's end: the same weights.
     first = block_weights(tmp_path / "ck.pt")
-    train(
+    run_train(
         **allocation_settings(launcher="local", tasks=4, cpus_per_task=1),
         train_dir=str(tmp_path),
         out=str(tmp_path / "ck.pt"),
@@ -502,7 +520,7 @@ def test_a_rerun_ends_the_local_block_its_killed_predecessor_started(block_input
     settings = {**block_inputs, "epochs": 3, **allocation_settings(launcher="local", cpus_per_task=1),
                 "train_dir": str(tmp_path), "out": str(tmp_path / "ck.pt")}  # fmt: skip
     launched = subprocess.Popen(
-        [sys.executable, "-c", f"from deepercluster.launch import train; train(**{settings!r})"],
+        train_command(settings),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.monotonic() + 120
@@ -514,9 +532,7 @@ def test_a_rerun_ends_the_local_block_its_killed_predecessor_started(block_input
     earlier = int(json.loads((tmp_path / "job.json").read_text())["job_id"])
     assert Path(f"/proc/{earlier}").exists()
 
-    from deepercluster.launch import train
-
-    train(**settings)
+    run_train(**settings)
     assert f"earlier local job {earlier} still runs: killing it" in caplog.text
     assert not Path(f"/proc/{earlier}").exists() or "Z" in Path(f"/proc/{earlier}/stat").read_text().split()[2]
     metrics = pd.read_csv(tmp_path / "metrics.tsv", sep="\t")
@@ -532,14 +548,19 @@ def test_eight_ranks_split_each_groups_sub_class_head_and_train_as_four_holding_
     one draw that depends on the rank. 8 ranks sum the backbone's gradients in another order than 4: weights
     of up to 0.3 then differ by up to 6.5e-6 after the 15 steps, as much with 8 ranks holding W_g whole (the
     code before the split, measured), whose weights the split ones match to 1.2e-7.
-    Run again, every rank resumes its part: the same weights."""
-    from deepercluster.launch import train
+    Run again, every rank resumes its part: the same weights.
 
+    The drift depends on the CPU's kernels. Measured (issue 29): on an Intel Xeon the losses 2.1e-7 relative,
+    the weights 2.4e-7; on an AMD EPYC loss_super 1.65e-5 at iteration 14, 96 x Intel's 1.7e-7 (the test stopped
+    there, before the weights). So the losses get rtol 1e-4 (6 x AMD's), the weights rtol = atol = 1e-4 (4 x
+    Intel's 2.4e-7 scaled by that 96; 15 x the 6.5e-6 above), and an accuracy one prediction of the global
+    batch, 1/40 (a near-tie in the logits may flip where they drift; none flipped on the Intel Xeon). The losses
+    move by 5e-4 to 2e-2 relative from one iteration to the next, so a change in the method still fails."""
     inputs = {**block_inputs, "labels": one_super_cluster(block_inputs, tmp_path), "epochs": 1, "batch_size": 40,
               "checkpoint_every": 8, "dropout": 0.0}  # fmt: skip
     runs = {tasks: tmp_path / f"{tasks}-ranks" for tasks in (4, 8)}
     for tasks, train_dir in runs.items():
-        train(**local(tasks), train_dir=str(train_dir), out=str(train_dir / "ck.pt"),
+        run_train(**local(tasks), train_dir=str(train_dir), out=str(train_dir / "ck.pt"),
               **inputs)  # fmt: skip
     logs = [p.read_text() for p in sorted((runs[8] / "submitit").glob("*_log.err"))]
     assert len(logs) == 8
@@ -551,17 +572,19 @@ def test_eight_ranks_split_each_groups_sub_class_head_and_train_as_four_holding_
         assert own.name == f"last-group{g}-part{part}-epoch1-batch0.pt"
         assert load_checkpoint(own)["sub_class"][f"{g}.1.weight"].shape == (5, 256)
     metrics = [pd.read_csv(train_dir / "metrics.tsv", sep="\t") for train_dir in runs.values()]
-    for column in ("loss", "loss_super", "loss_sub", "acc_super", "acc_sub"):
-        np.testing.assert_allclose(metrics[1][column], metrics[0][column], rtol=1e-5, err_msg=column)
+    for column in ("loss", "loss_super", "loss_sub"):
+        np.testing.assert_allclose(metrics[1][column], metrics[0][column], rtol=1e-4, err_msg=column)
+    for column in ("acc_super", "acc_sub"):
+        np.testing.assert_allclose(metrics[1][column], metrics[0][column], rtol=0, atol=1 / 40, err_msg=column)
     whole, split = (block_weights(train_dir / "ck.pt") for train_dir in runs.values())
     assert split["heads.sub_class.0.1.weight"].shape == (5, 256)  # rank 0's part of W_0
     whole["heads.sub_class.0.1.weight"] = whole["heads.sub_class.0.1.weight"][:5]
     whole["heads.sub_class.0.1.bias"] = whole["heads.sub_class.0.1.bias"][:5]
     assert whole.keys() == split.keys()
     for key, tensor in whole.items():
-        torch.testing.assert_close(split[key], tensor, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(split[key], tensor, rtol=1e-4, atol=1e-4)
 
-    train(
+    run_train(
         **allocation_settings(launcher="local", tasks=8, cpus_per_task=1),
         train_dir=str(runs[8]),
         out=str(runs[8] / "ck.pt"),
@@ -570,3 +593,24 @@ def test_eight_ranks_split_each_groups_sub_class_head_and_train_as_four_holding_
     assert "".join(p.read_text() for p in (runs[8] / "submitit").glob("*_log.err")).count("resuming round 1") == 8
     for key, tensor in block_weights(runs[8] / "ck.pt").items():
         assert torch.equal(tensor, split[key]), key
+
+
+def test_a_resumed_log_purges_the_curves_past_its_resume_point(single_process, tmp_path: Path) -> None:
+    """A block killed after writing iterations 0-5 but saving at 3 resumes at 3 and writes 3-5 again (other values):
+    the running log and TensorBoard's curves both hold 0-2 of the first run, then 3-5 of the second."""
+    from deepercluster.train.metrics import MetricsLog
+
+    def rows(log: MetricsLog, iterations: range, loss: float) -> None:
+        for i in iterations:
+            log.write(round=1, epoch=0, iteration=i, lr=0.1, images_per_s=100.0, loss=loss + i, loss_super=loss)
+        log.flush()
+
+    rows(MetricsLog(tmp_path / "running-metrics.tsv", resume_at=0), range(6), loss=1.0)  # then killed
+    resumed = MetricsLog(tmp_path / "running-metrics.tsv", resume_at=3)
+    rows(resumed, range(3, 6), loss=2.0)
+    resumed.publish(tmp_path / "metrics.tsv")
+    expected = [1.0, 2.0, 3.0, 5.0, 6.0, 7.0]
+    assert pd.read_csv(tmp_path / "metrics.tsv", sep="\t")["loss"].tolist() == expected
+    curves = tensorboard_curves(tmp_path)
+    assert curves["loss"].index.tolist() == list(range(6)) and curves["loss"].tolist() == expected
+    assert curves["loss_super"].tolist() == [1.0] * 3 + [2.0] * 3 and "loss_sub" not in curves  # absent: no curve

@@ -18,8 +18,7 @@ import pytest
 import yaml
 
 from deepercluster.checkpoints import load_checkpoint
-from deepercluster.launch import train
-from defaults import allocation_settings, block_settings
+from defaults import allocation_settings, block_settings, run_train, train_command
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -71,6 +70,8 @@ def test_two_task_kmeans_equals_one_task(real_data, tmp_path: Path) -> None:
     one = super_clusters(tmp_path, str(tmp_path / "one.h5"), 1, real_data)
     two = super_clusters(tmp_path, str(tmp_path / "two.h5"), 2, real_data)
     assert "rank 1 of 2 joined" in (tmp_path / "two.h5.log").read_text()
+    # Equal to the bit locally on an Intel Xeon (test_kmeans' two ranks, the same stage): atol 1e-5 leaves room for
+    # nodes of another CPU kind.
     np.testing.assert_allclose(one[0], two[0], atol=1e-5)
     assert np.array_equal(one[1], two[1])
 
@@ -98,9 +99,12 @@ def test_two_task_block_equals_one_task_on_the_same_global_batch(block, tmp_path
     one_step = {**block, "batch_size": 600}
     for tasks in (1, 2):
         folder = {"train_dir": str(tmp_path / f"tasks{tasks}"), "out": str(tmp_path / f"{tasks}.pt")}
-        train(**{**one_step, "tasks": tasks}, **folder)
+        run_train(**{**one_step, "tasks": tasks}, **folder)
     one, two = weights(tmp_path / "1.pt"), weights(tmp_path / "2.pt")
     assert one.keys() == two.keys()
+    # The same step on the local launcher, 1 task against 2, on an Intel Xeon (issue 29): weights 1.5e-8 apart,
+    # losses 1.0e-7 relative; an AMD EPYC's kernels drift about 100 x more (test_train's 8 ranks against 4), so
+    # rtol 1e-4, atol 1e-5 keep 7 x that.
     for key in one:
         np.testing.assert_allclose(one[key], two[key], rtol=1e-4, atol=1e-5, err_msg=key)
     losses = [pd.read_csv(tmp_path / f"tasks{tasks}/metrics.tsv", sep="\t") for tasks in (1, 2)]
@@ -123,7 +127,7 @@ def test_a_cancelled_block_resumes_from_its_checkpoint(block, tmp_path: Path) ->
         "out": str(tmp_path / "x.pt"),
     }
     launched = subprocess.Popen(
-        [sys.executable, "-c", f"from deepercluster.launch import train; train(**{settings!r})"],
+        train_command(settings),
         env={**os.environ, "PATH": VENV_PATH}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 300
@@ -135,7 +139,7 @@ def test_a_cancelled_block_resumes_from_its_checkpoint(block, tmp_path: Path) ->
     stopped_at = load_checkpoint(train_dir / "last.pt")
     assert (stopped_at["epoch"], stopped_at["batch"]) < (epochs, 0)
 
-    train(**settings)
+    run_train(**settings)
     assert (tmp_path / "x.pt").is_file()
     metrics = pd.read_csv(train_dir / "metrics.tsv", sep="\t")
     assert metrics["iteration"].tolist() == list(range(epochs * 600 // 40))
@@ -144,9 +148,9 @@ def test_a_cancelled_block_resumes_from_its_checkpoint(block, tmp_path: Path) ->
 
 
 def start_train(settings: dict[str, object], cwd: Path) -> subprocess.Popen:
-    """``train(**settings)`` in a process of its own, as the train rule runs it."""
+    """``launch.train`` of flat ``settings`` in a process of its own, as the train rule runs it."""
     return subprocess.Popen(
-        [sys.executable, "-c", f"from deepercluster.launch import train; train(**{settings!r})"],
+        train_command(settings),
         cwd=cwd, env={**os.environ, "PATH": VENV_PATH}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -194,8 +198,11 @@ def test_a_preempted_block_saves_at_the_signal_and_requeues_without_redoing_work
     assert metrics["iteration"].tolist() == list(range(epochs * per_epoch))
 
     whole = tmp_path / "whole"
-    train(**{**settings, "train_dir": str(whole), "out": str(tmp_path / "whole.pt")})
+    run_train(**{**settings, "train_dir": str(whole), "out": str(tmp_path / "whole.pt")})
     interrupted, uninterrupted = weights(tmp_path / "preempted.pt"), weights(tmp_path / "whole.pt")
+    # Resumed on the same CPU, equal to the bit (test_train's killed block); requeued on another node's CPU kind,
+    # the steps after the signal drift as two machines' do: test_train's recorded losses, 5.05e-6 relative on an
+    # Intel Xeon; rtol 1e-4, atol 1e-5 as for one task against two.
     for key in uninterrupted:
         np.testing.assert_allclose(interrupted[key], uninterrupted[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
@@ -216,7 +223,7 @@ def test_a_rerun_follows_the_block_its_killed_predecessor_submitted(block, tmp_p
     assert squeue(job_id(train_dir), "%T").strip() == "RUNNING"
 
     monkeypatch.chdir(tmp_path)  # a second job would be submitted from here too
-    train(**settings)
+    run_train(**settings)
     assert (tmp_path / "x.pt").is_file()
     assert f"SLURM job {job_id(train_dir)} is still RUNNING: following it" in caplog.text
     since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started - 5))

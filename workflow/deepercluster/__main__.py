@@ -7,6 +7,7 @@ defaults), so the CLI, the rules and the tests can never disagree about a stage'
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import logging
@@ -45,6 +46,8 @@ def add_stage_options(parser: argparse.ArgumentParser, stage: Callable) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, required=required)
         elif typing.get_origin(kind) is dict:
             parser.add_argument(flag, type=json.loads, default=default, required=required)
+        elif dataclasses.is_dataclass(kind):  # a record (train's BlockSettings, Allocation): its fields as JSON
+            parser.add_argument(flag, type=lambda text, kind=kind: kind(**json.loads(text)), required=required)
         elif typing.get_origin(kind) is list:
             parser.add_argument(flag, nargs="+", type=typing.get_args(kind)[0], default=default, required=required)
         else:

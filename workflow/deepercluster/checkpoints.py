@@ -21,7 +21,6 @@ import io
 import logging
 import os
 import pickle
-import shutil
 from typing import Any
 
 import torch
@@ -43,9 +42,9 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         partial.write_bytes(archive.getbuffer())
 
 
-# The fix of an unreadable checkpoint: one of ours is remade; the user's own (init_checkpoint, checkpoints:) not.
+# The fix of an unreadable checkpoint: one of ours is remade; the user's own (under checkpoints:) not.
 REMAKE = "delete it and rerun the stage that makes it"
-CHECK = "check its path in the config (init_checkpoint or checkpoints:), or the file itself"
+CHECK = "check its path under checkpoints: in the config, or the file itself"
 
 
 def load_checkpoint(path: str | os.PathLike, fix: str = REMAKE) -> dict[str, Any]:
@@ -53,8 +52,8 @@ def load_checkpoint(path: str | os.PathLike, fix: str = REMAKE) -> dict[str, Any
     do then, ``REMAKE`` for our outputs, ``CHECK`` for the user's files)."""
     if not os.path.exists(path):
         raise CheckpointError(
-            f"checkpoint {path} does not exist: check the path in the config "
-            "(init_checkpoint or checkpoints:), or let the workflow build it"
+            f"checkpoint {path} does not exist: check its path under checkpoints: in the config, or let the "
+            "workflow build it"
         )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -130,7 +129,7 @@ def require_finite_weights(path: str | os.PathLike, checkpoint: dict[str, Any]) 
         f"round {checkpoint.get('round')}'s {method} training block made it with lr {lr} and diverged: lower "
         f"methods.{method}.lr and rerun snakemake, which retrains the rounds that change"
         if method and lr
-        else "it cannot be trained or evaluated: check the file (init_checkpoint or checkpoints:)"
+        else "it cannot be trained or evaluated: check the file (under checkpoints: in the config)"
     )
     more = f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""
     raise CheckpointError(f"checkpoint {path} holds NaN or infinite values in {', '.join(bad[:3])}{more}: {made}")
@@ -152,20 +151,9 @@ def load_model(path: str | os.PathLike, fix: str = REMAKE) -> tuple[ConvNet, dic
     return model, checkpoint
 
 
-def initial_checkpoint(*, arch: str, sobel: bool, seed: int, out: str, init_checkpoint: str | None) -> None:
-    """Stage 'init': round 0's checkpoint, a seeded random init or a copy of ``init_checkpoint``."""
-    if init_checkpoint:
-        _, checkpoint = load_model(init_checkpoint, CHECK)
-        if (checkpoint["arch"], checkpoint["sobel"]) != (arch, sobel):
-            raise CheckpointError(
-                f"init_checkpoint {init_checkpoint} is a {checkpoint['arch']} "
-                f"with sobel={checkpoint['sobel']}, the config asks for {arch} with sobel={sobel}: "
-                "set model.arch and model.sobel to match it"
-            )
-        log.info("round 0 starts from %s", init_checkpoint)
-        with atomic_output(out) as partial:
-            shutil.copyfile(init_checkpoint, partial)
-        return
+def initial_checkpoint(*, arch: str, sobel: bool, seed: int, out: str) -> None:
+    """Stage 'init': round 0's checkpoint, a seeded random init (a registered start is imported apart:
+    ``evaluate.external.import_checkpoint``)."""
     torch.manual_seed(seed)
     model = build_model(arch, sobel)
     log.info("round 0 is a random %s (sobel=%s, seed %d)", arch, sobel, seed)

@@ -27,12 +27,26 @@ MOVED = {
 }
 
 
+def resolved(root: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    """``node`` over the ``$defs`` entry it names (``$ref``). A node listing keys of its own (an image source:
+    data, evaluation.data) gets the entry's keys, then its own, each the entry's with the node's fields over it
+    (its own default); one listing none (``resources.<stage>``) stays a ``$ref``: one value, keys as the entry's."""
+    if "$ref" not in node:
+        return node
+    base = root["$defs"][node["$ref"].removeprefix("#/$defs/")]
+    if not node.get("properties"):
+        return {**base, **node}
+    ours, theirs = base["properties"], node["properties"]
+    keys = {**ours, **theirs}  # the entry's keys first, in its order
+    merged = {key: {**ours.get(key, {}), **theirs.get(key, {})} for key in keys}
+    return {key: value for key, value in {**base, **node}.items() if key != "$ref"} | {"properties": merged}
+
+
 def fill_defaults(config: dict[str, Any], schema: dict[str, Any], root: dict[str, Any] | None = None) -> None:
     """Give every key the schema documents its default, recursively, in place (``$ref``s of ``root`` followed)."""
     root = root or schema
     for key, child in schema.get("properties", {}).items():
-        if "$ref" in child:
-            child = {**root["$defs"][child["$ref"].removeprefix("#/$defs/")], **child}
+        child = resolved(root, child)
         if key not in config and "default" in child:
             config[key] = child["default"].copy() if isinstance(child["default"], dict) else child["default"]
         if isinstance(config.get(key), dict):
@@ -49,8 +63,8 @@ def validate_config(config: dict[str, Any], schema_path: str | Path = SCHEMA) ->
     problems = []
     for error in jsonschema.Draft202012Validator(schema).iter_errors(config):
         where = ".".join(map(str, error.absolute_path)) or "the top level"
-        if error.validator == "additionalProperties":
-            parent = error.schema["properties"]
+        if error.validator in ("additionalProperties", "unevaluatedProperties"):
+            parent = resolved(schema, error.schema)["properties"]
             unknown = sorted(set(error.instance) - set(parent))
             prefix = "" if where == "the top level" else f"{where}."
             moved = [f"{key} is now {MOVED[prefix + key]}" for key in unknown if prefix + key in MOVED]
@@ -70,8 +84,7 @@ def schema_nodes(schema: dict[str, Any], node: dict[str, Any] | None = None, pre
     """Every key of the schema (objects and leaves) -> its node, ``$ref`` resolved, in document order."""
     nodes = {}
     for name, child in (node or schema)["properties"].items():
-        if "$ref" in child:  # resources.<stage>: "#/$defs/stage_resources", keys as in resources.default
-            child = {**schema["$defs"][child["$ref"].removeprefix("#/$defs/")], **child}
+        child = resolved(schema, child)  # resources.<stage>: a leaf, keys as in resources.default
         nodes[prefix + name] = child
         if not is_leaf(child):
             nodes |= schema_nodes(schema, child, f"{prefix}{name}.")

@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ import torch
 from deepercluster.errors import InputError, TrainingInputError
 from deepercluster.files import atomic_output
 from deepercluster.logs import setup_logging
+from deepercluster.train.settings import Allocation
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +153,7 @@ def unfinished_job(record: Path, folder: Path, submission: dict[str, Any]) -> su
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         return None
-    slurm = submitit.SlurmJob(folder, job["job_id"], tasks=tuple(range(job["submission"]["tasks"])))
+    slurm = submitit.SlurmJob(folder, job["job_id"], tasks=tuple(range(job["submission"]["allocation"]["tasks"])))
     state = slurm_state(slurm)
     if state not in UNFINISHED:
         return None
@@ -163,37 +165,20 @@ def unfinished_job(record: Path, folder: Path, submission: dict[str, Any]) -> su
     return slurm
 
 
-def train(
-    *,
-    launcher: str,
-    tasks: int,
-    nodes: int,
-    gpus_per_node: int,
-    gpu_model: str | None,
-    cpus_per_task: int,
-    mem_mb: int | None,
-    timeout_min: int,
-    slurm_partition: str | None,
-    slurm_account: str | None,
-    **block: Any,
-) -> None:
-    """Stage 'train': submit round r's training block with ``launcher`` as ``tasks`` ranks, and wait for it.
-
-    The allocation (nodes, GPUs, CPUs, memory, time, partition, account) is the rule's
-    ``resources.train`` from the config; ``tasks`` must be a multiple of ``nodes``.
-    """
+def train(*, launcher: str, allocation: Allocation, **block: Any) -> None:
+    """Stage 'train': submit round r's training block (``train_block``'s arguments ``block``) with ``launcher`` on
+    ``allocation``, the rule's ``resources.train``, and wait for it."""
     if launcher not in LAUNCHERS:
         raise TrainingInputError(f"config launcher {launcher!r} is unknown: set one of {', '.join(LAUNCHERS)}")
-    if tasks % nodes:
-        raise TrainingInputError(f"config resources.train: tasks ({tasks}) must be a multiple of nodes ({nodes})")
-    resources = {"tasks": tasks, "nodes": nodes, "gpus_per_node": gpus_per_node, "gpu_model": gpu_model,
-                 "cpus_per_task": cpus_per_task, "mem_mb": mem_mb, "timeout_min": timeout_min,
-                 "slurm_partition": slurm_partition, "slurm_account": slurm_account}  # fmt: skip
+    if allocation.tasks % allocation.nodes:
+        raise TrainingInputError(f"config resources.train: tasks ({allocation.tasks}) must be a multiple of nodes "
+                                 f"({allocation.nodes})")  # fmt: skip
     folder, record = Path(block["train_dir"]) / "submitit", Path(block["train_dir"]) / "job.json"
-    submission = {"launcher": launcher, **resources, **block}
+    # As job.json keeps it: the records as their fields.
+    submission = json.loads(json.dumps({"launcher": launcher, "allocation": allocation, **block}, default=asdict))
     job = unfinished_job(record, folder, submission) if launcher != "debug" else None
     if job is None:
-        job = submit(launcher, folder, resources, block)
+        job = submit(launcher, folder, allocation, block)
         if launcher != "debug":
             with atomic_output(record) as partial:
                 partial.write_text(json.dumps({"launcher": launcher, "job_id": job.job_id, "submission": submission}))
@@ -210,22 +195,24 @@ def train(
         raise errors[0]
 
 
-def submit(launcher: str, folder: Path, resources: dict[str, Any], block: dict[str, Any]) -> submitit.Job:
-    """Submit the block with ``launcher`` on ``resources`` (``train``'s allocation arguments)."""
+def submit(launcher: str, folder: Path, allocation: Allocation, block: dict[str, Any]) -> submitit.Job:
+    """Submit the block with ``launcher`` on ``allocation``."""
     executor = submitit.AutoExecutor(folder=folder, cluster=launcher)
-    tasks, nodes, gpus, cpus = (resources[k] for k in ("tasks", "nodes", "gpus_per_node", "cpus_per_task"))
-    allocation = {"nodes": nodes, "tasks_per_node": tasks // nodes, "cpus_per_task": cpus}
-    if gpus and resources["gpu_model"]:
-        allocation["slurm_gres"] = f"gpu:{resources['gpu_model']}:{gpus}"
-    elif gpus:
-        allocation["gpus_per_node"] = gpus
-    if resources["mem_mb"]:
-        allocation["mem_gb"] = resources["mem_mb"] / 1024
-    slurm = {key: resources[key] for key in ("slurm_partition", "slurm_account")} | {"slurm_signal_delay_s": 120}
+    job = {"nodes": allocation.nodes, "tasks_per_node": allocation.tasks // allocation.nodes,
+           "cpus_per_task": allocation.cpus_per_task}  # fmt: skip
+    if allocation.gpus_per_node and allocation.gpu_model:
+        job["slurm_gres"] = f"gpu:{allocation.gpu_model}:{allocation.gpus_per_node}"
+    elif allocation.gpus_per_node:
+        job["gpus_per_node"] = allocation.gpus_per_node
+    if allocation.mem_mb:
+        job["mem_gb"] = allocation.mem_mb / 1024
+    slurm = {"slurm_partition": allocation.slurm_partition, "slurm_account": allocation.slurm_account,
+             "slurm_signal_delay_s": 120}  # fmt: skip
     executor.update_parameters(
-        timeout_min=resources["timeout_min"], name=f"train-round-{block['round']}", **allocation,
+        timeout_min=allocation.timeout_min, name=f"train-round-{block['round']}", **job,
         **{key: value for key, value in slurm.items() if value is not None},
     )  # fmt: skip
-    job = executor.submit(TrainingBlock(cpus), **block)
-    log.info("training block submitted to %s as job %s; its log: %s", launcher, job.job_id, job.paths.stderr)
-    return job
+    submitted = executor.submit(TrainingBlock(allocation.cpus_per_task), **block)
+    log.info("training block submitted to %s as job %s; its log: %s", launcher, submitted.job_id,
+             submitted.paths.stderr)  # fmt: skip
+    return submitted

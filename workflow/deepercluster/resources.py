@@ -10,6 +10,7 @@ from typing import Any
 
 from deepercluster.errors import ConfigError
 from deepercluster.stages import options
+from deepercluster.train.settings import Allocation
 
 
 def allocation(resources: dict[str, Any], stage: str) -> dict[str, Any]:
@@ -31,7 +32,7 @@ def job_resources(resources: dict[str, Any], stage: str) -> dict[str, Any]:
         if wanted["gpu_model"]:
             job["gpu_model"] = wanted["gpu_model"]
     if wanted["tasks"] > 1:
-        job["mpi"] = "srun"  # the stage starts its ranks itself (python -m deepercluster --tasks)
+        job["mpi"] = "srun"  # the stage starts its ranks itself (python -m deepercluster --ranks)
     for key in ("slurm_partition", "slurm_account"):
         if wanted[key]:
             job[key] = wanted[key]
@@ -39,19 +40,8 @@ def job_resources(resources: dict[str, Any], stage: str) -> dict[str, Any]:
 
 
 def training_allocation(resources: dict[str, Any]) -> str:
-    """The training block's allocation (``resources.train``), as options of ``python -m deepercluster train``."""
-    wanted = allocation(resources, "train")
-    return options(
-        tasks=wanted["tasks"],
-        nodes=wanted["nodes"],
-        gpus_per_node=wanted["gpus"],
-        gpu_model=wanted["gpu_model"],
-        cpus_per_task=wanted["cpus_per_task"],
-        mem_mb=wanted["mem_mb"],
-        timeout_min=wanted["runtime"],
-        slurm_partition=wanted["slurm_partition"],
-        slurm_account=wanted["slurm_account"],
-    )
+    """The training block's allocation (``resources.train``), as the option of ``python -m deepercluster train``."""
+    return options(allocation=Allocation.of(allocation(resources, "train")))
 
 
 def require_array_fits(rule: str, count: int, array_jobs: str | None, jobs: int | None) -> None:

@@ -7,6 +7,7 @@ writes a stage's keyword arguments as the command-line options its parser reads 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import shlex
@@ -63,14 +64,14 @@ def stage_options(name: str) -> list[Callable[..., None]]:
 
 def options(**values: object) -> str:
     """Keyword arguments as a stage's command-line options: --name value, --flag/--no-flag, a list as
-    --name v1 v2 ..., a dict as --name '{json}'; None is left out (the stage's None)."""
+    --name v1 v2 ..., a dict or a record (a dataclass) as --name '{json}'; None is left out (the stage's None)."""
     words = []
     for name, value in values.items():
         flag = f"--{name.replace('_', '-')}"
         if isinstance(value, bool):
             words.append(flag if value else f"--no-{flag[2:]}")
-        elif isinstance(value, dict):
-            words += [flag, json.dumps(value)]
+        elif isinstance(value, dict) or dataclasses.is_dataclass(value):
+            words += [flag, json.dumps(value if isinstance(value, dict) else dataclasses.asdict(value))]
         elif value is not None:
             words += [flag, *map(str, value if isinstance(value, list) else [value])]
     return shlex.join(words)

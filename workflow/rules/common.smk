@@ -41,6 +41,7 @@ from deepercluster.resources import (
 )
 from deepercluster.seeds import derived_seed
 from deepercluster.stages import options
+from deepercluster.train.settings import BlockSettings
 
 validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 
@@ -137,14 +138,11 @@ def block_labels(wildcards):
     return PLAN.labels(wildcards.run, int(wildcards.round))
 
 
-def method_options(wildcards):
-    """The training block's options of the run's method (methods.<method>)."""
-    settings = PLAN.settings(wildcards.run)
+def block_options(wildcards):
+    """The training block's method and settings (BlockSettings: methods.<method>, train, the round's seed)."""
+    method = PLAN.runs[wildcards.run].name
     return options(
-        method=PLAN.runs[wildcards.run].name,
-        epochs=settings["epochs_per_round"],
-        lr=settings["lr"],
-        head_momentum=settings["head_momentum"],
+        method=method, settings=BlockSettings.of(config, method, round_seed(wildcards))
     )
 
 

@@ -40,25 +40,18 @@ rule train:
     conda:
         ENV
     params:
-        seed=round_seed,
         allocation=training_allocation(RESOURCES),
         labels=lambda wildcards, input: options(labels=input.labels or None),
-        method=method_options,
+        block=block_options,
         train_dir=TRAIN_DIR,
         options=options(
             launcher=config["launcher"],
-            batch_size=config["train"]["batch_size"],
-            momentum=config["train"]["momentum"],
-            weight_decay=config["train"]["weight_decay"],
             checkpoint_every=config["train"]["checkpoint_every"],
-            dropout=config["train"]["dropout"],
-            image_size=config["data"]["image_size"],
-            min_crop_scale=config["train"]["min_crop_scale"],
             workers=config["data"]["workers"],
         ),
     shell:
-        "python -m deepercluster train {params.method} {params.options} {params.allocation} --round {wildcards.round}"
-        " --seed {params.seed} --manifest {input.manifest} --previous-checkpoint {input.previous}"
+        "python -m deepercluster train {params.block} {params.options} {params.allocation} --round {wildcards.round}"
+        " --manifest {input.manifest} --previous-checkpoint {input.previous}"
         " {params.labels} --train-dir {params.train_dir} --out {output.checkpoint} > {log} 2>&1"
 
 

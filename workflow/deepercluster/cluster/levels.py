@@ -101,7 +101,7 @@ def cluster_sub(
     k = min(sub_clusters, len(members))
     if k < sub_clusters:
         log.warning(
-            "super-cluster %d has %d images, fewer than kmeans.sub_clusters=%d: using k=%d",
+            "super-cluster %d has %d images, fewer than its k = %d sub-clusters: using k=%d",
             super_cluster,
             len(members),
             sub_clusters,

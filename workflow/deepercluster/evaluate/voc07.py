@@ -38,7 +38,6 @@ from deepercluster.seeds import derived_seed
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "trainval", "test")
 SETTINGS = ("fc6_8", "all")
 TEST_CROPS = 10
 MOMENTUM = 0.9

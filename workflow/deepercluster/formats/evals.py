@@ -28,7 +28,3 @@ def read_evaluations(folder: str | os.PathLike) -> dict[str, dict]:
 def write_similarity(path: str | os.PathLike, table: pd.DataFrame) -> None:
     with atomic_output(path) as partial:
         table[["round", "layer", "weight_cosine", "cka"]].to_csv(partial, sep="\t", index=False, float_format="%.6g")
-
-
-def read_similarity(path: str | os.PathLike) -> pd.DataFrame:
-    return pd.read_csv(path, sep="\t")

@@ -34,10 +34,6 @@ class Labels:
     table: pd.DataFrame
     sub_clusters: list[int]
 
-    @property
-    def super_clusters(self) -> int:
-        return len(self.sub_clusters)
-
     def flat(self) -> pd.Series:
         """One cluster id per image, indexed by id: (super_cluster, sub_cluster) as a single integer."""
         indexed = self.table.set_index("id")

@@ -8,7 +8,7 @@
 
 Every model is ``sobel`` (optional) -> ``features`` (convs) -> ``avgpool`` -> ``classifier``;
 the classifier's last Linear output, before any ReLU, is the feature used for clustering.
-The training heads (``objectives``) put ReLU then Linear on top of it. ``fold_sobel`` composes
+The training heads (``nn.heads``) put ReLU then Linear on top of it. ``fold_sobel`` composes
 the Sobel layer into the first conv (RGB input), as the DeeperCluster paper does before its
 supervised training; ``build_model(arch, sobel=False, folded_sobel=True)`` is that model's shape.
 """

@@ -57,6 +57,7 @@ from deepercluster.train.batches import (
 from deepercluster.train.metrics import MetricsLog, diverged_heads, mean_over_ranks
 from deepercluster.train.preemption import Preemption
 from deepercluster.train.sampler import UniformClusterSampler
+from deepercluster.train.settings import BlockSettings
 from deepercluster.train.state import BlockState, block_provenance, resume_state, save_state
 
 log = logging.getLogger(__name__)
@@ -82,19 +83,18 @@ class BlockData:
 
 
 def block_data(
-    manifest: str, labels: str | None, method: Method, context: Distributed, batch_size: int, image_size: int,
-    min_crop_scale: float, seed: int,
-) -> BlockData:  # fmt: skip
+    manifest: str, labels: str | None, method: Method, context: Distributed, settings: BlockSettings
+) -> BlockData:
     labels = labels if method.labelled else None
     targets = targets_for(method, labels_file(labels)[1] if labels else [1])
     layout = layout_for(targets, context.rank, context.world_size)
     group = group_of_ranks(layout.parts)  # a collective: every rank makes every group's
     images, clusters = group_images(manifest, labels, method, layout)
-    sampler = group_sampler(method, layout, clusters, manifest_size(manifest), seed)
-    augment = train_transform(image_size, min_crop_scale)
+    sampler = group_sampler(method, layout, clusters, manifest_size(manifest), settings.seed)
+    augment = train_transform(settings.image_size, settings.min_crop_scale)
     dataset = RotatedImages(ImageDataset(images, augment))
     super_clusters, sub_clusters = (torch.tensor(clusters.table[c].to_numpy()) for c in SPLIT)
-    group_batch = min(batch_size // layout.groups, len(sampler))
+    group_batch = min(settings.batch_size // layout.groups, len(sampler))
     return BlockData(method, dataset, super_clusters, sub_clusters, targets, layout, group, sampler, group_batch)
 
 
@@ -111,37 +111,34 @@ def keeps_heads(previous: dict[str, Any], data: BlockData) -> bool:
 
 
 def block_networks(
-    previous_checkpoint: str, data: BlockData, dropout: float, seed: int, context: Distributed
+    previous_checkpoint: str, data: BlockData, settings: BlockSettings, context: Distributed
 ) -> tuple[nn.Module, Heads, dict[str, Any]]:
     """The backbone of the previous checkpoint (global-batch BatchNorm, the block's dropout) and the heads: this
     rank's sub-class heads of its group's super-class, or all of them when its group is every super-class; new
     each round, or the previous round's where they carry over (``keeps_heads``)."""
     model, previous = load_model(previous_checkpoint)
-    torch.manual_seed(seed)  # the same heads on every rank
+    torch.manual_seed(settings.seed)  # the same heads on every rank
     layout = data.layout
     heads = Heads(model.feature_dim, data.targets, holds=[layout.group] if layout.groups > 1 else None,
                   part=layout.head_part, group=data.group)  # fmt: skip
     if keeps_heads(previous, data):
         heads.load_state_dict(previous["heads"])
         log.info("the heads carry over from %s", previous_checkpoint)
-    torch.manual_seed(derived_seed(seed, context.rank))  # each rank's dropout
+    torch.manual_seed(derived_seed(settings.seed, context.rank))  # each rank's dropout
     for module in model.modules():
         if isinstance(module, nn.Dropout):
-            module.p = dropout
+            module.p = settings.dropout
     model = global_batchnorm(model).to(context.device).train()
     return model, heads.to(context.device).train(), previous
 
 
 class Optimisers:
-    """SGD on the backbone (momentum ``momentum``), on V and on this rank's W_g (``head_momentum``), with each
+    """SGD on the backbone (``settings.momentum``), on V and on this rank's W_g (``head_momentum``), with each
     gradient averaged over the ranks holding its weight: one all-reduce when that is every rank. A part of W_g
     needs none: its backward saw every row of the group, so its gradient is already the sum over the group's
     ranks, divided by their number into the average."""
 
-    def __init__(
-        self, model: nn.Module, heads: Heads, data: BlockData, *, lr: float, momentum: float, head_momentum: float,
-        weight_decay: float,
-    ) -> None:  # fmt: skip
+    def __init__(self, model: nn.Module, heads: Heads, data: BlockData, settings: BlockSettings) -> None:
         self.backbone = [p for p in model.parameters() if p.requires_grad]
         self.super_class = list(heads.super_class.parameters()) if heads.super_class is not None else []
         self.held = list(heads.sub_class.parameters())
@@ -151,8 +148,9 @@ class Optimisers:
             self.reductions = [(shared + self.held, None)]
         else:
             self.reductions = [(shared, None), *([(self.held, data.group)] if self.parts == 1 else [])]
-        self.optimizer = torch.optim.SGD(self.backbone, lr=lr, momentum=momentum, weight_decay=weight_decay)
-        heads_sgd = {"lr": lr, "momentum": head_momentum, "weight_decay": weight_decay}
+        lr, weight_decay = settings.lr, settings.weight_decay
+        self.optimizer = torch.optim.SGD(self.backbone, lr=lr, momentum=settings.momentum, weight_decay=weight_decay)
+        heads_sgd = {"lr": lr, "momentum": settings.head_momentum, "weight_decay": weight_decay}
         self.super_class_optimizer = torch.optim.SGD(self.super_class, **heads_sgd) if self.super_class else None
         self.held_optimizer = torch.optim.SGD(self.held, **heads_sgd) if self.held else None
 
@@ -196,11 +194,9 @@ class Loop:
     provenance: dict[str, Any]
     metrics: MetricsLog
     context: Distributed
-    lr: float
-    epochs: int
+    settings: BlockSettings
     checkpoint_every: int
     workers: int
-    seed: int
 
     @property
     def iterations_per_epoch(self) -> int:
@@ -209,31 +205,25 @@ class Loop:
 
 def train_block(
     *, manifest: str, previous_checkpoint: str, out: str, train_dir: str, method: str, round: int,
-    labels: str | None = None, epochs: int, batch_size: int, lr: float, momentum: float, head_momentum: float,
-    weight_decay: float, dropout: float, image_size: int, min_crop_scale: float, workers: int, checkpoint_every: int,
-    seed: int,
+    labels: str | None = None, settings: BlockSettings, workers: int, checkpoint_every: int,
 ) -> None:  # fmt: skip
-    """Stage 'train' (inside its launcher): round ``round``'s training block; writes ``out``.
+    """Stage 'train' (inside its launcher): round ``round``'s training block with ``settings``; writes ``out``.
 
-    ``batch_size`` is the global batch, split evenly over the ranks. ``out`` holds the backbone the next round
-    starts from, and the heads rank 0 holds: every head when ranks are fewer than training groups; the
+    ``settings.batch_size`` is the global batch, split evenly over the ranks. ``out`` holds the backbone the next
+    round starts from, and the heads rank 0 holds: every head when ranks are fewer than training groups; the
     super-class head and its part of W_0 in the paper's layout.
     """
     context = init_distributed()
-    if batch_size % context.world_size:
-        raise TrainingInputError(f"config train.batch_size {batch_size} is not a multiple of the {context.world_size} "
-                                 "ranks (resources.train.tasks): change either")  # fmt: skip
-    settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "momentum": momentum, "seed": seed,
-                "head_momentum": head_momentum, "weight_decay": weight_decay, "dropout": dropout,
-                "image_size": image_size, "min_crop_scale": min_crop_scale}  # fmt: skip
+    if settings.batch_size % context.world_size:
+        raise TrainingInputError(f"config train.batch_size {settings.batch_size} is not a multiple of the "
+                                 f"{context.world_size} ranks (resources.train.tasks): change either")  # fmt: skip
     provenance = block_provenance(manifest=manifest, previous_checkpoint=previous_checkpoint, labels=labels,
-                                  method=method, world_size=context.world_size, **settings)  # fmt: skip
+                                  method=method, world_size=context.world_size, settings=settings)  # fmt: skip
     log.info("round %d's block, deepercluster %s: %s", round, code_version(), provenance)
 
-    data = block_data(manifest, labels, methods.method(method), context, batch_size, image_size, min_crop_scale, seed)
-    model, heads, previous = block_networks(previous_checkpoint, data, dropout, seed, context)
-    optimisers = Optimisers(model, heads, data, lr=lr, momentum=momentum, head_momentum=head_momentum,
-                            weight_decay=weight_decay)  # fmt: skip
+    data = block_data(manifest, labels, methods.method(method), context, settings)
+    model, heads, previous = block_networks(previous_checkpoint, data, settings, context)
+    optimisers = Optimisers(model, heads, data, settings)
     optimisers.carry_over(previous, data)
     state = BlockState(
         shared=optional(model=model, super_class=heads.super_class, optimizer=optimisers.optimizer,
@@ -245,11 +235,11 @@ def train_block(
     start_epoch, start_batch = resume_state(last, state, data.layout, provenance, context.rank)
     per_epoch = len(data.sampler) // data.group_batch
     metrics = MetricsLog(last.with_name("running-metrics.tsv"), resume_at=start_epoch * per_epoch + start_batch)
-    loop = Loop(round, data, model, heads, optimisers, state, last, provenance, metrics, context,
-                lr=lr, epochs=epochs, checkpoint_every=checkpoint_every, workers=workers, seed=seed)  # fmt: skip
+    loop = Loop(round, data, model, heads, optimisers, state, last, provenance, metrics, context, settings,
+                checkpoint_every=checkpoint_every, workers=workers)  # fmt: skip
     log_start(loop, start_epoch, start_batch)
     with Preemption() as preemption:
-        for epoch in range(start_epoch, epochs):
+        for epoch in range(start_epoch, settings.epochs):
             run_epoch(loop, epoch, start_batch if epoch == start_epoch else 0, preemption)
     metrics.publish(last.with_name("metrics.tsv"))
     if is_main_process():
@@ -270,8 +260,8 @@ def log_start(loop: Loop, start_epoch: int, start_batch: int) -> None:
     if (start_epoch, start_batch) != (0, 0):
         log.info("resuming round %d at epoch %d, batch %d from %s", loop.round, start_epoch, start_batch, loop.last)
     log.info("round %d: %s on %d images, %d epochs x %d iterations of %d on %d ranks (%s), heads %s", loop.round,
-             data.method.name, len(data.dataset), loop.epochs, loop.iterations_per_epoch,
-             loop.provenance["batch_size"], loop.context.world_size, data.layout, data.targets)  # fmt: skip
+             data.method.name, len(data.dataset), loop.settings.epochs, loop.iterations_per_epoch,
+             loop.settings.batch_size, loop.context.world_size, data.layout, data.targets)  # fmt: skip
     held = sum(p.numel() for p in loop.optimisers.held)
     log.info("rank %d holds sub-class heads [%s] (part %d of %d): %d parameters", loop.context.rank,
              ",".join(loop.heads.sub_class), *data.layout.head_part, held)  # fmt: skip
@@ -288,8 +278,8 @@ def refuse_divergence(loop: Loop, row: dict[str, float], weights: set[str], epoc
     what = heads or f"{', '.join(sorted(weights))} (by last.pt's names) hold non-finite values after its step"
     raise TrainingInputError(
         f"round {loop.round}'s training block diverged at iteration {iteration} (epoch {epoch}, batch {batch}) with "
-        f"lr {loop.lr}: {what}; lower methods.{loop.data.method.name}.lr and rerun, which trains the block afresh "
-        f"(nothing non-finite was saved: {loop.last.name} holds the last finite state, if any)"
+        f"lr {loop.settings.lr}: {what}; lower methods.{loop.data.method.name}.lr and rerun, which trains the block "
+        f"afresh (nothing non-finite was saved: {loop.last.name} holds the last finite state, if any)"
     )
 
 
@@ -298,10 +288,11 @@ def run_epoch(loop: Loop, epoch: int, start_batch: int, preemption: Preemption) 
     a pre-emption signal (then handing over to submitit) and at the end."""
     data, device, per_epoch = loop.data, loop.context.device, loop.iterations_per_epoch
     indices, rotations = data.sampler.epoch(epoch)
-    batches = RankBatches(indices, rotations, data.group_batch, data.layout, start_batch, loop.seed, epoch)
+    seed = loop.settings.seed
+    batches = RankBatches(indices, rotations, data.group_batch, data.layout, start_batch, seed, epoch)
     # Its own generator: creating the loader must not draw from the global RNG (dropout's), or a loader created
     # at resume would shift every later draw.
-    generator = torch.Generator().manual_seed(loop.seed)
+    generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(data.dataset, batch_sampler=batches, num_workers=loop.workers,
                         pin_memory=device.type == "cuda", generator=generator)  # fmt: skip
     tick, iteration = time.perf_counter(), epoch * per_epoch + start_batch
@@ -317,7 +308,7 @@ def run_epoch(loop: Loop, epoch: int, start_batch: int, preemption: Preemption) 
         refuse_divergence(loop, row, raised - {STOP}, epoch, batch, iteration)
         stop = STOP in raised
         now, iteration = time.perf_counter(), iteration + 1
-        loop.metrics.write(round=loop.round, epoch=epoch, iteration=iteration - 1, lr=loop.lr,
+        loop.metrics.write(round=loop.round, epoch=epoch, iteration=iteration - 1, lr=loop.settings.lr,
                            images_per_s=len(x) * loop.context.world_size / (now - tick), **row)  # fmt: skip
         tick = now
         if iteration % loop.checkpoint_every == 0 or stop:
@@ -327,7 +318,7 @@ def run_epoch(loop: Loop, epoch: int, start_batch: int, preemption: Preemption) 
             log.warning("pre-emption signal: saved %s at epoch %d, batch %d; requeuing", loop.last, epoch, batch + 1)
             preemption.hand_over()
         if batch % max(1, per_epoch // 5) == 0 or batch + 1 == per_epoch:
-            log.info("epoch %d/%d batch %d/%d: %s", epoch + 1, loop.epochs, batch + 1, per_epoch,
+            log.info("epoch %d/%d batch %d/%d: %s", epoch + 1, loop.settings.epochs, batch + 1, per_epoch,
                      " ".join(f"{k} {v:.3f}" for k, v in row.items()))  # fmt: skip
     loop.metrics.flush()
     save_state(loop.last, loop.state, data.layout, loop.provenance, epoch + 1, 0)

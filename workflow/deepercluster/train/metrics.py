@@ -1,4 +1,5 @@
-"""The block's per-iteration log (``formats.metrics``, written by rank 0), and the losses averaged over ranks."""
+"""The block's per-iteration log (``formats.metrics``, written by rank 0, and the same rows as TensorBoard events),
+and the losses averaged over ranks."""
 
 from __future__ import annotations
 
@@ -6,28 +7,42 @@ import math
 from pathlib import Path
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 from deepercluster.distributed import all_reduce_sum, is_main_process
-from deepercluster.formats.metrics import MetricsWriter
+from deepercluster.formats.metrics import COLUMNS, MetricsWriter
+
+# The columns drawn as TensorBoard curves, by their names in the log; the others (round, epoch, iteration) place them.
+CURVES = tuple(c for c in COLUMNS if c not in ("round", "epoch", "iteration"))
 
 
 class MetricsLog:
     """The running log, one row per iteration, kept by rank 0 (the other ranks' calls do nothing); on resume, rows
-    past the checkpoint are dropped. ``publish`` copies it, when the block ends, to the declared output."""
+    past the checkpoint are dropped. The same rows go to TensorBoard events beside it (the round's ``train/``:
+    ``tensorboard --logdir results``), each value at its iteration, flushed with the log; a resumed block purges
+    the events from its resume point on, so the curves hold the log's rows. ``publish`` copies the log, when the
+    block ends, to the declared output."""
 
     def __init__(self, path: Path, resume_at: int) -> None:
-        self.writer = MetricsWriter(path, resume_at) if is_main_process() else None
+        main = is_main_process()
+        self.writer = MetricsWriter(path, resume_at) if main else None
+        self.events = SummaryWriter(str(path.parent), purge_step=resume_at or None) if main else None
 
     def write(self, **row: float) -> None:
         if self.writer:
             self.writer.write(row)
+            for name in CURVES:
+                if name in row:
+                    self.events.add_scalar(name, row[name], row["iteration"])
 
     def flush(self) -> None:
         if self.writer:
             self.writer.flush()
+            self.events.flush()
 
     def publish(self, out: Path) -> None:
         if self.writer:
+            self.events.close()
             self.writer.publish(out)
 
 

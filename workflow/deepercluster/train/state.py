@@ -9,7 +9,7 @@ beside it (of each part of the group, when its ranks split W_g).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +19,21 @@ from deepercluster.checkpoints import load_checkpoint, non_finite_weights, save_
 from deepercluster.distributed import all_gather_objects, barrier, is_main_process
 from deepercluster.files import sha256
 from deepercluster.train.batches import Layout
+from deepercluster.train.settings import BlockSettings
 
 log = logging.getLogger(__name__)
 
 
 def block_provenance(
-    *, manifest: str, previous_checkpoint: str, labels: str | None, method: str, world_size: int, **settings: Any
-) -> dict[str, Any]:
-    """What the block's result depends on: its inputs' sha256, the method, the number of ranks and every
-    setting but ``workers`` and ``checkpoint_every``. A last.pt is resumed only when this is equal."""
+    *, manifest: str, previous_checkpoint: str, labels: str | None, method: str, world_size: int,
+    settings: BlockSettings,
+) -> dict[str, Any]:  # fmt: skip
+    """What the block's result depends on: its inputs' sha256, the method, the number of ranks and its settings
+    (every field of ``BlockSettings``, not ``workers`` nor ``checkpoint_every``). A last.pt is resumed only when
+    this is equal."""
     inputs = {"manifest": manifest, "previous": previous_checkpoint, "labels": labels}
     hashes = {f"{name}_sha256": path and sha256(path) for name, path in inputs.items()}
-    return {**hashes, "method": method, "world_size": world_size, **settings}
+    return {**hashes, "method": method, "world_size": world_size, **asdict(settings)}
 
 
 @dataclass(frozen=True)
