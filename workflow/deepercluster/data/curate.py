@@ -5,8 +5,8 @@ The budget is split equally over the super-clusters, then each one's share over 
 (``balanced_shares``, the same at both levels); inside a sub-cluster the images are drawn at random or nearest its
 centroid. Two images of a sub-cluster whose whitened, L2-normalised features have a cosine similarity above
 ``duplicate_similarity`` are one image, kept once (the one of smaller id). The features are read a super-cluster at
-a time, whitened by the round's PCA as its sub-level k-means read them; what is held over the whole pool is four
-numbers per image.
+a time, whitened by the round's PCA as its sub-level k-means read them; what is held over the whole pool is five
+numbers per image (id, its two clusters, distance, duplicate).
 """
 
 from __future__ import annotations
