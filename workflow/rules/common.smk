@@ -152,9 +152,12 @@ def curated_targets(name):
 
 def curated_round(template):
     """An input function: ``template`` of the round whose clusters the curated subset {name} is drawn from."""
-    return lambda wildcards: fill(
-        template, **dict(zip(("run", "round"), PLAN.curated_clusters(wildcards.name)))
-    )
+
+    def path(wildcards):
+        run, r = PLAN.curated_clusters(wildcards.name)
+        return fill(template, run=run, round=r)
+
+    return path
 
 
 def curated_shards(wildcards):
