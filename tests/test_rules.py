@@ -139,6 +139,7 @@ CHANGED = {
         "voc07_lr": 0.02,
         "retrieval_dim": 8,
     },
+    "curation": {"size": 120, "strategy": "nearest", "duplicate_similarity": 0.9, "clusters": "round-1"},
 }
 # What every config adds so that every rule is planned: VOC07, retrieval and a registered checkpoint.
 EVERY_RULE = {
@@ -263,6 +264,9 @@ def expected(rule: str, config: dict, arguments: dict) -> dict:
         "true_labels": {"label_column": config["methods"]["supervised"]["label_column"]},
         "compare_table": {"label_column": evaluation["label_column"]},
         "export": {"image_size": data["image_size"]},
+        "curate": {"seed": config["seed"], "cache_mb": kmeans["cache_mb"], "dtype": kmeans["dtype"],
+                   **{key: config["curation"][key] for key in ("size", "strategy", "duplicate_similarity")}},
+        "curation_figures": {"seed": config["seed"], "shown": evaluation["clusters_shown"]},
     }.get(rule, {})  # fmt: skip
 
 
@@ -284,6 +288,7 @@ def test_every_rules_options_parse_back_into_its_stages_arguments(tmp_path: Path
         tmp_path, config, "all", "compare", f"results/export/round-{last}.pth", "results/export/mine.pth",
         f"results/evals/round-{last}/clusters.png", f"results/evals/round-{last}/voc07.json",
         f"results/evals/round-{last}/retrieval.json", "results/evals/mine/knn.json",
+        f"results/curated/round-{last}/figures/clusters.png",
     )  # fmt: skip
 
     assert {rule for rule, _ in jobs} == package_rules()

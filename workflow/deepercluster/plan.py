@@ -9,6 +9,11 @@ main run ``results`` (the config's method) and ``results/{method}`` for each oth
 compare) trains, and which a method starting from another's checkpoint (DeeperCluster from RotNet, ``init:
 rotnet``) trains first. A run's round 0 is where it starts: the seeded random init ``results/rounds/0``, the
 RotNet run's last round, or a registered checkpoint; its files and evaluations are that checkpoint's own.
+
+A curated subset ``results/curated/{name}`` is drawn from the clusters of the pool (``results/data/manifest``) that
+checkpoint ``{name}`` gives (``curated_clusters``); with ``curation.train`` one more run,
+``results/curated/{name}/{method}``, trains on that subset's manifest instead of the pool's (``manifest``): the pool's
+run and the curated run are two folders of one DAG, the second downstream of the first.
 """
 
 from __future__ import annotations
@@ -43,11 +48,17 @@ EVAL = "{run}/evals/{name}"
 EVAL_FILE = EVAL + "/{kind}"
 SIMILARITY = "{run}/evals/similarity"
 EXPORT = "{run}/export/{name}.pth"
+CURATED = "results/curated/{name}"
+CURATED_MANIFEST = CURATED + "/manifest.parquet"
+CURATED_SIZES = CURATED + "/cluster_sizes.tsv"
+CURATED_FIGURE = CURATED + "/figures/{figure}.png"
 SUMMARY = "results/summary"
 COMPARE = "results/compare"
 
 # The report's figures of a round (figure name -> file stem); those past the first only where the method clusters.
 ROUND_FIGURES = {"training": "training", "sizes_plot": "cluster_sizes", "nmi_plot": "nmi", "grid": "clusters"}
+# A curated subset's figures (figure name -> file stem).
+CURATION_FIGURES = {"sizes_plot": "cluster_sizes", "grid": "clusters"}
 # The comparison's rows, in the paper's order (Table 3), then the bound.
 ROW_ORDER = ("random", "rotnet", "deepcluster", "deepercluster", "supervised")
 STARTS = ("random", "rotnet")  # a method's init, besides a name under checkpoints
@@ -56,6 +67,11 @@ STARTS = ("random", "rotnet")  # a method's init, besides a name under checkpoin
 def shard_count(images: int, shard_size: int) -> int:
     """Number of shards of ``shard_size`` images (the last one may be smaller)."""
     return max(1, -(-images // shard_size))
+
+
+def curation_figures(name: str = "{name}") -> dict[str, str]:
+    """The figures of the curated subset ``name``, by name."""
+    return {figure: fill(CURATED_FIGURE, name=name, figure=stem) for figure, stem in CURATION_FIGURES.items()}
 
 
 def fill(template: str, **values: object) -> str:
@@ -94,10 +110,55 @@ class Plan:
                 valid = [s for s in STARTS if s != name] + list(config["checkpoints"])
                 raise ConfigError(f"methods.{name}.init is {start!r}; set it to one of {', '.join(valid)} "
                                   "(a checkpoint's name must be under checkpoints)")  # fmt: skip
+        self.curated = self.curated_run(config["curation"])
+        if self.curated:
+            self.runs[self.curated] = METHODS[config["curation"]["train"]]
 
     def folder(self, of: Method) -> str:
         """The run of a method: the main run for the config's, results/{method} for the others."""
         return MAIN if of == self.method else f"{MAIN}/{of.name}"
+
+    def curated_run(self, curation: dict[str, Any]) -> str | None:
+        """The run of curation.train on the subset of curation.clusters (checked to name clusters), or None."""
+        if curation["clusters"] is not None:
+            self.curated_clusters(curation["clusters"])
+        if curation["train"] is None:
+            return None
+        if curation["clusters"] is None:
+            raise ConfigError(
+                f"curation.train is {curation['train']!r} but curation.clusters is null: set it to the round-{{r}} "
+                "(or the checkpoint under checkpoints) whose clusters the subset it trains on is drawn from"
+            )
+        return f"{fill(CURATED, name=curation['clusters'])}/{curation['train']}"
+
+    def manifest(self, run: str) -> str:
+        """The images a run trains on: the curated subset's for the curated run, the pool's for every other."""
+        return fill(CURATED_MANIFEST, name=self.config["curation"]["clusters"]) if run == self.curated else MANIFEST
+
+    def curated_clusters(self, name: str) -> tuple[str, int]:
+        """The round (run, r) whose clusters of the pool a curated subset ``name`` is drawn from: round-{r}'s of the
+        main run; a checkpoint under checkpoints, round 1's of the pool's run starting from it (clustered with its
+        features). A round of a method that does not cluster, or a checkpoint no run starts from, is an error."""
+        if name.startswith("round-"):
+            r, run = int(name.removeprefix("round-")), MAIN
+            if not self.runs[MAIN].clusters:
+                raise ConfigError(
+                    f"results/curated/{name}: the main run's method, {self.method.name}, makes no clusters; curate a "
+                    "round of a method that does (method: deepercluster or deepcluster)"
+                )
+            if not 1 <= r <= self.rounds(MAIN):
+                raise ConfigError(
+                    f"results/curated/{name}: the main run has no round {r} with clusters; curate one of "
+                    f"round-1..round-{self.rounds(MAIN)}"
+                )
+            return run, r
+        for of in METHODS.values():  # the pool's runs
+            if of.clusters and self.settings(self.folder(of))["init"] == name:
+                return self.folder(of), 1
+        raise ConfigError(
+            f"results/curated/{name}: no run clusters the pool with checkpoint {name}'s features; set "
+            f"methods.deepercluster.init (or methods.deepcluster.init) to {name}, whose round 1 clusters with them"
+        )
 
     def settings(self, run: str) -> dict[str, Any]:
         """methods.<method> of the run's method."""
@@ -206,6 +267,6 @@ class Plan:
         random init (round 0) and each method's last round (of the main run for the config's method)."""
         named = self.config["evaluation"]["compare"]
         rows = {"random": (MAIN, "round-0")} | {
-            m.name: (run, f"round-{self.rounds(run)}") for run, m in self.runs.items()
+            m.name: (run, f"round-{self.rounds(run)}") for m in METHODS.values() for run in [self.folder(m)]
         }
         return {row: (MAIN, named[row]) if named[row] else rows[row] for row in ROW_ORDER}

@@ -39,6 +39,8 @@ STAGES = {
     "eval-retrieval": "deepercluster.evaluate.retrieval:retrieval",
     "compare": "deepercluster.evaluate.compare:compare",
     "export": "deepercluster.report.export:export_model",
+    "curate": "deepercluster.data.curate:curate",
+    "curation-figures": "deepercluster.report.curation:curation_figures",
 }
 
 # Stages that forward their other keyword arguments to another function, whose options they take too.

@@ -88,7 +88,7 @@ rule sub_clusters:
 
 rule labels:
     input:
-        manifest=MANIFEST,
+        manifest=run_manifest,
         super_file=SUPER,
         sub_files=sub_cluster_files,
         previous=previous_labels,

@@ -8,6 +8,8 @@ from deepercluster.formats.manifest import manifest_size
 from deepercluster.plan import (
     CHECKPOINT,
     COMPARE,
+    CURATED_MANIFEST,
+    CURATED_SIZES,
     EVAL_DATA,
     EVAL_FILE,
     EVAL_MANIFEST,
@@ -30,6 +32,7 @@ from deepercluster.plan import (
     TRUE_LABELS,
     Plan,
     benchmark_file,
+    curation_figures,
     fill,
     log_file,
 )
@@ -66,9 +69,18 @@ wildcard_constraints:
     name="|".join([r"round-\d+", *map(re.escape, config["checkpoints"])]),
 
 
-def images():
-    """The number of images, known once the manifest exists (a checkpoint rule)."""
+def images(run=MAIN):
+    """The number of images a run trains on, known once its manifest exists (a checkpoint rule): the pool's, or
+    for the curated run (curation.train) the curated subset's."""
+    if run == PLAN.curated:
+        curated = checkpoints.curate.get(name=config["curation"]["clusters"])
+        return manifest_size(curated.output.manifest)
     return manifest_size(checkpoints.manifest.get().output.manifest)
+
+
+def run_manifest(wildcards):
+    """The manifest of the images the run trains on (the curated subset's for the curated run)."""
+    return PLAN.manifest(wildcards.run)
 
 
 def fits_job_array(rule, count):
@@ -79,7 +91,7 @@ def fits_job_array(rule, count):
 
 def shard_files(wildcards):
     """Every feature shard of the run's round (which must hold at least m images)."""
-    count = images()
+    count = images(wildcards.run)
     require_rows(
         PLAN.super_clusters(wildcards.run),
         count,
@@ -114,13 +126,49 @@ def rounds_until(template):
 
 def default_targets(wildcards):
     """Every round's files (and those of the run it starts from) and report figures, the last checkpoint and the
-    summary (TSV and web page)."""
+    summary (TSV and web page); the curated subset of curation.clusters and its figures, and the curated run's
+    rounds (curation.train), when set."""
     return [
         *PLAN.run_outputs(MAIN, images()),
         *(path for r in TRAINED_ROUNDS for path in PLAN.figures(r).values()),
         f"{SUMMARY}.tsv",
         f"{SUMMARY}.html",
+        *curated_targets(config["curation"]["clusters"]),
     ]
+
+
+def curated_targets(name):
+    """The curated subset ``name`` and its figures, and the curated run's rounds; none for None."""
+    if name is None:
+        return []
+    trained = (
+        PLAN.run_outputs(PLAN.curated, images(PLAN.curated)) if PLAN.curated else []
+    )
+    return [
+        fill(CURATED_MANIFEST, name=name),
+        *curation_figures(name).values(),
+        *trained,
+    ]
+
+
+def curated_round(template):
+    """An input function: ``template`` of the round whose clusters the curated subset {name} is drawn from."""
+
+    def path(wildcards):
+        run, r = PLAN.curated_clusters(wildcards.name)
+        return fill(template, run=run, round=r)
+
+    return path
+
+
+def curated_shards(wildcards):
+    """The feature shards of the round whose clusters the curated subset {name} is drawn from."""
+    return PLAN.shard_files(*PLAN.curated_clusters(wildcards.name), images())
+
+
+def curated_sub_files(wildcards):
+    """The sub-clusters files of the round whose clusters the curated subset {name} is drawn from."""
+    return PLAN.sub_cluster_files(*PLAN.curated_clusters(wildcards.name))
 
 
 def round_seed(wildcards):
@@ -287,3 +335,19 @@ def figure_options(wildcards, input, output):
     )
     figures = {name: getattr(output, name) for name in ROUND_REPORT}
     return options(**figures, **(clustering if input.labels else {}))
+
+
+CURATION_TITLES = {
+    "sizes_plot": "cluster sizes, subset and pool",
+    "grid": "images of a few super-clusters, pool and subset",
+}
+CURATION_REPORT = {
+    name: report(
+        path,
+        caption="../report/curation.rst",
+        category="Curation",
+        subcategory="{name}",
+        labels={"subset": "{name}", "figure": CURATION_TITLES[name]},
+    )
+    for name, path in curation_figures().items()
+}

@@ -1,6 +1,6 @@
 rule features:
     input:
-        manifest=MANIFEST,
+        manifest=run_manifest,
         checkpoint=previous_checkpoint,
     output:
         SHARD,

@@ -23,7 +23,7 @@ rule initial_checkpoint:
 
 rule train:
     input:
-        manifest=MANIFEST,
+        manifest=run_manifest,
         previous=previous_checkpoint,
         labels=block_labels,
     output:
@@ -58,7 +58,7 @@ rule train:
 # The supervised bound's labels: each training image's true class (methods.supervised.label_column), used here only.
 rule true_labels:
     input:
-        MANIFEST,
+        run_manifest,
     output:
         TRUE_LABELS,
     log:

@@ -173,8 +173,8 @@ def manifest_size(manifest: str) -> int:
 
 
 def metadata_columns(frame: pd.DataFrame) -> list[str]:
-    """Every column of a manifest but id and path."""
-    return [c for c in frame.columns if c not in ("id", "path")]
+    """Every column of a manifest but id, path and a curated subset's pool_id (its image's id in the pool)."""
+    return [c for c in frame.columns if c not in ("id", "path", "pool_id")]
 
 
 def informative_columns(frame: pd.DataFrame) -> list[str]:
