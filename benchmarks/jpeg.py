@@ -1,0 +1,91 @@
+"""The 224-px JPEG path of the papers' networks: a photograph decoded, transformed and normalised as the features
+and training stages make the network's input, against today's bare PIL + torchvision loop (a decode down to no
+less than 1,024 px, float tensors normalised image by image) and against the decoder alone."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from benchmarks.cases import Report, timed_pair
+from benchmarks.inputs import photographs
+from deepercluster.data.images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageDataset,
+    PhotoTransform,
+    feature_transform,
+    network_input,
+    read_rgb,
+    train_transform,
+)
+from deepercluster.evaluate.backbone import device
+
+IMAGE_SIZE = 224
+BARE_DRAFT_SIDE = 1024  # today's decode: a JPEG's sides no less than this
+# Long sides: photos as web crawls store them, and as cameras write them.
+PHOTO_SIDES = {"small": (160, 900), "camera": (2300, 2500)}
+# (path, photos) -> goal of ours against the bare loop (issue 27)
+GOALS = {("features", "camera"): 3.0, ("features", "small"): 1.4, ("training", "camera"): 1.2,
+         ("training", "small"): 1.2}  # fmt: skip
+DECODER_GOAL = 0.5  # decoding at least half of our path's time: its other steps cost no more than the decode
+
+
+def bare_steps(path: str) -> Callable[[Image.Image], torch.Tensor]:
+    """Today's torchvision transform of the features or training ``path``, to a normalised float tensor."""
+    from torchvision import transforms
+
+    crop = {"features": [transforms.Resize(round(IMAGE_SIZE * 256 / 224)), transforms.CenterCrop(IMAGE_SIZE)],
+            "training": [transforms.RandomResizedCrop(IMAGE_SIZE), transforms.RandomHorizontalFlip()]}  # fmt: skip
+    return transforms.Compose([*crop[path], transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def bare_loop(paths: list[str], steps: Callable, batch_size: int) -> None:
+    """Today's loop: each photo opened with PIL, decoded down to ``BARE_DRAFT_SIDE``, converted, transformed."""
+
+    def read(path: str) -> torch.Tensor:
+        with Image.open(path) as image:
+            image.draft("RGB", (BARE_DRAFT_SIDE, BARE_DRAFT_SIDE))
+            return steps(image.convert("RGB"))
+
+    for start in range(0, len(paths), batch_size):
+        torch.stack([read(path) for path in paths[start : start + batch_size]])
+
+
+def our_loop(paths: list[str], transform: PhotoTransform, batch_size: int) -> None:
+    """The stages' loop: ``ImageDataset``'s uint8 batches, then ``network_input`` on the stages' device."""
+    for images, _ in DataLoader(ImageDataset.of_files(paths, transform), batch_size=batch_size):
+        network_input(images, device())
+
+
+def jpeg_case(report: Report, work: Path, small: int, camera: int, batch_size: int, repeats: int) -> None:
+    """The features and training paths on ``small`` web-sized and ``camera`` camera-sized photographs."""
+    for photos, count in (("camera", camera), ("small", small)):
+        paths = photographs(work / f"photos-{photos}", count, PHOTO_SIDES[photos])
+        for path, transform in (("features", feature_transform(IMAGE_SIZE)), ("training", train_transform(IMAGE_SIZE))):
+            path_rows(report, paths, photos, path, transform, batch_size, repeats)
+
+
+def path_rows(report: Report, paths: list[str], photos: str, path: str, transform: PhotoTransform, batch_size: int,
+              repeats: int) -> None:  # fmt: skip
+    """Our ``path`` (features or training) on the photographs ``paths`` against the bare loop, and against
+    decoding alone (``read_rgb`` at our decode's scale)."""
+    torch.manual_seed(0)
+    ours_s, bare_s = timed_pair(repeats, lambda: our_loop(paths, transform, batch_size),
+                                lambda: bare_loop(paths, bare_steps(path), batch_size))  # fmt: skip
+    again_s, decode_s = timed_pair(repeats, lambda: our_loop(paths, transform, batch_size),
+                                   lambda: [read_rgb(p, transform.side) for p in paths])  # fmt: skip
+    ours_s, n, sides = min(ours_s, again_s), len(paths), PHOTO_SIDES[photos]
+    name, sizes = (
+        f"JPEG {path} path, {photos} photos",
+        f"{n} JPEGs {sides[0]}-{sides[1]} px, {IMAGE_SIZE} px, 1 process",
+    )
+    report.add(name, sizes, f"{n / ours_s:.0f} img/s", f"{n / bare_s:.0f} img/s (PIL + torchvision)",
+               bare_s / ours_s, ">=", GOALS[path, photos])  # fmt: skip
+    report.add(f"{name}, against decoding alone", f"{sizes}, decoded to {transform.side} px", f"{n / ours_s:.0f} img/s",
+               f"{n / decode_s:.0f} img/s (decoding)", decode_s / ours_s, ">=", DECODER_GOAL)  # fmt: skip
+    report.figure(f"{name}, batch step on {device().type.upper()}", f"{n / ours_s:.0f} img/s")
