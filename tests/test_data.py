@@ -224,16 +224,27 @@ def test_a_png_reaches_the_network_as_before(tmp_path: Path) -> None:
 
 def test_jpegs_decode_down_to_the_side_their_transform_needs(tmp_path: Path) -> None:
     """A camera-sized JPEG decodes to the most reduced scale whose short side still reaches the side asked (and
-    never further down than ``DRAFT_SIDE``, the bound on its memory); every crop the training transform draws
-    from it then has at least the network's 224 px a side."""
+    never further down than ``DRAFT_SIDE``, the bound on its memory). For training, each crop decides: the crop
+    the transform then draws from the decoded image has the network's 224 px a side, its photo decoded at 1/8,
+    1/4 or 1/2; and a PNG's pixels and crops are those of the transform alone, the generator left as it was."""
     [photo] = photographs(tmp_path, 1, (2400, 2400))  # the astronaut, 2400 x 2400
     assert [read_rgb(photo, side).size for side in (256, 915, 5000)] == [(300, 300), (1200, 1200), (1200, 1200)]
     assert read_rgb(photo).size == (1200, 1200)
     train = train_transform(224)
-    crop, decoded = train.steps.transforms[0], Image.new("RGB", (train.side, train.side))  # the least decoded
+    decoded, sides = set(), []
+    for seed in range(200):
+        torch.manual_seed(seed)
+        image = read_rgb(photo, train.decode_side)
+        decoded.add(image.size[0])
+        sides.append(min(train.crop.get_params(image, train.crop.scale, train.crop.ratio)[2:]))
+    assert decoded == {300, 600, 1200} and 224 <= min(sides) < 240
+    png = tmp_path / "photo.png"
+    Image.open(photo).resize((300, 300)).save(png)
     torch.manual_seed(0)
-    sides = np.array([crop.get_params(decoded, crop.scale, crop.ratio)[2:] for _ in range(20000)])
-    assert sides.min() >= 224 and sides.min() < 240  # the smallest, narrowest crops come close
+    ours = ImageDataset([str(png)], [0], train)[0][0], torch.rand(1)
+    torch.manual_seed(0)
+    alone = train(Image.open(png).convert("RGB")), torch.rand(1)
+    assert all(torch.equal(a, b) for a, b in zip(ours, alone, strict=True))
 
 
 def test_the_features_scaled_decode_sees_what_a_full_decode_does_within_bounds(tmp_path: Path) -> None:

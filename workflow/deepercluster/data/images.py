@@ -1,10 +1,10 @@
 """Images as every stage reads them: decoded to 8-bit RGB whatever their mode, and the transforms of the
 papers (a deterministic centre crop for features, a random resized crop and flip for training).
 
-A transform states the shortest side its image needs (``PhotoTransform.side``) and a JPEG is decoded no larger
-than that (libjpeg's DCT scaling: most of a large photo's decoding cost saved); it hands over uint8 pixels,
-which ``network_input`` normalises on the batch, on the device: the one place every stage makes the network's
-input."""
+A transform states the shortest side its image needs (``PhotoTransform.decode_side``; for training, the side
+where its crop keeps the network's pixels) and a JPEG is decoded no larger than that (libjpeg's DCT scaling: most
+of a large photo's decoding cost saved). It hands over uint8 pixels, which ``network_input`` normalises on the
+batch, on the device: the one place every stage makes the network's input."""
 
 from __future__ import annotations
 
@@ -55,16 +55,17 @@ def eight_bit(grey: np.ndarray, black: float, white: float) -> np.ndarray:
     return np.rint(np.nan_to_num(scaled, nan=0.0).clip(0, 1) * 255).astype(np.uint8)
 
 
-def read_rgb(source: str | BinaryIO, side: int = DRAFT_SIDE) -> Image.Image:
+def read_rgb(source: str | BinaryIO, side: int | Callable[[Image.Image], int] = DRAFT_SIDE) -> Image.Image:
     """Open and fully decode an image (a file, or its bytes) as 8-bit RGB, whatever its mode.
 
     Wide greyscale (16- and 32-bit integers, floats) is scaled to 8 bits by ``grey_range`` (PIL's convert would
     clip integers at 255 and floats at 1, or truncate floats to 0); alpha is dropped; CMYK, palette and 1-bit
     images go through PIL's conversion. A large JPEG is decoded at the most reduced scale (1/2, 1/4, 1/8) that
-    keeps both its sides at least ``side`` (at most ``DRAFT_SIDE``), so its memory stays bounded.
+    keeps both its sides at least ``side`` (or ``side(image)`` of the image opened, not yet decoded) and at least
+    ``DRAFT_SIDE``, so its memory stays bounded.
     """
     with Image.open(source) as image:
-        image.draft("RGB", (min(side, DRAFT_SIDE),) * 2)
+        image.draft("RGB", (min(side(image) if callable(side) else side, DRAFT_SIDE),) * 2)
         if image.mode in WIDE_GREY:
             grey = np.asarray(image)
             image = Image.fromarray(eight_bit(grey, *grey_range(image, grey)))
@@ -101,7 +102,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         try:
-            image = read_rgb(self.source(i), getattr(self.transform, "side", DRAFT_SIDE))
+            image = read_rgb(self.source(i), getattr(self.transform, "decode_side", DRAFT_SIDE))
         except READ_ERRORS as error:
             raise UnreadableImageError(
                 f"cannot read image {self.paths[i]}{self.member(i)} ({type(error).__name__}: {error}); the image "
@@ -124,13 +125,27 @@ class ImageDataset(Dataset):
 @dataclass(frozen=True)
 class PhotoTransform:
     """torchvision's ``steps``, from an RGB image to its uint8 tensor (3, H, W), and ``side``: the shortest side
-    the image needs for ``steps`` to see it at full resolution (``ImageDataset`` decodes a JPEG down to it)."""
+    any image needs for ``steps`` to see it at full resolution; with ``crop``, the random resized crop that
+    ``steps`` begin with, each image needs only what its own crop does (``decode_side``)."""
 
     steps: Callable[[Image.Image], torch.Tensor]
     side: int
+    crop: Callable | None = None  # a torchvision RandomResizedCrop
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.steps(image)
+
+    def decode_side(self, image: Image.Image) -> int:
+        """The shortest side ``image`` (opened, not decoded) needs (``ImageDataset`` decodes a JPEG down to it):
+        with a ``crop``, where the crop ``steps`` will draw keeps its output's pixels a side, one to spare for
+        rounding. That crop is drawn here from a copy of the generator's state, the same fractions of the image
+        ``steps`` draw from the generator itself: the draws and their order are those of the crop alone."""
+        if self.crop is None:
+            return self.side
+        with torch.random.fork_rng(devices=[]):
+            _, _, height, width = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
+        reduction = min(height, width) / (max(self.crop.size) + 1)
+        return math.ceil(min(image.size) / reduction) if reduction > 1 else min(image.size)
 
 
 def network_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -170,14 +185,10 @@ def feature_transform(image_size: int) -> PhotoTransform:
 
 def train_transform(image_size: int, min_crop_scale: float = 0.08) -> PhotoTransform:
     """Augmenting: random resized crop (of ``min_crop_scale`` to all of the image's area, torchvision's and the
-    papers' 0.08 by default) and horizontal flip; a JPEG decoded down to where the smallest, narrowest crop
-    still has ``image_size`` pixels a side."""
+    papers' 0.08 by default) and horizontal flip; a JPEG decoded down to where its crop still has ``image_size``
+    pixels a side (``side``: where the smallest, narrowest crop does)."""
     from torchvision import transforms  # here, as in feature_transform
 
-    steps = [
-        transforms.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0), ratio=CROP_RATIO),
-        transforms.RandomHorizontalFlip(),
-        transforms.PILToTensor(),
-    ]
-    side = math.ceil(image_size / math.sqrt(min_crop_scale * min(CROP_RATIO)))
-    return PhotoTransform(transforms.Compose(steps), side)
+    crop = transforms.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0), ratio=CROP_RATIO)
+    steps = transforms.Compose([crop, transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
+    return PhotoTransform(steps, math.ceil(image_size / math.sqrt(min_crop_scale * min(CROP_RATIO))), crop)
