@@ -31,7 +31,7 @@ FULL = {
     "head": {"k": 80_000, "dim": 4096, "batch": 48, "parts": 4},
     "manifest": {"rows": 250_000, "per_tar": 5_000},
     # The photos: 600 web-sized, 100 camera-sized.
-    "jpeg": {"small": 600, "camera": 100, "batch_size": 50, "repeats": 3},
+    "jpeg": {"small": 600, "camera": 100, "batch_size": 50, "repeats": 5},
 }
 QUICK = {
     "kmeans": {"rows": 20_000, "dim": 64, "k": 100, "iterations": 5, "repeats": 1},
