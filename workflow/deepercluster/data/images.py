@@ -26,8 +26,8 @@ from deepercluster.formats.manifest import LOCATION
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 READ_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
-# A JPEG is decoded at 1/2, 1/4 or 1/8 scale when that keeps both sides at least as long as its transform needs and
-# at least this long: the side when none is stated, and the bound on a huge JPEG's memory whatever is.
+# A JPEG is decoded at 1/2, 1/4 or 1/8 scale when that keeps both sides at least as long as its transform needs,
+# and never asked for longer sides than these: the side when none is stated, and the bound on a huge JPEG's memory.
 DRAFT_SIDE = 1024
 # RandomResizedCrop's range of aspect ratios (torchvision's and the papers'): its narrowest crop's short side is
 # sqrt(area * 3/4).
@@ -61,8 +61,8 @@ def read_rgb(source: str | BinaryIO, side: int | Callable[[Image.Image], int] = 
     Wide greyscale (16- and 32-bit integers, floats) is scaled to 8 bits by ``grey_range`` (PIL's convert would
     clip integers at 255 and floats at 1, or truncate floats to 0); alpha is dropped; CMYK, palette and 1-bit
     images go through PIL's conversion. A large JPEG is decoded at the most reduced scale (1/2, 1/4, 1/8) that
-    keeps both its sides at least ``side`` (or ``side(image)`` of the image opened, not yet decoded) and at least
-    ``DRAFT_SIDE``, so its memory stays bounded.
+    keeps both its sides at least ``side`` (or ``side(image)`` of the image opened, not yet decoded), asked for
+    ``DRAFT_SIDE`` at most, so its memory stays bounded.
     """
     with Image.open(source) as image:
         image.draft("RGB", (min(side(image) if callable(side) else side, DRAFT_SIDE),) * 2)
