@@ -241,7 +241,7 @@ def test_jpegs_decode_down_to_the_side_their_transform_needs(tmp_path: Path) -> 
     png = tmp_path / "photo.png"
     Image.open(photo).resize((300, 300)).save(png)
     torch.manual_seed(0)
-    ours = ImageDataset([str(png)], [0], train)[0][0], torch.rand(1)
+    ours = ImageDataset.of_files([str(png)], train)[0][0], torch.rand(1)
     torch.manual_seed(0)
     alone = train(Image.open(png).convert("RGB")), torch.rand(1)
     assert all(torch.equal(a, b) for a, b in zip(ours, alone, strict=True))
