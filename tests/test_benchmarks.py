@@ -35,6 +35,11 @@ BENCHMARKS = [
     "PCA peak RSS, 4N vs N",
     "k-means peak RSS, 4N vs N",
     "sub-class head memory (one rank)",
+    "manifest peak RSS, 4N vs N (folder)",
+    "manifest time per image, 4N vs N (folder)",
+    "manifest peak RSS, 4N vs N (tar)",
+    "manifest time per image, 4N vs N (tar)",
+    "image reads, tar shards vs loose files",
     "workflow overhead (local)",
 ]
 
