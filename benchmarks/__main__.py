@@ -30,6 +30,8 @@ FULL = {
     # The paper's layout: one rank's part of its group's W_g (k = 80,000 over p = 4 ranks), 48 images per GPU.
     "head": {"k": 80_000, "dim": 4096, "batch": 48, "parts": 4},
     "manifest": {"rows": 250_000, "per_tar": 5_000},
+    # The photos: 600 web-sized, 100 camera-sized.
+    "jpeg": {"small": 600, "camera": 100, "batch_size": 50, "repeats": 5},
 }
 QUICK = {
     "kmeans": {"rows": 20_000, "dim": 64, "k": 100, "iterations": 5, "repeats": 1},
@@ -43,8 +45,9 @@ QUICK = {
     "memory": {"rows": 20_000, "dim": 64, "k": 16},
     "head": {"k": 8_000, "dim": 4096, "batch": 48, "parts": 4},
     "manifest": {"rows": 4_000, "per_tar": 500},
+    "jpeg": {"small": 16, "camera": 4, "batch_size": 4, "repeats": 1},
 }
-CASES = ("kmeans", "features", "training", "io", "memory", "head", "manifest", "workflow")
+CASES = ("kmeans", "features", "training", "jpeg", "io", "memory", "head", "manifest", "workflow")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -86,7 +89,7 @@ def prepare_environment() -> None:
 
 
 def run(args: argparse.Namespace, work: Path):  # -> Report
-    from benchmarks import cases
+    from benchmarks import cases, jpeg
     from benchmarks.inputs import image_round
 
     sizes, report = QUICK if args.quick else FULL, cases.Report()
@@ -103,6 +106,8 @@ def run(args: argparse.Namespace, work: Path):  # -> Report
             cases.features_memory_case(report, images, work, **sizes["features_memory"])
         if "training" in args.only:
             cases.training_case(report, images, work, **sizes["training"])
+    if "jpeg" in args.only:
+        jpeg.jpeg_case(report, work, **sizes["jpeg"])
     if "io" in args.only:
         cases.shard_io_case(report, work, **sizes["io"])
     if "memory" in args.only:

@@ -32,7 +32,7 @@ from deepercluster.checkpoints import load_model
 from deepercluster.cluster.kmeans import assign, initial_centroids
 from deepercluster.cluster.levels import cluster_super, level_seed
 from deepercluster.cluster.rows import ShardSource
-from deepercluster.data.images import ImageDataset, feature_transform, train_transform
+from deepercluster.data.images import ImageDataset, feature_transform, network_input, train_transform
 from deepercluster.distributed import init_distributed
 from deepercluster.evaluate.backbone import device
 from deepercluster.features import extract_features
@@ -88,18 +88,20 @@ def aligned(lines: list[tuple[str, ...]]) -> list[str]:
 
 
 def timed_pair(
-    repeats: int, ours: Callable[[], object], bare: Callable[[], object], before: Callable[[], object] = lambda: None
-) -> tuple[float, float]:
-    """The best wall time of each of ``ours`` and ``bare``, run alternately ``repeats`` times each (each first
-    in turn: the first run of all warms the caches), with ``before`` (untimed) before each run."""
+    repeats: int, ours: Callable[[], object], bare: Callable[[], object], before: Callable[[], object] = lambda: None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[float, float]:  # fmt: skip
+    """The best time of each of ``ours`` and ``bare`` (by ``clock``: wall time, or the process's CPU time of work
+    on one thread), run alternately ``repeats`` times each (each first in turn: the first run of all warms the
+    caches), with ``before`` (untimed) before each run."""
     best = [float("inf"), float("inf")]
     for repeat in range(repeats):
         for i in (0, 1) if repeat % 2 == 0 else (1, 0):
             run = (ours, bare)[i]
             before()
-            tick = time.perf_counter()
+            tick = clock()
             run()
-            best[i] = min(best[i], time.perf_counter() - tick)
+            best[i] = min(best[i], clock() - tick)
     return best[0], best[1]
 
 
@@ -303,7 +305,7 @@ def features_case(
         model.to(device()).eval()
         dataset = ImageDataset(images.frame(), feature_transform(image_size))
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device().type == "cuda")
-        np.concatenate([model(x.to(device(), non_blocking=True)).cpu().numpy() for x, _ in loader])
+        np.concatenate([model(network_input(x, device())).cpu().numpy() for x, _ in loader])
 
     ours_s, bare_s = timed_pair(repeats, ours, bare)
     sizes = f"{n} images {image_size}px, {images.arch}, batch {batch_size}"
@@ -399,7 +401,7 @@ def bare_training(images: ImageRound, batch_size: int, image_size: int = IMAGE_S
                         num_workers=workers, pin_memory=on.type == "cuda")  # fmt: skip
     steps, tick = [], time.perf_counter()
     for x, index in loader:
-        rotation, x = torch.randint(0, 4, (len(x),)), x.to(on, non_blocking=True)
+        rotation, x = torch.randint(0, 4, (len(x),)), network_input(x, on)
         x = torch.stack([torch.rot90(image, int(r), dims=(1, 2)) for image, r in zip(x, rotation, strict=True)])
         index, rotation = index.to(on), rotation.to(on)
         losses = heads(model(x), method.super_class(supers[index], rotation), subs[index])

@@ -1,4 +1,5 @@
-"""The benchmarks' inputs, made by the package's own stages: synthetic feature shards, real Fashion-MNIST images."""
+"""The benchmarks' inputs, made by the package's own stages: synthetic feature shards, real Fashion-MNIST images;
+and JPEGs of real photographs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from deepercluster.checkpoints import initial_checkpoint
 from deepercluster.cluster.pca import fit_pca
@@ -17,6 +19,10 @@ from deepercluster.formats.features import write_shard
 from deepercluster.formats.labels import Labels, write_labels
 
 IMAGE_SIZE = 32
+# scikit-image's colour photographs (its wheel ships them): a person, a cat, a cup, a street, a rocket, a galaxy
+# field, a retina and a stained tissue, 300 to 1,411 px a side.
+PHOTOGRAPHS = ("astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png", "rocket.jpg",
+               "hubble_deep_field.jpg", "retina.jpg", "ihc.png")  # fmt: skip
 
 # The schema's defaults, every stage setting the benchmarks do not choose themselves.
 DEFAULTS = validate_config({})
@@ -93,3 +99,19 @@ def image_round(folder: Path, images: int, arch: str = "small_convnet") -> Image
     table = pd.DataFrame({"id": frame["id"], "super_cluster": classes % 2, "sub_cluster": classes // 2})
     write_labels(labels, Labels(table, [5, 5]))
     return ImageRound(manifest, checkpoint, labels, frame["path"].tolist(), frame["id"].tolist(), arch)
+
+
+def photographs(folder: Path, count: int, sides: tuple[int, int], seed: int = 0) -> list[str]:
+    """``count`` JPEGs of the ``PHOTOGRAPHS`` in turn, written in ``folder`` as cameras and crawls store photos
+    (quality 90, chroma at half resolution), each resized (Lanczos) to a long side drawn uniformly from ``sides``."""
+    from skimage import data  # here: only the JPEG benchmarks and tests need it (the extra test)
+
+    originals = [Image.open(Path(data.__file__).parent / name).convert("RGB") for name in PHOTOGRAPHS]
+    rng, paths = np.random.default_rng(seed), []
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        photo = originals[i % len(originals)]
+        scale = rng.integers(sides[0], sides[1] + 1) / max(photo.size)
+        paths.append(str(folder / f"{i}.jpg"))
+        photo.resize([round(side * scale) for side in photo.size], Image.LANCZOS).save(paths[-1], quality=90)
+    return paths

@@ -24,7 +24,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from deepercluster.checkpoints import load_model
 from deepercluster.cluster.levels import cluster_flat
 from deepercluster.cluster.pca import fit_pca, fit_whitening
-from deepercluster.data.images import feature_transform
+from deepercluster.data.images import feature_transform, network_input
 from deepercluster.data.manifest import join_evaluation
 from deepercluster.errors import CheckpointError
 from deepercluster.evaluate.backbone import conv_activations, frozen_backbone, labelled_roles
@@ -143,7 +143,8 @@ def test_probe_features_are_each_conv_layers_pooled_activations(real_data, eval_
     model, _ = frozen_backbone(real_data.checkpoint)
     manifest = read_manifest(eval_manifest)
     picked = [0, 137, 599]
-    images = torch.stack([feature_transform(32)(Image.open(manifest["path"][i]).convert("RGB")) for i in picked])
+    pixels = torch.stack([feature_transform(32)(Image.open(manifest["path"][i]).convert("RGB")) for i in picked])
+    images = network_input(pixels, torch.device("cpu"))
     with torch.no_grad():
         activations = conv_activations(model, images)
     with h5py.File(probe_cache) as f:

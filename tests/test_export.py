@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from deepercluster.checkpoints import initial_checkpoint, load_model
-from deepercluster.data.images import IMAGENET_MEAN, ImageDataset, feature_transform
+from deepercluster.data.images import IMAGENET_MEAN, ImageDataset, feature_transform, network_input
 from deepercluster.files import sha256
 from deepercluster.nn.models import build_model, fold_sobel
 from deepercluster.report.export import export_model
@@ -22,7 +22,7 @@ def real_images(manifest: str, count: int, image_size: int) -> torch.Tensor:
     """The first ``count`` images of the manifest as the features stage sees them (normalised RGB)."""
     table = pd.read_parquet(manifest).head(count)
     dataset = ImageDataset(table, feature_transform(image_size))
-    return torch.stack([dataset[i][0] for i in range(count)])
+    return network_input(torch.stack([dataset[i][0] for i in range(count)]), torch.device("cpu"))
 
 
 def grey_border(images: torch.Tensor) -> torch.Tensor:

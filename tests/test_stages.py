@@ -20,7 +20,7 @@ from sklearn.metrics import normalized_mutual_info_score
 from deepercluster.checkpoints import load_model
 from deepercluster.cluster.labels import make_labels
 from deepercluster.cluster.levels import cluster_sub, cluster_super
-from deepercluster.data.images import ImageDataset, feature_transform
+from deepercluster.data.images import ImageDataset, feature_transform, network_input
 from deepercluster.errors import DataError
 from deepercluster.formats.clusters import read_clusters
 from deepercluster.formats.features import read_chunks
@@ -57,7 +57,7 @@ def test_shards_hold_every_id_once(real_data, raw_features) -> None:
     model, _ = load_model(real_data.checkpoint)
     dataset = ImageDataset(manifest, feature_transform(32))
     picked = [0, 199, 200, 457, 599]
-    images = torch.stack([dataset[i][0] for i in picked])
+    images = network_input(torch.stack([dataset[i][0] for i in picked]), torch.device("cpu"))
     with torch.no_grad():
         expected = model.eval()(images).numpy()
     # (loose enough for shards extracted on a GPU, where cuDNN may use TF32)

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from deepercluster.checkpoints import load_model
-from deepercluster.data.images import ImageDataset, feature_transform
+from deepercluster.data.images import ImageDataset, feature_transform, network_input
 from deepercluster.errors import ShardError
 from deepercluster.files import sha256
 from deepercluster.formats.features import write_shard
@@ -71,7 +71,7 @@ def write_features(
     start = 0
     for images, batch_ids in progress(loader, what, total=len(loader), unit="batch"):
         stop = start + len(batch_ids)
-        features[start:stop] = model(images.to(device, non_blocking=True)).float().cpu().numpy()
+        features[start:stop] = model(network_input(images, device)).float().cpu().numpy()
         ids[start:stop] = batch_ids.numpy()
         start = stop
     if not np.isfinite(features).all():

@@ -1,9 +1,16 @@
 """Images as every stage reads them: decoded to 8-bit RGB whatever their mode, and the transforms of the
-papers (a deterministic centre crop for features, a random resized crop and flip for training)."""
+papers (a deterministic centre crop for features, a random resized crop and flip for training).
+
+A transform states the shortest side its image needs (``PhotoTransform.decode_side``; for training, the side
+where its crop keeps the network's pixels) and a JPEG is decoded no larger than that (libjpeg's DCT scaling: most
+of a large photo's decoding cost saved). It hands over uint8 pixels, which ``network_input`` normalises on the
+batch, on the device: the one place every stage makes the network's input."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
@@ -19,8 +26,12 @@ from deepercluster.formats.manifest import LOCATION
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 READ_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
-# JPEGs are decoded at 1/2, 1/4 or 1/8 scale when that keeps both sides at least this long.
+# A JPEG is decoded at 1/2, 1/4 or 1/8 scale when that keeps both sides at least as long as its transform needs,
+# and never asked for longer sides than these: the side when none is stated, and the bound on a huge JPEG's memory.
 DRAFT_SIDE = 1024
+# RandomResizedCrop's range of aspect ratios (torchvision's and the papers'): its narrowest crop's short side is
+# sqrt(area * 3/4).
+CROP_RATIO = (3 / 4, 4 / 3)
 WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # greyscale of 16- and 32-bit integers, 32-bit floats
 
 
@@ -44,20 +55,22 @@ def eight_bit(grey: np.ndarray, black: float, white: float) -> np.ndarray:
     return np.rint(np.nan_to_num(scaled, nan=0.0).clip(0, 1) * 255).astype(np.uint8)
 
 
-def read_rgb(path: str | BinaryIO) -> Image.Image:
+def read_rgb(source: str | BinaryIO, side: int | Callable[[Image.Image], int] = DRAFT_SIDE) -> Image.Image:
     """Open and fully decode an image (a file, or its bytes) as 8-bit RGB, whatever its mode.
 
     Wide greyscale (16- and 32-bit integers, floats) is scaled to 8 bits by ``grey_range`` (PIL's convert would
     clip integers at 255 and floats at 1, or truncate floats to 0); alpha is dropped; CMYK, palette and 1-bit
-    images go through PIL's conversion. A large JPEG is decoded at a reduced scale with both sides at least
-    ``DRAFT_SIDE``, so its memory stays bounded.
+    images go through PIL's conversion. A large JPEG is decoded at the most reduced scale (1/2, 1/4, 1/8) that
+    keeps both its sides at least ``side`` (or ``side(image)`` of the image opened, not yet decoded), asked for
+    ``DRAFT_SIDE`` at most, so its memory stays bounded.
     """
-    with Image.open(path) as image:
-        image.draft("RGB", (DRAFT_SIDE, DRAFT_SIDE))
+    with Image.open(source) as image:
+        image.draft("RGB", (min(side(image) if callable(side) else side, DRAFT_SIDE),) * 2)
         if image.mode in WIDE_GREY:
             grey = np.asarray(image)
             image = Image.fromarray(eight_bit(grey, *grey_range(image, grey)))
-        return image.convert("RGB")
+        image.load()  # now: the file closes on leaving
+        return image if image.mode == "RGB" else image.convert("RGB")  # (converting RGB would copy it)
 
 
 class ImageDataset(Dataset):
@@ -89,7 +102,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         try:
-            image = read_rgb(self.source(i))
+            image = read_rgb(self.source(i), getattr(self.transform, "decode_side", DRAFT_SIDE))
         except READ_ERRORS as error:
             raise UnreadableImageError(
                 f"cannot read image {self.paths[i]}{self.member(i)} ({type(error).__name__}: {error}); the image "
@@ -109,30 +122,73 @@ class ImageDataset(Dataset):
         return f" (bytes {offset} to {offset + size})"
 
 
-def feature_transform(image_size: int) -> Callable:
-    """Deterministic: resize to 256/224 of the size, center-crop, normalise as ImageNet."""
+@dataclass(frozen=True)
+class PhotoTransform:
+    """torchvision's ``steps``, from an RGB image to its uint8 tensor (3, H, W), and ``side``: the shortest side
+    any image needs for ``steps`` to see it at full resolution; with ``crop``, the random resized crop that
+    ``steps`` begin with, each image needs only what its own crop does (``decode_side``)."""
+
+    steps: Callable[[Image.Image], torch.Tensor]
+    side: int
+    crop: Callable | None = None  # a torchvision RandomResizedCrop
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.steps(image)
+
+    def decode_side(self, image: Image.Image) -> int:
+        """The shortest side ``image`` (opened, not decoded) needs (``ImageDataset`` decodes a JPEG down to it):
+        with a ``crop``, where the crop ``steps`` will draw keeps its output's pixels a side, one to spare for
+        rounding. That crop is drawn here from a copy of the generator's state, the same fractions of the image
+        ``steps`` draw from the generator itself: the draws and their order are those of the crop alone."""
+        if self.crop is None:
+            return self.side
+        with torch.random.fork_rng(devices=[]):
+            _, _, height, width = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
+        reduction = min(height, width) / (max(self.crop.size) + 1)
+        return math.ceil(min(image.size) / reduction) if reduction > 1 else min(image.size)
+
+
+def network_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch of uint8 images (N, 3, H, W), as the transforms hand them over, as the network takes it: on
+    ``device``, in [0, 1], normalised as ImageNet (bit for bit torchvision's ToTensor then Normalize)."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"network_input takes the transforms' uint8 images, not {images.dtype}")
+    mean, std = (torch.tensor(v, device=device).view(-1, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return images.to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
+
+
+@dataclass(frozen=True)
+class CentreCrop:
+    """torchvision's Resize(``resize``) then CenterCrop(``crop``) of an image, as one bilinear resampling of the
+    crop's box: only the crop's pixels computed, each within 1 level of the two steps' (float rounding)."""
+
+    resize: int
+    crop: int
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        long = int(self.resize * max(width, height) / min(width, height))  # truncated, as by torchvision's Resize
+        resized_width, resized_height = (self.resize, long) if width <= height else (long, self.resize)
+        left, top = (round((side - self.crop) / 2.0) for side in (resized_width, resized_height))
+        x, y = width / resized_width, height / resized_height
+        box = (left * x, top * y, (left + self.crop) * x, (top + self.crop) * y)
+        return image.resize((self.crop, self.crop), Image.Resampling.BILINEAR, box=box)
+
+
+def feature_transform(image_size: int) -> PhotoTransform:
+    """Deterministic: resize to 256/224 of the size, center-crop; a JPEG decoded down to the resized side."""
     from torchvision import transforms  # here, not above: a stage that builds no transform skips its ~2 s import
 
-    return transforms.Compose(
-        [
-            transforms.Resize(round(image_size * 256 / 224)),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+    side = round(image_size * 256 / 224)
+    return PhotoTransform(transforms.Compose([CentreCrop(side, image_size), transforms.PILToTensor()]), side)
 
 
-def train_transform(image_size: int, min_crop_scale: float = 0.08) -> Callable:
+def train_transform(image_size: int, min_crop_scale: float = 0.08) -> PhotoTransform:
     """Augmenting: random resized crop (of ``min_crop_scale`` to all of the image's area, torchvision's and the
-    papers' 0.08 by default) and horizontal flip, normalised as ImageNet."""
+    papers' 0.08 by default) and horizontal flip; a JPEG decoded down to where its crop still has ``image_size``
+    pixels a side (``side``: where the smallest, narrowest crop does)."""
     from torchvision import transforms  # here, as in feature_transform
 
-    return transforms.Compose(
-        [
-            transforms.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0)),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+    crop = transforms.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0), ratio=CROP_RATIO)
+    steps = transforms.Compose([crop, transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
+    return PhotoTransform(steps, math.ceil(image_size / math.sqrt(min_crop_scale * min(CROP_RATIO))), crop)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deepercluster.data.images import ImageDataset, feature_transform
+from deepercluster.data.images import ImageDataset, feature_transform, network_input
 from deepercluster.evaluate.backbone import (
     LabelledSet,
     conv_activations,
@@ -82,7 +82,8 @@ def probe_features(*, checkpoint: str, manifest: str, out: str, image_size: int,
     with probe_features_writer(out, images["id"].to_numpy(), names, dims, **attrs) as write:
         start = 0
         for x, ids in progress(loader, "probe features", total=len(loader), unit="batch"):
-            write(start, [values.cpu().numpy() for values in pooled(conv_activations(model, x.to(device())), pools)])
+            activations = conv_activations(model, network_input(x, device()))
+            write(start, [values.cpu().numpy() for values in pooled(activations, pools)])
             start += len(ids)
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from deepercluster.cluster.pca import fit_whitening
-from deepercluster.data.images import ImageDataset, feature_transform
+from deepercluster.data.images import ImageDataset, feature_transform, network_input
 from deepercluster.errors import EvaluationError
 from deepercluster.evaluate.backbone import conv_activations, device, frozen_backbone, image_loader
 from deepercluster.evaluate.common import average_precision
@@ -75,7 +75,7 @@ def image_regions(model: ConvNet, paths: list[str], image_size: int, batch_size:
     loader = image_loader(ImageDataset.of_files(paths, feature_transform(image_size)), batch_size, workers)
     batches = []
     for x, _ in progress(loader, "R-MAC regions", total=len(loader), unit="batch"):
-        activations = conv_activations(model, x.to(device()))[-1]
+        activations = conv_activations(model, network_input(x, device()))[-1]
         batches.append(region_vectors(activations, rmac_regions(activations.shape[3], activations.shape[2])).cpu())
     return torch.cat(batches).numpy().astype(np.float32)
 

@@ -22,7 +22,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from deepercluster.data.images import ImageDataset, feature_transform
+from deepercluster.data.images import ImageDataset, feature_transform, network_input
 from deepercluster.evaluate.backbone import conv_activations, device, frozen_backbone, image_loader, layer_names
 from deepercluster.evaluate.common import save_figure
 from deepercluster.evaluate.linear import activation_shapes, pooled, probe_pools
@@ -57,7 +57,7 @@ def layer_grams(
     """The ``centred_gram`` of each conv layer's pooled activations over the manifest rows ``images``."""
     pools = probe_pools(activation_shapes(model, image_size))
     loader = image_loader(ImageDataset(images, feature_transform(image_size)), batch_size, workers)
-    batches = [pooled(conv_activations(model, x.to(device())), pools)[: len(pools)] for x, _ in loader]
+    batches = [pooled(conv_activations(model, network_input(x, device())), pools)[: len(pools)] for x, _ in loader]
     return [centred_gram(torch.cat(layer).cpu().numpy()) for layer in zip(*batches, strict=True)]
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from deepercluster.checkpoints import load_model
-from deepercluster.data.images import ImageDataset, train_transform
+from deepercluster.data.images import ImageDataset, network_input, train_transform
 from deepercluster.errors import EvaluationError
 from deepercluster.evaluate.backbone import device, image_loader
 from deepercluster.evaluate.common import average_precision
@@ -119,7 +119,7 @@ def fine_tune(
         head.train()
         total = 0.0
         for x, rows in progress(loader, f"voc07 {setting} epoch {epoch + 1}/{epochs}", total=len(loader), unit="batch"):
-            loss = masked_bce(head(model(x.to(device()))), labels[rows].to(device()))
+            loss = masked_bce(head(model(network_input(x, device()))), labels[rows].to(device()))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -142,7 +142,7 @@ def crop_scores(
         crops = ImageDataset.of_files(paths, train_transform(image_size))
         loader = image_loader(crops, batch_size, workers, seed=crop_seed)
         for x, rows in progress(loader, f"voc07 test crop {crop + 1}/{TEST_CROPS}", total=len(loader), unit="batch"):
-            scores[rows.numpy()] += torch.sigmoid(head(model(x.to(device())))).cpu().double().numpy()
+            scores[rows.numpy()] += torch.sigmoid(head(model(network_input(x, device())))).cpu().double().numpy()
     return scores / TEST_CROPS
 
 

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from deepercluster import methods
 from deepercluster.checkpoints import load_model, model_checkpoint, provenance_of, save_checkpoint
-from deepercluster.data.images import ImageDataset, train_transform
+from deepercluster.data.images import ImageDataset, network_input, train_transform
 from deepercluster.distributed import (
     Distributed,
     group_of_ranks,
@@ -297,7 +297,7 @@ def run_epoch(loop: Loop, epoch: int, start_batch: int, preemption: Preemption) 
                         pin_memory=device.type == "cuda", generator=generator)  # fmt: skip
     tick, iteration = time.perf_counter(), epoch * per_epoch + start_batch
     for batch, (x, index, rotation) in enumerate(loader, start=start_batch):
-        x, rotation = x.to(device, non_blocking=True), rotation.to(device)
+        x, rotation = network_input(x, device), rotation.to(device)
         super_target = data.method.super_class(data.super_clusters[index].to(device), rotation)
         losses = loop.heads(loop.model(x), super_target, data.sub_clusters[index].to(device))
         loop.optimisers.step(losses["loss"])
