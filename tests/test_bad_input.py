@@ -348,7 +348,7 @@ def test_a_registered_checkpoint_that_cannot_be_used(real_data, tmp_path: Path) 
     out = str(tmp_path / "imported.pt")
     missing = tmp_path / "nowhere.pt"
     line = one_line_error(cli("import-checkpoint", "--source", str(missing), "--out", out, "--sobel"))
-    assert f"checkpoint {missing} does not exist: check the path in the config" in line
+    assert f"checkpoint {missing} does not exist: check its path under checkpoints: in the config" in line
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint")
     line = one_line_error(cli("import-checkpoint", "--source", str(text), "--out", out, "--sobel"))
