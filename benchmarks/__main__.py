@@ -89,45 +89,44 @@ def prepare_environment() -> None:
 
 
 def run(args: argparse.Namespace, work: Path):  # -> Report
-    from benchmarks import cases, jpeg
+    from benchmarks import jpeg, kmeans, manifests, network, workflow
     from benchmarks.inputs import image_round
+    from benchmarks.report import Report
 
-    sizes, report = QUICK if args.quick else FULL, cases.Report()
+    sizes, report = QUICK if args.quick else FULL, Report()
     if args.slurm and not os.environ.get("SLURM_CONF"):
         sys.exit('--slurm needs a running cluster: eval "$(tests/slurm/cluster.sh start)" sets SLURM_CONF')
     if "kmeans" in args.only:
-        cases.kmeans_case(report, work, **sizes["kmeans"])
-        cases.kmeans_io_case(report, work, **sizes["kmeans_io"])
-        cases.sub_memory_case(report, work, **sizes["sub_memory"])
+        kmeans.kmeans_case(report, work, **sizes["kmeans"])
+        kmeans.kmeans_io_case(report, work, **sizes["kmeans_io"])
+        kmeans.sub_memory_case(report, work, **sizes["sub_memory"])
     if {"features", "training"} & set(args.only):
         images = image_round(work / "images", sizes["images"])
         if "features" in args.only:
-            cases.features_case(report, images, work, **sizes["features"])
-            cases.features_memory_case(report, images, work, **sizes["features_memory"])
+            network.features_case(report, images, work, **sizes["features"])
+            network.features_memory_case(report, images, work, **sizes["features_memory"])
         if "training" in args.only:
-            cases.training_case(report, images, work, **sizes["training"])
+            network.training_case(report, images, work, **sizes["training"])
     if "jpeg" in args.only:
         jpeg.jpeg_case(report, work, **sizes["jpeg"])
     if "io" in args.only:
-        cases.shard_io_case(report, work, **sizes["io"])
+        kmeans.shard_io_case(report, work, **sizes["io"])
     if "memory" in args.only:
-        cases.memory_case(report, work, **sizes["memory"])
+        kmeans.memory_case(report, work, **sizes["memory"])
     if "head" in args.only:
-        cases.head_memory_case(report, **sizes["head"])
+        network.head_memory_case(report, **sizes["head"])
     if "manifest" in args.only:
-        from benchmarks import manifests
-
         manifests.manifest_case(report, work, **sizes["manifest"])
         manifests.tar_read_case(report, work, sizes["manifest"]["rows"])
     if "workflow" in args.only:
-        cases.workflow_case(report, work, args.quick, slurm=False)
+        workflow.workflow_case(report, work, args.quick, slurm=False)
         if args.slurm:
-            cases.workflow_case(report, work, args.quick, slurm=True)
+            workflow.workflow_case(report, work, args.quick, slurm=True)
     return report
 
 
 def print_table(report, seconds: float, quick: bool) -> None:
-    from benchmarks import cases
+    from benchmarks.report import aligned
 
     header = ("benchmark", "sizes", "ours", "baseline", "ratio", "goal", "result")
     lines = [
@@ -137,7 +136,7 @@ def print_table(report, seconds: float, quick: bool) -> None:
             for r in report.rows
         ),
     ]
-    print("\n".join(cases.aligned(lines)))
+    print("\n".join(aligned(lines)))
     print(f"\nmeasured throughputs (CPU, {os.cpu_count()} cores; docs/scale.md scales them):")
     for name, value in report.figures:
         print(f"  {name}: {value}")

@@ -33,20 +33,11 @@ import pandas as pd
 import torch
 import yaml
 
-from benchmarks.cases import (
-    MB,
-    REPO,
-    Report,
-    Row,
-    aligned,
-    bare_training,
-    block_settings,
-    features_case,
-    kmeans_pair,
-    on_ranks,
-    snakemake,
-)
 from benchmarks.inputs import image_round
+from benchmarks.kmeans import kmeans_pair, on_ranks
+from benchmarks.network import bare_training, block_settings, features_case
+from benchmarks.report import MB, REPO, Report, Row, aligned
+from benchmarks.workflow import snakemake
 from deepercluster.checkpoints import load_checkpoint
 from deepercluster.cluster.kmeans import assign, initial_centroids
 from deepercluster.config import validate_config

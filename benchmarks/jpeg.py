@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from benchmarks.cases import Report, timed_pair
 from benchmarks.inputs import photographs
+from benchmarks.report import Report, timed_pair
 from deepercluster.data.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,

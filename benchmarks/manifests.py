@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from benchmarks.cases import Report, peak_rss, timed_pair
+from benchmarks.report import Report, peak_rss, timed_pair
 from deepercluster.data.images import ImageDataset
 from deepercluster.formats.manifest import read_manifest
 

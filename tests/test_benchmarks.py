@@ -36,9 +36,9 @@ BENCHMARKS = [
     "k-means peak RSS, 4N vs N",
     "sub-class head memory (one rank)",
     "manifest peak RSS, 4N vs N (folder)",
-    "manifest time per image, 4N vs N (folder)",
+    "manifest CPU time per image, 4N vs N (folder)",
     "manifest peak RSS, 4N vs N (tar)",
-    "manifest time per image, 4N vs N (tar)",
+    "manifest CPU time per image, 4N vs N (tar)",
     "image reads, tar shards vs loose files",
     "workflow overhead (local)",
 ]
