@@ -3,7 +3,6 @@ several ranks for k-means and training, and a cancelled block resumed."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -11,20 +10,18 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from jobs import VENV_PATH, block_log, job_id, squeue, start_train, super_clusters, wait_for, weights
 
 from deepercluster.checkpoints import load_checkpoint
 from deepercluster.launch import train
-from defaults import allocation_settings, block_settings
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
 REPO = Path(__file__).resolve().parents[2]
-VENV_PATH = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
 
 def test_one_round_through_the_slurm_profile(tmp_path: Path) -> None:
@@ -53,41 +50,12 @@ def test_one_round_through_the_slurm_profile(tmp_path: Path) -> None:
     assert "training block submitted to slurm" in log
 
 
-def super_clusters(workdir: Path, out: str, tasks: int, real_data) -> np.ndarray:
-    """Level 1 on the real shards as one SLURM job of ``tasks`` tasks; (centroids, assignments)."""
-    stage = [sys.executable, "-m", "deepercluster", "--ranks", str(tasks), "super-clusters", "--out", out]
-    stage += ["--shards", *real_data.shards, "--pca", real_data.pca, "--super-clusters", "3"]
-    stage += ["--iterations", "5", "--seed", "0", "--cache-mb", "4096", "--dtype", "float16"]
-    job = subprocess.run(["sbatch", "--wait", f"--ntasks={tasks}", "--cpus-per-task=1", f"--output={out}.log",
-                          "--wrap", " ".join(stage)], cwd=workdir, env={**os.environ, "PATH": VENV_PATH},
-                         timeout=300, capture_output=True, text=True)  # fmt: skip
-    log = Path(f"{out}.log").read_text() if Path(f"{out}.log").exists() else "(no job log)"
-    assert job.returncode == 0, f"sbatch exit {job.returncode}: {job.stderr}\n{log[-3000:]}"
-    with h5py.File(out) as f:
-        return f["centroids"][:], f["assignments"][:]
-
-
 def test_two_task_kmeans_equals_one_task(real_data, tmp_path: Path) -> None:
     one = super_clusters(tmp_path, str(tmp_path / "one.h5"), 1, real_data)
     two = super_clusters(tmp_path, str(tmp_path / "two.h5"), 2, real_data)
-    assert "rank 1 of 2 joined" in (tmp_path / "two.h5.log").read_text()
+    assert "rank 1 of 2 on localhost joined" in (tmp_path / "two.h5.log").read_text()
     np.testing.assert_allclose(one[0], two[0], atol=1e-5)
     assert np.array_equal(one[1], two[1])
-
-
-@pytest.fixture
-def block(real_data, class_labels: str) -> dict[str, object]:
-    """A DeeperCluster block on the real 600 images, labels from the true classes, no dropout."""
-    return {
-        "manifest": real_data.manifest, "previous_checkpoint": real_data.checkpoint, "labels": class_labels,
-        "method": "deepercluster", "round": 1, **block_settings(epochs=1, batch_size=40, dropout=0.0, seed=3),
-        **allocation_settings(launcher="slurm", cpus_per_task=1, timeout_min=10),
-    }  # fmt: skip
-
-
-def weights(path: Path, parts: tuple[str, ...] = ("model", "heads")) -> dict[str, np.ndarray]:
-    state = load_checkpoint(path)
-    return {f"{part}.{k}": v.float().numpy() for part in parts for k, v in state[part].items()}
 
 
 def test_two_task_block_equals_one_task_on_the_same_global_batch(block, tmp_path: Path) -> None:
@@ -143,30 +111,6 @@ def test_a_cancelled_block_resumes_from_its_checkpoint(block, tmp_path: Path) ->
     assert sum("resuming round 1 at epoch" in text for text in logs) == 1
 
 
-def start_train(settings: dict[str, object], cwd: Path) -> subprocess.Popen:
-    """``train(**settings)`` in a process of its own, as the train rule runs it."""
-    return subprocess.Popen(
-        [sys.executable, "-c", f"from deepercluster.launch import train; train(**{settings!r})"],
-        cwd=cwd, env={**os.environ, "PATH": VENV_PATH}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-
-
-def wait_for(condition, what: str, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"waited {timeout_s} s for {what}"
-        time.sleep(0.2)
-
-
-def block_log(train_dir: Path) -> str:
-    """The block's log so far (every task, every run of its job)."""
-    return "".join(path.read_text() for path in sorted((train_dir / "submitit").glob("*_log.err")))
-
-
-def job_id(train_dir: Path) -> str:
-    return json.loads((train_dir / "job.json").read_text())["job_id"]
-
-
 def test_a_preempted_block_saves_at_the_signal_and_requeues_without_redoing_work(block, tmp_path: Path) -> None:
     epochs, per_epoch = 2, 600 // 20
     train_dir = tmp_path / "train"
@@ -198,10 +142,6 @@ def test_a_preempted_block_saves_at_the_signal_and_requeues_without_redoing_work
     interrupted, uninterrupted = weights(tmp_path / "preempted.pt"), weights(tmp_path / "whole.pt")
     for key in uninterrupted:
         np.testing.assert_allclose(interrupted[key], uninterrupted[key], rtol=1e-4, atol=1e-5, err_msg=key)
-
-
-def squeue(job: str, fields: str) -> str:
-    return subprocess.run(["squeue", "-h", "-j", job, "-o", fields], capture_output=True, text=True).stdout
 
 
 def test_a_rerun_follows_the_block_its_killed_predecessor_submitted(block, tmp_path: Path, monkeypatch, caplog) -> None:
