@@ -124,3 +124,34 @@ def wait_and_time(condition, since: float, timeout_s: float = 120) -> float:
     """Seconds from ``since`` until ``condition()`` holds."""
     wait_for(condition, "a state of the job", timeout_s)
     return time.monotonic() - since
+
+
+def test_a_block_preempted_on_two_nodes_resumes_where_it_saved_to_the_same_weights(
+    two_node_block, tmp_path: Path
+) -> None:
+    train_dir = tmp_path / "train"
+    settings = {**two_node_block, "train_dir": str(train_dir), "out": str(tmp_path / "preempted.pt")}
+    launched = start_train(settings, tmp_path)
+    wait_for(lambda: "epoch 1/2 batch 7/15" in block_log(train_dir), "7 iterations")
+    job, signalled = job_id(train_dir), time.monotonic()
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what SLURM sends before a pre-emption
+    requeued_at = wait_and_time(lambda: "BeginTime" in squeue(job, "%r"), signalled)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    _, stderr = launched.communicate(timeout=180)
+    assert launched.returncode == 0, stderr[-3000:]
+
+    log = block_log(train_dir)
+    saved = re.search(r"pre-emption signal: saved \S+ at epoch (\d+), batch (\d+)", log)
+    assert saved, log[-3000:]
+    resumed = re.findall(r"resuming round 1 at epoch (\d+), batch (\d+)", log)
+    assert resumed == [saved.groups()] * 4, log[-3000:]  # every rank, where the signal was acted on
+    assert {host for _, host, _ in joined(log)} == {"node1", "node2"}
+    metrics = pd.read_csv(train_dir / "metrics.tsv", sep="\t")
+    assert metrics["iteration"].tolist() == list(range(EPOCHS * 600 // BATCH))
+    preempted, whole = weights(tmp_path / "preempted.pt"), weights(Path(two_node_block["out"]))
+    for key in whole:
+        np.testing.assert_allclose(preempted[key], whole[key], rtol=RTOL, atol=ATOL, err_msg=key)
+    print(
+        f"USR2 on 2 nodes: saved at epoch {saved[1]} batch {saved[2]}, requeued at {requeued_at:.1f} s; max weight "
+        f"difference from the uninterrupted run {max_difference(preempted, whole):.3g}"
+    )
