@@ -9,6 +9,7 @@ the world (a DeeperCluster training group, which alone holds its sub-class head)
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -71,11 +72,20 @@ def init_distributed() -> Distributed:
         timeout = int(os.environ.get("DEEPERCLUSTER_COLLECTIVE_TIMEOUT_S", COLLECTIVE_TIMEOUT_S))
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout))  # fmt: skip
+        atexit.register(_leave_process_group)
         log.info("rank %d of %d on %s joined the process group (%s) at %s:%s, collective timeout %d s", rank,
                  world_size, socket.gethostname(), dist.get_backend(), os.environ["MASTER_ADDR"],
                  os.environ["MASTER_PORT"], timeout)  # fmt: skip
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return Distributed(rank, world_size, device)
+
+
+def _leave_process_group() -> None:
+    """Leave the process group before the interpreter exits. Left to torch's teardown, a gloo group whose
+    peers on another node had already exited aborted its rank ("terminate called without an active
+    exception") after the stage's work was done, and srun's --kill-on-bad-exit then ended the others."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def get_rank() -> int:
