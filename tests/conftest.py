@@ -119,8 +119,8 @@ def single_process(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture
-def class_labels(real_data: RealData, tmp_path: Path) -> str:
+@pytest.fixture(scope="session")
+def class_labels(real_data: RealData, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A labels table for the real images made from their true classes: 2 super-clusters x 5 sub-clusters."""
     import pandas as pd
 
@@ -128,7 +128,7 @@ def class_labels(real_data: RealData, tmp_path: Path) -> str:
 
     manifest = pd.read_parquet(real_data.manifest)
     classes = manifest["label"].astype("category").cat.codes.to_numpy()
-    labels = tmp_path / "labels.parquet"
+    labels = tmp_path_factory.mktemp("class-labels") / "labels.parquet"
     table = pd.DataFrame({"id": manifest["id"], "super_cluster": classes % 2, "sub_cluster": classes // 2})
     write_labels(labels, Labels(table, [5, 5]))
     return str(labels)

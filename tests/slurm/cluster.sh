@@ -1,21 +1,32 @@
 #!/usr/bin/env bash
-# A real single-node SLURM cluster on localhost, for the tests and CI.
+# A real SLURM cluster on this machine, for the tests and CI: one node on localhost, or several
+# nodes, each in a Linux network namespace of its own.
 #
 # Usage (as root, on Debian 12):
-#   eval "$(tests/slurm/cluster.sh start)"   # install if needed, start, wait for an idle node;
+#   eval "$(tests/slurm/cluster.sh start)"   # install if needed, start, wait for idle nodes;
 #                                            # stdout is only `export SLURM_CONF=...`
+#   tests/slurm/cluster.sh start --nodes 2   # two nodes, node1 and node2 (see below)
 #   tests/slurm/cluster.sh status            # sinfo + squeue; exit 3 when not running,
 #                                            # 1 when only some of its daemons run
 #   tests/slurm/cluster.sh stop              # stop the daemons it started; safe to repeat
+#   tests/slurm/cluster.sh node-down NODE    # a node dies: SIGKILL every process in its namespace
+#   tests/slurm/cluster.sh node-up NODE      # start its slurmd again, wait until it is idle
 #
-# Daemons: mariadb (accounting DB), munged, slurmdbd, slurmctld, slurmd, all run as root,
-# all with their config, state, logs and pid files under one directory:
+# Daemons: mariadb (accounting DB), munged, slurmdbd, slurmctld, one slurmd per node, all run as
+# root, all with their config, state, logs and pid files under one directory:
 #   DEEPERCLUSTER_SLURM_DIR      state directory (default /tmp/deepercluster-slurm)
 #   DEEPERCLUSTER_SLURM_PORT     first of four ports: slurmctld, slurmd, slurmdbd, mariadb
 #                                (default 6817 -> 6817-6820)
-#   DEEPERCLUSTER_SLURM_TIMEOUT  seconds to wait for each daemon and the idle node (default 60)
-# Node `localhost` (NodeAddr=127.0.0.1), partition `debug`, cluster `deepercluster`, account
-# `deepercluster` with the calling user in it. /etc/slurm/slurm.conf is made a link to the
+#   DEEPERCLUSTER_SLURM_TIMEOUT  seconds to wait for each daemon and the idle nodes (default 60)
+#   DEEPERCLUSTER_SLURM_SUBNET   first three bytes of the nodes' private /24 with --nodes N > 1
+#                                (default 10.213.28: the host 10.213.28.1, node i 10.213.28.(10+i))
+# One node: `localhost` (NodeAddr=127.0.0.1). N nodes: node1..nodeN, node i a slurmd in network
+# namespace dcslurm-nodei (address .(10+i), a veth pair into the bridge dcslurm0, which holds the
+# host's .1 where slurmctld listens; no route anywhere else) and in a UTS namespace whose hostname
+# is its node name, with a hosts file naming every node bind-mounted on its /etc/hosts: SLURM,
+# srun, submitit and torch.distributed see N machines (each with every CPU of this one). Jobs run
+# in their node's namespaces; the file system is shared. Partition `debug`, cluster `deepercluster`,
+# account `deepercluster` with the calling user in it. /etc/slurm/slurm.conf is made a link to the
 # generated slurm.conf while the cluster runs (snakemake-executor-plugin-slurm drops SLURM_CONF
 # inside jobs); a pre-existing one is kept aside and put back by `stop`.
 # Progress goes to stderr. Daemons are stopped by the pid files written here, never by name.
@@ -28,6 +39,8 @@ DIR=${DEEPERCLUSTER_SLURM_DIR:-/tmp/deepercluster-slurm}
 case $DIR in /*) ;; *) DIR="$PWD/$DIR" ;; esac
 PORT=${DEEPERCLUSTER_SLURM_PORT:-6817}
 TIMEOUT=${DEEPERCLUSTER_SLURM_TIMEOUT:-60}
+SUBNET=${DEEPERCLUSTER_SLURM_SUBNET:-10.213.28}
+NODE_TIMEOUT=10 # SlurmdTimeout of a cluster of several nodes, in seconds
 CTLD_PORT=$PORT
 SLURMD_PORT=$((PORT + 1))
 DBD_PORT=$((PORT + 2))
@@ -35,7 +48,7 @@ DB_PORT=$((PORT + 3))
 
 CLUSTER=deepercluster
 ACCOUNT=deepercluster
-PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
+PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server iproute2)
 
 ETC=$DIR/etc
 RUN=$DIR/run
@@ -49,13 +62,36 @@ SYSTEM_CONF=/etc/slurm/slurm.conf
 SYSTEM_BACKUP=/etc/slurm/slurm.conf.deepercluster-orig
 POLICY=/usr/sbin/policy-rc.d
 
-# Start order; `stop` goes in reverse. name -> executable, pid file, log file.
-DAEMONS=(mariadbd munged slurmdbd slurmctld slurmd)
-declare -A EXE=([mariadbd]=mariadbd [munged]=munged [slurmdbd]=slurmdbd [slurmctld]=slurmctld [slurmd]=slurmd)
+NODES_FILE=$ETC/nodes # the running cluster's node names, written by `start`
+BRIDGE=dcslurm0
+
+# Start order; `stop` goes in reverse. name -> executable, pid file, log file. One slurmd per node:
+# `slurmd` for localhost, `slurmd-NODE` for the nodes of a cluster of several (set_nodes).
+DAEMONS=()
+declare -A EXE=([mariadbd]=mariadbd [munged]=munged [slurmdbd]=slurmdbd [slurmctld]=slurmctld)
 declare -A LOGFILE=(
     [mariadbd]=$LOG/mariadb.log [munged]=$LOG/munged.log [slurmdbd]=$LOG/slurmdbd.log
-    [slurmctld]=$LOG/slurmctld.log [slurmd]=$LOG/slurmd.log
+    [slurmctld]=$LOG/slurmctld.log
 )
+NODES=()
+
+# set_nodes NAME...: the cluster's nodes, and a slurmd daemon for each.
+set_nodes() {
+    NODES=("$@")
+    DAEMONS=(mariadbd munged slurmdbd slurmctld)
+    local node name
+    for node in "${NODES[@]}"; do
+        name=$(slurmd_name "$node")
+        DAEMONS+=("$name")
+        EXE[$name]=slurmd
+        LOGFILE[$name]=$LOG/$name.log
+    done
+}
+
+slurmd_name() { if [[ $1 == localhost ]]; then echo slurmd; else echo "slurmd-$1"; fi; }
+netns() { echo "dcslurm-$1"; }
+node_addr() { echo "$SUBNET.$((10 + ${1#node}))"; }
+controller_addr() { if [[ ${NODES[0]} == localhost ]]; then echo 127.0.0.1; else echo "$SUBNET.1"; fi; }
 
 say() { echo "cluster.sh: $*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -167,7 +203,9 @@ write_configs() {
     if [[ -e $DIR && ( ! -d $DIR || -L $DIR || $(stat -c %u "$DIR") != 0 ) ]]; then
         die "$DIR is not a directory owned by root: remove it or set DEEPERCLUSTER_SLURM_DIR"
     fi
-    mkdir -p "$ETC" "$RUN" "$LOG" "$MUNGE" "$DB" "$DIR/state" "$DIR/spool/slurmd"
+    mkdir -p "$ETC" "$RUN" "$LOG" "$MUNGE" "$DB" "$DIR/state"
+    local node
+    for node in "${NODES[@]}"; do mkdir -p "$DIR/spool/$(slurmd_name "$node")"; done
     # munged wants its socket directory reachable by all, and nothing group/other-writable.
     chmod 755 "$DIR" "$ETC" "$RUN" "$LOG" "$MUNGE" "$DIR/spool"
     chmod 700 "$DIR/state" "$DB"
@@ -185,13 +223,15 @@ write_configs() {
     [[ -n $cpus && -n $mem ]] || die "cannot read CPUs and RealMemory from 'slurmd -C': $hw"
     # A little below what slurmd measures, or the node drains on 'Low RealMemory'.
     realmem=$((mem * 95 / 100))
+    # The nodes share this machine's memory (each has all of its CPUs).
+    realmem=$((realmem / ${#NODES[@]}))
     # Without a default, CR_Core_Memory gives each job the whole node's memory: one job at a time.
     defmem=$((realmem / cpus))
 
     cat >"$CONF" <<EOF
-# Generated by tests/slurm/cluster.sh: a single-node cluster on localhost, daemons as root.
+# Generated by tests/slurm/cluster.sh: ${#NODES[@]} node(s) on this machine, daemons as root.
 ClusterName=$CLUSTER
-SlurmctldHost=localhost(127.0.0.1)
+SlurmctldHost=localhost($(controller_addr))
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 SlurmUser=root
@@ -200,11 +240,9 @@ AuthType=auth/munge
 AuthInfo=socket=$MUNGE_SOCKET
 CredType=cred/munge
 StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool/slurmd
 SlurmctldPidFile=$(pidfile slurmctld)
-SlurmdPidFile=$(pidfile slurmd)
 SlurmctldLogFile=${LOGFILE[slurmctld]}
-SlurmdLogFile=${LOGFILE[slurmd]}
+$(slurmd_paths)
 SlurmctldDebug=info
 SlurmdDebug=info
 # No cgroups, no systemd.
@@ -229,10 +267,14 @@ AccountingStoragePort=$DBD_PORT
 # The slurmctld-slurmdbd link does not use AuthInfo: name the munge socket here too.
 AccountingStoragePass=$MUNGE_SOCKET
 JobCompType=jobcomp/none
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$realmem State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP DefMemPerCPU=$defmem
+$(node_lines "$cpus" "$realmem")
+PartitionName=debug Nodes=$(
+        IFS=,
+        echo "${NODES[*]}"
+    ) Default=YES MaxTime=INFINITE State=UP DefMemPerCPU=$defmem
 EOF
     chmod 644 "$CONF"
+    if [[ ${NODES[0]} != localhost ]]; then write_hosts; fi
 
     local pass
     pass=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
@@ -260,6 +302,39 @@ EOF
     )
     chmod 600 "$ETC/slurmdbd.conf"
     DB_PASS=$pass
+}
+
+# The slurmd paths of slurm.conf: one slurmd's own, or each node's (%n: its node name).
+slurmd_paths() {
+    local name=slurmd-%n
+    if [[ ${NODES[0]} == localhost ]]; then name=slurmd; fi
+    printf '%s\n' "SlurmdSpoolDir=$DIR/spool/$name" "SlurmdPidFile=$RUN/$name.pid" "SlurmdLogFile=$LOG/$name.log"
+}
+
+# node_lines CPUS MEMORY: the NodeName lines. With several nodes, a node that stops answering is
+# DOWN, and its jobs requeued or ended, after SlurmdTimeout (NODE_TIMEOUT s), not the default 300 s.
+node_lines() {
+    local node
+    if [[ ${NODES[0]} == localhost ]]; then
+        echo "NodeName=localhost NodeAddr=127.0.0.1 CPUs=$1 RealMemory=$2 State=UNKNOWN"
+        return
+    fi
+    echo "SlurmdTimeout=$NODE_TIMEOUT"
+    for node in "${NODES[@]}"; do
+        echo "NodeName=$node NodeAddr=$(node_addr "$node") NodeHostname=$node CPUs=$1 RealMemory=$2 State=UNKNOWN"
+    done
+}
+
+# The nodes' /etc/hosts (bind-mounted in their namespaces): their names resolve to their addresses,
+# so that torch.distributed's rendezvous (MASTER_ADDR, the first node's name) and gloo reach them.
+write_hosts() {
+    local node
+    {
+        echo "127.0.0.1 localhost"
+        echo "$SUBNET.1 $(hostname)"
+        for node in "${NODES[@]}"; do echo "$(node_addr "$node") $node"; done
+    } >"$ETC/hosts"
+    chmod 644 "$ETC/hosts"
 }
 
 link_system_conf() {
@@ -338,10 +413,61 @@ register_accounting() {
     sacctmgr -i modify user "$user" set DefaultAccount="$ACCOUNT" >/dev/null 2>&1 || true
 }
 
+# Whether the nodes named (all of them by default) are idle.
 node_idle() {
-    local state
-    state=$(sinfo -h -n localhost -o %T 2>/dev/null) || return 1
-    [[ $state == idle ]]
+    local states
+    (($#)) || set -- "${NODES[@]}"
+    states=$(sinfo -h -N -n "$(
+        IFS=,
+        echo "$*"
+    )" -o %T 2>/dev/null) || return 1
+    [[ $(grep -cx idle <<<"$states") == "$#" ]]
+}
+
+# ---------------------------------------------------------------------------------------
+# the nodes' network: a bridge on the host, a namespace and a veth pair per node
+
+make_network() {
+    remove_network
+    ip link add "$BRIDGE" type bridge
+    ip addr add "$SUBNET.1/24" dev "$BRIDGE"
+    ip link set "$BRIDGE" up
+    local node ns
+    for node in "${NODES[@]}"; do
+        ns=$(netns "$node")
+        ip netns add "$ns"
+        ip link add "dcslurm-$node" type veth peer name eth0 netns "$ns"
+        ip link set "dcslurm-$node" master "$BRIDGE" up
+        ip -n "$ns" addr add "$(node_addr "$node")/24" dev eth0
+        ip -n "$ns" link set eth0 up
+        ip -n "$ns" link set lo up
+    done
+}
+
+# Remove this script's namespaces (killing what still runs in them) and bridge, if any.
+remove_network() {
+    local ns pid
+    for ns in $(ip netns list | awk '$1 ~ /^dcslurm-/ {print $1}'); do
+        for pid in $(ip netns pids "$ns"); do kill -KILL "$pid" 2>/dev/null || true; done
+        ip netns del "$ns"
+    done
+    if ip link show "$BRIDGE" >/dev/null 2>&1; then ip link del "$BRIDGE"; fi
+}
+
+# start_slurmd NODE: its slurmd, in the node's namespaces when it has them.
+start_slurmd() {
+    local name
+    name=$(slurmd_name "$1")
+    if [[ $1 == localhost ]]; then
+        launch "$name" slurmd -D -f "$CONF" -N localhost
+        return
+    fi
+    # nsenter and unshare exec (no fork): the pid launch records is slurmd's. Not `ip netns exec`: it
+    # mounts a sysfs of its own, without the cgroup file system slurmd needs.
+    # shellcheck disable=SC2016
+    launch "$name" nsenter --net="/run/netns/$(netns "$1")" unshare --uts --mount -- \
+        sh -c 'hostname "$1" && mount --bind "$2" /etc/hosts && shift 2 && exec "$@"' sh "$1" "$ETC/hosts" \
+        slurmd -D -f "$CONF" -N "$1"
 }
 
 # On any failure of `start` (a timeout, a failing command, a signal): show why, then stop
@@ -353,17 +479,38 @@ on_exit() {
     if ((rc != 0)) && [[ -n $STARTING ]]; then
         STARTING=
         say "start failed; daemons' logs under $LOG"
-        if daemon_up slurmctld; then scontrol show node localhost >&2 2>/dev/null; fi
+        if daemon_up slurmctld; then scontrol show node >&2 2>/dev/null; fi
         log_tails
         stop_daemons
         unlink_system_conf
+        remove_network
     fi
     exit "$rc"
 }
 
+# The nodes of a start with --nodes $1: localhost, or node1..node$1.
+wanted_nodes() {
+    [[ $1 =~ ^[1-9][0-9]*$ ]] || die "--nodes wants a positive number, not '$1'"
+    if (($1 == 1)); then echo localhost; else seq -f 'node%g' 1 "$1"; fi
+}
+
 cmd_start() {
     [[ $(id -u) == 0 ]] || die "must run as root (the daemons run as root)"
-    local running
+    local count=1 running wanted
+    while (($#)); do
+        case $1 in
+        --nodes) count=${2:-} && shift 2 ;;
+        *) die "start: unknown option '$1' (start [--nodes N])" ;;
+        esac
+    done
+    wanted=$(wanted_nodes "$count" | tr '\n' ' ')
+    running=$(running_count)
+    if ((running > 0)) && [[ "${NODES[*]} " != "$wanted" ]]; then
+        say "running with nodes ${NODES[*]}, not ${wanted% }: stopping it to start afresh"
+        cmd_stop
+    fi
+    # shellcheck disable=SC2086
+    set_nodes $wanted
     running=$(running_count)
     if ((running == ${#DAEMONS[@]})); then
         say "already running from $DIR"
@@ -374,7 +521,7 @@ cmd_start() {
     fi
     if ((running > 0)); then
         say "only $running of ${#DAEMONS[@]} daemons running from $DIR: stopping them to start afresh"
-        stop_daemons
+        cmd_stop
     fi
     local p
     for p in "$CTLD_PORT" "$SLURMD_PORT" "$DBD_PORT" "$DB_PORT"; do
@@ -386,8 +533,10 @@ cmd_start() {
     STARTING=1
     install_packages
     write_configs
+    echo "${NODES[*]}" >"$NODES_FILE"
     export SLURM_CONF=$CONF
     link_system_conf
+    if [[ ${NODES[0]} != localhost ]]; then make_network; fi
 
     say "starting mariadb"
     start_mariadb
@@ -401,10 +550,14 @@ cmd_start() {
     wait_for "slurmdbd to answer" sacct_ready
     register_accounting
     say "starting slurmctld"
-    launch slurmctld slurmctld -D -f "$CONF"
-    say "starting slurmd"
-    launch slurmd slurmd -D -f "$CONF" -N localhost
-    wait_for "node localhost to be idle" node_idle
+    # -c: no job or node state from an earlier start (a job it left queued would take the nodes).
+    launch slurmctld slurmctld -D -c -f "$CONF"
+    local node
+    for node in "${NODES[@]}"; do
+        say "starting $(slurmd_name "$node")"
+        start_slurmd "$node"
+    done
+    wait_for "nodes ${NODES[*]} to be idle" node_idle
     STARTING=
     say "cluster up: $(sinfo -h -o '%P %D %T %c CPUs %m MB')"
     echo "export SLURM_CONF=$CONF"
@@ -457,6 +610,24 @@ cmd_stop() {
     fi
     stop_daemons
     unlink_system_conf
+    remove_network
+}
+
+# A node dies: every process in its namespace (its slurmd, its job steps and tasks) is SIGKILLed.
+cmd_node_down() {
+    local node=${1:-} pid
+    [[ -n $node && $node != localhost && " ${NODES[*]} " == *" $node "* ]] || die "node-down: no node '$node' here"
+    for pid in $(ip netns pids "$(netns "$node")"); do kill -KILL "$pid" 2>/dev/null || true; done
+    say "killed every process of $node"
+}
+
+cmd_node_up() {
+    local node=${1:-}
+    [[ -n $node && $node != localhost && " ${NODES[*]} " == *" $node "* ]] || die "node-up: no node '$node' here"
+    export SLURM_CONF=$CONF
+    daemon_up "$(slurmd_name "$node")" || start_slurmd "$node"
+    wait_for "node $node to be idle" node_idle "$node"
+    say "$node is up"
 }
 
 cmd_status() {
@@ -484,12 +655,22 @@ trap on_exit EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+# The nodes of the cluster started last from $DIR (one slurmd on localhost if none was).
+if [[ -s $NODES_FILE ]]; then
+    # shellcheck disable=SC2046
+    set_nodes $(cat "$NODES_FILE")
+else
+    set_nodes localhost
+fi
+
 case ${1:-} in
-start) cmd_start ;;
+start) cmd_start "${@:2}" ;;
 stop) cmd_stop ;;
 status) cmd_status ;;
+node-down) cmd_node_down "${2:-}" ;;
+node-up) cmd_node_up "${2:-}" ;;
 *)
-    echo "usage: $0 start|stop|status" >&2
+    echo "usage: $0 start [--nodes N]|stop|status|node-down NODE|node-up NODE" >&2
     exit 2
     ;;
 esac

@@ -3,27 +3,26 @@ several ranks for k-means and training, and a cancelled block resumed."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from jobs import VENV_PATH, block_log, job_id, squeue, start_train, super_clusters, wait_for, weights
 
 from deepercluster.checkpoints import load_checkpoint
-from defaults import allocation_settings, block_settings, run_train, train_command
+from defaults import run_train, train_command
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
 REPO = Path(__file__).resolve().parents[2]
-VENV_PATH = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
 
 def test_one_round_through_the_slurm_profile(tmp_path: Path) -> None:
@@ -52,43 +51,14 @@ def test_one_round_through_the_slurm_profile(tmp_path: Path) -> None:
     assert "training block submitted to slurm" in log
 
 
-def super_clusters(workdir: Path, out: str, tasks: int, real_data) -> np.ndarray:
-    """Level 1 on the real shards as one SLURM job of ``tasks`` tasks; (centroids, assignments)."""
-    stage = [sys.executable, "-m", "deepercluster", "--ranks", str(tasks), "super-clusters", "--out", out]
-    stage += ["--shards", *real_data.shards, "--pca", real_data.pca, "--super-clusters", "3"]
-    stage += ["--iterations", "5", "--seed", "0", "--cache-mb", "4096", "--dtype", "float16"]
-    job = subprocess.run(["sbatch", "--wait", f"--ntasks={tasks}", "--cpus-per-task=1", f"--output={out}.log",
-                          "--wrap", " ".join(stage)], cwd=workdir, env={**os.environ, "PATH": VENV_PATH},
-                         timeout=300, capture_output=True, text=True)  # fmt: skip
-    log = Path(f"{out}.log").read_text() if Path(f"{out}.log").exists() else "(no job log)"
-    assert job.returncode == 0, f"sbatch exit {job.returncode}: {job.stderr}\n{log[-3000:]}"
-    with h5py.File(out) as f:
-        return f["centroids"][:], f["assignments"][:]
-
-
 def test_two_task_kmeans_equals_one_task(real_data, tmp_path: Path) -> None:
     one = super_clusters(tmp_path, str(tmp_path / "one.h5"), 1, real_data)
     two = super_clusters(tmp_path, str(tmp_path / "two.h5"), 2, real_data)
-    assert "rank 1 of 2 joined" in (tmp_path / "two.h5.log").read_text()
+    assert f"rank 1 of 2 on {socket.gethostname()} joined" in (tmp_path / "two.h5.log").read_text()
     # Equal to the bit locally on an Intel Xeon (test_kmeans' two ranks, the same stage): atol 1e-5 leaves room for
     # nodes of another CPU kind.
     np.testing.assert_allclose(one[0], two[0], atol=1e-5)
     assert np.array_equal(one[1], two[1])
-
-
-@pytest.fixture
-def block(real_data, class_labels: str) -> dict[str, object]:
-    """A DeeperCluster block on the real 600 images, labels from the true classes, no dropout."""
-    return {
-        "manifest": real_data.manifest, "previous_checkpoint": real_data.checkpoint, "labels": class_labels,
-        "method": "deepercluster", "round": 1, **block_settings(epochs=1, batch_size=40, dropout=0.0, seed=3),
-        **allocation_settings(launcher="slurm", cpus_per_task=1, timeout_min=10),
-    }  # fmt: skip
-
-
-def weights(path: Path, parts: tuple[str, ...] = ("model", "heads")) -> dict[str, np.ndarray]:
-    state = load_checkpoint(path)
-    return {f"{part}.{k}": v.float().numpy() for part in parts for k, v in state[part].items()}
 
 
 def test_two_task_block_equals_one_task_on_the_same_global_batch(block, tmp_path: Path) -> None:
@@ -147,30 +117,6 @@ def test_a_cancelled_block_resumes_from_its_checkpoint(block, tmp_path: Path) ->
     assert sum("resuming round 1 at epoch" in text for text in logs) == 1
 
 
-def start_train(settings: dict[str, object], cwd: Path) -> subprocess.Popen:
-    """``launch.train`` of flat ``settings`` in a process of its own, as the train rule runs it."""
-    return subprocess.Popen(
-        train_command(settings),
-        cwd=cwd, env={**os.environ, "PATH": VENV_PATH}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-
-
-def wait_for(condition, what: str, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"waited {timeout_s} s for {what}"
-        time.sleep(0.2)
-
-
-def block_log(train_dir: Path) -> str:
-    """The block's log so far (every task, every run of its job)."""
-    return "".join(path.read_text() for path in sorted((train_dir / "submitit").glob("*_log.err")))
-
-
-def job_id(train_dir: Path) -> str:
-    return json.loads((train_dir / "job.json").read_text())["job_id"]
-
-
 def test_a_preempted_block_saves_at_the_signal_and_requeues_without_redoing_work(block, tmp_path: Path) -> None:
     epochs, per_epoch = 2, 600 // 20
     train_dir = tmp_path / "train"
@@ -205,10 +151,6 @@ def test_a_preempted_block_saves_at_the_signal_and_requeues_without_redoing_work
     # Intel Xeon; rtol 1e-4, atol 1e-5 as for one task against two.
     for key in uninterrupted:
         np.testing.assert_allclose(interrupted[key], uninterrupted[key], rtol=1e-4, atol=1e-5, err_msg=key)
-
-
-def squeue(job: str, fields: str) -> str:
-    return subprocess.run(["squeue", "-h", "-j", job, "-o", fields], capture_output=True, text=True).stdout
 
 
 def test_a_rerun_follows_the_block_its_killed_predecessor_submitted(block, tmp_path: Path, monkeypatch, caplog) -> None:

@@ -9,9 +9,12 @@ the world (a DeeperCluster training group, which alone holds its sub-class head)
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import submitit
 import torch
@@ -20,6 +23,12 @@ from submitit.helpers import TorchDistributedEnvironment
 from torch import nn
 
 log = logging.getLogger(__name__)
+
+# How long a rank waits for the others, to join or in one collective, before it fails: a peer that died
+# without closing its sockets (its node cut off) ends the stage within this bound, not torch's default
+# (30 minutes with gloo). Long enough for one rank's longest work alone while the others wait (a save, a
+# k-means pass over a rank's share); DEEPERCLUSTER_COLLECTIVE_TIMEOUT_S sets it, in seconds.
+COLLECTIVE_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)
@@ -48,7 +57,8 @@ def init_distributed() -> Distributed:
 
     Ranks come from torchrun's variables, or from the SLURM (or submitit) job environment
     through ``submitit.helpers.TorchDistributedEnvironment``. NCCL on GPUs, gloo on CPUs;
-    rendezvous through env:// (MASTER_ADDR, MASTER_PORT).
+    rendezvous through env:// (MASTER_ADDR, MASTER_PORT): in a SLURM job, the first node of the
+    job's node list (``SLURM_JOB_NODELIST``) and a port drawn from the job id.
     """
     _export_rank_variables()
     cuda = torch.cuda.is_available()
@@ -59,10 +69,23 @@ def init_distributed() -> Distributed:
     if cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
-        log.info("rank %d of %d joined the process group (%s)", rank, world_size, dist.get_backend())
+        timeout = int(os.environ.get("DEEPERCLUSTER_COLLECTIVE_TIMEOUT_S", COLLECTIVE_TIMEOUT_S))
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout))  # fmt: skip
+        atexit.register(_leave_process_group)
+        log.info("rank %d of %d on %s joined the process group (%s) at %s:%s, collective timeout %d s", rank,
+                 world_size, socket.gethostname(), dist.get_backend(), os.environ["MASTER_ADDR"],
+                 os.environ["MASTER_PORT"], timeout)  # fmt: skip
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return Distributed(rank, world_size, device)
+
+
+def _leave_process_group() -> None:
+    """Leave the process group before the interpreter exits. Left to torch's teardown, a gloo group whose
+    peers on another node had already exited aborted its rank ("terminate called without an active
+    exception") after the stage's work was done, and srun's --kill-on-bad-exit then ended the others."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def get_rank() -> int:
