@@ -58,8 +58,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also measure the workflow overhead on the SLURM cluster of $SLURM_CONF (tests/slurm/cluster.sh start)",
     )
-    parser.add_argument("--only", nargs="+", metavar="NAME", help=f"run only these benchmarks: {', '.join(CASES)} "
-                        "(with --gpu: checks of benchmarks.gpu.CHECKS)")  # fmt: skip
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        help=f"run only these benchmarks: {', '.join(CASES)} (with --gpu: checks of benchmarks.gpu.CHECKS)",
+    )
     parser.add_argument("--gpu", action="store_true", help="the GPU checks (benchmarks.gpu) instead: about 7 minutes")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="with --gpu: where the checks run")
     parser.add_argument("--tiny", action="store_true", help="with --gpu: toy sizes, every check's code in a minute")

@@ -77,8 +77,12 @@ class SavedReport(Report):
         self.save()
 
     def save(self) -> None:
-        state = {"rows": [asdict(r) for r in self.rows], "figures": self.figures, "error": self.error,
-                 "device": self.device}  # fmt: skip
+        state = {
+            "rows": [asdict(r) for r in self.rows],
+            "figures": self.figures,
+            "error": self.error,
+            "device": self.device,
+        }
         self.path.write_text(json.dumps(state))
 
 
@@ -161,19 +165,42 @@ def training_check(
     folder = work / "train"
     settings = block_settings(workers, epochs=1, batch_size=batch_size, image_size=image_size)
     tick = time.perf_counter()
-    ours_mb = peak_memory(lambda: train_block(
-        manifest=inputs.manifest, previous_checkpoint=inputs.checkpoint, out=str(folder / "out.pt"),
-        train_dir=str(folder), method="deepercluster", round=1, labels=inputs.labels, **settings))  # fmt: skip
+    ours_mb = peak_memory(
+        lambda: train_block(
+            manifest=inputs.manifest,
+            previous_checkpoint=inputs.checkpoint,
+            out=str(folder / "out.pt"),
+            train_dir=str(folder),
+            method="deepercluster",
+            round=1,
+            labels=inputs.labels,
+            **settings,
+        )
+    )
     wall, steps = time.perf_counter() - tick, []
     bare_mb = peak_memory(lambda: steps.extend(bare_training(inputs, batch_size, image_size, workers)))
     metrics = pd.read_csv(folder / "metrics.tsv", sep="\t")
     ours, bare = float(metrics["images_per_s"].median()), batch_size / float(np.median(steps))
     sizes = f"{images} images {image_size}px, {arch}, {len(metrics)} steps of {batch_size}, {workers} workers"
-    report.add("training throughput (median step)", sizes, f"{ours:.0f} img/s", f"{bare:.0f} img/s (torch)",
-               ours / bare, ">=", 0.9)  # fmt: skip
+    report.add(
+        "training throughput (median step)",
+        sizes,
+        f"{ours:.0f} img/s",
+        f"{bare:.0f} img/s (torch)",
+        ours / bare,
+        ">=",
+        0.9,
+    )
     if ours_mb is not None:
-        report.add("training peak GPU memory", sizes, f"{ours_mb:.0f} MB", f"{bare_mb:.0f} MB (torch)",
-                   ours_mb / bare_mb, "<=", 1.1)  # fmt: skip
+        report.add(
+            "training peak GPU memory",
+            sizes,
+            f"{ours_mb:.0f} MB",
+            f"{bare_mb:.0f} MB (torch)",
+            ours_mb / bare_mb,
+            "<=",
+            1.1,
+        )
     report.figure(f"training block, {len(metrics)} steps, wall (loading and saves included)", f"{wall:.1f} s")
 
 
@@ -197,22 +224,35 @@ def ranks_check(report: Report, work: Path, images: int, arch: str, image_size: 
     that depends on the rank): the same weights to float32 tolerance. NCCL needs a GPU per rank, so ranks sharing
     one GPU use gloo on its CUDA tensors."""
     inputs = image_round(work / "images", images, arch)
-    block = {"manifest": inputs.manifest, "previous_checkpoint": inputs.checkpoint, "labels": inputs.labels,
-             "method": "deepercluster", "round": 1,
-             **block_settings(epochs=1, batch_size=batch_size, image_size=image_size, dropout=0.0)}  # fmt: skip
+    block = {
+        "manifest": inputs.manifest,
+        "previous_checkpoint": inputs.checkpoint,
+        "labels": inputs.labels,
+        "method": "deepercluster",
+        "round": 1,
+        **block_settings(epochs=1, batch_size=batch_size, image_size=image_size, dropout=0.0),
+    }
     runs = {ranks: work / f"{ranks}-ranks" for ranks in (1, 2)}
     tick = time.perf_counter()
     exact_block(**block, out=str(runs[1] / "out.pt"), train_dir=str(runs[1]))
     one_s = time.perf_counter() - tick
     backend = "nccl" if torch.cuda.device_count() >= 2 else "gloo"
-    two_s = on_ranks(2, exact_block, {**block, "out": str(runs[2] / "out.pt"), "train_dir": str(runs[2])}, work,
-                     backend)  # fmt: skip
+    two_s = on_ranks(
+        2, exact_block, {**block, "out": str(runs[2] / "out.pt"), "train_dir": str(runs[2])}, work, backend
+    )
     one, two = (load_checkpoint(folder / "out.pt")["model"] for folder in runs.values())
     steps = len(pd.read_csv(runs[1] / "metrics.tsv", sep="\t"))
     sizes = f"{arch} {image_size}px, {steps} steps of {batch_size}, dropout 0, {backend}"
     worst = max(float((two[key] - value).abs().max()) for key, value in one.items() if value.is_floating_point())
-    report.add("2 ranks on one device vs 1 rank: weights", sizes, f"max |w2 - w1| {worst:.2g}",
-               "1e-5 + 1e-5 |w1|", farthest(one, two, rtol=1e-5, atol=1e-5), "<=", 1.0)  # fmt: skip
+    report.add(
+        "2 ranks on one device vs 1 rank: weights",
+        sizes,
+        f"max |w2 - w1| {worst:.2g}",
+        "1e-5 + 1e-5 |w1|",
+        farthest(one, two, rtol=1e-5, atol=1e-5),
+        "<=",
+        1.0,
+    )
     report.figure(f"block of {steps} steps, 2 ranks ({backend}) / 1 rank, time", f"{two_s:.1f} s / {one_s:.1f} s")
 
 
@@ -231,13 +271,20 @@ def demo_check(report: Report, work: Path, config: str, cores: int, images: int 
     cores, folder = min(cores, os.cpu_count() or 1), work / "demo"
     wall = snakemake(folder, settings, ["--cores", str(cores)], [fill(CHECKPOINT, run=MAIN, round=1)])
     count = len(read_manifest(str(folder / MANIFEST)))
-    jobs = {"manifest": [benchmark_file(MANIFEST)], "init": [benchmark_file(fill(CHECKPOINT, run=MAIN, round=0))],
-            **Plan(validate_config(settings)).round_benchmarks(1, count)}  # fmt: skip
-    rows = [(stage, len(files), sum(float(pd.read_csv(folder / f, sep="\t")["s"].sum()) for f in files))
-            for stage, files in jobs.items()]  # fmt: skip
+    jobs = {
+        "manifest": [benchmark_file(MANIFEST)],
+        "init": [benchmark_file(fill(CHECKPOINT, run=MAIN, round=0))],
+        **Plan(validate_config(settings)).round_benchmarks(1, count),
+    }
+    rows = [
+        (stage, len(files), sum(float(pd.read_csv(folder / f, sep="\t")["s"].sum()) for f in files))
+        for stage, files in jobs.items()
+    ]
     rows.append(("wall", sum(n for _, n, _ in rows), wall))
-    table = pd.DataFrame([(config, count, cores, *row) for row in rows],
-                         columns=["config", "images", "cores", "stage", "jobs", "seconds"])  # fmt: skip
+    table = pd.DataFrame(
+        [(config, count, cores, *row) for row in rows],
+        columns=["config", "images", "cores", "stage", "jobs", "seconds"],
+    )
     table.to_csv(report.path.with_name("demo-round.tsv"), sep="\t", index=False, float_format="%.1f")  # as recorded
     recorded = pd.read_csv(DEMO_BASELINE, sep="\t", comment="#")
     recorded = recorded[(recorded["config"] == config) & (recorded["images"] == count)].set_index("stage")
@@ -316,8 +363,10 @@ def table(outcomes: list[Outcome], heading: str) -> str:
     """One table: each check's rows (ratio and goal), then its figures, or its error."""
     lines = [("check", "benchmark", "sizes", "ours", "baseline", "ratio", "goal", "result")]
     for o in outcomes:
-        lines += [(o.name, r.name, r.sizes, r.ours, r.baseline, f"{r.ratio:.3g}", r.goal, "pass" if r.passed else
-                   "FAIL") for r in o.rows]  # fmt: skip
+        lines += [
+            (o.name, r.name, r.sizes, r.ours, r.baseline, f"{r.ratio:.3g}", r.goal, "pass" if r.passed else "FAIL")
+            for r in o.rows
+        ]
         lines += [(o.name, figure, "", value, "", "", "", "figure") for figure, value in o.figures]
         if o.error:
             lines.append((o.name, f"(after {o.seconds:.0f} s)", "", o.error, "", "", "", "error"))
@@ -335,8 +384,10 @@ def main(only: list[str], wanted: str, tiny: bool) -> int:
         said = o.error or f"{len(o.rows)} rows, {len(o.figures)} figures"
         print(f"[{name}] {o.seconds:.0f} s: {said} (log: {OUT / (name + '.log')})", flush=True)
     devices = sorted({o.device for o in outcomes if o.device})
-    heading = (f"GPU check, {kind} sizes, --device {wanted}: {', '.join(devices) or 'device unknown'}, "
-               f"{os.cpu_count()} cores, {time.perf_counter() - tick:.0f} s")  # fmt: skip
+    heading = (
+        f"GPU check, {kind} sizes, --device {wanted}: {', '.join(devices) or 'device unknown'}, "
+        f"{os.cpu_count()} cores, {time.perf_counter() - tick:.0f} s"
+    )
     text = table(outcomes, heading)
     print("\n" + text)
     (OUT / "table.txt").write_text(text)

@@ -21,8 +21,16 @@ from deepercluster.formats.labels import Labels, write_labels
 IMAGE_SIZE = 32
 # scikit-image's colour photographs (its wheel ships them): a person, a cat, a cup, a street, a rocket, a galaxy
 # field, a retina and a stained tissue, 300 to 1,411 px a side.
-PHOTOGRAPHS = ("astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png", "rocket.jpg",
-               "hubble_deep_field.jpg", "retina.jpg", "ihc.png")  # fmt: skip
+PHOTOGRAPHS = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "motorcycle_left.png",
+    "rocket.jpg",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+    "ihc.png",
+)
 
 # The schema's defaults, every stage setting the benchmarks do not choose themselves.
 DEFAULTS = validate_config({})
@@ -53,9 +61,16 @@ def synthetic_shards(folder: Path, rows: int, dim: int, shard_rows: int, seed: i
 def whitening_file(shards: list[str], out: Path, sample_size: int) -> str:
     """The PCA stage's ``pca.h5`` over ``shards`` (all directions kept, as DeeperCluster does)."""
     pca = DEFAULTS["pca"]
-    fit_pca(shards=shards, checkpoint=synthetic_checkpoint(shards), out=str(out), dim=None,
-            fraction=DEFAULTS["methods"]["deepercluster"]["pca_fraction"], sample_size=sample_size, seed=0,
-            eigenvalue_floor=pca["eigenvalue_floor"])  # fmt: skip
+    fit_pca(
+        shards=shards,
+        checkpoint=synthetic_checkpoint(shards),
+        out=str(out),
+        dim=None,
+        fraction=DEFAULTS["methods"]["deepercluster"]["pca_fraction"],
+        sample_size=sample_size,
+        seed=0,
+        eigenvalue_floor=pca["eigenvalue_floor"],
+    )
     return str(out)
 
 

@@ -33,8 +33,12 @@ BARE_DRAFT_SIDE = 1024  # today's decode: a JPEG's sides no less than this
 # Long sides: photos as web crawls store them, and as cameras write them.
 PHOTO_SIDES = {"small": (160, 900), "camera": (2300, 2500)}
 # (path, photos) -> goal of ours against the bare loop (issue 27)
-GOALS = {("features", "camera"): 3.0, ("features", "small"): 1.4, ("training", "camera"): 1.2,
-         ("training", "small"): 1.2}  # fmt: skip
+GOALS = {
+    ("features", "camera"): 3.0,
+    ("features", "small"): 1.4,
+    ("training", "camera"): 1.2,
+    ("training", "small"): 1.2,
+}
 DECODER_GOAL = 0.5  # decoding at least half of our path's time: its other steps cost no more than the decode
 
 
@@ -42,8 +46,10 @@ def bare_steps(path: str) -> Callable[[Image.Image], torch.Tensor]:
     """Today's torchvision transform of the features or training ``path``, to a normalised float tensor."""
     from torchvision import transforms
 
-    crop = {"features": [transforms.Resize(round(IMAGE_SIZE * 256 / 224)), transforms.CenterCrop(IMAGE_SIZE)],
-            "training": [transforms.RandomResizedCrop(IMAGE_SIZE), transforms.RandomHorizontalFlip()]}  # fmt: skip
+    crop = {
+        "features": [transforms.Resize(round(IMAGE_SIZE * 256 / 224)), transforms.CenterCrop(IMAGE_SIZE)],
+        "training": [transforms.RandomResizedCrop(IMAGE_SIZE), transforms.RandomHorizontalFlip()],
+    }
     return transforms.Compose([*crop[path], transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
@@ -92,8 +98,9 @@ def jpeg_case(report: Report, work: Path, small: int, camera: int, batch_size: i
     torch.set_num_threads(threads)
 
 
-def path_rows(report: Report, paths: list[str], photos: str, path: str, transform: PhotoTransform, batch_size: int,
-              repeats: int) -> None:  # fmt: skip
+def path_rows(
+    report: Report, paths: list[str], photos: str, path: str, transform: PhotoTransform, batch_size: int, repeats: int
+) -> None:
     """Our ``path`` (features or training) on the photographs ``paths`` against the bare loop, and against
     decoding alone (``read_rgb`` at our decode's scale)."""
     ours, cpu = (lambda: our_loop(paths, transform, batch_size)), time.process_time
@@ -104,8 +111,22 @@ def path_rows(report: Report, paths: list[str], photos: str, path: str, transfor
         f"JPEG {path} path, {photos} photos",
         f"{n} JPEGs {sides[0]}-{sides[1]} px, {IMAGE_SIZE} px, 1 core",
     )
-    report.add(name, sizes, f"{n / ours_s:.0f} img/s", f"{n / bare_s:.0f} img/s (PIL + torchvision)",
-               bare_s / ours_s, ">=", GOALS[path, photos])  # fmt: skip
-    report.add(f"{name}, against decoding alone", f"{sizes}, decoded as ours", f"{n / ours_s:.0f} img/s",
-               f"{n / decode_s:.0f} img/s (decoding)", decode_s / ours_s, ">=", DECODER_GOAL)  # fmt: skip
+    report.add(
+        name,
+        sizes,
+        f"{n / ours_s:.0f} img/s",
+        f"{n / bare_s:.0f} img/s (PIL + torchvision)",
+        bare_s / ours_s,
+        ">=",
+        GOALS[path, photos],
+    )
+    report.add(
+        f"{name}, against decoding alone",
+        f"{sizes}, decoded as ours",
+        f"{n / ours_s:.0f} img/s",
+        f"{n / decode_s:.0f} img/s (decoding)",
+        decode_s / ours_s,
+        ">=",
+        DECODER_GOAL,
+    )
     report.figure(f"{name}, 1 core to uint8 batches", f"{n / ours_s:.0f} img/s")

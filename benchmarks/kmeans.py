@@ -60,14 +60,23 @@ def kmeans_pair(
     pca = whitening_file(shards, work / "kmeans" / "pca.h5", sample_size=rows)
     whitening, seed, out = Whitening.load(pca), 0, work / "kmeans" / "super.h5"
     start = initial_centroids(ShardSource(shards, whitening, whitening.dim), k, level_seed(seed, None))
-    stage = {"shards": shards, "pca": pca, "out": str(out), "super_clusters": k, "iterations": iterations, "seed": seed,
-             "cache_mb": DEFAULTS["kmeans"]["cache_mb"], "dtype": DEFAULTS["kmeans"]["dtype"]}  # fmt: skip
+    stage = {
+        "shards": shards,
+        "pca": pca,
+        "out": str(out),
+        "super_clusters": k,
+        "iterations": iterations,
+        "seed": seed,
+        "cache_mb": DEFAULTS["kmeans"]["cache_mb"],
+        "dtype": DEFAULTS["kmeans"]["dtype"],
+    }
     faiss_objective, faiss_name = [], "faiss GPU" if gpu else "faiss"
 
     def bare() -> None:
         x = read_whitened(shards, whitening)
-        km = faiss.Kmeans(dim, k, niter=iterations, seed=seed, max_points_per_centroid=rows, min_points_per_centroid=1,
-                          gpu=gpu)  # fmt: skip
+        km = faiss.Kmeans(
+            dim, k, niter=iterations, seed=seed, max_points_per_centroid=rows, min_points_per_centroid=1, gpu=gpu
+        )
         km.train(x, init_centroids=start)
         faiss_objective.append(float(km.index.search(x, 1)[0].sum()))  # the final assignment, as the stage's
 
@@ -106,10 +115,19 @@ def precision_rows(report: Report, stage: dict, sizes: str, whitening: Whitening
         "same assignments to float32's centroids": ((nearest == single.assignments).mean(), 1.0, ">=", 0.999),
     }
     for name, (ours, theirs, goal, bound) in rows.items():
-        report.add(f"k-means float16 vs float32 rows, {name}", sizes, f"{ours:.6g}", f"{theirs:.6g} (float32)",
-                   ours / theirs, goal, bound)  # fmt: skip
-    report.figure("k-means float16 vs float32 rows, same assignments after the whole run",
-                  f"{(half.assignments == single.assignments).mean():.4f}")  # fmt: skip
+        report.add(
+            f"k-means float16 vs float32 rows, {name}",
+            sizes,
+            f"{ours:.6g}",
+            f"{theirs:.6g} (float32)",
+            ours / theirs,
+            goal,
+            bound,
+        )
+    report.figure(
+        "k-means float16 vs float32 rows, same assignments after the whole run",
+        f"{(half.assignments == single.assignments).mean():.4f}",
+    )
 
 
 def _rank(rank: int, world_size: int, port: int, backend: str, run: Callable, kwargs: dict, times: str) -> None:
@@ -143,8 +161,9 @@ def bytes_read(run: Callable[[], object]) -> int:
     included) while ``run`` ran."""
 
     def rchar() -> int:
-        return int(next(line for line in Path("/proc/self/io").read_text().splitlines() if line.startswith("rchar"))
-                   .split()[1])  # fmt: skip
+        return int(
+            next(line for line in Path("/proc/self/io").read_text().splitlines() if line.startswith("rchar")).split()[1]
+        )
 
     before = rchar()
     run()
@@ -171,8 +190,9 @@ def kmeans_io_case(report: Report, work: Path, rows: int, dim: int, m: int, k: i
     pca = whitening_file(shards, folder / "pca.h5", sample_size=rows)
     whitening, dtype = Whitening.load(pca), DEFAULTS["kmeans"]["dtype"]
     super_file = str(folder / "super.h5")
-    cluster_super(shards=shards, pca=pca, out=super_file, super_clusters=m, iterations=2, seed=0, cache_mb=0,
-                  dtype=dtype)  # fmt: skip
+    cluster_super(
+        shards=shards, pca=pca, out=super_file, super_clusters=m, iterations=2, seed=0, cache_mb=0, dtype=dtype
+    )
     level1 = read_clusters(super_file, centroids=True)
     spilled = ShardSource(shards, whitening, dim, cache_mb=0, dtype=dtype, spill=str(folder / "spill.h5"))
     one_pass = rows * dim * np.dtype(dtype).itemsize
@@ -180,21 +200,36 @@ def kmeans_io_case(report: Report, work: Path, rows: int, dim: int, m: int, k: i
     sub_bytes = 0
     for s in range(m):
         members = level1.ids[level1.assignments == s]
-        source = ShardSource(shards, whitening, dim, keep_ids=members, cache_mb=0, dtype=dtype,
-                             spill=str(folder / f"sub-{s}.h5"))  # fmt: skip
+        source = ShardSource(
+            shards, whitening, dim, keep_ids=members, cache_mb=0, dtype=dtype, spill=str(folder / f"sub-{s}.h5")
+        )
         centroids = initial_centroids(source, k, 0)
         sub_bytes += bytes_read(lambda source=source, centroids=centroids: assign(source, centroids))
         source.discard()
     sizes, itemsize = f"N={rows}, d={dim}, {dtype} spill, cache 0 MB", np.dtype(dtype).itemsize
     for name, read, jobs in (("super level", super_bytes, "1 job"), ("sub level", sub_bytes, f"{m} jobs, k={k}")):
-        report.add(f"k-means bytes read per pass, {name}", f"{sizes}, {jobs}", f"{read / MB:.1f} MB",
-                   f"{one_pass / MB:.1f} MB (N x d x {itemsize})", read / one_pass, "within", 0.02)  # fmt: skip
+        report.add(
+            f"k-means bytes read per pass, {name}",
+            f"{sizes}, {jobs}",
+            f"{read / MB:.1f} MB",
+            f"{one_pass / MB:.1f} MB (N x d x {itemsize})",
+            read / one_pass,
+            "within",
+            0.02,
+        )
     rewhitened = Rewhitened(shards, whitening)
-    ours_s, bare_s = timed_pair(repeats, lambda: assign(spilled, level1.centroids),
-                                lambda: assign(rewhitened, level1.centroids))  # fmt: skip
-    report.add("k-means pass, whitened spill vs re-whitening", f"N={rows}, d={dim}, m={m}, page cache",
-               f"{ours_s:.2f} s", f"{bare_s:.2f} s (re-whitened float32; compute (D + m) / m = {(dim + m) / m:.0f}x)",
-               ours_s / bare_s, "<=", 1.0)  # fmt: skip
+    ours_s, bare_s = timed_pair(
+        repeats, lambda: assign(spilled, level1.centroids), lambda: assign(rewhitened, level1.centroids)
+    )
+    report.add(
+        "k-means pass, whitened spill vs re-whitening",
+        f"N={rows}, d={dim}, m={m}, page cache",
+        f"{ours_s:.2f} s",
+        f"{bare_s:.2f} s (re-whitened float32; compute (D + m) / m = {(dim + m) / m:.0f}x)",
+        ours_s / bare_s,
+        "<=",
+        1.0,
+    )
     spilled.discard()
     report.figure("k-means pass over the whitened spill, per row (ours)", f"{ours_s / rows:.3g} s")
 
@@ -207,18 +242,57 @@ def sub_memory_case(report: Report, work: Path, rows: int, dim: int, k: int) -> 
     shards = synthetic_shards(folder, rows, dim, shard_rows=k // 4)
     pca = whitening_file(shards, folder / "pca.h5", sample_size=rows)
     super_file, kmeans = str(folder / "super.h5"), DEFAULTS["kmeans"]
-    cluster_super(shards=shards, pca=pca, out=super_file, super_clusters=1, iterations=0, seed=0,
-                  cache_mb=kmeans["cache_mb"], dtype=kmeans["dtype"])  # fmt: skip
+    cluster_super(
+        shards=shards,
+        pca=pca,
+        out=super_file,
+        super_clusters=1,
+        iterations=0,
+        seed=0,
+        cache_mb=kmeans["cache_mb"],
+        dtype=kmeans["dtype"],
+    )
     peaks = {}
     for clusters in (k, k // 2):
-        peaks[clusters] = peak_rss(["-m", "deepercluster", "--threads", "2", "sub-clusters", "--shards", *shards,
-                                    "--pca", pca, "--super-file", super_file, "--super-cluster", "0",
-                                    "--out", str(folder / f"sub-{clusters}.h5"), "--sub-clusters", str(clusters),
-                                    "--iterations", "2", "--seed", "0", "--cache-mb", str(kmeans["cache_mb"]),
-                                    "--dtype", kmeans["dtype"]])  # fmt: skip
+        peaks[clusters] = peak_rss(
+            [
+                "-m",
+                "deepercluster",
+                "--threads",
+                "2",
+                "sub-clusters",
+                "--shards",
+                *shards,
+                "--pca",
+                pca,
+                "--super-file",
+                super_file,
+                "--super-cluster",
+                "0",
+                "--out",
+                str(folder / f"sub-{clusters}.h5"),
+                "--sub-clusters",
+                str(clusters),
+                "--iterations",
+                "2",
+                "--seed",
+                "0",
+                "--cache-mb",
+                str(kmeans["cache_mb"]),
+                "--dtype",
+                kmeans["dtype"],
+            ]
+        )
     grown, bound = peaks[k] - peaks[k // 2], 16 * (k - k // 2) * dim / MB
-    report.add("k-means sub level peak RSS (one rank), k vs k/2", f"N={rows}, d={dim}, k={k} vs {k // 2}",
-               f"{grown:.0f} MB more", f"{bound:.0f} MB (16 x k/2 x D)", grown / bound, "<=", 1.1)  # fmt: skip
+    report.add(
+        "k-means sub level peak RSS (one rank), k vs k/2",
+        f"N={rows}, d={dim}, k={k} vs {k // 2}",
+        f"{grown:.0f} MB more",
+        f"{bound:.0f} MB (16 x k/2 x D)",
+        grown / bound,
+        "<=",
+        1.1,
+    )
     report.figure("k-means sub level, peak per rank per k x D", f"{grown * MB / ((k - k // 2) * dim):.1f} B")
 
 
@@ -233,8 +307,19 @@ def memory_case(report: Report, work: Path, rows: int, dim: int, k: int) -> None
         out = str(work / f"memory-{n}")
         floor = str(DEFAULTS["pca"]["eigenvalue_floor"])
         fraction = str(DEFAULTS["methods"]["deepercluster"]["pca_fraction"])
-        pca_stage = ["pca", "--shards", *paths, "--checkpoint", synthetic_checkpoint(paths), "--out", out + ".pca.h5",
-                     "--sample-size", str(sample), "--seed", "0"]  # fmt: skip
+        pca_stage = [
+            "pca",
+            "--shards",
+            *paths,
+            "--checkpoint",
+            synthetic_checkpoint(paths),
+            "--out",
+            out + ".pca.h5",
+            "--sample-size",
+            str(sample),
+            "--seed",
+            "0",
+        ]
         peaks["PCA", n] = peak_rss([*stage, *pca_stage, "--eigenvalue-floor", floor, "--fraction", fraction])
         peaks["k-means", n] = peak_rss(
             [

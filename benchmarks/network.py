@@ -29,9 +29,15 @@ from deepercluster.train.settings import BlockSettings
 
 
 def features_case(
-    report: Report, images: ImageRound, work: Path, batch_size: int, repeats: int, image_size: int = IMAGE_SIZE,
-    workers: int = 0, bound: float = 0.85,
-) -> None:  # fmt: skip
+    report: Report,
+    images: ImageRound,
+    work: Path,
+    batch_size: int,
+    repeats: int,
+    image_size: int = IMAGE_SIZE,
+    workers: int = 0,
+    bound: float = 0.85,
+) -> None:
     """The features stage against a bare torch forward loop over the same DataLoader, on the stage's device."""
     n = len(images.paths)
 
@@ -77,10 +83,33 @@ def features_memory_case(report: Report, images: ImageRound, work: Path, rows: i
     for n in (rows, 4 * rows):
         manifest = work / f"manifest-{n}.parquet"
         write_manifest(manifest, pd.DataFrame({"id": np.arange(n), "path": np.resize(np.asarray(images.paths), n)}))
-        peaks[n] = peak_rss(["-m", "deepercluster", "--threads", "2", "features", "--manifest", str(manifest),
-                             "--checkpoint", images.checkpoint, "--shard", "0", "--shard-size", str(shard_size),
-                             "--image-size", str(IMAGE_SIZE), "--batch-size", str(shard_size), "--workers", "0",
-                             "--dtype", "float32", "--out", str(work / f"memory-shard-{n}.h5")])  # fmt: skip
+        peaks[n] = peak_rss(
+            [
+                "-m",
+                "deepercluster",
+                "--threads",
+                "2",
+                "features",
+                "--manifest",
+                str(manifest),
+                "--checkpoint",
+                images.checkpoint,
+                "--shard",
+                "0",
+                "--shard-size",
+                str(shard_size),
+                "--image-size",
+                str(IMAGE_SIZE),
+                "--batch-size",
+                str(shard_size),
+                "--workers",
+                "0",
+                "--dtype",
+                "float32",
+                "--out",
+                str(work / f"memory-shard-{n}.h5"),
+            ]
+        )
     report.add(
         "features job peak RSS, 4N vs N",
         f"manifest of N={rows} images, a shard of {shard_size}",
@@ -90,9 +119,11 @@ def features_memory_case(report: Report, images: ImageRound, work: Path, rows: i
         "<=",
         1.1,
     )
-    report.figure(f"features job peak RSS, manifest of {rows} / {4 * rows} images",
-                  f"{peaks[rows]:.0f} / {peaks[4 * rows]:.0f} MB, "
-                  f"{(peaks[4 * rows] - peaks[rows]) * MB / (3 * rows):.1f} B more per image")  # fmt: skip
+    report.figure(
+        f"features job peak RSS, manifest of {rows} / {4 * rows} images",
+        f"{peaks[rows]:.0f} / {peaks[4 * rows]:.0f} MB, "
+        f"{(peaks[4 * rows] - peaks[rows]) * MB / (3 * rows):.1f} B more per image",
+    )
 
 
 def training_case(report: Report, images: ImageRound, work: Path, batch_size: int, repeats: int) -> None:
@@ -146,8 +177,15 @@ def bare_training(images: ImageRound, batch_size: int, image_size: int = IMAGE_S
     heads.train()
     optimizer = torch.optim.SGD([*model.parameters(), *heads.parameters()], lr=0.05, momentum=0.9, weight_decay=1e-5)
     dataset = ImageDataset.of_files(images.paths, train_transform(image_size))
-    loader = DataLoader(dataset, batch_size, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0),
-                        num_workers=workers, pin_memory=on.type == "cuda")  # fmt: skip
+    loader = DataLoader(
+        dataset,
+        batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(0),
+        num_workers=workers,
+        pin_memory=on.type == "cuda",
+    )
     steps, tick = [], time.perf_counter()
     for x, index in loader:
         rotation, x = torch.randint(0, 4, (len(x),)), network_input(x, on)
@@ -182,8 +220,10 @@ def head_memory_case(report: Report, k: int, dim: int, batch: int, parts: int) -
     temporary (grad + wd w, foreach), in float32; the issue's bound is 2 GiB. Measured over the same steps of a
     one-class head: the imports and what a first step sets up once (about 170 MB here), not the head's."""
     rows = -(-k // parts)
-    base, step = (peak_rss(["-c", f"from benchmarks.network import head_step; head_step({classes}, {dim}, {batch})"])
-                  for classes in (1, rows))  # fmt: skip
+    base, step = (
+        peak_rss(["-c", f"from benchmarks.network import head_step; head_step({classes}, {dim}, {batch})"])
+        for classes in (1, rows)
+    )
     predicted = 4 * 4 * (rows * dim + rows) / MB
     report.add(
         "sub-class head memory (one rank)",

@@ -56,9 +56,12 @@ def aligned(lines: list[tuple[str, ...]]) -> list[str]:
 
 
 def timed_pair(
-    repeats: int, ours: Callable[[], object], bare: Callable[[], object], before: Callable[[], object] = lambda: None,
+    repeats: int,
+    ours: Callable[[], object],
+    bare: Callable[[], object],
+    before: Callable[[], object] = lambda: None,
     clock: Callable[[], float] = time.perf_counter,
-) -> tuple[float, float]:  # fmt: skip
+) -> tuple[float, float]:
     """The best time of each of ``ours`` and ``bare`` (by ``clock``: wall time, or the process's CPU time of work
     on one thread), run alternately ``repeats`` times each (each first in turn: the first run of all warms the
     caches), with ``before`` (untimed) before each run."""

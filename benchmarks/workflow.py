@@ -16,8 +16,12 @@ from benchmarks.report import REPO, Report
 
 def slurm_jobs(folder: Path) -> int:
     """How many SLURM jobs (sbatch calls: a job array counts once) ran in ``folder``, training blocks included."""
-    rows = subprocess.run(["sacct", "-n", "-X", "-P", "-S", "now-1days", "-o", "JobID,WorkDir%400"],
-                          capture_output=True, text=True, check=True).stdout.splitlines()  # fmt: skip
+    rows = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-S", "now-1days", "-o", "JobID,WorkDir%400"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     return len({row.split("|")[0].split("_")[0] for row in rows if row.split("|")[1] == str(folder)})
 
 

@@ -23,8 +23,12 @@ def manifest_settings(**changes: Any) -> dict[str, Any]:
 
 def feature_settings(**changes: Any) -> dict[str, Any]:
     """The settings of a stage that runs the frozen backbone over images (features of all images, probes...)."""
-    return {"image_size": CONFIG["data"]["image_size"], "batch_size": CONFIG["features"]["batch_size"], "workers": 0,
-            **changes}  # fmt: skip
+    return {
+        "image_size": CONFIG["data"]["image_size"],
+        "batch_size": CONFIG["features"]["batch_size"],
+        "workers": 0,
+        **changes,
+    }
 
 
 def shard_settings(**changes: Any) -> dict[str, Any]:
@@ -35,9 +39,14 @@ def shard_settings(**changes: Any) -> dict[str, Any]:
 def pca_settings(**changes: Any) -> dict[str, Any]:
     """The pca stage's settings: every direction kept (DeeperCluster's), unless ``dim`` or ``fraction`` say."""
     pca = CONFIG["pca"]
-    return {"dim": None, "fraction": CONFIG["methods"]["deepercluster"]["pca_fraction"],
-            "sample_size": pca["sample_size"], "eigenvalue_floor": pca["eigenvalue_floor"], "seed": CONFIG["seed"],
-            **changes}  # fmt: skip
+    return {
+        "dim": None,
+        "fraction": CONFIG["methods"]["deepercluster"]["pca_fraction"],
+        "sample_size": pca["sample_size"],
+        "eigenvalue_floor": pca["eigenvalue_floor"],
+        "seed": CONFIG["seed"],
+        **changes,
+    }
 
 
 def kmeans_settings(**changes: Any) -> dict[str, Any]:

@@ -68,9 +68,11 @@ MANIFEST_SETTINGS = shlex.split(options(**manifest_settings(max_images=None, spl
 
 def manifest_of(folder: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return cli(
-        "manifest", *("--source", "folder", "--path", str(folder)), *MANIFEST_SETTINGS,
+        "manifest",
+        *("--source", "folder", "--path", str(folder)),
+        *MANIFEST_SETTINGS,
         *("--manifest", str(out / "manifest.parquet"), "--skipped", str(out / "skipped.tsv"), *extra),
-    )  # fmt: skip
+    )
 
 
 # 1. Only the user's input gets the one-line message.
@@ -82,10 +84,11 @@ def test_an_input_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path: Path
     assert f"no readable images in {tmp_path / 'empty'}" in line and "fix data.path" in line
     # A bug reaching a stage through the command line: labels, checkpoints and folders the rules always pair.
     done = cli(
-        "compare", *("--labels", "a", "b", "--checkpoints", "x", "y", "--evals", "x"),
+        "compare",
+        *("--labels", "a", "b", "--checkpoints", "x", "y", "--evals", "x"),
         *("--out", str(tmp_path / "table.md"), "--tsv", str(tmp_path / "table.tsv")),
         *("--plot", str(tmp_path / "linear.png"), "--label-column", "label"),
-    )  # fmt: skip
+    )
     assert (
         done.returncode == 1 and "Traceback" in done.stderr and "ValueError: 2 labels, 2 checkpoints, 1" in done.stderr
     )
@@ -99,8 +102,18 @@ def test_main_lets_a_programming_error_through(monkeypatch: pytest.MonkeyPatch, 
         raise FileNotFoundError("a bug, not the user's input")
 
     monkeypatch.setattr(deepercluster.data.manifest, "build_manifest", broken)
-    args = ["manifest", "--source", "folder", "--path", str(tmp_path), "--manifest", "m", "--skipped", "s",
-            *shlex.split(options(**manifest_settings()))]  # fmt: skip
+    args = [
+        "manifest",
+        "--source",
+        "folder",
+        "--path",
+        str(tmp_path),
+        "--manifest",
+        "m",
+        "--skipped",
+        "s",
+        *shlex.split(options(**manifest_settings())),
+    ]
     with pytest.raises(FileNotFoundError, match="a bug"):
         main(args)
     with pytest.raises(TypeError):  # a wrong type through the Python API
@@ -158,9 +171,12 @@ def test_every_image_mode_is_read_as_8_bit_rgb(tmp_path: Path) -> None:
 
 def build(tmp_path: Path, folder: Path, **kwargs: object) -> tuple[pd.DataFrame, pd.DataFrame]:
     build_manifest(
-        source="folder", path=str(folder), manifest=str(tmp_path / "manifest.parquet"),
-        skipped=str(tmp_path / "skipped.tsv"), **manifest_settings(**{"max_images": None, "split": None, **kwargs}),
-    )  # fmt: skip
+        source="folder",
+        path=str(folder),
+        manifest=str(tmp_path / "manifest.parquet"),
+        skipped=str(tmp_path / "skipped.tsv"),
+        **manifest_settings(**{"max_images": None, "split": None, **kwargs}),
+    )
     return read_manifest(str(tmp_path / "manifest.parquet")), pd.read_csv(tmp_path / "skipped.tsv", sep="\t")
 
 
@@ -186,10 +202,26 @@ def test_an_8000_pixel_jpeg_is_read_in_bounded_memory(real_data, tmp_path: Path)
         manifest, out = tmp_path / f"{name}.parquet", tmp_path / f"{name}.h5"
         frame[frame["path"].str.endswith(name)].to_parquet(manifest)
         stage = [
-            "features", "--manifest", str(manifest), "--checkpoint", real_data.checkpoint,
-            "--shard", "0", "--shard-size", "10", "--image-size", "32", "--batch-size", "64", "--workers", "0",
-            "--dtype", "float32", "--out", str(out),
-        ]  # fmt: skip
+            "features",
+            "--manifest",
+            str(manifest),
+            "--checkpoint",
+            real_data.checkpoint,
+            "--shard",
+            "0",
+            "--shard-size",
+            "10",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "64",
+            "--workers",
+            "0",
+            "--dtype",
+            "float32",
+            "--out",
+            str(out),
+        ]
         measured = subprocess.run(
             [sys.executable, "-c", PEAK_MB, *stage], capture_output=True, text=True, timeout=300, check=True
         )
@@ -211,8 +243,14 @@ def test_spaces_and_non_ascii_names_work_end_to_end(real_data, tmp_path: Path) -
     assert sorted(Path(p).name for p in frame["path"]) == sorted(names)
     assert set(frame["label"]) == {"classe ü"}
     out = tmp_path / "shard é.h5"
-    extract_features(manifest=str(tmp_path / "manifest.parquet"), checkpoint=real_data.checkpoint, shard=0,
-                     shard_size=10, out=str(out), **shard_settings())  # fmt: skip
+    extract_features(
+        manifest=str(tmp_path / "manifest.parquet"),
+        checkpoint=real_data.checkpoint,
+        shard=0,
+        shard_size=10,
+        out=str(out),
+        **shard_settings(),
+    )
     with h5py.File(out) as f:
         assert f["ids"][:].tolist() == [0, 1, 2]
         assert not np.allclose(f["features"][0], f["features"][1])
@@ -225,8 +263,20 @@ def write_table(path: Path, column: str, paths: list[str]) -> Path:
 
 def test_a_table_without_its_path_column(tmp_path: Path) -> None:
     table = write_table(tmp_path / "t.csv", "file", ["a.png"])
-    line = one_line_error(cli("manifest", *MANIFEST_SETTINGS, "--source", "table", "--path", str(table), "--manifest",
-                              str(tmp_path / "m.parquet"), "--skipped", str(tmp_path / "s.tsv")))  # fmt: skip
+    line = one_line_error(
+        cli(
+            "manifest",
+            *MANIFEST_SETTINGS,
+            "--source",
+            "table",
+            "--path",
+            str(table),
+            "--manifest",
+            str(tmp_path / "m.parquet"),
+            "--skipped",
+            str(tmp_path / "s.tsv"),
+        )
+    )
     assert f"{table} has no column 'path' (it has file, user); set data.path_column" in line
 
 
@@ -234,16 +284,33 @@ def test_a_table_of_missing_files(tmp_path: Path) -> None:
     good = rgb_image(tmp_path / "here.png")
     table = write_table(tmp_path / "t.csv", "path", ["here.png", "gone.png", "never/there.jpg"])
     # Missing files are skipped and listed even when images are not decoded.
-    build_manifest(source="table", path=str(table), manifest=str(tmp_path / "m.parquet"),
-                   skipped=str(tmp_path / "s.tsv"), **manifest_settings(verify_images="none", split=None))  # fmt: skip
+    build_manifest(
+        source="table",
+        path=str(table),
+        manifest=str(tmp_path / "m.parquet"),
+        skipped=str(tmp_path / "s.tsv"),
+        **manifest_settings(verify_images="none", split=None),
+    )
     assert read_manifest(str(tmp_path / "m.parquet"))["path"].tolist() == [str(good)]
     skipped = pd.read_csv(tmp_path / "s.tsv", sep="\t")
     assert skipped["path"].tolist() == [str(tmp_path / "gone.png"), str(tmp_path / "never" / "there.jpg")]
     assert (skipped["error"] == "FileNotFoundError: no such file").all()
     # None readable: one error naming one of them and where the others are listed.
     table = write_table(tmp_path / "none.csv", "path", ["gone.png"])
-    line = one_line_error(cli("manifest", *MANIFEST_SETTINGS, "--source", "table", "--path", str(table), "--manifest",
-                              str(tmp_path / "m2.parquet"), "--skipped", str(tmp_path / "s2.tsv")))  # fmt: skip
+    line = one_line_error(
+        cli(
+            "manifest",
+            *MANIFEST_SETTINGS,
+            "--source",
+            "table",
+            "--path",
+            str(table),
+            "--manifest",
+            str(tmp_path / "m2.parquet"),
+            "--skipped",
+            str(tmp_path / "s2.tsv"),
+        )
+    )
     assert f"no readable images in {table}" in line and str(tmp_path / "gone.png") in line
     assert str(tmp_path / "s2.tsv") in line and not (tmp_path / "m2.parquet").exists()
 
@@ -252,8 +319,20 @@ def test_a_table_listing_a_path_twice(tmp_path: Path) -> None:
     rgb_image(tmp_path / "one.png")
     rgb_image(tmp_path / "two.png")
     table = write_table(tmp_path / "t.csv", "path", ["one.png", "two.png", str(tmp_path / "one.png")])
-    line = one_line_error(cli("manifest", *MANIFEST_SETTINGS, "--source", "table", "--path", str(table), "--manifest",
-                              str(tmp_path / "m.parquet"), "--skipped", str(tmp_path / "s.tsv")))  # fmt: skip
+    line = one_line_error(
+        cli(
+            "manifest",
+            *MANIFEST_SETTINGS,
+            "--source",
+            "table",
+            "--path",
+            str(table),
+            "--manifest",
+            str(tmp_path / "m.parquet"),
+            "--skipped",
+            str(tmp_path / "s.tsv"),
+        )
+    )
     assert f"{table} lists {tmp_path / 'one.png'} 2 times (rows 1, 3" in line and "keep one row per image" in line
     assert not (tmp_path / "m.parquet").exists()
 
@@ -305,8 +384,13 @@ def test_every_number_in_the_schema_is_bounded() -> None:
 
 def test_more_super_clusters_than_images(real_data, tmp_path: Path) -> None:
     with pytest.raises(ClustersError, match=r"methods\.deepercluster\.super_clusters is 601, more than the 600 images"):
-        cluster_super(shards=real_data.shards, pca=real_data.pca, out=str(tmp_path / "super.h5"),
-                      super_clusters=601, **kmeans_settings(iterations=1))  # fmt: skip
+        cluster_super(
+            shards=real_data.shards,
+            pca=real_data.pca,
+            out=str(tmp_path / "super.h5"),
+            super_clusters=601,
+            **kmeans_settings(iterations=1),
+        )
     assert not (tmp_path / "super.h5").exists()
 
 
@@ -359,8 +443,9 @@ def test_a_registered_checkpoint_that_cannot_be_used(real_data, tmp_path: Path) 
     assert f"{real_data.checkpoint} is a small_convnet with sobel=True, its checkpoints entry says alexnet_bn" in line
     foreign = tmp_path / "alexnet.pth"
     torch.save(build_model("alexnet_bn", sobel=False).state_dict(), foreign)
-    line = one_line_error(cli("import-checkpoint", "--source", str(foreign), "--arch", "small_convnet", "--no-sobel",
-                              "--out", out))  # fmt: skip
+    line = one_line_error(
+        cli("import-checkpoint", "--source", str(foreign), "--arch", "small_convnet", "--no-sobel", "--out", out)
+    )
     assert f"{foreign} is not a state dict of small_convnet with sobel=False (" in line and "keys unexpected" in line
     assert not Path(out).exists()
 
@@ -432,9 +517,16 @@ def test_a_diverged_block_stops_there_and_saves_only_finite_states(
 ) -> None:
     train_dir = tmp_path / "train"
     with pytest.raises(TrainingInputError) as error:
-        run_block(manifest=real_data.manifest, previous_checkpoint=real_data.checkpoint, labels=class_labels,
-                    method="deepercluster", round=1, train_dir=str(train_dir), out=str(train_dir / "checkpoint.pt"),
-                    **block_settings(epochs=2, batch_size=50, checkpoint_every=1, seed=7, lr=lr))  # fmt: skip
+        run_block(
+            manifest=real_data.manifest,
+            previous_checkpoint=real_data.checkpoint,
+            labels=class_labels,
+            method="deepercluster",
+            round=1,
+            train_dir=str(train_dir),
+            out=str(train_dir / "checkpoint.pt"),
+            **block_settings(epochs=2, batch_size=50, checkpoint_every=1, seed=7, lr=lr),
+        )
     message = str(error.value)
     found = re.fullmatch(
         rf"round 1's training block diverged at iteration (\d+) \(epoch 0, batch \1\) with lr {lr}: (.*); lower "
@@ -474,9 +566,12 @@ def test_a_checkpoint_with_non_finite_weights_is_refused(
         "export": {"image_size": 32},
     }[stage]
     line = one_line_error(cli(stage, *shlex.split(options(checkpoint=diverged_checkpoint, out=out, **arguments))))
-    assert re.search(rf"checkpoint {diverged_checkpoint} holds NaN or infinite values in model\.\S+: round 1's "
-                     "deepercluster training block made it with lr 0.5 and diverged: lower methods.deepercluster.lr "
-                     "and rerun snakemake", line), line  # fmt: skip
+    assert re.search(
+        rf"checkpoint {diverged_checkpoint} holds NaN or infinite values in model\.\S+: round 1's "
+        "deepercluster training block made it with lr 0.5 and diverged: lower methods.deepercluster.lr "
+        "and rerun snakemake",
+        line,
+    ), line
     assert not out.exists()
 
 
@@ -490,8 +585,18 @@ def with_nan_row(shard: str, row: int, out: Path) -> str:
 
 def test_features_with_nan_rows_are_refused_by_pca_and_k_means(real_data, tmp_path: Path) -> None:
     shards = [real_data.shards[0], with_nan_row(real_data.shards[1], 7, tmp_path / "shard-1.h5"), real_data.shards[2]]
-    line = one_line_error(cli("pca", "--shards", *shards, "--checkpoint", real_data.checkpoint, "--out",
-                              str(tmp_path / "pca.h5"), *shlex.split(options(**pca_settings()))))  # fmt: skip
+    line = one_line_error(
+        cli(
+            "pca",
+            "--shards",
+            *shards,
+            "--checkpoint",
+            real_data.checkpoint,
+            "--out",
+            str(tmp_path / "pca.h5"),
+            *shlex.split(options(**pca_settings())),
+        )
+    )
     refused = (
         f"features file {shards[1]} holds non-finite values (1 of the 200 rows read, e.g. image id 207's): "
         f"{real_data.checkpoint} made them; that checkpoint's training diverged or overflows: lower the lr"
@@ -499,11 +604,17 @@ def test_features_with_nan_rows_are_refused_by_pca_and_k_means(real_data, tmp_pa
     assert refused in line and not (tmp_path / "pca.h5").exists()
     # k-means, a level of the round's or the evaluations' flat one (faiss would give NaN rows cluster -1).
     with pytest.raises(ShardError, match=re.escape(refused)):
-        cluster_super(shards=shards, pca=real_data.pca, out=str(tmp_path / "super.h5"), super_clusters=4,
-                      **kmeans_settings(iterations=2))  # fmt: skip
+        cluster_super(
+            shards=shards,
+            pca=real_data.pca,
+            out=str(tmp_path / "super.h5"),
+            super_clusters=4,
+            **kmeans_settings(iterations=2),
+        )
     with pytest.raises(ShardError, match=re.escape(refused)):
-        cluster_flat(features=shards[1], pca=real_data.pca, out=str(tmp_path / "flat.h5"), k=4,
-                     **kmeans_settings(iterations=2))  # fmt: skip
+        cluster_flat(
+            features=shards[1], pca=real_data.pca, out=str(tmp_path / "flat.h5"), k=4, **kmeans_settings(iterations=2)
+        )
     assert not (tmp_path / "super.h5").exists() and not (tmp_path / "flat.h5").exists()
 
 
@@ -513,15 +624,40 @@ def test_shards_of_another_checkpoint_are_refused(real_data, tmp_path: Path) -> 
     other = tmp_path / "seed-1.pt"
     initial_checkpoint(arch="small_convnet", sobel=True, seed=1, out=str(other))
     foreign = str(tmp_path / "features" / "shard-0.h5")
-    extract_features(manifest=real_data.manifest, checkpoint=str(other), shard=0, shard_size=600, out=foreign,
-                     **shard_settings(image_size=32))  # fmt: skip
-    line = one_line_error(cli("pca", "--shards", foreign, "--checkpoint", real_data.checkpoint, "--out",
-                              str(tmp_path / "pca.h5"), *shlex.split(options(**pca_settings()))))  # fmt: skip
+    extract_features(
+        manifest=real_data.manifest,
+        checkpoint=str(other),
+        shard=0,
+        shard_size=600,
+        out=foreign,
+        **shard_settings(image_size=32),
+    )
+    line = one_line_error(
+        cli(
+            "pca",
+            "--shards",
+            foreign,
+            "--checkpoint",
+            real_data.checkpoint,
+            "--out",
+            str(tmp_path / "pca.h5"),
+            *shlex.split(options(**pca_settings())),
+        )
+    )
     assert f"feature shard {foreign} holds the features of another checkpoint (sha256 " in line
     assert f"than {real_data.checkpoint} (sha256 " in line and not (tmp_path / "pca.h5").exists()
-    assert line.endswith(f"delete the shards of {tmp_path / 'features'} that are not of it and rerun snakemake, "
-                         "which re-extracts them")  # fmt: skip
-    with pytest.raises(ShardError, match=rf"feature shard {re.escape(foreign)} holds the features of another "
-                       rf"checkpoint .* than the checkpoint {re.escape(real_data.pca)} was fitted on"):  # fmt: skip
-        cluster_super(shards=[foreign], pca=real_data.pca, out=str(tmp_path / "super.h5"), super_clusters=4,
-                      **kmeans_settings(iterations=2))  # fmt: skip
+    assert line.endswith(
+        f"delete the shards of {tmp_path / 'features'} that are not of it and rerun snakemake, which re-extracts them"
+    )
+    with pytest.raises(
+        ShardError,
+        match=rf"feature shard {re.escape(foreign)} holds the features of another "
+        rf"checkpoint .* than the checkpoint {re.escape(real_data.pca)} was fitted on",
+    ):
+        cluster_super(
+            shards=[foreign],
+            pca=real_data.pca,
+            out=str(tmp_path / "super.h5"),
+            super_clusters=4,
+            **kmeans_settings(iterations=2),
+        )

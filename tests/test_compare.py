@@ -41,11 +41,20 @@ def tiny_config(method: str = "deepercluster") -> dict:
         "data": {"max_images": 80, "image_size": 32, "workers": 0},
         "features": {"shard_size": 80, "batch_size": 80},
         "kmeans": {"iterations": 3},
-        "methods": {"deepercluster": {**one_round, "init": "rotnet", "super_clusters": 2, "sub_clusters": 3},
-                    "deepcluster": {**one_round, "clusters": 3}, "rotnet": one_round, "supervised": one_round},
-        "evaluation": {"data": {"max_images": 100}, "clusters": 4, "nmi_seeds": 2, "probe_iterations": 50,
-                       "similarity_images": 20},
-    }  # fmt: skip
+        "methods": {
+            "deepercluster": {**one_round, "init": "rotnet", "super_clusters": 2, "sub_clusters": 3},
+            "deepcluster": {**one_round, "clusters": 3},
+            "rotnet": one_round,
+            "supervised": one_round,
+        },
+        "evaluation": {
+            "data": {"max_images": 100},
+            "clusters": 4,
+            "nmi_seeds": 2,
+            "probe_iterations": 50,
+            "similarity_images": 20,
+        },
+    }
 
 
 def planned_outputs(run: subprocess.CompletedProcess) -> dict[str, set[str]]:
@@ -68,16 +77,18 @@ def test_compare_plans_every_method_and_the_default_target_only_what_the_main_ru
     assert run.returncode == 0, run.stderr[-3000:]
     jobs = planned_outputs(run)
     # One training block per method: the config's method is the main run, the others runs of their own.
-    assert jobs["train"] == {f"{folder}/rounds/1/{file}" for folder in runs.values()
-                             for file in ("checkpoint.pt", "train/metrics.tsv")}  # fmt: skip
+    assert jobs["train"] == {
+        f"{folder}/rounds/1/{file}" for folder in runs.values() for file in ("checkpoint.pt", "train/metrics.tsv")
+    }
     assert jobs["initial_checkpoint"] == {"results/rounds/0/checkpoint.pt"}
     assert jobs["true_labels"] == {f"{runs['supervised']}/true_labels.parquet"}
     # Each of the five rows evaluated: round 0 (random init) and each method's last round; each run's change.
     rows = ["results/evals/round-0", *(f"{folder}/evals/round-1" for folder in runs.values())]
     assert jobs["eval_linear"] == {f"{row}/{file}" for row in rows for file in ("linear.json", "linear.png")}
     assert jobs["eval_knn"] == {f"{row}/knn.json" for row in rows}
-    assert jobs["eval_similarity"] == {f"{folder}/evals/similarity.{ext}" for folder in runs.values()
-                                       for ext in ("tsv", "png")}  # fmt: skip
+    assert jobs["eval_similarity"] == {
+        f"{folder}/evals/similarity.{ext}" for folder in runs.values() for ext in ("tsv", "png")
+    }
     assert jobs["compare_table"] == {f"results/compare/{file}" for file in ("table.md", "table.tsv", "linear.png")}
     # The default target: the main run's files, and for DeeperCluster the RotNet run it starts from, nothing else.
     everything = snakemake(tmp_path, tiny_config(method), "-n")
@@ -165,11 +176,24 @@ def test_a_deleted_checkpoint_reruns_only_its_method_and_the_table(compared: tup
     # RotNet's block, its evaluations, the DeeperCluster run that starts from it (the main run) and the table
     # reran; nothing of DeepCluster's or the supervised run, nor of round 0.
     assert {
-        f"{rotnet}/rounds/1/checkpoint.pt", f"{rotnet}/rounds/1/train/metrics.tsv",
-        *(f"{rotnet}/evals/round-1/{file}" for file in ("features.h5", "pca.h5", "probe_features.h5", "linear.json",
-                                                       "linear.png", "knn.json", "nmi.json", "nmi.png")),
-        "results/rounds/1/features/shard-0.h5", "results/rounds/1/checkpoint.pt",
+        f"{rotnet}/rounds/1/checkpoint.pt",
+        f"{rotnet}/rounds/1/train/metrics.tsv",
+        *(
+            f"{rotnet}/evals/round-1/{file}"
+            for file in (
+                "features.h5",
+                "pca.h5",
+                "probe_features.h5",
+                "linear.json",
+                "linear.png",
+                "knn.json",
+                "nmi.json",
+                "nmi.png",
+            )
+        ),
+        "results/rounds/1/features/shard-0.h5",
+        "results/rounds/1/checkpoint.pt",
         *(f"results/compare/{file}" for file in ("table.md", "table.tsv", "linear.png")),
-    } <= changed  # fmt: skip
+    } <= changed
     untouched = ("results/deepcluster/", "results/supervised/", "results/rounds/0/", "results/evals/round-0/")
     assert not [path for path in changed if path.startswith(untouched)]

@@ -36,8 +36,13 @@ def test_every_key_has_a_description_and_its_default_in_the_schema_the_config_an
     schema = yaml.safe_load(SCHEMA.read_text())
     nodes = schema_nodes(schema)
     leaves = [key for key, node in nodes.items() if is_leaf(node)]
-    assert {"methods.deepercluster.super_clusters", "resources.train", "checkpoints", "evaluation.compare.random",
-            "evaluation.train_data.source"} <= set(leaves)  # fmt: skip
+    assert {
+        "methods.deepercluster.super_clusters",
+        "resources.train",
+        "checkpoints",
+        "evaluation.compare.random",
+        "evaluation.train_data.source",
+    } <= set(leaves)
     filled = validate_config({})
     null_blocks = [key for key, node in nodes.items() if node.get("default", 0) is None and "properties" in node]
     for key, node in nodes.items():
@@ -75,8 +80,12 @@ def named_keys() -> Iterator[tuple[str, int, str]]:
         for token in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
             if token.type in (tokenize.STRING, tokenize.COMMENT):  # Python 3.11: an f-string is one STRING
                 yield str(path.relative_to(REPO)), token.start[0], token.string
-    texts = [*(REPO / "workflow" / "rules").glob("*.smk"), REPO / "Snakefile", REPO / "README.md",
-             *(REPO / "docs").glob("*.md")]  # fmt: skip
+    texts = [
+        *(REPO / "workflow" / "rules").glob("*.smk"),
+        REPO / "Snakefile",
+        REPO / "README.md",
+        *(REPO / "docs").glob("*.md"),
+    ]
     for path in texts:
         for number, line in enumerate(path.read_text().splitlines(), 1):
             yield str(path.relative_to(REPO)), number, line

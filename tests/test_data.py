@@ -45,8 +45,11 @@ def _corrupt(path: Path) -> Path:
 
 def _build(tmp_path: Path, **kwargs) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run the manifest stage into tmp_path; return the manifest and the skipped table."""
-    build_manifest(manifest=str(tmp_path / "manifest.parquet"), skipped=str(tmp_path / "skipped.tsv"),
-                   **manifest_settings(**{"max_images": None, "split": None, **kwargs}))  # fmt: skip
+    build_manifest(
+        manifest=str(tmp_path / "manifest.parquet"),
+        skipped=str(tmp_path / "skipped.tsv"),
+        **manifest_settings(**{"max_images": None, "split": None, **kwargs}),
+    )
     return read_manifest(str(tmp_path / "manifest.parquet")), pd.read_csv(tmp_path / "skipped.tsv", sep="\t")
 
 
@@ -205,8 +208,10 @@ def test_a_png_reaches_the_network_as_before(tmp_path: Path) -> None:
     from torchvision import transforms
 
     photos = photographs(tmp_path, 16, (28, 64))
-    pngs = [Image.open(photo).save(Path(photo).with_suffix(".png")) or str(Path(photo).with_suffix(".png"))
-            for photo in photos]  # fmt: skip
+    pngs = [
+        Image.open(photo).save(Path(photo).with_suffix(".png")) or str(Path(photo).with_suffix(".png"))
+        for photo in photos
+    ]
     before = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     features_before = transforms.Compose([transforms.Resize(37), transforms.CenterCrop(32), *before])
     train = train_transform(32)

@@ -64,8 +64,13 @@ pytestmark = pytest.mark.usefixtures("single_process")
 def linear_settings(**changes: object) -> dict[str, object]:
     """eval-linear's settings as the rule passes them, from the schema's defaults."""
     evaluation = eval_settings()
-    return {"label_column": evaluation["label_column"], "weight_decays": evaluation["probe_weight_decays"],
-            "max_iterations": evaluation["probe_iterations"], "seed": 0, **changes}  # fmt: skip
+    return {
+        "label_column": evaluation["label_column"],
+        "weight_decays": evaluation["probe_weight_decays"],
+        "max_iterations": evaluation["probe_iterations"],
+        "seed": 0,
+        **changes,
+    }
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,8 +86,9 @@ def eval_manifest(real_data, tmp_path_factory: pytest.TempPathFactory) -> str:
     images = read_manifest(real_data.manifest)
     for role, rows in (("train", images.iloc[:480]), ("test", images.iloc[480:])):
         rows.to_parquet(folder / f"{role}.parquet")
-    join_evaluation(train=str(folder / "train.parquet"), test=str(folder / "test.parquet"),
-                    out=str(folder / "manifest.parquet"))  # fmt: skip
+    join_evaluation(
+        train=str(folder / "train.parquet"), test=str(folder / "test.parquet"), out=str(folder / "manifest.parquet")
+    )
     return str(folder / "manifest.parquet")
 
 
@@ -184,8 +190,13 @@ def test_linear_probe_converges_to_the_optimum_scikit_learn_finds(eval_manifest,
     from sklearn.linear_model import LogisticRegression
 
     out, plot = tmp_path / "linear.json", tmp_path / "linear.png"
-    linear_probe(features=probe_cache, manifest=eval_manifest, out=str(out), plot=str(plot),
-                 **linear_settings(weight_decays=[1e-2, 1e-1]))  # fmt: skip
+    linear_probe(
+        features=probe_cache,
+        manifest=eval_manifest,
+        out=str(out),
+        plot=str(plot),
+        **linear_settings(weight_decays=[1e-2, 1e-1]),
+    )
     result = json.loads(out.read_text())
     assert [(layer["pooling"], layer["layer"]) for layer in result["layers"]] == [
         (pooling, f"conv{i}") for pooling in ("channels", "pooled") for i in (1, 2, 3)
@@ -217,11 +228,17 @@ def test_linear_probe_converges_to_the_optimum_scikit_learn_finds(eval_manifest,
     # Told to watch a held-out set, the probe stops once that set's top-1 stops moving: on a check,
     # before the optimum, with the top-1 it has at the optimum (to one image in 120).
     val_y = torch.from_numpy(data.targets[~data.train])
-    early_weight, early_bias, early = fit_logistic(train, torch.from_numpy(data.targets[data.train]), 10, 1e-2, 500,
-                                                   held_out=(val, val_y))  # fmt: skip
+    early_weight, early_bias, early = fit_logistic(
+        train, torch.from_numpy(data.targets[data.train]), 10, 1e-2, 500, held_out=(val, val_y)
+    )
     assert early % CHECK_EVERY == 0 and early < iterations, (early, iterations)
-    assert abs(np.mean(F.linear(val, early_weight, early_bias).argmax(1).numpy() == data.targets[~data.train])
-               - np.mean(ours == data.targets[~data.train])) <= 1 / 120  # fmt: skip
+    assert (
+        abs(
+            np.mean(F.linear(val, early_weight, early_bias).argmax(1).numpy() == data.targets[~data.train])
+            - np.mean(ours == data.targets[~data.train])
+        )
+        <= 1 / 120
+    )
 
 
 def test_frozen_backbone_keeps_batchnorm_statistics(real_data) -> None:
@@ -235,8 +252,15 @@ def test_frozen_backbone_keeps_batchnorm_statistics(real_data) -> None:
 
 def test_knn_matches_scikit_learn_on_the_test_images(eval_manifest, features_file, probe_cache, tmp_path) -> None:
     out = tmp_path / "knn.json"
-    knn(manifest=eval_manifest, features=features_file, probe_features=probe_cache, out=str(out), k=20, seed=0,
-        label_column="label")  # fmt: skip
+    knn(
+        manifest=eval_manifest,
+        features=features_file,
+        probe_features=probe_cache,
+        out=str(out),
+        k=20,
+        seed=0,
+        label_column="label",
+    )
     result = json.loads(out.read_text())
     assert (result["k"], result["train_images"], result["test_images"], result["classes"]) == (20, 480, 120, 10)
     assert [(layer["layer"], layer["pooling"]) for layer in result["layers"]] == [
@@ -271,16 +295,27 @@ def test_nmi_is_the_mean_over_seeds_per_column_and_across_rounds(
     for pca, dim in zip(pcas, (32, 16), strict=True):
         fit_pca(shards=[features_file], checkpoint=real_data.checkpoint, out=pca, **pca_settings(dim=dim))
     out, plot = tmp_path / "nmi.json", tmp_path / "nmi.png"
-    cluster_nmi(manifest=eval_manifest, features=[features_file] * 2, pcas=pcas, out=str(out), plot=str(plot),
-                k=5, seeds=3, iterations=5, seed=0, first_round=3)  # fmt: skip
+    cluster_nmi(
+        manifest=eval_manifest,
+        features=[features_file] * 2,
+        pcas=pcas,
+        out=str(out),
+        plot=str(plot),
+        k=5,
+        seeds=3,
+        iterations=5,
+        seed=0,
+        first_round=3,
+    )
     result = json.loads(out.read_text())
     manifest = read_manifest(eval_manifest).set_index("id")
     test = manifest.index[manifest["eval_split"] == "test"].to_numpy()
     assert (result["k"], result["images"], result["seeds"]) == (5, 120, 3)  # the test images only
     assert [r["round"] for r in result["rounds"]] == [3, 4]
     # Columns constant over the test images say nothing: eval_split, and split here, are left out.
-    assert set(result["nmi"]) == {"label", "previous_round"} | ({"split"} if manifest.loc[test, "split"].nunique() > 1
-                                                                 else set())  # fmt: skip
+    assert set(result["nmi"]) == {"label", "previous_round"} | (
+        {"split"} if manifest.loc[test, "split"].nunique() > 1 else set()
+    )
     clusterings = [seeded_clusterings(features_file, pca, 5, 3, 5, seed=0, ids=test) for pca in pcas]
     assert not clusterings[0][0].equals(clusterings[0][1])  # the seeds give different clusterings
     for row, seeded in zip(result["rounds"], clusterings, strict=True):
@@ -294,8 +329,17 @@ def test_nmi_is_the_mean_over_seeds_per_column_and_across_rounds(
     assert 0 < result["nmi"]["label"] < 1 and result["nmi_sd"]["label"] > 0 and plot.read_bytes().startswith(PNG_MAGIC)
 
     single = tmp_path / "single.json"
-    cluster_nmi(manifest=eval_manifest, features=[features_file], pcas=pcas[:1], out=str(single), plot=str(plot),
-                k=5, seeds=3, iterations=5, seed=0)  # fmt: skip
+    cluster_nmi(
+        manifest=eval_manifest,
+        features=[features_file],
+        pcas=pcas[:1],
+        out=str(single),
+        plot=str(plot),
+        k=5,
+        seeds=3,
+        iterations=5,
+        seed=0,
+    )
     assert json.loads(single.read_text())["rounds"] is None
 
 
@@ -400,8 +444,18 @@ def test_voc07_trains_fc6_8_and_all_on_a_tiny_layout(real_data, tmp_path: Path) 
     assert set(np.unique(trainval.to_numpy())) == {-1, 0, 1}
 
     out = tmp_path / "voc07.json"
-    voc07(voc=str(voc), checkpoint=real_data.checkpoint, out=str(out), epochs=3, batch_size=16, seed=0, lr=0.01,
-          weight_decay=1e-4, image_size=32, workers=0)  # fmt: skip
+    voc07(
+        voc=str(voc),
+        checkpoint=real_data.checkpoint,
+        out=str(out),
+        epochs=3,
+        batch_size=16,
+        seed=0,
+        lr=0.01,
+        weight_decay=1e-4,
+        image_size=32,
+        workers=0,
+    )
     result = json.loads(out.read_text())
     assert result["crops"] == 10 and result["test_images"] == 40
     for setting in ("fc6_8", "all"):
@@ -409,9 +463,19 @@ def test_voc07_trains_fc6_8_and_all_on_a_tiny_layout(real_data, tmp_path: Path) 
         assert set(ap) == set(VOC_CLASSES.values()) and all(0 < v <= 1 for v in ap.values())
         # The same classifier again (seeded), its test scores ranked by scikit-learn over each class's
         # non-difficult images: the APs and their mean.
-        model, head = fine_tune(real_data.checkpoint, setting, image_paths(str(voc), trainval),
-                                trainval.to_numpy(np.float32), image_size=32, epochs=3, batch_size=16, lr=0.01,
-                                weight_decay=1e-4, seed=0, workers=0)  # fmt: skip
+        model, head = fine_tune(
+            real_data.checkpoint,
+            setting,
+            image_paths(str(voc), trainval),
+            trainval.to_numpy(np.float32),
+            image_size=32,
+            epochs=3,
+            batch_size=16,
+            lr=0.01,
+            weight_decay=1e-4,
+            seed=0,
+            workers=0,
+        )
         scores = crop_scores(model, head, image_paths(str(voc), test), 32, 16, 0, 0)
         expected = {}
         for c, name in enumerate(trainval.columns):
@@ -459,8 +523,14 @@ def test_retrieval_map_matches_scikit_learn(real_data, tmp_path: Path) -> None:
     manifest = read_manifest(real_data.manifest)
     images = make_retrieval_list(tmp_path / "lists", manifest)
     out = tmp_path / "retrieval.json"
-    retrieval(images=str(images), checkpoint=real_data.checkpoint, out=str(out), dim=64, eigenvalue_floor=1e-5,
-              **feature_settings())  # fmt: skip
+    retrieval(
+        images=str(images),
+        checkpoint=real_data.checkpoint,
+        out=str(out),
+        dim=64,
+        eigenvalue_floor=1e-5,
+        **feature_settings(),
+    )
     result = json.loads(out.read_text())
     assert (result["queries"], result["database_images"], result["whitening_images"]) == (12, 120, 100)
     assert result["regions_per_image"] == 14 and result["dim"] == 64 and result["whitening_learnt_on"] == "whitening"
@@ -484,8 +554,11 @@ def write_evals(folder: Path, channels: list[float], pooled: list[float], knn_to
     """An evaluation folder as the stages write it, with these top-1s (intervals -0.01, +0.02; k-NN -0.1, 0)."""
     folder.mkdir(parents=True)
     poolings = {"channels": channels, "pooled": pooled}
-    layers = [{"layer": f"conv{i + 1}", "pooling": pooling, "top1": value, "ci95": [value - 0.01, value + 0.02]}
-              for pooling, values in poolings.items() for i, value in enumerate(values)]  # fmt: skip
+    layers = [
+        {"layer": f"conv{i + 1}", "pooling": pooling, "top1": value, "ci95": [value - 0.01, value + 0.02]}
+        for pooling, values in poolings.items()
+        for i, value in enumerate(values)
+    ]
     (folder / "linear.json").write_text(json.dumps({"layers": layers, "classes": 10}))
     knn = [{"layer": "penultimate", "pooling": "feature", "top1": knn_top1, "ci95": [knn_top1 - 0.1, knn_top1]}]
     (folder / "knn.json").write_text(json.dumps({"k": 20, "layers": knn}))
@@ -494,14 +567,24 @@ def write_evals(folder: Path, channels: list[float], pooled: list[float], knn_to
 
 
 def test_compare_puts_checkpoints_side_by_side_and_finds_the_headline_probe(tmp_path: Path) -> None:
-    rows = {"random": ([0.5, 0.6], [0.8, 0.8], 0.3, 0.05), "deepercluster": ([0.61, 0.7], [0.8, 0.81], 0.8, 0.456),
-            "supervised": ([0.65, 0.75], [0.79, 0.82], 0.85, 0.6)}  # fmt: skip
+    rows = {
+        "random": ([0.5, 0.6], [0.8, 0.8], 0.3, 0.05),
+        "deepercluster": ([0.61, 0.7], [0.8, 0.81], 0.8, 0.456),
+        "supervised": ([0.65, 0.75], [0.79, 0.82], 0.85, 0.6),
+    }
     for name, values in rows.items():
         write_evals(tmp_path / "evals" / name, *values)
     (tmp_path / "evals" / "deepercluster" / "retrieval.json").write_text(json.dumps({"mAP": 0.25}))
     out, tsv, plot = tmp_path / "table.md", tmp_path / "table.tsv", tmp_path / "linear.png"
-    compare(labels=list(rows), checkpoints=[f"{name}.pt" for name in rows], out=str(out), tsv=str(tsv),
-            plot=str(plot), evals=[str(tmp_path / "evals" / name) for name in rows], label_column="label")  # fmt: skip
+    compare(
+        labels=list(rows),
+        checkpoints=[f"{name}.pt" for name in rows],
+        out=str(out),
+        tsv=str(tsv),
+        plot=str(plot),
+        evals=[str(tmp_path / "evals" / name) for name in rows],
+        label_column="label",
+    )
     lines = out.read_text().splitlines()
     assert lines[:5] == [
         "| method | checkpoint | linear conv1 (channels) | linear conv2 (channels) | linear conv1 (pooled)"

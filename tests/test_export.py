@@ -55,8 +55,11 @@ def test_export_of_a_sobel_checkpoint_computes_the_same_feature_on_real_images(r
     original.eval()
     export, model = exported(real_data.checkpoint, tmp_path / "model.pth", image_size=32)
     assert (export["arch"], export["folded_sobel"], export["feature_dim"], export["image_size"]) == (
-        "small_convnet", True, 256, 32,
-    )  # fmt: skip
+        "small_convnet",
+        True,
+        256,
+        32,
+    )
     assert export["mean"].tolist() == pytest.approx(IMAGENET_MEAN) and export["std"].shape == (3,)
     assert export["provenance"]["checkpoint_sha256"] == sha256(real_data.checkpoint)
     assert model.sobel is None and model.features[0].weight.shape == (32, 3, 5, 5)
@@ -99,8 +102,13 @@ def test_a_model_without_sobel_has_nothing_to_fold() -> None:
 def test_the_export_rule_builds_from_the_round_checkpoint(tmp_path: Path) -> None:
     # RotNet: round 1 is the init and one training block, no clustering stages (the fastest real round).
     methods = yaml.safe_load(TEST_CONFIG.read_text())["methods"]
-    run = snakemake(tmp_path, "results/export/round-1.pth", method="rotnet", launcher="debug",
-                    methods={**methods, "rotnet": {"rounds": 1, "epochs_per_round": 1}})  # fmt: skip
+    run = snakemake(
+        tmp_path,
+        "results/export/round-1.pth",
+        method="rotnet",
+        launcher="debug",
+        methods={**methods, "rotnet": {"rounds": 1, "epochs_per_round": 1}},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "rule export:" in run.stderr and "rule summary:" not in run.stderr
     round_1 = tmp_path / "results/rounds/1/checkpoint.pt"

@@ -134,11 +134,27 @@ def small_folder_run(run: Path, images: int = 6) -> Path:
     for i in range(images):
         Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     for stage in (
-        ["manifest", "--source", "folder", "--path", "images", "--manifest", "manifest.parquet", "--skipped",
-         "skipped.tsv", "--seed", "0", "--no-label-from-folder", "--path-column", "path", "--verify-images",
-         "--workers", "0"],
+        [
+            "manifest",
+            "--source",
+            "folder",
+            "--path",
+            "images",
+            "--manifest",
+            "manifest.parquet",
+            "--skipped",
+            "skipped.tsv",
+            "--seed",
+            "0",
+            "--no-label-from-folder",
+            "--path-column",
+            "path",
+            "--verify-images",
+            "--workers",
+            "0",
+        ],
         ["init", "--arch", "small_convnet", "--sobel", "--seed", "0", "--out", "checkpoint.pt"],
-    ):  # fmt: skip
+    ):
         done = cli(*stage, cwd=run)
         assert done.returncode == 0, done.stderr
     return run
@@ -147,10 +163,27 @@ def small_folder_run(run: Path, images: int = 6) -> Path:
 def features(run: Path, workers: int = 0) -> subprocess.CompletedProcess:
     """The features stage on every image of ``run``'s manifest, in ``run``."""
     return cli(
-        "features", "--manifest", "manifest.parquet", "--checkpoint", "checkpoint.pt", "--shard", "0",
-        "--shard-size", "100", "--image-size", "32", "--out", "shard.h5", "--batch-size", "4",
-        "--workers", str(workers), "--dtype", "float32", cwd=run,
-    )  # fmt: skip
+        "features",
+        "--manifest",
+        "manifest.parquet",
+        "--checkpoint",
+        "checkpoint.pt",
+        "--shard",
+        "0",
+        "--shard-size",
+        "100",
+        "--image-size",
+        "32",
+        "--out",
+        "shard.h5",
+        "--batch-size",
+        "4",
+        "--workers",
+        str(workers),
+        "--dtype",
+        "float32",
+        cwd=run,
+    )
 
 
 def test_an_image_deleted_after_the_manifest_is_one_line_from_a_dataloader_worker(tmp_path: Path) -> None:
@@ -177,9 +210,26 @@ def test_a_moved_run_folder_reads_its_own_images(tmp_path: Path) -> None:
     outside = tmp_path / "outside.png"  # an image elsewhere keeps its absolute path
     shutil.copy(moved / "images/0.png", outside)
     pd.DataFrame({"path": [str(outside), "images/1.png"]}).to_csv(moved / "table.csv", index=False)
-    done = cli("manifest", "--source", "table", "--path", "table.csv", "--manifest", "table.parquet", "--skipped",
-               "s.tsv", "--seed", "0", "--no-label-from-folder", "--path-column", "path", "--verify-images",
-               "--workers", "0", cwd=moved)  # fmt: skip
+    done = cli(
+        "manifest",
+        "--source",
+        "table",
+        "--path",
+        "table.csv",
+        "--manifest",
+        "table.parquet",
+        "--skipped",
+        "s.tsv",
+        "--seed",
+        "0",
+        "--no-label-from-folder",
+        "--path-column",
+        "path",
+        "--verify-images",
+        "--workers",
+        "0",
+        cwd=moved,
+    )
     assert done.returncode == 0, done.stderr
     assert pd.read_parquet(moved / "table.parquet")["path"].tolist() == [str(outside), "images/1.png"]
 

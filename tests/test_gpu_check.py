@@ -13,10 +13,19 @@ CHECKS = ["kmeans", "kmeans-large", "training", "ranks", "extraction", "demo"]
 
 
 def test_every_check_gives_its_figures_at_toy_sizes_on_the_cpu(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
-    run = subprocess.run([sys.executable, "-m", "benchmarks", "--gpu", "--device", "cpu", "--tiny"], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--gpu", "--device", "cpu", "--tiny"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     table = (tmp_path / "results" / "gpu-check" / "table.txt").read_text()
     assert table in run.stdout

@@ -50,8 +50,9 @@ def test_the_parts_of_a_head_split_by_classes_are_its_rows(feature_dim: int, cla
         assert torch.equal(shards[-1]["super_class.1.weight"], whole["super_class.1.weight"])
     for key in ("sub_class.1.1.weight", "sub_class.1.1.bias"):
         assert torch.equal(torch.cat([shard[key] for shard in shards]), whole[key]), key
-    assert [len(shard["sub_class.1.1.bias"]) for shard in shards] == [len(class_part(classes, q, parts)) for q in
-                                                                      range(parts)]  # fmt: skip
+    assert [len(shard["sub_class.1.1.bias"]) for shard in shards] == [
+        len(class_part(classes, q, parts)) for q in range(parts)
+    ]
 
 
 def split_head_step(rank: int, ranks: int, port: int) -> None:

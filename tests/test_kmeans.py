@@ -223,16 +223,18 @@ def test_whitened_once_and_spilled(real_data, tmp_path: Path) -> None:
         return whitening(x)
 
     spill = str(tmp_path / "rank0.whitened.h5")
-    source = ShardSource(real_data.shards, counted, whitening.dim, cache_mb=0, chunk_rows=64, spill=spill,
-                         pca_sha256="abc")  # fmt: skip
+    source = ShardSource(
+        real_data.shards, counted, whitening.dim, cache_mb=0, chunk_rows=64, spill=spill, pca_sha256="abc"
+    )
     kmeans(source, 12, 5, seed=7)
     assert sum(calls) == 600  # each row whitened once, for 7 passes (the initial rows, 5 iterations, the final one)
     with h5py.File(spill, "r") as f:
         assert f["x"].dtype == np.float16 and f.attrs["pca_sha256"] == "abc"
         assert np.array_equal(f["ids"][:], source.ids) and list(f.attrs["shards"]) == real_data.shards
         # The cache of the same chunks: a GEMM's rounding may depend on how many rows it multiplies (MKL on AMD).
-        cached = np.concatenate([x for _, x in ShardSource(real_data.shards, whitening, whitening.dim,
-                                                           chunk_rows=64).chunks()])  # fmt: skip
+        cached = np.concatenate(
+            [x for _, x in ShardSource(real_data.shards, whitening, whitening.dim, chunk_rows=64).chunks()]
+        )
         assert np.array_equal(f["x"][:], cached)
     ShardSource(real_data.shards, counted, whitening.dim, cache_mb=0, spill=spill, pca_sha256="abc")
     assert sum(calls) == 600  # reused
@@ -258,8 +260,9 @@ def test_initial_centroids_ignore_partition(real_data, whitened, array_source, t
     whitening = Whitening.load(real_data.pca)
     # Shards in reverse order, spilled and read in 50-row chunks: the same rows (whitened in other
     # chunks, so equal up to float32 rounding of the whitening matmul, which can move a float16 row by one step).
-    shards = ShardSource(real_data.shards[::-1], whitening, whitening.dim, cache_mb=0, chunk_rows=50,
-                         spill=str(tmp_path / "spill.h5"))  # fmt: skip
+    shards = ShardSource(
+        real_data.shards[::-1], whitening, whitening.dim, cache_mb=0, chunk_rows=50, spill=str(tmp_path / "spill.h5")
+    )
     streamed = initial_centroids(shards, k, seed)
     assert np.allclose(streamed, whole, rtol=2**-10, atol=1e-5)
     nearest, _ = nearest_centroid(streamed, centroid_index(x))
@@ -327,8 +330,9 @@ def test_sub_jobs_read_each_row_once(real_data, tmp_path: Path, monkeypatch: pyt
         cluster_super(out=super_file, super_clusters=3, **common)
         read.clear()
         for s in range(3):
-            cluster_sub(super_file=super_file, super_cluster=s, out=str(folder / f"sub-{s}.h5"), sub_clusters=4,
-                        **common)  # fmt: skip
+            cluster_sub(
+                super_file=super_file, super_cluster=s, out=str(folder / f"sub-{s}.h5"), sub_clusters=4, **common
+            )
         assert read.get("read_chunks", 0) == 0 and read["read_rows"] == 600  # each row once, over the 3 jobs
         assert read.get("read_spill", 0) >= (4 * 600 if cache_mb == 0 else 0)  # initial rows, 2 iterations, final
         assert not list(folder.glob("*.whitened.h5"))  # each job removed its spill

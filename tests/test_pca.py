@@ -92,8 +92,12 @@ def test_eigenvalue_floor(real_data, raw_features, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     low_rank = rng.normal(size=(300, 3)) @ rng.normal(size=(3, 8)) + 5.0
     shards = _write_shards(tmp_path, low_rank, parts=2)
-    fit_pca(shards=shards, checkpoint=str(tmp_path / "checkpoint.pt"), out=str(tmp_path / "pca.h5"),
-            **pca_settings(eigenvalue_floor=1e-3))  # fmt: skip
+    fit_pca(
+        shards=shards,
+        checkpoint=str(tmp_path / "checkpoint.pt"),
+        out=str(tmp_path / "pca.h5"),
+        **pca_settings(eigenvalue_floor=1e-3),
+    )
     whitening = Whitening.load(str(tmp_path / "pca.h5"))
     assert np.all(whitening.eigenvalues >= 1e-3 * whitening.eigenvalues[0] * (1 - 1e-6))
     assert np.isclose(whitening.eigenvalues[3:], 1e-3 * whitening.eigenvalues[0], rtol=1e-6, atol=0).all()
@@ -107,8 +111,12 @@ def test_streamed_fit_equals_numpy(real_data, raw_features, tmp_path: Path, samp
     """Running sums over 3 shards give numpy's covariance of the concatenated sample."""
     _, x = raw_features
     out = str(tmp_path / "pca.h5")
-    fit_pca(shards=real_data.shards, checkpoint=real_data.checkpoint, out=out,
-            **pca_settings(sample_size=sample_size, seed=4))  # fmt: skip
+    fit_pca(
+        shards=real_data.shards,
+        checkpoint=real_data.checkpoint,
+        out=out,
+        **pca_settings(sample_size=sample_size, seed=4),
+    )
     whitening = Whitening.load(out)
     counts = [shard_rows(p) for p in real_data.shards]
     sample = x[sample_rows(counts, sample_size, seed=4)].astype(np.float64)
@@ -131,8 +139,12 @@ def test_truncated_shard_names_file_and_fix(real_data, tmp_path: Path) -> None:
     os.truncate(truncated, truncated.stat().st_size // 2)
     out = tmp_path / "pca.h5"
     with pytest.raises(ShardError) as error:
-        fit_pca(shards=[real_data.shards[0], str(truncated), real_data.shards[2]], checkpoint=real_data.checkpoint,
-                out=str(out), **pca_settings())  # fmt: skip
+        fit_pca(
+            shards=[real_data.shards[0], str(truncated), real_data.shards[2]],
+            checkpoint=real_data.checkpoint,
+            out=str(out),
+            **pca_settings(),
+        )
     message = str(error.value)
     assert str(truncated) in message and "truncated" in message
     assert "delete it and rerun" in message

@@ -169,9 +169,13 @@ def dry_run(workdir: Path, config: dict, *targets: str) -> list[tuple[str, str]]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", "config.yaml"]
     run = subprocess.run(
-        [*command, "-n", "-p", "--cores", "2", *targets], cwd=workdir, env=env, capture_output=True, text=True,
+        [*command, "-n", "-p", "--cores", "2", *targets],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=300,
-    )  # fmt: skip
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     jobs, rule = [], None
     for line in run.stdout.splitlines():
@@ -214,60 +218,132 @@ def expected(rule: str, config: dict, arguments: dict) -> dict:
     train = allocation(config["resources"], "train")
     image = {"image_size": data["image_size"], "workers": data["workers"]}
     return {
-        "manifest": {"seed": config["seed"], **{key: data[key] for key in (
-            "source", "path", "path_column", "label_from_folder", "split", "max_images", "uncurated", "verify_images",
-            "workers")}},
+        "manifest": {
+            "seed": config["seed"],
+            **{
+                key: data[key]
+                for key in (
+                    "source",
+                    "path",
+                    "path_column",
+                    "label_from_folder",
+                    "split",
+                    "max_images",
+                    "uncurated",
+                    "verify_images",
+                    "workers",
+                )
+            },
+        },
         "initial_checkpoint": {"seed": config["seed"], **config["model"]},
-        "features": {**image, "shard_size": config["features"]["shard_size"],
-                     "batch_size": config["features"]["batch_size"]},
-        "pca": {"seed": round_seed, "dim": None, "fraction": method.get("pca_fraction"),
-                **{key: pca[key] for key in ("sample_size", "eigenvalue_floor")}},
+        "features": {
+            **image,
+            "shard_size": config["features"]["shard_size"],
+            "batch_size": config["features"]["batch_size"],
+        },
+        "pca": {
+            "seed": round_seed,
+            "dim": None,
+            "fraction": method.get("pca_fraction"),
+            **{key: pca[key] for key in ("sample_size", "eigenvalue_floor")},
+        },
         "super_clusters": {"seed": round_seed, **kmeans, "super_clusters": method.get("super_clusters", 1)},
-        "sub_clusters": {"seed": round_seed, "sub_clusters": method.get("sub_clusters", method.get("clusters")),
-                         **kmeans},
-        "train": {"workers": data["workers"], "round": r, "method": methods.get(run), "launcher": config["launcher"],
-                  "checkpoint_every": config["train"]["checkpoint_every"],
-                  "settings": BlockSettings(
-                      epochs=method.get("epochs_per_round"), lr=method.get("lr"),
-                      head_momentum=method.get("head_momentum"), image_size=data["image_size"], seed=round_seed,
-                      **{key: config["train"][key] for key in (
-                          "batch_size", "momentum", "weight_decay", "dropout", "min_crop_scale")}),
-                  "allocation": Allocation(
-                      tasks=train["tasks"], nodes=train["nodes"], gpus_per_node=train["gpus"],
-                      gpu_model=train["gpu_model"], cpus_per_task=train["cpus_per_task"], mem_mb=train["mem_mb"],
-                      timeout_min=train["runtime"], slurm_partition=train["slurm_partition"],
-                      slurm_account=train["slurm_account"])},
+        "sub_clusters": {
+            "seed": round_seed,
+            "sub_clusters": method.get("sub_clusters", method.get("clusters")),
+            **kmeans,
+        },
+        "train": {
+            "workers": data["workers"],
+            "round": r,
+            "method": methods.get(run),
+            "launcher": config["launcher"],
+            "checkpoint_every": config["train"]["checkpoint_every"],
+            "settings": BlockSettings(
+                epochs=method.get("epochs_per_round"),
+                lr=method.get("lr"),
+                head_momentum=method.get("head_momentum"),
+                image_size=data["image_size"],
+                seed=round_seed,
+                **{
+                    key: config["train"][key]
+                    for key in ("batch_size", "momentum", "weight_decay", "dropout", "min_crop_scale")
+                },
+            ),
+            "allocation": Allocation(
+                tasks=train["tasks"],
+                nodes=train["nodes"],
+                gpus_per_node=train["gpus"],
+                gpu_model=train["gpu_model"],
+                cpus_per_task=train["cpus_per_task"],
+                mem_mb=train["mem_mb"],
+                timeout_min=train["runtime"],
+                slurm_partition=train["slurm_partition"],
+                slurm_account=train["slurm_account"],
+            ),
+        },
         "round_figures": {"seed": config["seed"], "shown": evaluation["clusters_shown"]},
-        "eval_images": {"seed": config["seed"], "verify_images": data["verify_images"], "workers": data["workers"],
-                        **evaluation["train_data" if "/train.parquet" in arguments.get("manifest", "") else "data"]},
+        "eval_images": {
+            "seed": config["seed"],
+            "verify_images": data["verify_images"],
+            "workers": data["workers"],
+            **evaluation["train_data" if "/train.parquet" in arguments.get("manifest", "") else "data"],
+        },
         "import_checkpoint": {"arch": "small_convnet", "sobel": False},
         "eval_features": {**image, "batch_size": config["features"]["batch_size"]},
-        "eval_pca": {"seed": config["seed"], "dim": evaluation["pca_dim"], "fraction": 1.0,
-                     "sample_size": pca["sample_size"], "eigenvalue_floor": pca["eigenvalue_floor"]},
+        "eval_pca": {
+            "seed": config["seed"],
+            "dim": evaluation["pca_dim"],
+            "fraction": 1.0,
+            "sample_size": pca["sample_size"],
+            "eigenvalue_floor": pca["eigenvalue_floor"],
+        },
         "eval_kmeans": {"seed": config["seed"], "k": evaluation["clusters"], **kmeans},
         "eval_probe_features": {**image, "batch_size": config["features"]["batch_size"]},
-        "eval_linear": {"seed": config["seed"], "label_column": evaluation["label_column"],
-                        "weight_decays": evaluation["probe_weight_decays"],
-                        "max_iterations": evaluation["probe_iterations"]},
+        "eval_linear": {
+            "seed": config["seed"],
+            "label_column": evaluation["label_column"],
+            "weight_decays": evaluation["probe_weight_decays"],
+            "max_iterations": evaluation["probe_iterations"],
+        },
         "eval_knn": {"seed": config["seed"], "k": evaluation["knn_k"], "label_column": evaluation["label_column"]},
-        "eval_nmi": {"seed": config["seed"], "k": evaluation["clusters"], "seeds": evaluation["nmi_seeds"],
-                     "iterations": kmeans["iterations"]},
+        "eval_nmi": {
+            "seed": config["seed"],
+            "k": evaluation["clusters"],
+            "seeds": evaluation["nmi_seeds"],
+            "iterations": kmeans["iterations"],
+        },
         "eval_clusters": {"seed": config["seed"], "shown": evaluation["clusters_shown"]},
-        "eval_voc07": {**image, "seed": config["seed"], "epochs": evaluation["voc07_epochs"],
-                       "batch_size": evaluation["batch_size"], "lr": evaluation["voc07_lr"],
-                       "weight_decay": evaluation["weight_decay"]},
-        "eval_retrieval": {**image, "dim": evaluation["retrieval_dim"],
-                           "eigenvalue_floor": pca["eigenvalue_floor"],
-                           "batch_size": config["features"]["batch_size"]},
-        "eval_similarity": {**image, "images": evaluation["similarity_images"],
-                            "batch_size": config["features"]["batch_size"]},
+        "eval_voc07": {
+            **image,
+            "seed": config["seed"],
+            "epochs": evaluation["voc07_epochs"],
+            "batch_size": evaluation["batch_size"],
+            "lr": evaluation["voc07_lr"],
+            "weight_decay": evaluation["weight_decay"],
+        },
+        "eval_retrieval": {
+            **image,
+            "dim": evaluation["retrieval_dim"],
+            "eigenvalue_floor": pca["eigenvalue_floor"],
+            "batch_size": config["features"]["batch_size"],
+        },
+        "eval_similarity": {
+            **image,
+            "images": evaluation["similarity_images"],
+            "batch_size": config["features"]["batch_size"],
+        },
         "true_labels": {"label_column": config["methods"]["supervised"]["label_column"]},
         "compare_table": {"label_column": evaluation["label_column"]},
         "export": {"image_size": data["image_size"]},
-        "curate": {"seed": config["seed"], "cache_mb": kmeans["cache_mb"], "dtype": kmeans["dtype"],
-                   **{key: config["curation"][key] for key in ("size", "strategy", "duplicate_similarity")}},
+        "curate": {
+            "seed": config["seed"],
+            "cache_mb": kmeans["cache_mb"],
+            "dtype": kmeans["dtype"],
+            **{key: config["curation"][key] for key in ("size", "strategy", "duplicate_similarity")},
+        },
         "curation_figures": {"seed": config["seed"], "shown": evaluation["clusters_shown"]},
-    }.get(rule, {})  # fmt: skip
+    }.get(rule, {})
 
 
 @pytest.mark.parametrize("settings", [{}, CHANGED], ids=["defaults", "changed"])
@@ -285,11 +361,18 @@ def test_every_rules_options_parse_back_into_its_stages_arguments(tmp_path: Path
     pd.DataFrame({"id": range(full["data"]["max_images"])}).to_parquet(manifest / "manifest.parquet")
     (manifest / "skipped.tsv").touch()
     jobs += dry_run(
-        tmp_path, config, "all", "compare", f"results/export/round-{last}.pth", "results/export/mine.pth",
-        f"results/evals/round-{last}/clusters.png", f"results/evals/round-{last}/voc07.json",
-        f"results/evals/round-{last}/retrieval.json", "results/evals/mine/knn.json",
+        tmp_path,
+        config,
+        "all",
+        "compare",
+        f"results/export/round-{last}.pth",
+        "results/export/mine.pth",
+        f"results/evals/round-{last}/clusters.png",
+        f"results/evals/round-{last}/voc07.json",
+        f"results/evals/round-{last}/retrieval.json",
+        "results/evals/mine/knn.json",
         f"results/curated/round-{last}/figures/clusters.png",
-    )  # fmt: skip
+    )
 
     assert {rule for rule, _ in jobs} == package_rules()
     calls = {rule: [] for rule, _ in jobs}
@@ -303,11 +386,16 @@ def test_every_rules_options_parse_back_into_its_stages_arguments(tmp_path: Path
         assert {call.ranks for call in calls[rule]} == {allocation(full["resources"], rule)["tasks"]}
     levels = [call.arguments for call in calls["super_clusters"]]
     assert {a["super_clusters"] for a in levels} == {1, full["methods"]["deepercluster"]["super_clusters"]}
-    assert len({a["seed"] for a in levels}) == max(full["methods"][m]["rounds"] for m in ("deepercluster",
-                                                                                           "deepcluster"))  # fmt: skip
+    assert len({a["seed"] for a in levels}) == max(
+        full["methods"][m]["rounds"] for m in ("deepercluster", "deepcluster")
+    )
     # Every method's block, each with its own settings; DeepCluster re-clusters every round of its run.
-    assert {call.arguments["method"] for call in calls["train"]} == {"deepercluster", "deepcluster", "rotnet",
-                                                                     "supervised"}  # fmt: skip
+    assert {call.arguments["method"] for call in calls["train"]} == {
+        "deepercluster",
+        "deepcluster",
+        "rotnet",
+        "supervised",
+    }
     rounds = {m: sum(c.arguments["method"] == m for c in calls["train"]) for m in full["methods"]}
     assert rounds == {m: settings["rounds"] for m, settings in full["methods"].items()}
 
@@ -335,4 +423,6 @@ def test_every_stage_is_run_by_a_rule_and_each_rule_runs_one_stage() -> None:
             runs.setdefault(stage, []).append(rule)
     assert sorted(runs) == sorted(STAGES)
     assert {stage: sorted(rules) for stage, rules in runs.items() if len(rules) > 1} == {
-        "pca": ["eval_pca", "pca"], "manifest": ["eval_images", "manifest"]}  # fmt: skip
+        "pca": ["eval_pca", "pca"],
+        "manifest": ["eval_images", "manifest"],
+    }

@@ -39,9 +39,17 @@ def test_shards_hold_every_id_once(real_data, raw_features) -> None:
     manifest = read_manifest(real_data.manifest)
     assert manifest["id"].tolist() == list(range(600))
     assert set(manifest["label"]) <= {
-        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-    }  # fmt: skip
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    }
     ids, features = raw_features
     assert np.array_equal(ids, manifest["id"].to_numpy())
     checkpoint_sha = _sha256(real_data.checkpoint)
@@ -91,8 +99,13 @@ def test_a_features_job_reads_only_its_shards_row_groups(real_data, tmp_path: Pa
     with pytest.raises(DataError, match=r"manifest\.parquet is not a readable parquet file"):
         read_manifest(str(manifest))
     out = tmp_path / "shard-1.h5"
-    extract_features(manifest=str(manifest), checkpoint=real_data.checkpoint, shard=1, out=str(out),
-                     **shard_settings(shard_size=200, image_size=32))  # fmt: skip
+    extract_features(
+        manifest=str(manifest),
+        checkpoint=real_data.checkpoint,
+        shard=1,
+        out=str(out),
+        **shard_settings(shard_size=200, image_size=32),
+    )
     with h5py.File(out, "r") as ours, h5py.File(real_data.shards[1], "r") as whole:
         assert np.array_equal(ours["ids"][:], np.arange(200, 400))
         assert np.array_equal(ours["features"][:], whole["features"][:])
@@ -104,8 +117,13 @@ def test_a_float16_shard_holds_the_float32_features_rounded_in_half_the_bytes(re
     from deepercluster.features import extract_features
 
     out = tmp_path / "shard-1.h5"
-    extract_features(manifest=real_data.manifest, checkpoint=real_data.checkpoint, shard=1, out=str(out),
-                     **shard_settings(shard_size=200, image_size=32, dtype="float16"))  # fmt: skip
+    extract_features(
+        manifest=real_data.manifest,
+        checkpoint=real_data.checkpoint,
+        shard=1,
+        out=str(out),
+        **shard_settings(shard_size=200, image_size=32, dtype="float16"),
+    )
     with h5py.File(out, "r") as half, h5py.File(real_data.shards[1], "r") as whole:
         assert half["features"].dtype == np.float16 and whole["features"].dtype == np.float32
         assert half["features"].id.get_storage_size() * 2 == whole["features"].id.get_storage_size()

@@ -38,8 +38,14 @@ def test_an_empty_sub_cluster_is_listed_with_size_zero_and_counted_by_the_summar
     assert empty_one_sub_cluster(sub_files[1], emptied=2, into=0) > 0
 
     files = {name: str(tmp_path / name) for name in ("labels.parquet", "cluster_sizes.tsv", "nmi.json")}
-    make_labels(manifest=real_data.manifest, super_file=super_file, sub_files=sub_files, out=files["labels.parquet"],
-                sizes=files["cluster_sizes.tsv"], nmi_out=files["nmi.json"])  # fmt: skip
+    make_labels(
+        manifest=real_data.manifest,
+        super_file=super_file,
+        sub_files=sub_files,
+        out=files["labels.parquet"],
+        sizes=files["cluster_sizes.tsv"],
+        nmi_out=files["nmi.json"],
+    )
     sizes = pd.read_csv(files["cluster_sizes.tsv"], sep="\t").set_index(["super_cluster", "sub_cluster"])["size"]
     assert len(sizes) == 8 and sizes.sum() == 600
     assert sizes.loc[(1, 2)] == 0 and (sizes.drop((1, 2)) > 0).all()
@@ -53,8 +59,13 @@ def test_an_empty_sub_cluster_is_listed_with_size_zero_and_counted_by_the_summar
     benchmark.parent.mkdir(parents=True)
     benchmark.write_text("s\th:m:s\n2.5\t0:00:02\n")
     out = tmp_path / "summary.tsv"
-    summarize(metrics=[str(metrics)], nmi=[files["nmi.json"]], sizes=[files["cluster_sizes.tsv"]],
-              benchmarks={"1": {"sub_clusters": [str(benchmark)]}}, out=str(out))  # fmt: skip
+    summarize(
+        metrics=[str(metrics)],
+        nmi=[files["nmi.json"]],
+        sizes=[files["cluster_sizes.tsv"]],
+        benchmarks={"1": {"sub_clusters": [str(benchmark)]}},
+        out=str(out),
+    )
     row = pd.read_csv(out, sep="\t").iloc[0]
     assert row["round"] == 1 and row["clusters"] == 8 and row["empty_clusters"] == 1 and row["size_min"] == 0
     assert row["nmi_label"] == pytest.approx(json.loads(Path(files["nmi.json"]).read_text())["label"], rel=1e-3)

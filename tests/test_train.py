@@ -260,8 +260,11 @@ def test_a_trailing_empty_sub_cluster_keeps_its_class_in_the_head(block_inputs, 
     labels = read_labels(block_inputs["labels"])
     write_labels(tmp_path / "trailing.parquet", Labels(labels.table, [5, 6]))
     out = tmp_path / "ck.pt"
-    run_block(**{**block_inputs, "epochs": 1, "labels": str(tmp_path / "trailing.parquet")},
-                train_dir=str(tmp_path / "train"), out=str(out))  # fmt: skip
+    run_block(
+        **{**block_inputs, "epochs": 1, "labels": str(tmp_path / "trailing.parquet")},
+        train_dir=str(tmp_path / "train"),
+        out=str(out),
+    )
     heads = load_checkpoint(out)["heads"]
     assert [heads[f"sub_class.{g}.1.weight"].shape[0] for g in range(8)] == [5] * 4 + [6] * 4
     assert load_checkpoint(out)["targets"]["sub_classes"] == (5,) * 4 + (6,) * 4
@@ -275,8 +278,11 @@ def test_rotnet_keeps_its_head_and_every_method_its_backbone_optimizer_from_roun
     checkpoint (the paper's start) from a fresh backbone optimiser, as the paper's code loads weights only."""
     rotnet = {**block_inputs, "method": "rotnet", "labels": None, "epochs": 1}
     run_block(**rotnet, train_dir=str(tmp_path / "r1"), out=str(tmp_path / "r1.pt"))
-    run_block(**{**rotnet, "previous_checkpoint": str(tmp_path / "r1.pt"), "round": 2, "epochs": 0},
-                train_dir=str(tmp_path / "r2"), out=str(tmp_path / "r2.pt"))  # fmt: skip
+    run_block(
+        **{**rotnet, "previous_checkpoint": str(tmp_path / "r1.pt"), "round": 2, "epochs": 0},
+        train_dir=str(tmp_path / "r2"),
+        out=str(tmp_path / "r2.pt"),
+    )
     first, second = load_checkpoint(tmp_path / "r1.pt"), load_checkpoint(tmp_path / "r2.pt")
     assert first["heads"].keys() == second["heads"].keys() == {"super_class.1.weight", "super_class.1.bias"}
     for key, tensor in first["heads"].items():
@@ -288,8 +294,11 @@ def test_rotnet_keeps_its_head_and_every_method_its_backbone_optimizer_from_roun
     deeper = {**block_inputs, "epochs": 1}
     run_block(**deeper, train_dir=str(tmp_path / "d1"), out=str(tmp_path / "d1.pt"))
     for previous, name in ((tmp_path / "d1.pt", "d2"), (tmp_path / "r1.pt", "from-rotnet")):
-        run_block(**{**deeper, "previous_checkpoint": str(previous), "round": 2, "epochs": 0},
-                    train_dir=str(tmp_path / name), out=str(tmp_path / f"{name}.pt"))  # fmt: skip
+        run_block(
+            **{**deeper, "previous_checkpoint": str(previous), "round": 2, "epochs": 0},
+            train_dir=str(tmp_path / name),
+            out=str(tmp_path / f"{name}.pt"),
+        )
     first, second, started = (load_checkpoint(tmp_path / f"{n}.pt") for n in ("d1", "d2", "from-rotnet"))
     assert not torch.equal(first["heads"]["super_class.1.weight"], second["heads"]["super_class.1.weight"])
     assert not second["optimizers"]["super_class"]["state"]  # new heads, a new optimiser
@@ -300,8 +309,13 @@ def test_rotnet_keeps_its_head_and_every_method_its_backbone_optimizer_from_roun
 
 def test_deepclusters_top_layer_trains_without_momentum(block_inputs, tmp_path: Path) -> None:
     """head_momentum 0 (DeepCluster's top layer): its optimiser keeps no momentum buffer; the backbone's does."""
-    deepcluster = {**block_inputs, "method": "deepcluster", "labels": one_super_cluster(block_inputs, tmp_path),
-                   "epochs": 1, "head_momentum": 0.0}  # fmt: skip
+    deepcluster = {
+        **block_inputs,
+        "method": "deepcluster",
+        "labels": one_super_cluster(block_inputs, tmp_path),
+        "epochs": 1,
+        "head_momentum": 0.0,
+    }
     run_block(**deepcluster, train_dir=str(tmp_path / "train"), out=str(tmp_path / "ck.pt"))
     optimizers = load_checkpoint(tmp_path / "ck.pt")["optimizers"]
     assert optimizers["sub_class"]["param_groups"][0]["momentum"] == 0.0
@@ -313,8 +327,11 @@ def test_labels_outside_their_recorded_k_are_refused(block_inputs, tmp_path: Pat
     labels = read_labels(block_inputs["labels"])
     write_labels(tmp_path / "short.parquet", Labels(labels.table, [5, 4]))
     with pytest.raises(ClustersError, match=r"labels images outside its 2 super-clusters of k = \[5, 4\]"):
-        run_block(**{**block_inputs, "labels": str(tmp_path / "short.parquet")}, train_dir=str(tmp_path),
-                    out=str(tmp_path / "ck.pt"))  # fmt: skip
+        run_block(
+            **{**block_inputs, "labels": str(tmp_path / "short.parquet")},
+            train_dir=str(tmp_path),
+            out=str(tmp_path / "ck.pt"),
+        )
 
 
 def test_a_last_checkpoint_of_other_labels_is_not_resumed(block_inputs, tmp_path: Path) -> None:
@@ -471,8 +488,9 @@ LOSSES_RECORDED = [
 def one_super_cluster(block_inputs: dict[str, object], tmp_path: Path) -> str:
     """Labels of m = 1 super-cluster whose 10 sub-clusters are the 2 x 5 of ``block_inputs``'s labels."""
     labels = read_labels(block_inputs["labels"]).table
-    table = pd.DataFrame({"id": labels["id"], "super_cluster": 0,
-                          "sub_cluster": labels["super_cluster"] + 2 * labels["sub_cluster"]})  # fmt: skip
+    table = pd.DataFrame(
+        {"id": labels["id"], "super_cluster": 0, "sub_cluster": labels["super_cluster"] + 2 * labels["sub_cluster"]}
+    )
     write_labels(tmp_path / "labels.parquet", Labels(table, [10]))
     return str(tmp_path / "labels.parquet")
 
@@ -480,8 +498,13 @@ def one_super_cluster(block_inputs: dict[str, object], tmp_path: Path) -> str:
 def test_four_ranks_in_the_papers_layout_train_deepercluster(block_inputs, tmp_path: Path) -> None:
     """DeeperCluster with m = 1 super-cluster on 4 local ranks: a training group per rotation, each rank holding
     its group's sub-class head only, saved by the group in its own file; the losses are the recorded ones."""
-    inputs = {**block_inputs, "labels": one_super_cluster(block_inputs, tmp_path), "epochs": 1, "batch_size": 40,
-              "checkpoint_every": 4}  # fmt: skip
+    inputs = {
+        **block_inputs,
+        "labels": one_super_cluster(block_inputs, tmp_path),
+        "epochs": 1,
+        "batch_size": 40,
+        "checkpoint_every": 4,
+    }
     run_train(
         **allocation_settings(launcher="local", tasks=4, cpus_per_task=1),
         train_dir=str(tmp_path),
@@ -498,7 +521,11 @@ def test_four_ranks_in_the_papers_layout_train_deepercluster(block_inputs, tmp_p
         assert group.name == f"last-group{g}-epoch1-batch0.pt"
         assert sorted(load_checkpoint(group)["sub_class"]) == [f"{g}.1.bias", f"{g}.1.weight"]
     assert sorted(load_checkpoint(tmp_path / "ck.pt")["heads"]) == [
-        "sub_class.0.1.bias", "sub_class.0.1.weight", "super_class.1.bias", "super_class.1.weight"]  # fmt: skip
+        "sub_class.0.1.bias",
+        "sub_class.0.1.weight",
+        "super_class.1.bias",
+        "super_class.1.weight",
+    ]
     metrics = pd.read_csv(tmp_path / "metrics.tsv", sep="\t")
     np.testing.assert_allclose(metrics["loss"], LOSSES_RECORDED, rtol=5e-5)
 
@@ -517,12 +544,18 @@ def test_four_ranks_in_the_papers_layout_train_deepercluster(block_inputs, tmp_p
 
 
 def test_a_rerun_ends_the_local_block_its_killed_predecessor_started(block_inputs, tmp_path: Path, caplog) -> None:
-    settings = {**block_inputs, "epochs": 3, **allocation_settings(launcher="local", cpus_per_task=1),
-                "train_dir": str(tmp_path), "out": str(tmp_path / "ck.pt")}  # fmt: skip
+    settings = {
+        **block_inputs,
+        "epochs": 3,
+        **allocation_settings(launcher="local", cpus_per_task=1),
+        "train_dir": str(tmp_path),
+        "out": str(tmp_path / "ck.pt"),
+    }
     launched = subprocess.Popen(
         train_command(settings),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while "epoch 1/3 batch" not in "".join(p.read_text() for p in tmp_path.glob("submitit/*_log.err")):
         assert time.monotonic() < deadline, "the local block did not start"
@@ -556,12 +589,17 @@ def test_eight_ranks_split_each_groups_sub_class_head_and_train_as_four_holding_
     Intel's 2.4e-7 scaled by that 96; 15 x the 6.5e-6 above), and an accuracy one prediction of the global
     batch, 1/40 (a near-tie in the logits may flip where they drift; none flipped on the Intel Xeon). The losses
     move by 5e-4 to 2e-2 relative from one iteration to the next, so a change in the method still fails."""
-    inputs = {**block_inputs, "labels": one_super_cluster(block_inputs, tmp_path), "epochs": 1, "batch_size": 40,
-              "checkpoint_every": 8, "dropout": 0.0}  # fmt: skip
+    inputs = {
+        **block_inputs,
+        "labels": one_super_cluster(block_inputs, tmp_path),
+        "epochs": 1,
+        "batch_size": 40,
+        "checkpoint_every": 8,
+        "dropout": 0.0,
+    }
     runs = {tasks: tmp_path / f"{tasks}-ranks" for tasks in (4, 8)}
     for tasks, train_dir in runs.items():
-        run_train(**local(tasks), train_dir=str(train_dir), out=str(train_dir / "ck.pt"),
-              **inputs)  # fmt: skip
+        run_train(**local(tasks), train_dir=str(train_dir), out=str(train_dir / "ck.pt"), **inputs)
     logs = [p.read_text() for p in sorted((runs[8] / "submitit").glob("*_log.err"))]
     assert len(logs) == 8
     for rank, log in enumerate(logs):

@@ -52,8 +52,11 @@ class SlurmCluster:
 
     def processes(self, node: str) -> int:
         """How many processes run on ``node``: its slurmd, and its jobs' steps and tasks (cluster.sh's namespace)."""
-        return len(subprocess.run(["ip", "netns", "pids", f"dcslurm-{node}"], capture_output=True, text=True,
-                                  check=True).stdout.split())  # fmt: skip
+        return len(
+            subprocess.run(
+                ["ip", "netns", "pids", f"dcslurm-{node}"], capture_output=True, text=True, check=True
+            ).stdout.split()
+        )
 
     def node_up(self, node: str) -> None:
         """Start ``node``'s slurmd again and wait until the node is idle."""
@@ -61,8 +64,9 @@ class SlurmCluster:
 
 
 def _cluster_sh(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(CLUSTER_SH), *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, check=False)  # fmt: skip
+    return subprocess.run(
+        [str(CLUSTER_SH), *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False
+    )
 
 
 def _check(done: subprocess.CompletedProcess[str]) -> None:
@@ -119,7 +123,11 @@ def slurm_two_nodes() -> Iterator[SlurmCluster]:
 def block(real_data, class_labels: str) -> dict[str, object]:
     """A DeeperCluster block on the real 600 images, labels from the true classes, no dropout."""
     return {
-        "manifest": real_data.manifest, "previous_checkpoint": real_data.checkpoint, "labels": class_labels,
-        "method": "deepercluster", "round": 1, **block_settings(epochs=1, batch_size=40, dropout=0.0, seed=3),
+        "manifest": real_data.manifest,
+        "previous_checkpoint": real_data.checkpoint,
+        "labels": class_labels,
+        "method": "deepercluster",
+        "round": 1,
+        **block_settings(epochs=1, batch_size=40, dropout=0.0, seed=3),
         **allocation_settings(launcher="slurm", cpus_per_task=1, timeout_min=10),
-    }  # fmt: skip
+    }

@@ -26,8 +26,14 @@ def super_clusters(workdir: Path, out: str, tasks: int, real_data, nodes: int = 
     stage += ["--shards", *real_data.shards, "--pca", real_data.pca, "--super-clusters", "3"]
     stage += ["--iterations", "5", "--seed", "0", "--cache-mb", "4096", "--dtype", "float16"]
     sbatch = ["sbatch", "--wait", f"--nodes={nodes}", f"--ntasks={tasks}", "--cpus-per-task=1", f"--output={out}.log"]
-    job = subprocess.run([*sbatch, "--wrap", " ".join(stage)], cwd=workdir, env={**os.environ, "PATH": VENV_PATH},
-                         timeout=300, capture_output=True, text=True)  # fmt: skip
+    job = subprocess.run(
+        [*sbatch, "--wrap", " ".join(stage)],
+        cwd=workdir,
+        env={**os.environ, "PATH": VENV_PATH},
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
     log = Path(f"{out}.log").read_text() if Path(f"{out}.log").exists() else "(no job log)"
     assert job.returncode == 0, f"sbatch exit {job.returncode}: {job.stderr}\n{log[-3000:]}"
     with h5py.File(out) as f:
@@ -43,8 +49,12 @@ def start_train(settings: dict[str, object], cwd: Path) -> subprocess.Popen:
     """The train stage of flat ``settings`` in a process of its own, as the train rule runs it."""
     return subprocess.Popen(
         train_command(settings),
-        cwd=cwd, env={**os.environ, "PATH": VENV_PATH}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        cwd=cwd,
+        env={**os.environ, "PATH": VENV_PATH},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(condition, what: str, timeout_s: float = 300) -> None:

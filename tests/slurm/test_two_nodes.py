@@ -27,8 +27,13 @@ RETURN_SETTLE_S = 5
 
 
 def test_srun_runs_tasks_on_both_nodes_with_their_own_addresses(slurm_two_nodes) -> None:
-    tasks = subprocess.run(["srun", "--nodes=2", "--ntasks=4", "-l", "sh", "-c", 'echo "$(hostname) $(hostname -i)"'],
-                           capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip
+    tasks = subprocess.run(
+        ["srun", "--nodes=2", "--ntasks=4", "-l", "sh", "-c", 'echo "$(hostname) $(hostname -i)"'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     by_rank = dict(line.split(": ", 1) for line in tasks.splitlines())
     hosts, addresses = zip(*(by_rank[str(rank)].split() for rank in range(4)), strict=True)
     assert hosts == ("node1", "node1", "node2", "node2")
@@ -50,8 +55,12 @@ def test_ranks_on_two_nodes_that_leave_apart_exit_cleanly(slurm_two_nodes) -> No
     # Left to torch's teardown, node2's ranks aborted in 2 of 3 such runs ("terminate called without an active
     # exception"), and --kill-on-bad-exit then ended the step: a stage failed after its work was done.
     for _ in range(2):
-        run = subprocess.run(["srun", "--nodes=2", "--ntasks=4", "--kill-on-bad-exit=1", sys.executable, "-c",
-                              LEAVE_APART], capture_output=True, text=True, timeout=120)  # fmt: skip
+        run = subprocess.run(
+            ["srun", "--nodes=2", "--ntasks=4", "--kill-on-bad-exit=1", sys.executable, "-c", LEAVE_APART],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert run.returncode == 0, run.stderr[-2000:]
 
 
@@ -64,8 +73,12 @@ def test_four_ranks_on_two_nodes_cluster_as_one_rank(slurm_two_nodes, real_data,
     one = super_clusters(tmp_path, str(tmp_path / "one.h5"), 1, real_data)
     four = super_clusters(tmp_path, str(tmp_path / "four.h5"), 4, real_data, nodes=2)
     ranks = joined((tmp_path / "four.h5.log").read_text())
-    assert sorted(ranks) == [("0", "node1", "node1"), ("1", "node1", "node1"), ("2", "node2", "node1"),
-                             ("3", "node2", "node1")]  # fmt: skip
+    assert sorted(ranks) == [
+        ("0", "node1", "node1"),
+        ("1", "node1", "node1"),
+        ("2", "node2", "node1"),
+        ("3", "node2", "node1"),
+    ]
     np.testing.assert_allclose(one[0], four[0], atol=1e-5)
     assert np.array_equal(one[1], four[1])
     print(f"k-means, 4 ranks on 2 nodes against 1: centroids differ by at most {np.abs(one[0] - four[0]).max():.3g}")
@@ -76,16 +89,26 @@ def two_node_block(slurm_two_nodes, block, tmp_path_factory) -> dict[str, object
     """The settings of a block of 4 ranks on 2 nodes, run once uninterrupted: its settings, with ``out`` its
     checkpoint and ``train_dir`` its folder."""
     folder = tmp_path_factory.mktemp("two-nodes")
-    settings = {**block, **ON_TWO_NODES, "epochs": EPOCHS, "batch_size": BATCH, "checkpoint_every": SAVE_EVERY,
-                "train_dir": str(folder / "train"), "out": str(folder / "whole.pt")}  # fmt: skip
+    settings = {
+        **block,
+        **ON_TWO_NODES,
+        "epochs": EPOCHS,
+        "batch_size": BATCH,
+        "checkpoint_every": SAVE_EVERY,
+        "train_dir": str(folder / "train"),
+        "out": str(folder / "whole.pt"),
+    }
     run_train(**settings)
     return settings
 
 
 def test_a_block_on_two_nodes_trains_as_four_ranks_on_one(two_node_block, tmp_path: Path) -> None:
     train_dir = Path(two_node_block["train_dir"])
-    one_node = {**allocation_settings(launcher="local", tasks=4, cpus_per_task=1), "train_dir": str(tmp_path),
-                "out": str(tmp_path / "one-node.pt")}  # fmt: skip
+    one_node = {
+        **allocation_settings(launcher="local", tasks=4, cpus_per_task=1),
+        "train_dir": str(tmp_path),
+        "out": str(tmp_path / "one-node.pt"),
+    }
     run_train(**{**two_node_block, **one_node})
     ranks = joined(block_log(train_dir))
     assert {host for _, host, _ in ranks} == {"node1", "node2"} and {addr for *_, addr in ranks} == {"node1"}

@@ -33,14 +33,19 @@ def test_one_round_through_the_slurm_profile(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", "config.yaml"]
     command += ["--profile", str(REPO / "profiles/slurm"), "--slurm-init-seconds-before-status-checks", "1"]
     started = time.time()
-    run = subprocess.run(command, cwd=tmp_path, env={**os.environ, "PATH": VENV_PATH}, capture_output=True,
-                         text=True, timeout=900)  # fmt: skip
+    run = subprocess.run(
+        command, cwd=tmp_path, env={**os.environ, "PATH": VENV_PATH}, capture_output=True, text=True, timeout=900
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     assert (tmp_path / "results/summary.tsv").is_file() and (tmp_path / "results/rounds/1/checkpoint.pt").is_file()
 
     since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started - 5))
-    jobs = subprocess.run(["sacct", "-n", "-X", "-P", "-S", since, "-o", "JobID,JobName%80,State,WorkDir%200"],
-                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    jobs = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-S", since, "-o", "JobID,JobName%80,State,WorkDir%200"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     ours = [line.split("|") for line in jobs.splitlines() if line.split("|")[3] == str(tmp_path)]
     names = " ".join(name for _, name, _, _ in ours)
     assert all(state == "COMPLETED" for _, _, state, _ in ours), ours
@@ -98,8 +103,11 @@ def test_a_cancelled_block_resumes_from_its_checkpoint(block, tmp_path: Path) ->
     }
     launched = subprocess.Popen(
         train_command(settings),
-        env={**os.environ, "PATH": VENV_PATH}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        env={**os.environ, "PATH": VENV_PATH},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while not (train_dir / "last.pt").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -123,8 +131,14 @@ def test_a_preempted_block_saves_at_the_signal_and_requeues_without_redoing_work
     epochs, per_epoch = 2, 600 // 20
     train_dir = tmp_path / "train"
     # No periodic save but at epoch ends: a resume from one would redo the iterations since.
-    settings = {**block, "epochs": epochs, "batch_size": 20, "checkpoint_every": 1000, "train_dir": str(train_dir),
-                "out": str(tmp_path / "preempted.pt")}  # fmt: skip
+    settings = {
+        **block,
+        "epochs": epochs,
+        "batch_size": 20,
+        "checkpoint_every": 1000,
+        "train_dir": str(train_dir),
+        "out": str(tmp_path / "preempted.pt"),
+    }
     launched = start_train(settings, tmp_path)
     wait_for(lambda: f"epoch 1/2 batch 7/{per_epoch}" in block_log(train_dir), "7 iterations")
     job = job_id(train_dir)
@@ -171,8 +185,12 @@ def test_a_rerun_follows_the_block_its_killed_predecessor_submitted(block, tmp_p
     assert (tmp_path / "x.pt").is_file()
     assert f"SLURM job {job_id(train_dir)} is still RUNNING: following it" in caplog.text
     since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started - 5))
-    jobs = subprocess.run(["sacct", "-n", "-X", "-P", "-S", since, "-o", "JobID,JobName%80,WorkDir%200"],
-                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    jobs = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-S", since, "-o", "JobID,JobName%80,WorkDir%200"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     ours = [line.split("|") for line in jobs.splitlines() if line.split("|")[2] == str(tmp_path)]
     assert [jobid for jobid, _, _ in ours] == [job_id(train_dir)], ours  # one job ran the block
     assert len(list((train_dir / "submitit").glob("*_submitted.pkl"))) == 1

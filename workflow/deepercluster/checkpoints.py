@@ -89,12 +89,27 @@ def model_checkpoint(
 
 
 def exported_model(
-    *, state_dict: dict[str, Any], arch: str, folded_sobel: bool, feature_dim: int, image_size: int,
-    mean: torch.Tensor, std: torch.Tensor, provenance: dict[str, Any],
-) -> dict[str, Any]:  # fmt: skip
+    *,
+    state_dict: dict[str, Any],
+    arch: str,
+    folded_sobel: bool,
+    feature_dim: int,
+    image_size: int,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    provenance: dict[str, Any],
+) -> dict[str, Any]:
     """An export's dict: the backbone as a plain state dict for supervised training, and how to feed it."""
-    return {"state_dict": state_dict, "arch": arch, "folded_sobel": folded_sobel, "feature_dim": feature_dim,
-            "image_size": image_size, "mean": mean, "std": std, "provenance": provenance}  # fmt: skip
+    return {
+        "state_dict": state_dict,
+        "arch": arch,
+        "folded_sobel": folded_sobel,
+        "feature_dim": feature_dim,
+        "image_size": image_size,
+        "mean": mean,
+        "std": std,
+        "provenance": provenance,
+    }
 
 
 def provenance_of(checkpoint: dict[str, Any]) -> dict[str, Any]:

@@ -106,9 +106,14 @@ def as_written(value: object) -> str:
 def reference(schema_path: str | Path = SCHEMA) -> str:
     """docs/configuration.md: every key of the schema with its default and description, a table per section."""
     schema = yaml.safe_load(Path(schema_path).read_text())
-    lines = ["# Configuration", "", "Every key of `config.yaml`, its default and its meaning, generated from",
-             "`workflow/schemas/config.schema.yaml` (`python -m deepercluster.config > docs/configuration.md`; a test",
-             "keeps the two equal). An unknown key is an error naming the valid ones.", ""]  # fmt: skip
+    lines = [
+        "# Configuration",
+        "",
+        "Every key of `config.yaml`, its default and its meaning, generated from",
+        "`workflow/schemas/config.schema.yaml` (`python -m deepercluster.config > docs/configuration.md`; a test",
+        "keeps the two equal). An unknown key is an error naming the valid ones.",
+        "",
+    ]
     for section, rows in itertools.groupby(schema_nodes(schema).items(), key=lambda item: item[0].split(".")[0]):
         lines += [f"## `{section}`", "", "| key | default | meaning |", "|---|---|---|"]
         for key, node in rows:

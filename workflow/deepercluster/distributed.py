@@ -70,12 +70,20 @@ def init_distributed() -> Distributed:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
         timeout = int(os.environ.get("DEEPERCLUSTER_COLLECTIVE_TIMEOUT_S", COLLECTIVE_TIMEOUT_S))
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=timeout))  # fmt: skip
+        dist.init_process_group(
+            "nccl" if cuda else "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout)
+        )
         atexit.register(_leave_process_group)
-        log.info("rank %d of %d on %s joined the process group (%s) at %s:%s, collective timeout %d s", rank,
-                 world_size, socket.gethostname(), dist.get_backend(), os.environ["MASTER_ADDR"],
-                 os.environ["MASTER_PORT"], timeout)  # fmt: skip
+        log.info(
+            "rank %d of %d on %s joined the process group (%s) at %s:%s, collective timeout %d s",
+            rank,
+            world_size,
+            socket.gethostname(),
+            dist.get_backend(),
+            os.environ["MASTER_ADDR"],
+            os.environ["MASTER_PORT"],
+            timeout,
+        )
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return Distributed(rank, world_size, device)
 

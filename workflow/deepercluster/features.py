@@ -24,9 +24,17 @@ LAYER = "classifier output before ReLU (penultimate)"
 
 
 def extract_features(
-    *, manifest: str, checkpoint: str, shard: int, shard_size: int, image_size: int, out: str, batch_size: int,
-    workers: int, dtype: str,
-) -> None:  # fmt: skip
+    *,
+    manifest: str,
+    checkpoint: str,
+    shard: int,
+    shard_size: int,
+    image_size: int,
+    out: str,
+    batch_size: int,
+    workers: int,
+    dtype: str,
+) -> None:
     """Stage 'features': rows ``[shard * shard_size, (shard + 1) * shard_size)`` of the manifest -> a shard (read
     alone: the job's memory does not grow with the manifest)."""
     rows = read_manifest(manifest, shard * shard_size, (shard + 1) * shard_size)
@@ -35,21 +43,31 @@ def extract_features(
             f"shard {shard} of {manifest} is empty: features.shard_size changed since the manifest; "
             "delete results/rounds/*/features and rerun"
         )
-    write_features(rows, manifest, checkpoint, image_size, out, batch_size, workers, f"features shard {shard}",
-                   dtype, shard=shard)  # fmt: skip
+    write_features(
+        rows, manifest, checkpoint, image_size, out, batch_size, workers, f"features shard {shard}", dtype, shard=shard
+    )
 
 
 def extract_all(*, manifest: str, checkpoint: str, image_size: int, out: str, batch_size: int, workers: int) -> None:
     """Stage 'eval-features': every image of the (evaluation) manifest -> one features file."""
-    write_features(read_manifest(manifest), manifest, checkpoint, image_size, out, batch_size, workers, "features",
-                   "float32")  # fmt: skip
+    write_features(
+        read_manifest(manifest), manifest, checkpoint, image_size, out, batch_size, workers, "features", "float32"
+    )
 
 
 @torch.no_grad()
 def write_features(
-    rows: pd.DataFrame, manifest: str, checkpoint: str, image_size: int, out: str, batch_size: int, workers: int,
-    what: str, dtype: str, **attrs: object,
-) -> None:  # fmt: skip
+    rows: pd.DataFrame,
+    manifest: str,
+    checkpoint: str,
+    image_size: int,
+    out: str,
+    batch_size: int,
+    workers: int,
+    what: str,
+    dtype: str,
+    **attrs: object,
+) -> None:
     """The features of the images ``rows`` of ``manifest`` -> ``out`` (``formats.features``), held and stored as
     ``dtype`` (float32, or float16: half the bytes).
 
@@ -75,8 +93,20 @@ def write_features(
         ids[start:stop] = batch_ids.numpy()
         start = stop
     if not np.isfinite(features).all():
-        raise ShardError(f"{what}: features of {checkpoint} are not finite as {dtype} (beyond float16's range?); "
-                         "set features.dtype: float32 in the config and rerun")  # fmt: skip
+        raise ShardError(
+            f"{what}: features of {checkpoint} are not finite as {dtype} (beyond float16's range?); "
+            "set features.dtype: float32 in the config and rerun"
+        )
     log.info("%s: %d images, %d-d features from %s", what, len(ids), features.shape[1], checkpoint)
-    write_shard(out, features, ids, checkpoint=str(checkpoint), checkpoint_sha256=sha256(checkpoint), layer=LAYER,
-                transform=repr(transform), manifest_sha256=sha256(manifest), dtype=dtype, **attrs)  # fmt: skip
+    write_shard(
+        out,
+        features,
+        ids,
+        checkpoint=str(checkpoint),
+        checkpoint_sha256=sha256(checkpoint),
+        layer=LAYER,
+        transform=repr(transform),
+        manifest_sha256=sha256(manifest),
+        dtype=dtype,
+        **attrs,
+    )

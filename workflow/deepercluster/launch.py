@@ -42,8 +42,18 @@ log = logging.getLogger(__name__)
 
 LAUNCHERS = ("local", "slurm", "debug")
 # SLURM states of a job that may still run the block (sacct's, through submitit).
-UNFINISHED = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
-              "RESIZING", "SUSPENDED", "PREEMPTED"}  # fmt: skip
+UNFINISHED = {
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "CONFIGURING",
+    "COMPLETING",
+    "RESIZING",
+    "SUSPENDED",
+    "PREEMPTED",
+}
 
 
 # Set in the processes that ``rank_command`` starts, so that they run the stage instead of starting ranks again.
@@ -171,8 +181,9 @@ def train(*, launcher: str, allocation: Allocation, **block: Any) -> None:
     if launcher not in LAUNCHERS:
         raise TrainingInputError(f"config launcher {launcher!r} is unknown: set one of {', '.join(LAUNCHERS)}")
     if allocation.tasks % allocation.nodes:
-        raise TrainingInputError(f"config resources.train: tasks ({allocation.tasks}) must be a multiple of nodes "
-                                 f"({allocation.nodes})")  # fmt: skip
+        raise TrainingInputError(
+            f"config resources.train: tasks ({allocation.tasks}) must be a multiple of nodes ({allocation.nodes})"
+        )
     folder, record = Path(block["train_dir"]) / "submitit", Path(block["train_dir"]) / "job.json"
     # As job.json keeps it: the records as their fields.
     submission = json.loads(json.dumps({"launcher": launcher, "allocation": allocation, **block}, default=asdict))
@@ -198,21 +209,30 @@ def train(*, launcher: str, allocation: Allocation, **block: Any) -> None:
 def submit(launcher: str, folder: Path, allocation: Allocation, block: dict[str, Any]) -> submitit.Job:
     """Submit the block with ``launcher`` on ``allocation``."""
     executor = submitit.AutoExecutor(folder=folder, cluster=launcher)
-    job = {"nodes": allocation.nodes, "tasks_per_node": allocation.tasks // allocation.nodes,
-           "cpus_per_task": allocation.cpus_per_task}  # fmt: skip
+    job = {
+        "nodes": allocation.nodes,
+        "tasks_per_node": allocation.tasks // allocation.nodes,
+        "cpus_per_task": allocation.cpus_per_task,
+    }
     if allocation.gpus_per_node and allocation.gpu_model:
         job["slurm_gres"] = f"gpu:{allocation.gpu_model}:{allocation.gpus_per_node}"
     elif allocation.gpus_per_node:
         job["gpus_per_node"] = allocation.gpus_per_node
     if allocation.mem_mb:
         job["mem_gb"] = allocation.mem_mb / 1024
-    slurm = {"slurm_partition": allocation.slurm_partition, "slurm_account": allocation.slurm_account,
-             "slurm_signal_delay_s": 120}  # fmt: skip
+    slurm = {
+        "slurm_partition": allocation.slurm_partition,
+        "slurm_account": allocation.slurm_account,
+        "slurm_signal_delay_s": 120,
+    }
     executor.update_parameters(
-        timeout_min=allocation.timeout_min, name=f"train-round-{block['round']}", **job,
+        timeout_min=allocation.timeout_min,
+        name=f"train-round-{block['round']}",
+        **job,
         **{key: value for key, value in slurm.items() if value is not None},
-    )  # fmt: skip
+    )
     submitted = executor.submit(TrainingBlock(allocation.cpus_per_task), **block)
-    log.info("training block submitted to %s as job %s; its log: %s", launcher, submitted.job_id,
-             submitted.paths.stderr)  # fmt: skip
+    log.info(
+        "training block submitted to %s as job %s; its log: %s", launcher, submitted.job_id, submitted.paths.stderr
+    )
     return submitted

@@ -57,8 +57,9 @@ def code_version() -> str:
     git = ["git", "-C", str(Path(__file__).parent)]
     try:
         sha = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                               timeout=10)  # fmt: skip
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return found
     if sha.returncode:

@@ -108,8 +108,10 @@ class Plan:
             start = settings["init"]
             if (start not in STARTS and start not in config["checkpoints"]) or start == name:
                 valid = [s for s in STARTS if s != name] + list(config["checkpoints"])
-                raise ConfigError(f"methods.{name}.init is {start!r}; set it to one of {', '.join(valid)} "
-                                  "(a checkpoint's name must be under checkpoints)")  # fmt: skip
+                raise ConfigError(
+                    f"methods.{name}.init is {start!r}; set it to one of {', '.join(valid)} "
+                    "(a checkpoint's name must be under checkpoints)"
+                )
         self.curated = self.curated_run(config["curation"])
         if self.curated:
             self.runs[self.curated] = METHODS[config["curation"]["train"]]
@@ -239,8 +241,14 @@ class Plan:
         if not self.runs[run].clusters:  # RotNet, supervised: the training block alone
             return [*self.labels(run, r), trained]
         one = {"run": run, "round": r}
-        return [*self.shard_files(run, r, images), fill(PCA, **one), fill(SUPER, **one),
-                *self.sub_cluster_files(run, r), fill(LABELS, **one), trained]  # fmt: skip
+        return [
+            *self.shard_files(run, r, images),
+            fill(PCA, **one),
+            fill(SUPER, **one),
+            *self.sub_cluster_files(run, r),
+            fill(LABELS, **one),
+            trained,
+        ]
 
     def run_outputs(self, run: str, images: int) -> list[str]:
         """Every round's files of a run and of the run it starts from (DeeperCluster's RotNet)."""
@@ -251,10 +259,14 @@ class Plan:
         """The benchmark files of each stage of the main run's round r (the summary's stage times)."""
         jobs = {"train": [fill(CHECKPOINT, run=MAIN, round=r)]}
         if self.method.clusters:
-            jobs = {"features": self.shard_files(MAIN, r, images), "pca": [fill(PCA, run=MAIN, round=r)],
-                    "super_clusters": [fill(SUPER, run=MAIN, round=r)],
-                    "sub_clusters": self.sub_cluster_files(MAIN, r), "labels": [fill(LABELS, run=MAIN, round=r)],
-                    **jobs}  # fmt: skip
+            jobs = {
+                "features": self.shard_files(MAIN, r, images),
+                "pca": [fill(PCA, run=MAIN, round=r)],
+                "super_clusters": [fill(SUPER, run=MAIN, round=r)],
+                "sub_clusters": self.sub_cluster_files(MAIN, r),
+                "labels": [fill(LABELS, run=MAIN, round=r)],
+                **jobs,
+            }
         return {stage: [benchmark_file(path) for path in paths] for stage, paths in jobs.items()}
 
     def figures(self, r: int | str = "{round}") -> dict[str, str]:

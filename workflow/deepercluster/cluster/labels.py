@@ -45,9 +45,15 @@ def joined_levels(super_file: str, sub_files: list[str]) -> tuple[Labels, pd.Dat
 
 
 def make_labels(
-    *, manifest: str, super_file: str, sub_files: list[str], out: str, sizes: str, nmi_out: str,
+    *,
+    manifest: str,
+    super_file: str,
+    sub_files: list[str],
+    out: str,
+    sizes: str,
+    nmi_out: str,
     previous: str | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """Stage 'labels': join both levels into ``labels.parquet``; write ``cluster_sizes.tsv``, ``nmi.json``.
 
     NMI is computed between the flat clustering and every metadata column of the manifest,
@@ -70,8 +76,14 @@ def make_labels(
     flat = labels.flat()
     scores = {column: nmi(flat, images[column]) for column in informative_columns(images.reset_index())}
     scores["previous_round"] = nmi(flat, read_labels(previous).flat()) if previous else None
-    log.info("%d images in %d clusters (%d super-clusters, %d empty clusters); NMI %s", len(labels.table), len(counts),
-             labels.table["super_cluster"].nunique(), int((counts["size"] == 0).sum()), json.dumps(scores))  # fmt: skip
+    log.info(
+        "%d images in %d clusters (%d super-clusters, %d empty clusters); NMI %s",
+        len(labels.table),
+        len(counts),
+        labels.table["super_cluster"].nunique(),
+        int((counts["size"] == 0).sum()),
+        json.dumps(scores),
+    )
     write_labels(out, labels)
     write_sizes(sizes, counts)
     write_round_nmi(nmi_out, scores)
@@ -89,6 +101,10 @@ def true_labels(*, manifest: str, out: str, label_column: str) -> None:
         )
     classes = pd.Categorical(images[label_column].astype(str))
     table = pd.DataFrame({"id": images["id"], "super_cluster": 0, "sub_cluster": classes.codes.astype(np.int64)})
-    log.info("%d images of %d classes (%s) as the supervised bound's labels", len(table), len(classes.categories),
-             ", ".join(classes.categories))  # fmt: skip
+    log.info(
+        "%d images of %d classes (%s) as the supervised bound's labels",
+        len(table),
+        len(classes.categories),
+        ", ".join(classes.categories),
+    )
     write_labels(out, Labels(table, [len(classes.categories)]))

@@ -49,8 +49,17 @@ def whitened_shards(
     mine = shards[context.rank :: context.world_size]
     require_checkpoint(mine, whitening_checkpoint(pca), f"the checkpoint {pca} was fitted on")
     spill = None if out is None else f"{out}.rank{context.rank}.whitened.h5"
-    return ShardSource(mine, whitening, whitening.dim, keep_ids=keep_ids, cache_mb=cache_mb, dtype=dtype,
-                       spill=spill, pca_sha256=sha256(pca), **provenance)  # fmt: skip
+    return ShardSource(
+        mine,
+        whitening,
+        whitening.dim,
+        keep_ids=keep_ids,
+        cache_mb=cache_mb,
+        dtype=dtype,
+        spill=spill,
+        pca_sha256=sha256(pca),
+        **provenance,
+    )
 
 
 def write_result(out: str, result: Clusters, **attrs: object) -> None:
@@ -63,9 +72,16 @@ def write_result(out: str, result: Clusters, **attrs: object) -> None:
 
 
 def cluster_super(
-    *, shards: list[str], pca: str, out: str, super_clusters: int, iterations: int, seed: int, cache_mb: float,
+    *,
+    shards: list[str],
+    pca: str,
+    out: str,
+    super_clusters: int,
+    iterations: int,
+    seed: int,
+    cache_mb: float,
     dtype: str,
-) -> None:  # fmt: skip
+) -> None:
     """Stage 'super-clusters': level 1, ``super_clusters`` (m) clusters over every image."""
     require_rows(super_clusters, sum(shard_rows(p) for p in shards), "methods.deepercluster.super_clusters")
     source = whitened_shards(shards, pca, cache_mb, out, dtype=dtype)
@@ -107,13 +123,21 @@ def cluster_sub(
             sub_clusters,
             k,
         )
-    source = whitened_shards(shards, pca, cache_mb, out, keep_ids=members, dtype=dtype,
-                             super_sha256=sha256(super_file))  # fmt: skip
-    log.info("level 2: %d sub-clusters inside super-cluster %d (%d images on this rank)", k, super_cluster,
-             source.count)  # fmt: skip
+    source = whitened_shards(shards, pca, cache_mb, out, keep_ids=members, dtype=dtype, super_sha256=sha256(super_file))
+    log.info(
+        "level 2: %d sub-clusters inside super-cluster %d (%d images on this rank)", k, super_cluster, source.count
+    )
     result = kmeans(source, k, iterations, level_seed(seed, super_cluster))
-    write_result(out, result, level="sub", super_cluster=super_cluster, super_sha256=sha256(super_file),
-                 pca_sha256=sha256(pca), seed=seed, iterations=iterations)  # fmt: skip
+    write_result(
+        out,
+        result,
+        level="sub",
+        super_cluster=super_cluster,
+        super_sha256=sha256(super_file),
+        pca_sha256=sha256(pca),
+        seed=seed,
+        iterations=iterations,
+    )
     source.discard()
 
 

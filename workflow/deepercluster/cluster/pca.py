@@ -67,9 +67,16 @@ def fit_whitening(chunks: Iterable[np.ndarray], dim: int | None, eigenvalue_floo
 
 
 def fit_pca(
-    *, shards: list[str], checkpoint: str, out: str, dim: int | None, fraction: float, sample_size: int, seed: int,
+    *,
+    shards: list[str],
+    checkpoint: str,
+    out: str,
+    dim: int | None,
+    fraction: float,
+    sample_size: int,
+    seed: int,
     eigenvalue_floor: float,
-) -> None:  # fmt: skip
+) -> None:
     """Stage 'pca': fit the whitening on a sample of ``sample_size`` rows of ``shards``, the features of
     ``checkpoint`` (every shard must say so), and write ``pca.h5``.
 

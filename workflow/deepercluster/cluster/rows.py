@@ -86,8 +86,11 @@ class ShardSource:
         """Read every kept row from the shards once, whiten it and ``write`` it (first row, rows) as ``dtype``."""
         start = 0
         for path, positions in zip(self.paths, self.positions, strict=True):
-            raw = (x for _, x in read_chunks([path], self.chunk_rows)) if positions is None else (
-                read_rows(path, positions, self.chunk_rows))  # fmt: skip
+            raw = (
+                (x for _, x in read_chunks([path], self.chunk_rows))
+                if positions is None
+                else (read_rows(path, positions, self.chunk_rows))
+            )
             for x in raw:
                 write(start, self.transform(x).astype(dtype, copy=False))
                 start += len(x)

@@ -69,8 +69,9 @@ def accuracy_figure(curves: dict[str, list[dict]], chance: float | None = None) 
             own = [layer for layer in layers if layer.get("pooling", "pooled") == pooling]
             top1 = np.array([100 * layer["top1"] for layer in own])
             interval = np.array([[100 * bound for bound in layer["ci95"]] for layer in own]).T
-            axes.errorbar([layer["layer"] for layer in own], top1, yerr=np.abs(interval - top1), fmt="o-", capsize=3,
-                          label=label)  # fmt: skip
+            axes.errorbar(
+                [layer["layer"] for layer in own], top1, yerr=np.abs(interval - top1), fmt="o-", capsize=3, label=label
+            )
         if chance is not None:
             axes.axhline(100 * chance, color="grey", linestyle="--", linewidth=1, label="chance")
         axes.set_title(f"{pooling} features")

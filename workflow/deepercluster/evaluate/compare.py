@@ -79,38 +79,61 @@ def markdown(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def tables(rows: dict[str, dict[str, dict]], checkpoints: dict[str, str], label_column: str) -> list[str]:
     """table.md's lines: the linear probes, then k-NN, NMI and the transfer tasks, then the headline."""
-    linear, knn = (list(dict.fromkeys(key for evals in rows.values() for key in scores(evals, kind))) for kind in
-                   ("linear", "knn"))  # fmt: skip
+    linear, knn = (
+        list(dict.fromkeys(key for evals in rows.values() for key in scores(evals, kind))) for kind in ("linear", "knn")
+    )
     knn.sort(key=lambda key: key[0] == "feature")  # the conv layers' channels, then the penultimate feature
     pick = headline(rows)
     first = markdown(
         ["method", "checkpoint", *(f"linear {layer} ({pooling})" for pooling, layer in linear)],
-        [[label, f"`{checkpoints[label]}`", *(with_interval(scores(e, "linear").get(key)) for key in linear)]
-         for label, e in rows.items()],
-    )  # fmt: skip
+        [
+            [label, f"`{checkpoints[label]}`", *(with_interval(scores(e, "linear").get(key)) for key in linear)]
+            for label, e in rows.items()
+        ],
+    )
     second = []
     for label, evals in rows.items():
         nmi, sd = (evals["nmi"][key].get(label_column) for key in ("nmi", "nmi_sd"))
         voc07, retrieval = evals.get("voc07"), evals.get("retrieval")
-        second.append([label, *(with_interval(scores(evals, "knn").get(key)) for key in knn),
-                       "" if nmi is None else f"{nmi:.3f} ± {sd:.3f}",
-                       percent(voc07["fc6_8"]["mAP"]) if voc07 else "", percent(voc07["all"]["mAP"]) if voc07 else "",
-                       percent(retrieval["mAP"]) if retrieval else "",
-                       f"{100 * gain_closed(rows, label, pick):.0f}%" if pick else ""])  # fmt: skip
+        second.append(
+            [
+                label,
+                *(with_interval(scores(evals, "knn").get(key)) for key in knn),
+                "" if nmi is None else f"{nmi:.3f} ± {sd:.3f}",
+                percent(voc07["fc6_8"]["mAP"]) if voc07 else "",
+                percent(voc07["all"]["mAP"]) if voc07 else "",
+                percent(retrieval["mAP"]) if retrieval else "",
+                f"{100 * gain_closed(rows, label, pick):.0f}%" if pick else "",
+            ]
+        )
     k = next(iter(rows.values()))["knn"]["k"]
-    second_header = ["method", *(f"{k}-NN {layer} ({pooling})" for pooling, layer in knn), f"NMI {label_column}",
-                     "VOC07 FC6-8 mAP", "VOC07 ALL mAP", "retrieval mAP",
-                     f"supervised gain closed ({pick})"]  # fmt: skip
-    said = (f"The headline probe is the linear probe on **{pick}** features: the supervised row's best layer beats "
-            "the random init's by more than both 95% intervals there." if pick else
-            "No probe shows the supervised row above the random init by more than the 95% intervals (or the table "
-            "lacks one of them): at this budget the table cannot show learning.")  # fmt: skip
+    second_header = [
+        "method",
+        *(f"{k}-NN {layer} ({pooling})" for pooling, layer in knn),
+        f"NMI {label_column}",
+        "VOC07 FC6-8 mAP",
+        "VOC07 ALL mAP",
+        "retrieval mAP",
+        f"supervised gain closed ({pick})",
+    ]
+    said = (
+        f"The headline probe is the linear probe on **{pick}** features: the supervised row's best layer beats "
+        "the random init's by more than both 95% intervals there."
+        if pick
+        else "No probe shows the supervised row above the random init by more than the 95% intervals (or the table "
+        "lacks one of them): at this budget the table cannot show learning."
+    )
     return [
-        *first, "", *markdown(second_header, second), "", said, "",
+        *first,
+        "",
+        *markdown(second_header, second),
+        "",
+        said,
+        "",
         f"Top-1 (%) [95% interval, bootstrapped over the test images] of each conv layer's converged linear probe "
         f"(trained on the train images) and of the test images' k-NN among the train images; NMI of k-means on the "
         f"test images' features with `{label_column}` (mean ± sd over k-means seeds); mAP (%) where configured.",
-    ]  # fmt: skip
+    ]
 
 
 def tsv_row(label: str, checkpoint: str, evals: dict[str, dict], label_column: str) -> dict:

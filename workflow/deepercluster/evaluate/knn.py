@@ -69,10 +69,23 @@ def knn(*, manifest: str, features: str, probe_features: str, out: str, k: int, 
         channels = read_probe_layer(probe_features, f"channels/{name}", data.ids)
         layers.append({"layer": name, "pooling": "channels", **knn_layer(channels, data, k, seed)})
     for layer in layers:
-        log.info("%d-NN on %s (%s): test top-1 %.4f (95%% interval %s)", k, layer["layer"], layer["pooling"],
-                 layer["top1"], np.round(layer["ci95"], 4).tolist())  # fmt: skip
-    write_json(out, {
-        "k": k, "label_column": label_column, "classes": len(data.classes), "train_images": int(data.train.sum()),
-        "test_images": int((~data.train).sum()), "checkpoint_sha256": str(attrs.get("checkpoint_sha256", "")),
-        "layers": layers,
-    })  # fmt: skip
+        log.info(
+            "%d-NN on %s (%s): test top-1 %.4f (95%% interval %s)",
+            k,
+            layer["layer"],
+            layer["pooling"],
+            layer["top1"],
+            np.round(layer["ci95"], 4).tolist(),
+        )
+    write_json(
+        out,
+        {
+            "k": k,
+            "label_column": label_column,
+            "classes": len(data.classes),
+            "train_images": int(data.train.sum()),
+            "test_images": int((~data.train).sum()),
+            "checkpoint_sha256": str(attrs.get("checkpoint_sha256", "")),
+            "layers": layers,
+        },
+    )

@@ -115,8 +115,14 @@ def fit_logistic(
     weight = torch.zeros(classes, x.shape[1]) if start is None else start[0].clone()
     bias = torch.zeros(classes) if start is None else start[1].clone()
     chunk = min(CHECK_EVERY, max_iterations) if held_out is not None else max_iterations
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=chunk, tolerance_grad=1e-5, tolerance_change=1e-9,
-                                  history_size=20, line_search_fn="strong_wolfe")  # fmt: skip
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        max_iter=chunk,
+        tolerance_grad=1e-5,
+        tolerance_change=1e-9,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
     one_hot = F.one_hot(y, classes).to(x.dtype)
 
     def closure() -> torch.Tensor:
@@ -161,13 +167,18 @@ def probe_layer(
     fit_y, select_y = (torch.from_numpy(data.targets[train[rows]]) for rows in (~held_out, held_out))
     selection, solutions, steps, start = {}, {}, {}, None
     for weight_decay in sorted(weight_decays, reverse=True):  # each fit starts from the more regularised one
-        weight, bias, iterations = fit_logistic(fit_x, fit_y, classes, weight_decay, max_iterations, start,
-                                                held_out=(select_x, select_y))  # fmt: skip
+        weight, bias, iterations = fit_logistic(
+            fit_x, fit_y, classes, weight_decay, max_iterations, start, held_out=(select_x, select_y)
+        )
         steps[weight_decay] = iterations
         solutions[weight_decay] = start = (weight, bias)
         selection[weight_decay] = float(hits(select_x, select_y, *start).float().mean())
-        log.info("  weight decay %g: held-out top-1 %.4f after %d L-BFGS iterations", weight_decay,
-                 selection[weight_decay], iterations)  # fmt: skip
+        log.info(
+            "  weight decay %g: held-out top-1 %.4f after %d L-BFGS iterations",
+            weight_decay,
+            selection[weight_decay],
+            iterations,
+        )
     chosen = max(weight_decays, key=lambda wd: (selection[wd], wd))  # ties: the stronger regularisation
     train_x, test_x = map(torch.from_numpy, standardise(x, train, np.flatnonzero(~data.train)))
     train_y = torch.from_numpy(data.targets[data.train])
@@ -185,9 +196,16 @@ def probe_layer(
 
 
 def linear_probe(
-    *, features: str, manifest: str, out: str, plot: str, label_column: str, weight_decays: list[float],
-    max_iterations: int, seed: int,
-) -> None:  # fmt: skip
+    *,
+    features: str,
+    manifest: str,
+    out: str,
+    plot: str,
+    label_column: str,
+    weight_decays: list[float],
+    max_iterations: int,
+    seed: int,
+) -> None:
     """Stage 'eval-linear': test top-1 of a converged linear probe per conv layer and pooling -> ``out``, ``plot``."""
     data = labelled_roles(manifest, label_column)
     attrs = probe_attributes(features)
@@ -195,17 +213,44 @@ def linear_probe(
     for pooling in POOLINGS:
         for name, pool in zip(attrs["layers"], attrs["pools"], strict=True):
             x = read_probe_layer(features, f"{pooling}/{name}", data.ids)
-            log.info("%s %s (%d dims): choosing the weight decay on a held-out fifth of the train images", name,
-                     pooling, x.shape[1])  # fmt: skip
+            log.info(
+                "%s %s (%d dims): choosing the weight decay on a held-out fifth of the train images",
+                name,
+                pooling,
+                x.shape[1],
+            )
             result = probe_layer(x, data, weight_decays, seed, max_iterations)
-            log.info("%s %s (%d dims): test top-1 %.4f, 95%% interval %s, weight decay %g, %d L-BFGS iterations",
-                     name, pooling, x.shape[1], result["top1"], np.round(result["ci95"], 4).tolist(),
-                     result["weight_decay"], result["iterations"])  # fmt: skip
-            layers.append({"layer": name, "pooling": pooling, "pool": int(pool) if pooling == "pooled" else 1,
-                           "dim": int(x.shape[1]), **result})  # fmt: skip
-    write_json(out, {
-        "features": features, "checkpoint_sha256": str(attrs["checkpoint_sha256"]), "arch": str(attrs["arch"]),
-        "label_column": label_column, "classes": len(data.classes), "train_images": int(data.train.sum()),
-        "test_images": int((~data.train).sum()), "weight_decays": weight_decays, "layers": layers,
-    })  # fmt: skip
+            log.info(
+                "%s %s (%d dims): test top-1 %.4f, 95%% interval %s, weight decay %g, %d L-BFGS iterations",
+                name,
+                pooling,
+                x.shape[1],
+                result["top1"],
+                np.round(result["ci95"], 4).tolist(),
+                result["weight_decay"],
+                result["iterations"],
+            )
+            layers.append(
+                {
+                    "layer": name,
+                    "pooling": pooling,
+                    "pool": int(pool) if pooling == "pooled" else 1,
+                    "dim": int(x.shape[1]),
+                    **result,
+                }
+            )
+    write_json(
+        out,
+        {
+            "features": features,
+            "checkpoint_sha256": str(attrs["checkpoint_sha256"]),
+            "arch": str(attrs["arch"]),
+            "label_column": label_column,
+            "classes": len(data.classes),
+            "train_images": int(data.train.sum()),
+            "test_images": int((~data.train).sum()),
+            "weight_decays": weight_decays,
+            "layers": layers,
+        },
+    )
     save_figure(accuracy_figure({Path(out).parent.name: layers}, 1 / len(data.classes)), plot)

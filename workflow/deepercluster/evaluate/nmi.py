@@ -84,8 +84,14 @@ def cluster_nmi(
         mean, sd = mean_and_sd(scores)
         rounds.append({"nmi": mean, "nmi_sd": sd})
         previous = clusterings
-    log.info("k-means k=%d on %d images, %d seeds: NMI %s, sd %s", k, len(previous[0]), seeds, rounds[-1]["nmi"],
-             rounds[-1]["nmi_sd"])  # fmt: skip
+    log.info(
+        "k-means k=%d on %d images, %d seeds: NMI %s, sd %s",
+        k,
+        len(previous[0]),
+        seeds,
+        rounds[-1]["nmi"],
+        rounds[-1]["nmi_sd"],
+    )
     over_rounds = None if first_round is None else [{"round": first_round + i, **row} for i, row in enumerate(rounds)]
     write_json(out, {"k": k, "images": len(previous[0]), "seeds": seeds, **rounds[-1], "rounds": over_rounds})
     save_figure(nmi_figure(over_rounds, rounds[-1], Path(out).parent.name), plot)

@@ -110,9 +110,16 @@ def query_average_precisions(
 
 
 def retrieval(
-    *, images: str, checkpoint: str, out: str, image_size: int, dim: int | None, eigenvalue_floor: float,
-    batch_size: int, workers: int,
-) -> None:  # fmt: skip
+    *,
+    images: str,
+    checkpoint: str,
+    out: str,
+    image_size: int,
+    dim: int | None,
+    eigenvalue_floor: float,
+    batch_size: int,
+    workers: int,
+) -> None:
     """Stage 'eval-retrieval': R-MAC mAP of the queries of ``images`` (a CSV) against its database -> ``out``."""
     table = read_image_list(images)
     model, _ = frozen_backbone(checkpoint)
@@ -127,8 +134,12 @@ def retrieval(
     groups = table["group"].to_numpy()
     ap = query_average_precisions(descriptors[query], descriptors[database], groups[query], groups[database])
     scored = ~np.isnan(ap)
-    log.info("R-MAC retrieval: mAP %.4f over %d queries, %d database images", np.mean(ap[scored]), scored.sum(),
-             database.sum())  # fmt: skip
+    log.info(
+        "R-MAC retrieval: mAP %.4f over %d queries, %d database images",
+        np.mean(ap[scored]),
+        scored.sum(),
+        database.sum(),
+    )
     write_json(
         out,
         {

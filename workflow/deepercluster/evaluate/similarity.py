@@ -62,9 +62,16 @@ def layer_grams(
 
 
 def similarity(
-    *, manifest: str, checkpoints: list[str], out: str, plot: str, images: int, image_size: int, batch_size: int,
+    *,
+    manifest: str,
+    checkpoints: list[str],
+    out: str,
+    plot: str,
+    images: int,
+    image_size: int,
+    batch_size: int,
     workers: int,
-) -> None:  # fmt: skip
+) -> None:
     """Stage 'eval-similarity': each conv layer of each of ``checkpoints`` (rounds 0, 1, ...) against round 0's: its
     weights' cosine and its activations' linear CKA on the first ``images`` test images -> ``out``, ``plot``."""
     shown = test_images(read_manifest(manifest)).iloc[:images]
@@ -78,8 +85,13 @@ def similarity(
         for name, w0, w, g0, g in zip(names, weights, conv_weights(model), grams, own, strict=True):
             cosine = float(torch.nn.functional.cosine_similarity(w0, w, dim=0))
             rows.append({"round": r, "layer": name, "weight_cosine": cosine, "cka": linear_cka(g0, g)})
-        log.info("round %d: %s", r, ", ".join(f"{row['layer']} cosine {row['weight_cosine']:.3f} CKA {row['cka']:.3f}"
-                                                for row in rows[-len(names) :]))  # fmt: skip
+        log.info(
+            "round %d: %s",
+            r,
+            ", ".join(
+                f"{row['layer']} cosine {row['weight_cosine']:.3f} CKA {row['cka']:.3f}" for row in rows[-len(names) :]
+            ),
+        )
     table = pd.DataFrame(rows)
     write_similarity(out, table)
     save_figure(similarity_figure(table, len(shown)), plot)
@@ -88,8 +100,10 @@ def similarity(
 def similarity_figure(table: pd.DataFrame, images: int) -> Figure:
     """Weight cosine and activation CKA with round 0, per conv layer, over rounds."""
     figure = Figure(figsize=(10, 4))
-    titles = {"weight_cosine": "conv weights: cosine with round 0",
-              "cka": f"activations: linear CKA with round 0 ({images} test images)"}  # fmt: skip
+    titles = {
+        "weight_cosine": "conv weights: cosine with round 0",
+        "cka": f"activations: linear CKA with round 0 ({images} test images)",
+    }
     for axes, (column, title) in zip(figure.subplots(1, 2), titles.items(), strict=True):
         for layer, rows in table.groupby("layer", sort=False):
             axes.plot(rows["round"], rows[column], "o-", label=layer)

@@ -50,10 +50,11 @@ def read_split(voc: str, split: str) -> pd.DataFrame:
     if not files:
         raise EvaluationError(f"{main} has no *_{split}.txt file: evaluation.voc07 must be a VOC-layout folder")
     columns = [
-        pd.read_csv(path, sep=r"\s+", header=None, names=["image", path.stem.removesuffix(f"_{split}")],
-                    dtype={"image": str}).set_index("image")
+        pd.read_csv(
+            path, sep=r"\s+", header=None, names=["image", path.stem.removesuffix(f"_{split}")], dtype={"image": str}
+        ).set_index("image")
         for path in files
-    ]  # fmt: skip
+    ]
     return pd.concat(columns, axis=1).sort_index().fillna(0).astype(np.int64)
 
 
@@ -100,9 +101,19 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def fine_tune(
-    checkpoint: str, setting: str, paths: list[str], targets: np.ndarray, *, image_size: int, epochs: int,
-    batch_size: int, lr: float, weight_decay: float, seed: int, workers: int,
-) -> tuple[ConvNet, torch.nn.Module]:  # fmt: skip
+    checkpoint: str,
+    setting: str,
+    paths: list[str],
+    targets: np.ndarray,
+    *,
+    image_size: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    workers: int,
+) -> tuple[ConvNet, torch.nn.Module]:
     """The checkpoint's model and a new fc8 trained on (``paths``, ``targets``) in ``setting``."""
     model, _ = load_model(checkpoint)
     torch.manual_seed(seed)
@@ -176,9 +187,18 @@ def voc07(
     result = {"classes": classes, "trainval_images": len(trainval), "test_images": len(test), "crops": TEST_CROPS}
     for setting in SETTINGS:
         model, head = fine_tune(
-            checkpoint, setting, image_paths(voc, trainval), trainval.to_numpy(np.float32), image_size=image_size,
-            epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, workers=workers,
-        )  # fmt: skip
+            checkpoint,
+            setting,
+            image_paths(voc, trainval),
+            trainval.to_numpy(np.float32),
+            image_size=image_size,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            seed=seed,
+            workers=workers,
+        )
         scores = crop_scores(model, head, image_paths(voc, test), image_size, batch_size, seed, workers)
         ap = class_average_precisions(scores, test.to_numpy(), classes)
         scored = [v for v in ap.values() if v is not None]

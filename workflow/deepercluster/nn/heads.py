@@ -125,9 +125,14 @@ class Heads(nn.Module):
     """
 
     def __init__(
-        self, feature_dim: int, targets: Targets, holds: Collection[int] | None = None,
-        part: tuple[int, int] = (0, 1), group: dist.ProcessGroup | None = None, device: str = "cpu",
-    ) -> None:  # fmt: skip
+        self,
+        feature_dim: int,
+        targets: Targets,
+        holds: Collection[int] | None = None,
+        part: tuple[int, int] = (0, 1),
+        group: dist.ProcessGroup | None = None,
+        device: str = "cpu",
+    ) -> None:
         super().__init__()
         self.targets, (self.part, self.parts), self.group = targets, part, group
         super_classes = targets.super_classes

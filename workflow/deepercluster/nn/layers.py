@@ -136,9 +136,12 @@ class _ShardedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: torch.autograd.function.FunctionCtx, logits: torch.Tensor, target: torch.Tensor, first: int,
+        ctx: torch.autograd.function.FunctionCtx,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        first: int,
         group: dist.ProcessGroup | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         rows, classes = logits.shape
         local = target - first
         mine = (local >= 0) & (local < classes)

@@ -128,12 +128,15 @@ def alexnet_bn(*, sobel: bool = True) -> ConvNet:
     """
     pool = nn.MaxPool2d(kernel_size=3, stride=2)
     features = nn.Sequential(
-        *conv_bn(2 if sobel else 3, 96, 11, stride=4, padding=2), pool,
-        *conv_bn(96, 256, 5, padding=2), pool,
+        *conv_bn(2 if sobel else 3, 96, 11, stride=4, padding=2),
+        pool,
+        *conv_bn(96, 256, 5, padding=2),
+        pool,
         *conv_bn(256, 384, 3, padding=1),
         *conv_bn(384, 384, 3, padding=1),
-        *conv_bn(384, 256, 3, padding=1), pool,
-    )  # fmt: skip
+        *conv_bn(384, 256, 3, padding=1),
+        pool,
+    )
     return ConvNet(features, pool=6, hidden=4096, sobel=sobel)
 
 

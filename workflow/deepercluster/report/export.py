@@ -28,8 +28,16 @@ def export_model(*, checkpoint: str, out: str, image_size: int) -> None:
     if folded_sobel:
         model = fold_sobel(model)
     log.info("%s: %s, conv1 %s (Sobel folded: %s)", checkpoint, state["arch"], model.features[0], folded_sobel)
-    save_checkpoint(out, exported_model(
-        state_dict=model.state_dict(), arch=state["arch"], folded_sobel=folded_sobel, feature_dim=model.feature_dim,
-        image_size=image_size, mean=torch.tensor(IMAGENET_MEAN), std=torch.tensor(IMAGENET_STD),
-        provenance={"checkpoint_sha256": sha256(checkpoint)},
-    ))  # fmt: skip
+    save_checkpoint(
+        out,
+        exported_model(
+            state_dict=model.state_dict(),
+            arch=state["arch"],
+            folded_sobel=folded_sobel,
+            feature_dim=model.feature_dim,
+            image_size=image_size,
+            mean=torch.tensor(IMAGENET_MEAN),
+            std=torch.tensor(IMAGENET_STD),
+            provenance={"checkpoint_sha256": sha256(checkpoint)},
+        ),
+    )

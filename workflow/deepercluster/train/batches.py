@@ -76,8 +76,9 @@ def group_sampler(method: Method, layout: Layout, clusters: Labels, images: int,
     table = clusters.table
     flat = table["super_cluster"].to_numpy() * max(clusters.sub_clusters) + table["sub_cluster"].to_numpy()
     rotations = [layout.group % method.rotations] if layout.groups > 1 else list(range(method.rotations))
-    return UniformClusterSampler(flat, rotations=rotations, seed=derived_seed(seed, layout.group),
-                                 draws=images // layout.groups)  # fmt: skip
+    return UniformClusterSampler(
+        flat, rotations=rotations, seed=derived_seed(seed, layout.group), draws=images // layout.groups
+    )
 
 
 class RotatedImages(Dataset):
@@ -108,9 +109,15 @@ class RankBatches(Sequence):
     """
 
     def __init__(
-        self, indices: np.ndarray, rotations: np.ndarray, group_batch: int, layout: Layout, start: int, seed: int,
+        self,
+        indices: np.ndarray,
+        rotations: np.ndarray,
+        group_batch: int,
+        layout: Layout,
+        start: int,
+        seed: int,
         epoch: int,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.indices, self.rotations, self.group_batch, self.start = indices, rotations, group_batch, start
         self.share = group_batch // layout.parts
         self.offset = layout.part * self.share

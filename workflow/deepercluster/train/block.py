@@ -119,8 +119,13 @@ def block_networks(
     model, previous = load_model(previous_checkpoint)
     torch.manual_seed(settings.seed)  # the same heads on every rank
     layout = data.layout
-    heads = Heads(model.feature_dim, data.targets, holds=[layout.group] if layout.groups > 1 else None,
-                  part=layout.head_part, group=data.group)  # fmt: skip
+    heads = Heads(
+        model.feature_dim,
+        data.targets,
+        holds=[layout.group] if layout.groups > 1 else None,
+        part=layout.head_part,
+        group=data.group,
+    )
     if keeps_heads(previous, data):
         heads.load_state_dict(previous["heads"])
         log.info("the heads carry over from %s", previous_checkpoint)
@@ -204,9 +209,18 @@ class Loop:
 
 
 def train_block(
-    *, manifest: str, previous_checkpoint: str, out: str, train_dir: str, method: str, round: int,
-    labels: str | None = None, settings: BlockSettings, workers: int, checkpoint_every: int,
-) -> None:  # fmt: skip
+    *,
+    manifest: str,
+    previous_checkpoint: str,
+    out: str,
+    train_dir: str,
+    method: str,
+    round: int,
+    labels: str | None = None,
+    settings: BlockSettings,
+    workers: int,
+    checkpoint_every: int,
+) -> None:
     """Stage 'train' (inside its launcher): round ``round``'s training block with ``settings``; writes ``out``.
 
     ``settings.batch_size`` is the global batch, split evenly over the ranks. ``out`` holds the backbone the next
@@ -215,10 +229,18 @@ def train_block(
     """
     context = init_distributed()
     if settings.batch_size % context.world_size:
-        raise TrainingInputError(f"config train.batch_size {settings.batch_size} is not a multiple of the "
-                                 f"{context.world_size} ranks (resources.train.tasks): change either")  # fmt: skip
-    provenance = block_provenance(manifest=manifest, previous_checkpoint=previous_checkpoint, labels=labels,
-                                  method=method, world_size=context.world_size, settings=settings)  # fmt: skip
+        raise TrainingInputError(
+            f"config train.batch_size {settings.batch_size} is not a multiple of the "
+            f"{context.world_size} ranks (resources.train.tasks): change either"
+        )
+    provenance = block_provenance(
+        manifest=manifest,
+        previous_checkpoint=previous_checkpoint,
+        labels=labels,
+        method=method,
+        world_size=context.world_size,
+        settings=settings,
+    )
     log.info("round %d's block, deepercluster %s: %s", round, code_version(), provenance)
 
     data = block_data(manifest, labels, methods.method(method), context, settings)
@@ -226,27 +248,52 @@ def train_block(
     optimisers = Optimisers(model, heads, data, settings)
     optimisers.carry_over(previous, data)
     state = BlockState(
-        shared=optional(model=model, super_class=heads.super_class, optimizer=optimisers.optimizer,
-                        super_class_optimizer=optimisers.super_class_optimizer),
+        shared=optional(
+            model=model,
+            super_class=heads.super_class,
+            optimizer=optimisers.optimizer,
+            super_class_optimizer=optimisers.super_class_optimizer,
+        ),
         held=optional(sub_class=heads.sub_class, sub_class_optimizer=optimisers.held_optimizer),
-    )  # fmt: skip
+    )
     last = Path(train_dir) / "last.pt"
     last.parent.mkdir(parents=True, exist_ok=True)
     start_epoch, start_batch = resume_state(last, state, data.layout, provenance, context.rank)
     per_epoch = len(data.sampler) // data.group_batch
     metrics = MetricsLog(last.with_name("running-metrics.tsv"), resume_at=start_epoch * per_epoch + start_batch)
-    loop = Loop(round, data, model, heads, optimisers, state, last, provenance, metrics, context, settings,
-                checkpoint_every=checkpoint_every, workers=workers)  # fmt: skip
+    loop = Loop(
+        round,
+        data,
+        model,
+        heads,
+        optimisers,
+        state,
+        last,
+        provenance,
+        metrics,
+        context,
+        settings,
+        checkpoint_every=checkpoint_every,
+        workers=workers,
+    )
     log_start(loop, start_epoch, start_batch)
     with Preemption() as preemption:
         for epoch in range(start_epoch, settings.epochs):
             run_epoch(loop, epoch, start_batch if epoch == start_epoch else 0, preemption)
     metrics.publish(last.with_name("metrics.tsv"))
     if is_main_process():
-        final = {"model": model.state_dict(), "heads": heads.state_dict(), "targets": asdict(data.targets),
-                 "optimizers": {name: o.state_dict() for name, o in optimisers.by_name().items()}}  # fmt: skip
-        save_checkpoint(out, model_checkpoint(arch=previous["arch"], sobel=previous["sobel"], round=round,
-                                              provenance=provenance, **final))  # fmt: skip
+        final = {
+            "model": model.state_dict(),
+            "heads": heads.state_dict(),
+            "targets": asdict(data.targets),
+            "optimizers": {name: o.state_dict() for name, o in optimisers.by_name().items()},
+        }
+        save_checkpoint(
+            out,
+            model_checkpoint(
+                arch=previous["arch"], sobel=previous["sobel"], round=round, provenance=provenance, **final
+            ),
+        )
         log.info("round %d's block done: %s", round, out)
 
 
@@ -259,16 +306,31 @@ def log_start(loop: Loop, start_epoch: int, start_batch: int) -> None:
     data = loop.data
     if (start_epoch, start_batch) != (0, 0):
         log.info("resuming round %d at epoch %d, batch %d from %s", loop.round, start_epoch, start_batch, loop.last)
-    log.info("round %d: %s on %d images, %d epochs x %d iterations of %d on %d ranks (%s), heads %s", loop.round,
-             data.method.name, len(data.dataset), loop.settings.epochs, loop.iterations_per_epoch,
-             loop.settings.batch_size, loop.context.world_size, data.layout, data.targets)  # fmt: skip
+    log.info(
+        "round %d: %s on %d images, %d epochs x %d iterations of %d on %d ranks (%s), heads %s",
+        loop.round,
+        data.method.name,
+        len(data.dataset),
+        loop.settings.epochs,
+        loop.iterations_per_epoch,
+        loop.settings.batch_size,
+        loop.context.world_size,
+        data.layout,
+        data.targets,
+    )
     held = sum(p.numel() for p in loop.optimisers.held)
-    log.info("rank %d holds sub-class heads [%s] (part %d of %d): %d parameters", loop.context.rank,
-             ",".join(loop.heads.sub_class), *data.layout.head_part, held)  # fmt: skip
+    log.info(
+        "rank %d holds sub-class heads [%s] (part %d of %d): %d parameters",
+        loop.context.rank,
+        ",".join(loop.heads.sub_class),
+        *data.layout.head_part,
+        held,
+    )
 
 
-def refuse_divergence(loop: Loop, row: dict[str, float], weights: set[str], epoch: int, batch: int,
-                      iteration: int) -> None:  # fmt: skip
+def refuse_divergence(
+    loop: Loop, row: dict[str, float], weights: set[str], epoch: int, batch: int, iteration: int
+) -> None:
     """Stop the block, on every rank at once, at an iteration whose loss is NaN or infinite, or whose state after
     its step, about to be saved, is (``weights``: the objects of any rank that are): last.pt keeps the last state
     saved, which was finite."""
@@ -293,8 +355,13 @@ def run_epoch(loop: Loop, epoch: int, start_batch: int, preemption: Preemption) 
     # Its own generator: creating the loader must not draw from the global RNG (dropout's), or a loader created
     # at resume would shift every later draw.
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(data.dataset, batch_sampler=batches, num_workers=loop.workers,
-                        pin_memory=device.type == "cuda", generator=generator)  # fmt: skip
+    loader = DataLoader(
+        data.dataset,
+        batch_sampler=batches,
+        num_workers=loop.workers,
+        pin_memory=device.type == "cuda",
+        generator=generator,
+    )
     tick, iteration = time.perf_counter(), epoch * per_epoch + start_batch
     for batch, (x, index, rotation) in enumerate(loader, start=start_batch):
         x, rotation = network_input(x, device), rotation.to(device)
@@ -308,8 +375,14 @@ def run_epoch(loop: Loop, epoch: int, start_batch: int, preemption: Preemption) 
         refuse_divergence(loop, row, raised - {STOP}, epoch, batch, iteration)
         stop = STOP in raised
         now, iteration = time.perf_counter(), iteration + 1
-        loop.metrics.write(round=loop.round, epoch=epoch, iteration=iteration - 1, lr=loop.settings.lr,
-                           images_per_s=len(x) * loop.context.world_size / (now - tick), **row)  # fmt: skip
+        loop.metrics.write(
+            round=loop.round,
+            epoch=epoch,
+            iteration=iteration - 1,
+            lr=loop.settings.lr,
+            images_per_s=len(x) * loop.context.world_size / (now - tick),
+            **row,
+        )
         tick = now
         if iteration % loop.checkpoint_every == 0 or stop:
             loop.metrics.flush()
@@ -318,7 +391,13 @@ def run_epoch(loop: Loop, epoch: int, start_batch: int, preemption: Preemption) 
             log.warning("pre-emption signal: saved %s at epoch %d, batch %d; requeuing", loop.last, epoch, batch + 1)
             preemption.hand_over()
         if batch % max(1, per_epoch // 5) == 0 or batch + 1 == per_epoch:
-            log.info("epoch %d/%d batch %d/%d: %s", epoch + 1, loop.settings.epochs, batch + 1, per_epoch,
-                     " ".join(f"{k} {v:.3f}" for k, v in row.items()))  # fmt: skip
+            log.info(
+                "epoch %d/%d batch %d/%d: %s",
+                epoch + 1,
+                loop.settings.epochs,
+                batch + 1,
+                per_epoch,
+                " ".join(f"{k} {v:.3f}" for k, v in row.items()),
+            )
     loop.metrics.flush()
     save_state(loop.last, loop.state, data.layout, loop.provenance, epoch + 1, 0)

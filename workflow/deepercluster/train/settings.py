@@ -35,11 +35,18 @@ class BlockSettings:
         """The settings of a block of ``method`` in a validated ``config`` (``methods.<method>``, ``train``,
         ``data.image_size``), with the round's ``seed``."""
         own, train = config["methods"][method], config["train"]
-        return cls(epochs=own["epochs_per_round"], batch_size=train["batch_size"], lr=own["lr"],
-                   momentum=train["momentum"], head_momentum=own["head_momentum"],
-                   weight_decay=train["weight_decay"], dropout=train["dropout"],
-                   image_size=config["data"]["image_size"], min_crop_scale=train["min_crop_scale"],
-                   seed=seed)  # fmt: skip
+        return cls(
+            epochs=own["epochs_per_round"],
+            batch_size=train["batch_size"],
+            lr=own["lr"],
+            momentum=train["momentum"],
+            head_momentum=own["head_momentum"],
+            weight_decay=train["weight_decay"],
+            dropout=train["dropout"],
+            image_size=config["data"]["image_size"],
+            min_crop_scale=train["min_crop_scale"],
+            seed=seed,
+        )
 
 
 @dataclass(frozen=True)
@@ -61,7 +68,14 @@ class Allocation:
     @classmethod
     def of(cls, wanted: dict[str, Any]) -> Allocation:
         """The allocation of a stage's resources as the config names them (``deepercluster.resources.allocation``)."""
-        return cls(tasks=wanted["tasks"], nodes=wanted["nodes"], gpus_per_node=wanted["gpus"],
-                   gpu_model=wanted["gpu_model"], cpus_per_task=wanted["cpus_per_task"], mem_mb=wanted["mem_mb"],
-                   timeout_min=wanted["runtime"], slurm_partition=wanted["slurm_partition"],
-                   slurm_account=wanted["slurm_account"])  # fmt: skip
+        return cls(
+            tasks=wanted["tasks"],
+            nodes=wanted["nodes"],
+            gpus_per_node=wanted["gpus"],
+            gpu_model=wanted["gpu_model"],
+            cpus_per_task=wanted["cpus_per_task"],
+            mem_mb=wanted["mem_mb"],
+            timeout_min=wanted["runtime"],
+            slurm_partition=wanted["slurm_partition"],
+            slurm_account=wanted["slurm_account"],
+        )

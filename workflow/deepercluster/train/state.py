@@ -25,9 +25,14 @@ log = logging.getLogger(__name__)
 
 
 def block_provenance(
-    *, manifest: str, previous_checkpoint: str, labels: str | None, method: str, world_size: int,
+    *,
+    manifest: str,
+    previous_checkpoint: str,
+    labels: str | None,
+    method: str,
+    world_size: int,
     settings: BlockSettings,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """What the block's result depends on: its inputs' sha256, the method, the number of ranks and its settings
     (every field of ``BlockSettings``, not ``workers`` nor ``checkpoint_every``). A last.pt is resumed only when
     this is equal."""
@@ -113,8 +118,9 @@ def resume_state(
     own = group_file(last, layout, shared["epoch"], shared["batch"])
     held = load_checkpoint(own) if own.exists() else {}
     if held.get("provenance") != provenance:
-        log.warning("%s is not resumed: its training group's file %s is missing or of another block; starting afresh",
-                    last, own)  # fmt: skip
+        log.warning(
+            "%s is not resumed: its training group's file %s is missing or of another block; starting afresh", last, own
+        )
         return 0, 0
     for name, module in {**state.shared, **state.held}.items():
         module.load_state_dict({**shared, **held}[name])
