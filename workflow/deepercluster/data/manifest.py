@@ -506,4 +506,5 @@ class _ReadCheck(ImageDataset):
 def _undecodable(rows: pd.DataFrame, numbers: np.ndarray, workers: int) -> dict[int, tuple[str, str]]:
     """Decode each of ``rows`` (row ``numbers``) in a DataLoader; the (name, error) of each that fails, by number."""
     loader = DataLoader(_ReadCheck(rows, numbers), batch_size=VERIFY_BATCH, num_workers=workers, collate_fn=list)
-    return {number: (name, error) for batch in loader for number, name, error in batch if error}
+    checked = progress(loader, "verify images", total=len(loader), unit="batch")
+    return {number: (name, error) for batch in checked for number, name, error in batch if error}
