@@ -19,7 +19,7 @@ import torch
 from deepercluster.data.images import ImageDataset
 from deepercluster.data.manifest import build_manifest, join_evaluation
 from deepercluster.errors import DataError, UnreadableImageError
-from deepercluster.formats.manifest import read_manifest, write_manifest
+from deepercluster.formats.manifest import metadata_columns, read_manifest, write_manifest
 from defaults import manifest_settings
 from test_workflow import snakemake
 
@@ -92,6 +92,7 @@ def test_tars_index_to_the_folders_rows_and_pixels(collection: tuple[pd.DataFram
         range(60)
     )
     assert frame["path"].tolist() == [str(tars[i // 20]) for i in range(60)]
+    assert metadata_columns(frame) == ["label", "file", "index"]  # what the images show; not where they lie
     ours, theirs = ImageDataset(frame, np.asarray), ImageDataset(folder, np.asarray)
     for i in range(60):
         assert np.array_equal(ours[i][0], theirs[i][0]) and ours[i][1] == theirs[i][1] == i

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 # indexed (a tar changed since is refused). Null for an image file in a manifest that joins both (the evaluation
 # images'), where they read back as float64: exact for any offset below 2^53 and for the mtime as indexed.
 LOCATION = ("offset", "size", "tar_size", "tar_mtime")
+# The columns that name an image and where its bytes are, not what it shows: its id and path, its key and location
+# in a tar, a curated subset's pool_id (its image's id in the pool). No NMI is taken with them, no caption shows them.
+IMAGE = ("id", "path", "key", *LOCATION, "pool_id")
 # Rows per parquet row group: a features job reads the row groups holding its shard's rows, not the whole manifest.
 ROW_GROUP = 65_536
 
@@ -173,8 +176,8 @@ def manifest_size(manifest: str) -> int:
 
 
 def metadata_columns(frame: pd.DataFrame) -> list[str]:
-    """Every column of a manifest but id, path and a curated subset's pool_id (its image's id in the pool)."""
-    return [c for c in frame.columns if c not in ("id", "path", "pool_id")]
+    """Every column of a manifest but those that say which image a row is and where its bytes are (``IMAGE``)."""
+    return [c for c in frame.columns if c not in IMAGE]
 
 
 def informative_columns(frame: pd.DataFrame) -> list[str]:
