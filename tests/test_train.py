@@ -635,7 +635,8 @@ def test_eight_ranks_split_each_groups_sub_class_head_and_train_as_four_holding_
 
 def test_a_resumed_log_purges_the_curves_past_its_resume_point(single_process, tmp_path: Path) -> None:
     """A block killed after writing iterations 0-5 but saving at 3 resumes at 3 and writes 3-5 again (other values):
-    the running log and TensorBoard's curves both hold 0-2 of the first run, then 3-5 of the second."""
+    the running log and TensorBoard's curves both hold 0-2 of the first run, then 3-5 of the second, whatever the
+    order of the two runs' events files' names."""
     from deepercluster.train.metrics import MetricsLog
 
     def rows(log: MetricsLog, iterations: range, loss: float) -> None:
@@ -644,6 +645,10 @@ def test_a_resumed_log_purges_the_curves_past_its_resume_point(single_process, t
         log.flush()
 
     rows(MetricsLog(tmp_path / "running-metrics.tsv", resume_at=0), range(6), loss=1.0)  # then killed
+    # The killed run's events file named as if its process had a higher pid in the same second as the resumption's
+    # (as in a kill right after a save): TensorBoard reads the files in name order.
+    (killed,) = tmp_path.glob("events.out.tfevents.*")
+    killed.rename(tmp_path / f"events.out.tfevents.{int(time.time()) + 1}.host.4194304.0")
     resumed = MetricsLog(tmp_path / "running-metrics.tsv", resume_at=3)
     rows(resumed, range(3, 6), loss=2.0)
     resumed.publish(tmp_path / "metrics.tsv")

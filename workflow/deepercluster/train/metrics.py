@@ -10,7 +10,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from deepercluster.distributed import all_reduce_sum, is_main_process
-from deepercluster.formats.metrics import COLUMNS, MetricsWriter
+from deepercluster.formats.metrics import COLUMNS, MetricsWriter, read_metrics
 
 # The columns drawn as TensorBoard curves, by their names in the log; the others (round, epoch, iteration) place them.
 CURVES = tuple(c for c in COLUMNS if c not in ("round", "epoch", "iteration"))
@@ -19,21 +19,19 @@ CURVES = tuple(c for c in COLUMNS if c not in ("round", "epoch", "iteration"))
 class MetricsLog:
     """The running log, one row per iteration, kept by rank 0 (the other ranks' calls do nothing); on resume, rows
     past the checkpoint are dropped. The same rows go to TensorBoard events beside it (the round's ``train/``:
-    ``tensorboard --logdir results``), each value at its iteration, flushed with the log; a resumed block purges
-    the events from its resume point on, so the curves hold the log's rows. ``publish`` copies the log, when the
-    block ends, to the declared output."""
+    ``tensorboard --logdir results``), each value at its iteration, flushed with the log; a block starting or
+    resuming writes its events anew from the log's kept rows, so the curves hold the log's rows whatever a killed
+    run had written. ``publish`` copies the log, when the block ends, to the declared output."""
 
     def __init__(self, path: Path, resume_at: int) -> None:
         main = is_main_process()
         self.writer = MetricsWriter(path, resume_at) if main else None
-        self.events = SummaryWriter(str(path.parent), purge_step=resume_at or None) if main else None
+        self.events = replayed_events(path) if main else None
 
     def write(self, **row: float) -> None:
         if self.writer:
             self.writer.write(row)
-            for name in CURVES:
-                if name in row:
-                    self.events.add_scalar(name, row[name], row["iteration"])
+            add_curves(self.events, row)
 
     def flush(self) -> None:
         if self.writer:
@@ -44,6 +42,25 @@ class MetricsLog:
         if self.writer:
             self.events.close()
             self.writer.publish(out)
+
+
+def replayed_events(log: Path) -> SummaryWriter:
+    """A new TensorBoard events file beside the running ``log`` holding its rows so far; the earlier files (a killed
+    run's, with its iterations past the last save) removed first. One file, so no reader has to order a killed run's
+    and its resumption's files (their names sort by the second they were opened, then by pid)."""
+    for earlier in log.parent.glob("events.out.tfevents.*"):
+        earlier.unlink()
+    events = SummaryWriter(str(log.parent))
+    for row in read_metrics(log).to_dict("records") if log.exists() else []:
+        add_curves(events, {name: value for name, value in row.items() if not math.isnan(value)})
+    return events
+
+
+def add_curves(events: SummaryWriter, row: dict[str, float]) -> None:
+    """The ``CURVES`` of a log's ``row`` as scalars at its iteration (a head the method lacks: no scalar)."""
+    for name in CURVES:
+        if name in row:
+            events.add_scalar(name, row[name], int(row["iteration"]))
 
 
 def mean_over_ranks(
