@@ -81,6 +81,10 @@ class BlockData:
     sampler: UniformClusterSampler
     group_batch: int
 
+    @property
+    def iterations_per_epoch(self) -> int:
+        return len(self.sampler) // self.group_batch
+
 
 def block_data(
     manifest: str, labels: str | None, method: Method, context: Distributed, settings: BlockSettings
@@ -203,10 +207,6 @@ class Loop:
     checkpoint_every: int
     workers: int
 
-    @property
-    def iterations_per_epoch(self) -> int:
-        return len(self.data.sampler) // self.data.group_batch
-
 
 def train_block(
     *,
@@ -228,39 +228,19 @@ def train_block(
     super-class head and its part of W_0 in the paper's layout.
     """
     context = init_distributed()
-    if settings.batch_size % context.world_size:
-        raise TrainingInputError(
-            f"config train.batch_size {settings.batch_size} is not a multiple of the "
-            f"{context.world_size} ranks (resources.train.tasks): change either"
-        )
-    provenance = block_provenance(
-        manifest=manifest,
-        previous_checkpoint=previous_checkpoint,
-        labels=labels,
-        method=method,
-        world_size=context.world_size,
-        settings=settings,
-    )
+    provenance = checked_provenance(manifest, previous_checkpoint, labels, method, settings, context)
     log.info("round %d's block, deepercluster %s: %s", round, code_version(), provenance)
 
     data = block_data(manifest, labels, methods.method(method), context, settings)
     model, heads, previous = block_networks(previous_checkpoint, data, settings, context)
     optimisers = Optimisers(model, heads, data, settings)
     optimisers.carry_over(previous, data)
-    state = BlockState(
-        shared=optional(
-            model=model,
-            super_class=heads.super_class,
-            optimizer=optimisers.optimizer,
-            super_class_optimizer=optimisers.super_class_optimizer,
-        ),
-        held=optional(sub_class=heads.sub_class, sub_class_optimizer=optimisers.held_optimizer),
-    )
+    state = block_state(model, heads, optimisers)
     last = Path(train_dir) / "last.pt"
     last.parent.mkdir(parents=True, exist_ok=True)
     start_epoch, start_batch = resume_state(last, state, data.layout, provenance, context.rank)
-    per_epoch = len(data.sampler) // data.group_batch
-    metrics = MetricsLog(last.with_name("running-metrics.tsv"), resume_at=start_epoch * per_epoch + start_batch)
+    resume_at = start_epoch * data.iterations_per_epoch + start_batch
+    metrics = MetricsLog(last.with_name("running-metrics.tsv"), resume_at=resume_at)
     loop = Loop(
         round,
         data,
@@ -282,19 +262,62 @@ def train_block(
             run_epoch(loop, epoch, start_batch if epoch == start_epoch else 0, preemption)
     metrics.publish(last.with_name("metrics.tsv"))
     if is_main_process():
-        final = {
-            "model": model.state_dict(),
-            "heads": heads.state_dict(),
-            "targets": asdict(data.targets),
-            "optimizers": {name: o.state_dict() for name, o in optimisers.by_name().items()},
-        }
-        save_checkpoint(
-            out,
-            model_checkpoint(
-                arch=previous["arch"], sobel=previous["sobel"], round=round, provenance=provenance, **final
-            ),
+        save_result(out, loop, previous)
+
+
+def checked_provenance(
+    manifest: str,
+    previous_checkpoint: str,
+    labels: str | None,
+    method: str,
+    settings: BlockSettings,
+    context: Distributed,
+) -> dict[str, Any]:
+    """The block's provenance (what a ``last.pt`` resumes only when equal to), once its global batch is known to
+    split evenly over the ranks."""
+    if settings.batch_size % context.world_size:
+        raise TrainingInputError(
+            f"config train.batch_size {settings.batch_size} is not a multiple of the "
+            f"{context.world_size} ranks (resources.train.tasks): change either"
         )
-        log.info("round %d's block done: %s", round, out)
+    return block_provenance(
+        manifest=manifest,
+        previous_checkpoint=previous_checkpoint,
+        labels=labels,
+        method=method,
+        world_size=context.world_size,
+        settings=settings,
+    )
+
+
+def block_state(model: nn.Module, heads: Heads, optimisers: Optimisers) -> BlockState:
+    """What ``last.pt`` saves and restores by name: the objects every rank holds, and those of this rank's group."""
+    return BlockState(
+        shared=optional(
+            model=model,
+            super_class=heads.super_class,
+            optimizer=optimisers.optimizer,
+            super_class_optimizer=optimisers.super_class_optimizer,
+        ),
+        held=optional(sub_class=heads.sub_class, sub_class_optimizer=optimisers.held_optimizer),
+    )
+
+
+def save_result(out: str, loop: Loop, previous: dict[str, Any]) -> None:
+    """Rank 0's ``out``: the backbone the next round starts from, the heads it holds, the targets and the
+    optimisers' state, with the block's provenance; arch and Sobel those of ``previous``, the checkpoint it began
+    from."""
+    final = {
+        "model": loop.model.state_dict(),
+        "heads": loop.heads.state_dict(),
+        "targets": asdict(loop.data.targets),
+        "optimizers": {name: o.state_dict() for name, o in loop.optimisers.by_name().items()},
+    }
+    checkpoint = model_checkpoint(
+        arch=previous["arch"], sobel=previous["sobel"], round=loop.round, provenance=loop.provenance, **final
+    )
+    save_checkpoint(out, checkpoint)
+    log.info("round %d's block done: %s", loop.round, out)
 
 
 def optional(**objects: Any) -> dict[str, Any]:
@@ -312,7 +335,7 @@ def log_start(loop: Loop, start_epoch: int, start_batch: int) -> None:
         data.method.name,
         len(data.dataset),
         loop.settings.epochs,
-        loop.iterations_per_epoch,
+        loop.data.iterations_per_epoch,
         loop.settings.batch_size,
         loop.context.world_size,
         data.layout,
@@ -348,7 +371,7 @@ def refuse_divergence(
 def run_epoch(loop: Loop, epoch: int, start_batch: int, preemption: Preemption) -> None:
     """One epoch from batch ``start_batch``: a step per batch, a save every ``checkpoint_every`` iterations, at
     a pre-emption signal (then handing over to submitit) and at the end."""
-    data, device, per_epoch = loop.data, loop.context.device, loop.iterations_per_epoch
+    data, device, per_epoch = loop.data, loop.context.device, loop.data.iterations_per_epoch
     indices, rotations = data.sampler.epoch(epoch)
     seed = loop.settings.seed
     batches = RankBatches(indices, rotations, data.group_batch, data.layout, start_batch, seed, epoch)
