@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from deepercluster.data.images import READ_ERRORS, ImageDataset, read_rgb
 from deepercluster.data.pools import uncurated_pool
-from deepercluster.data.tars import duplicate_keys, index_tar, member_name, tar_paths
+from deepercluster.data.tars import duplicate_keys, index_tar, tar_paths
 from deepercluster.errors import DataError, UnreadableImageError
 from deepercluster.files import atomic_output, scratch_folder
 from deepercluster.formats.manifest import (
@@ -149,11 +149,11 @@ class Source:
 
 class Candidates:
     """A source's images (split kept), written in chunks of ``ROW_GROUP`` rows to scratch parquet files: their
-    number, their chunks in order, and one schema for them all; and for images to write (Fashion-MNIST's), their
-    pixels by ``PIXEL_ROW``."""
+    number, their chunks in order, and one schema for them all; for images to write (Fashion-MNIST's), their
+    pixels by ``PIXEL_ROW``; for images in tars, each chunk's keys hashed (8 bytes an image) as it is written."""
 
     def __init__(self, scratch: Path) -> None:
-        self.scratch, self.files, self.count, self.pixels = scratch, [], 0, None
+        self.scratch, self.files, self.count, self.pixels, self.key_hashes = scratch, [], 0, None, []
 
     def write(self, request: Source) -> str:
         """Write the candidates of ``request``; return what was looked for."""
@@ -166,7 +166,9 @@ class Candidates:
             self.files.append(self.scratch / f"{len(self.files):06d}.parquet")
             chunk.reset_index(drop=True).to_parquet(self.files[-1], index=False)
             self.count += len(chunk)
-        if request.source == "tar":
+            if request.source == "tar":
+                self.key_hashes.append(pd.util.hash_pandas_object(chunk["key"], index=False).to_numpy())
+        if self.key_hashes:
             check_unique_keys(self)
         logger.info("%d images found, %d in split %r (all those without a split column)", seen, self.count, split)
         return looked_for
@@ -334,13 +336,11 @@ def tar_chunks(root: str, workers: int) -> Iterator[pd.DataFrame]:
 
 
 def check_unique_keys(found: Candidates) -> None:
-    """Stop if two tars hold the same key: keys are hashed a chunk at a time (8 bytes each), only a repeated hash's
-    rows read again."""
-    hashes = [pd.util.hash_pandas_object(chunk["key"], index=False).to_numpy() for _, chunk in found]
-    every = np.sort(np.concatenate(hashes)) if hashes else np.zeros(0, np.uint64)
+    """Stop if two tars hold the same key: from the keys' hashes, the chunks read again only for a repeated one."""
+    every = np.sort(np.concatenate(found.key_hashes))
     repeated = np.unique(every[1:][every[1:] == every[:-1]])
     if len(repeated):
-        rows = [chunk[in_sorted(h, repeated)] for h, (_, chunk) in zip(hashes, found, strict=True)]
+        rows = [chunk[in_sorted(h, repeated)] for h, (_, chunk) in zip(found.key_hashes, found, strict=True)]
         error = duplicate_keys(pd.concat(rows, ignore_index=True))
         if error is not None:
             raise error
@@ -493,7 +493,7 @@ class _ReadCheck(ImageDataset):
 
     def __init__(self, rows: pd.DataFrame, numbers: np.ndarray) -> None:
         super().__init__(rows.assign(id=numbers), transform=lambda image: image)
-        self.names = [member_name(row) for _, row in rows.iterrows()] if "key" in rows.columns else self.paths
+        self.names = (rows["path"] + ":" + rows["key"]).tolist() if "key" in rows.columns else self.paths
 
     def __getitem__(self, i: int) -> tuple[int, str, str]:
         try:

@@ -10,6 +10,7 @@ refused): ``formats.manifest.LOCATION``; and the key's metadata members as colum
 from __future__ import annotations
 
 import collections
+import glob
 import io
 import json
 import os
@@ -90,8 +91,6 @@ def read_metadata(file: io.BufferedReader, member: tarfile.TarInfo, extension: s
 
 def tar_paths(root: str) -> list[str]:
     """The ``.tar`` files of ``data.path``: a folder (searched recursively) or a glob pattern, sorted."""
-    import glob
-
     if os.path.isdir(root):
         found = [os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.endswith(".tar")]
     else:
@@ -174,8 +173,3 @@ class TarReader:
 
 
 RESTORE = "restore it from where the collection is kept, or delete results/data/manifest.parquet and rerun"
-
-
-def member_name(row: pd.Series) -> str:
-    """How an image in a tar is named in messages: ``shard.tar:key``."""
-    return f"{row['path']}:{row['key']}" if "key" in row else str(row["path"])
