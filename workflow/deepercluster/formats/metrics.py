@@ -28,12 +28,14 @@ def read_metrics(path: str | os.PathLike) -> pd.DataFrame:
 
 class MetricsWriter:
     """The running metrics file of a block, appended to row by row; on resume its rows from iteration
-    ``resume_at`` on are dropped first. ``publish`` copies it, when the block ends, to the declared output."""
+    ``resume_at`` on are dropped first (``kept``: those left). ``publish`` copies it, when the block ends, to the
+    declared output."""
 
     def __init__(self, path: Path, resume_at: int) -> None:
         self.path = path
         rows = pd.read_csv(path, sep="\t") if path.exists() and resume_at else pd.DataFrame(columns=COLUMNS)
-        rows[rows["iteration"] < resume_at].to_csv(path, sep="\t", index=False)
+        self.kept = rows[rows["iteration"] < resume_at]  # the rows it resumes with
+        self.kept.to_csv(path, sep="\t", index=False)
         self.file = open(path, "a", newline="")  # noqa: SIM115 (closed by publish())
         self.writer = csv.DictWriter(self.file, COLUMNS, delimiter="\t")
 

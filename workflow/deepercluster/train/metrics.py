@@ -6,11 +6,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from deepercluster.distributed import all_reduce_sum, is_main_process
-from deepercluster.formats.metrics import COLUMNS, MetricsWriter, read_metrics
+from deepercluster.formats.metrics import COLUMNS, MetricsWriter
 
 # The columns drawn as TensorBoard curves, by their names in the log; the others (round, epoch, iteration) place them.
 CURVES = tuple(c for c in COLUMNS if c not in ("round", "epoch", "iteration"))
@@ -26,7 +27,7 @@ class MetricsLog:
     def __init__(self, path: Path, resume_at: int) -> None:
         main = is_main_process()
         self.writer = MetricsWriter(path, resume_at) if main else None
-        self.events = replayed_events(path) if main else None
+        self.events = replayed_events(path.parent, self.writer.kept) if main else None
 
     def write(self, **row: float) -> None:
         if self.writer:
@@ -44,14 +45,14 @@ class MetricsLog:
             self.writer.publish(out)
 
 
-def replayed_events(log: Path) -> SummaryWriter:
-    """A new TensorBoard events file beside the running ``log`` holding its rows so far; the earlier files (a killed
-    run's, with its iterations past the last save) removed first. One file, so no reader has to order a killed run's
-    and its resumption's files (their names sort by the second they were opened, then by pid)."""
-    for earlier in log.parent.glob("events.out.tfevents.*"):
+def replayed_events(folder: Path, kept: pd.DataFrame) -> SummaryWriter:
+    """A new TensorBoard events file in ``folder`` holding the running log's ``kept`` rows; the earlier files (a
+    killed run's, with its iterations past the last save) removed first. One file, so no reader has to order a
+    killed run's and its resumption's files (their names sort by the second they were opened, then by pid)."""
+    for earlier in folder.glob("events.out.tfevents.*"):
         earlier.unlink()
-    events = SummaryWriter(str(log.parent))
-    for row in read_metrics(log).to_dict("records") if log.exists() else []:
+    events = SummaryWriter(str(folder))
+    for row in kept.to_dict("records"):
         add_curves(events, {name: value for name, value in row.items() if not math.isnan(value)})
     return events
 
