@@ -35,12 +35,14 @@ def augmented(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def png(pixels: np.ndarray) -> bytes:
+    """``pixels`` (uint8) as PNG bytes."""
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format="PNG")
     return out.getvalue()
 
 
-def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """``data`` as the member ``name`` of ``tar``."""
     member = tarfile.TarInfo(name)
     member.size = len(data)
     tar.addfile(member, io.BytesIO(data))
@@ -58,9 +60,9 @@ def write_tar(out: Path, shard: int, per_tar: int) -> None:
             rng = np.random.default_rng([copy, i])
             pixels = images[i] if copy == 0 else augmented(images[i], rng)
             key = f"{copy:03d}-{i:05d}"
-            add(tar, f"{key}.png", png(pixels))
-            add(tar, f"{key}.cls", FASHION_MNIST_CLASSES[labels[i]].encode())
-            add(tar, f"{key}.json", json.dumps({"split": str(names[i]), "copy": copy}).encode())
+            add_member(tar, f"{key}.png", png(pixels))
+            add_member(tar, f"{key}.cls", FASHION_MNIST_CLASSES[labels[i]].encode())
+            add_member(tar, f"{key}.json", json.dumps({"split": str(names[i]), "copy": copy}).encode())
 
 
 def main() -> None:

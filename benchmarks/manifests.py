@@ -3,19 +3,20 @@ reading images from tar shards against the same images as loose files."""
 
 from __future__ import annotations
 
-import io
 import resource
+import shlex
 import tarfile
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image
 
+from benchmarks.collection import add_member, png
 from benchmarks.report import Report, peak_rss, timed_pair
 from deepercluster.data.images import ImageDataset
 from deepercluster.formats.manifest import read_manifest
+from deepercluster.stages import options
 
 FILES_PER_FOLDER = 1_000
 QUARTERS = "abcd"  # the 4N collection is four N collections side by side, the first of them the N one
@@ -23,10 +24,7 @@ QUARTERS = "abcd"  # the 4N collection is four N collections side by side, the f
 
 def image_bytes(seed: int) -> bytes:
     """A 32 x 32 greyscale PNG of seeded noise (Fashion-MNIST's size, as the demo's files)."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
+    return png(np.random.default_rng(seed).integers(0, 256, (32, 32), dtype=np.uint8))
 
 
 def write_collection(root: Path, rows: int, per_tar: int) -> None:
@@ -43,14 +41,8 @@ def write_collection(root: Path, rows: int, per_tar: int) -> None:
         for start in range(0, rows, per_tar):
             with tarfile.open(tars / f"shard-{start // per_tar:06d}.tar", "w") as tar:
                 for i in range(start, min(rows, start + per_tar)):
-                    add(tar, f"{quarter}{i:08d}.png", images[i % len(images)])
-                    add(tar, f"{quarter}{i:08d}.cls", str(i % 10).encode())
-
-
-def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    member = tarfile.TarInfo(name)
-    member.size = len(data)
-    tar.addfile(member, io.BytesIO(data))
+                    add_member(tar, f"{quarter}{i:08d}.png", images[i % len(images)])
+                    add_member(tar, f"{quarter}{i:08d}.cls", str(i % 10).encode())
 
 
 class StageRun(NamedTuple):
@@ -61,28 +53,18 @@ class StageRun(NamedTuple):
 
 def manifest_run(source: str, path: Path, out: Path, verify: str) -> StageRun:
     """The manifest stage on ``path``, 2 workers, timed and its peak memory read."""
-    command = [
-        "-m",
-        "deepercluster",
-        "manifest",
-        "--source",
-        source,
-        "--path",
-        str(path),
-        "--manifest",
-        str(out / "manifest.parquet"),
-        "--skipped",
-        str(out / "skipped.tsv"),
-        "--seed",
-        "0",
-        "--no-label-from-folder",
-        "--path-column",
-        "path",
-        "--verify-images",
-        verify,
-        "--workers",
-        "2",
-    ]
+    settings = options(
+        source=source,
+        path=str(path),
+        manifest=str(out / "manifest.parquet"),
+        skipped=str(out / "skipped.tsv"),
+        seed=0,
+        label_from_folder=False,
+        path_column="path",
+        verify_images=verify,
+        workers=2,
+    )
+    command = ["-m", "deepercluster", "manifest", *shlex.split(settings)]
     out.mkdir(parents=True, exist_ok=True)
     tick, cpu = time.perf_counter(), children_cpu()
     peak = peak_rss(command)

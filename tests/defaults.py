@@ -21,6 +21,11 @@ def manifest_settings(**changes: Any) -> dict[str, Any]:
     return {"seed": CONFIG["seed"], "workers": 0, **{key: data[key] for key in keys}, **changes}
 
 
+def manifest_command(**changes: Any) -> list[str]:
+    """The manifest stage's command-line words (after ``python -m deepercluster``) of ``manifest_settings``."""
+    return ["manifest", *shlex.split(options(**manifest_settings(**changes)))]
+
+
 def feature_settings(**changes: Any) -> dict[str, Any]:
     """The settings of a stage that runs the frozen backbone over images (features of all images, probes...)."""
     return {

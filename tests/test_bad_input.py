@@ -39,6 +39,7 @@ from defaults import (
     block_settings,
     feature_settings,
     kmeans_settings,
+    manifest_command,
     manifest_settings,
     pca_settings,
     run_block,
@@ -64,6 +65,22 @@ def one_line_error(done: subprocess.CompletedProcess) -> str:
 
 # The manifest stage's settings from the schema's defaults, every image kept.
 MANIFEST_SETTINGS = shlex.split(options(**manifest_settings(max_images=None, split=None)))
+
+
+def table_manifest(table: Path, manifest: Path, skipped: Path) -> str:
+    """The one line the manifest stage stops with on ``table`` (source table, every image kept)."""
+    return one_line_error(
+        cli(
+            *manifest_command(
+                source="table",
+                path=str(table),
+                manifest=str(manifest),
+                skipped=str(skipped),
+                max_images=None,
+                split=None,
+            )
+        )
+    )
 
 
 def manifest_of(folder: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -263,20 +280,7 @@ def write_table(path: Path, column: str, paths: list[str]) -> Path:
 
 def test_a_table_without_its_path_column(tmp_path: Path) -> None:
     table = write_table(tmp_path / "t.csv", "file", ["a.png"])
-    line = one_line_error(
-        cli(
-            "manifest",
-            *MANIFEST_SETTINGS,
-            "--source",
-            "table",
-            "--path",
-            str(table),
-            "--manifest",
-            str(tmp_path / "m.parquet"),
-            "--skipped",
-            str(tmp_path / "s.tsv"),
-        )
-    )
+    line = table_manifest(table, tmp_path / "m.parquet", tmp_path / "s.tsv")
     assert f"{table} has no column 'path' (it has file, user); set data.path_column" in line
 
 
@@ -297,20 +301,7 @@ def test_a_table_of_missing_files(tmp_path: Path) -> None:
     assert (skipped["error"] == "FileNotFoundError: no such file").all()
     # None readable: one error naming one of them and where the others are listed.
     table = write_table(tmp_path / "none.csv", "path", ["gone.png"])
-    line = one_line_error(
-        cli(
-            "manifest",
-            *MANIFEST_SETTINGS,
-            "--source",
-            "table",
-            "--path",
-            str(table),
-            "--manifest",
-            str(tmp_path / "m2.parquet"),
-            "--skipped",
-            str(tmp_path / "s2.tsv"),
-        )
-    )
+    line = table_manifest(table, tmp_path / "m2.parquet", tmp_path / "s2.tsv")
     assert f"no readable images in {table}" in line and str(tmp_path / "gone.png") in line
     assert str(tmp_path / "s2.tsv") in line and not (tmp_path / "m2.parquet").exists()
 
@@ -319,20 +310,7 @@ def test_a_table_listing_a_path_twice(tmp_path: Path) -> None:
     rgb_image(tmp_path / "one.png")
     rgb_image(tmp_path / "two.png")
     table = write_table(tmp_path / "t.csv", "path", ["one.png", "two.png", str(tmp_path / "one.png")])
-    line = one_line_error(
-        cli(
-            "manifest",
-            *MANIFEST_SETTINGS,
-            "--source",
-            "table",
-            "--path",
-            str(table),
-            "--manifest",
-            str(tmp_path / "m.parquet"),
-            "--skipped",
-            str(tmp_path / "s.tsv"),
-        )
-    )
+    line = table_manifest(table, tmp_path / "m.parquet", tmp_path / "s.tsv")
     assert f"{table} lists {tmp_path / 'one.png'} 2 times (rows 1, 3" in line and "keep one row per image" in line
     assert not (tmp_path / "m.parquet").exists()
 

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from deepercluster.files import sha256
+from defaults import manifest_command
 from test_bad_input import (
     cli,
     fill,
@@ -134,26 +135,15 @@ def small_folder_run(run: Path, images: int = 6) -> Path:
     for i in range(images):
         Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     for stage in (
-        [
-            "manifest",
-            "--source",
-            "folder",
-            "--path",
-            "images",
-            "--manifest",
-            "manifest.parquet",
-            "--skipped",
-            "skipped.tsv",
-            "--seed",
-            "0",
-            "--no-label-from-folder",
-            "--path-column",
-            "path",
-            "--verify-images",
-            "all",
-            "--workers",
-            "0",
-        ],
+        manifest_command(
+            source="folder",
+            path="images",
+            manifest="manifest.parquet",
+            skipped="skipped.tsv",
+            label_from_folder=False,
+            max_images=None,
+            split=None,
+        ),
         ["init", "--arch", "small_convnet", "--sobel", "--seed", "0", "--out", "checkpoint.pt"],
     ):
         done = cli(*stage, cwd=run)
@@ -211,27 +201,16 @@ def test_a_moved_run_folder_reads_its_own_images(tmp_path: Path) -> None:
     outside = tmp_path / "outside.png"  # an image elsewhere keeps its absolute path
     shutil.copy(moved / "images/0.png", outside)
     pd.DataFrame({"path": [str(outside), "images/1.png"]}).to_csv(moved / "table.csv", index=False)
-    done = cli(
-        "manifest",
-        "--source",
-        "table",
-        "--path",
-        "table.csv",
-        "--manifest",
-        "table.parquet",
-        "--skipped",
-        "s.tsv",
-        "--seed",
-        "0",
-        "--no-label-from-folder",
-        "--path-column",
-        "path",
-        "--verify-images",
-        "all",
-        "--workers",
-        "0",
-        cwd=moved,
+    table = manifest_command(
+        source="table",
+        path="table.csv",
+        manifest="table.parquet",
+        skipped="s.tsv",
+        label_from_folder=False,
+        max_images=None,
+        split=None,
     )
+    done = cli(*table, cwd=moved)
     assert done.returncode == 0, done.stderr
     assert pd.read_parquet(moved / "table.parquet")["path"].tolist() == [str(outside), "images/1.png"]
 

@@ -3,7 +3,6 @@ as a folder giving the same manifest rows, pixels, features, labels and weights;
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -15,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from benchmarks.collection import add_member
 
 from deepercluster.data.images import ImageDataset
 from deepercluster.data.manifest import build_manifest, join_evaluation
@@ -54,12 +54,6 @@ def build(out: Path, **settings: object) -> pd.DataFrame:
     return read_manifest(str(out / "manifest.parquet"))
 
 
-def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    member = tarfile.TarInfo(name)
-    member.size, member.mtime = len(data), 0
-    tar.addfile(member, io.BytesIO(data))
-
-
 def write_tars(folder: pd.DataFrame, out: Path, per_tar: int) -> list[Path]:
     """The images of a folder manifest as WebDataset tars of ``per_tar``, in its order: ``{key}.png``, its class as
     ``{key}.cls`` and ``{key}.json`` holding its file name."""
@@ -69,9 +63,9 @@ def write_tars(folder: pd.DataFrame, out: Path, per_tar: int) -> list[Path]:
         tars.append(out / f"shard-{start // per_tar:06d}.tar")
         with tarfile.open(tars[-1], "w", format=tarfile.USTAR_FORMAT) as tar:
             for i, row in folder.iloc[start : start + per_tar].iterrows():
-                add(tar, f"{i:06d}.png", Path(row["path"]).read_bytes())
-                add(tar, f"{i:06d}.cls", row["label"].encode())
-                add(tar, f"{i:06d}.json", json.dumps({"file": Path(row["path"]).name, "index": int(i)}).encode())
+                add_member(tar, f"{i:06d}.png", Path(row["path"]).read_bytes())
+                add_member(tar, f"{i:06d}.cls", row["label"].encode())
+                add_member(tar, f"{i:06d}.json", json.dumps({"file": Path(row["path"]).name, "index": int(i)}).encode())
     return tars
 
 
@@ -122,7 +116,7 @@ def test_an_unreadable_member_is_skipped_and_named(collection: tuple[pd.DataFram
     folder, _ = collection
     tars = write_tars(folder.iloc[:4], tmp_path / "tars", 4)
     with tarfile.open(tars[0], "a") as tar:
-        add(tar, "notes.jpg", b"these are notes, not a JPEG")
+        add_member(tar, "notes.jpg", b"these are notes, not a JPEG")
     frame = build(tmp_path, source="tar", path=str(tars[0]))
     skipped = pd.read_csv(tmp_path / "skipped.tsv", sep="\t")
     assert len(frame) == 4 and skipped["path"].tolist() == [f"{tars[0]}:notes"]
@@ -140,7 +134,7 @@ def test_a_bad_tar_is_one_line_naming_it(
         expected = rf"{tars[1]} is (truncated|not a readable tar).*replace it with a complete copy"
     elif fault == "no images":
         with tarfile.open(tars[1], "w") as tar:
-            add(tar, "000001.cls", b"Bag")
+            add_member(tar, "000001.cls", b"Bag")
         expected = rf"{tars[1]} holds no image members.*move it out of data.path"
     elif fault == "same key":
         shutil.copyfile(tars[0], tars[1])
