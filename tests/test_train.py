@@ -307,6 +307,30 @@ def test_rotnet_keeps_its_head_and_every_method_its_backbone_optimizer_from_roun
     assert not started["optimizers"]["backbone"]["state"]
 
 
+def test_a_method_continued_at_another_lr_trains_at_its_own_lr_with_the_momentum_carried(
+    block_inputs, tmp_path: Path
+) -> None:
+    """The fair control's RotNet continued at DeeperCluster's lr: round 2 at lr 0.002 after round 1 at 0.05 carries
+    round 1's momentum buffers but steps at 0.002 (torch's load_state_dict restored round 1's 0.05: the weights
+    moved as far as at 0.05)."""
+    rotnet = {**block_inputs, "method": "rotnet", "labels": None, "epochs": 1, "lr": 0.05}
+    run_block(**rotnet, train_dir=str(tmp_path / "r1"), out=str(tmp_path / "r1.pt"))
+    for lr in (0.002, 0.05):
+        run_block(
+            **{**rotnet, "previous_checkpoint": str(tmp_path / "r1.pt"), "round": 2, "lr": lr},
+            train_dir=str(tmp_path / f"r2-{lr}"),
+            out=str(tmp_path / f"r2-{lr}.pt"),
+        )
+    first, slow, fast = (load_checkpoint(tmp_path / f"{name}.pt") for name in ("r1", "r2-0.002", "r2-0.05"))
+    for name in ("backbone", "super_class"):
+        assert [group["lr"] for group in slow["optimizers"][name]["param_groups"]] == [0.002], name
+    moved = {
+        lr: float((c["model"]["features.0.weight"] - first["model"]["features.0.weight"]).norm())
+        for lr, c in ((0.002, slow), (0.05, fast))
+    }
+    assert moved[0.002] < moved[0.05] / 5, moved  # an epoch's step sizes scale with the lr (25x here)
+
+
 def test_deepclusters_top_layer_trains_without_momentum(block_inputs, tmp_path: Path) -> None:
     """head_momentum 0 (DeepCluster's top layer): its optimiser keeps no momentum buffer; the backbone's does."""
     deepcluster = {

@@ -169,12 +169,17 @@ class Optimisers:
 
     def carry_over(self, previous: dict[str, Any], data: BlockData) -> None:
         """The previous round's optimiser state, where it continues the same method (``continues``): the
-        backbone's (the papers' code makes its optimiser once), and the heads' where they carried over."""
+        backbone's (the papers' code makes its optimiser once), and the heads' where they carried over. Only the
+        state (momentum buffers) carries: lr, momentum and weight decay stay this block's, which torch's
+        ``load_state_dict`` would otherwise replace with the previous round's (a RotNet continued at another lr)."""
         if not continues(previous, data):
             return
         carried = self.by_name() if keeps_heads(previous, data) else {"backbone": self.optimizer}
         for name, optimizer in carried.items():
+            own = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
             optimizer.load_state_dict(previous["optimizers"][name])
+            for group, settings in zip(optimizer.param_groups, own, strict=True):
+                group.update(settings)
 
     def step(self, loss: torch.Tensor) -> None:
         optimizers = list(self.by_name().values())
