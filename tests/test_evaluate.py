@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -26,10 +27,10 @@ from deepercluster.cluster.levels import cluster_flat
 from deepercluster.cluster.pca import fit_pca, fit_whitening
 from deepercluster.data.images import feature_transform, network_input
 from deepercluster.data.manifest import join_evaluation
-from deepercluster.errors import CheckpointError
+from deepercluster.errors import CheckpointError, EvaluationError
 from deepercluster.evaluate.backbone import conv_activations, frozen_backbone, labelled_roles
 from deepercluster.evaluate.clusters import cluster_grid, dominant_values
-from deepercluster.evaluate.common import average_precision
+from deepercluster.evaluate.common import average_precision, bootstrap_interval
 from deepercluster.evaluate.compare import compare
 from deepercluster.evaluate.external import import_checkpoint
 from deepercluster.evaluate.knn import knn, knn_predict
@@ -43,6 +44,8 @@ from deepercluster.evaluate.linear import (
     standardise,
 )
 from deepercluster.evaluate.nmi import cluster_nmi, seeded_clusterings
+from deepercluster.evaluate.paired import main as paired_main
+from deepercluster.evaluate.paired import paired_table
 from deepercluster.evaluate.retrieval import (
     image_regions,
     region_vectors,
@@ -54,6 +57,7 @@ from deepercluster.evaluate.voc07 import class_average_precisions, crop_scores, 
 from deepercluster.features import extract_all
 from deepercluster.files import sha256
 from deepercluster.formats import features as features_format
+from deepercluster.formats.evals import ids_fingerprint, pack_correct, unpack_correct, write_json
 from deepercluster.formats.manifest import read_manifest
 from deepercluster.nn.models import build_model
 from defaults import eval_settings, feature_settings, kmeans_settings, pca_settings
@@ -186,18 +190,25 @@ def test_probe_layers_are_read_and_standardised_a_block_at_a_time(probe_cache, m
         assert not got[:, 5].any()
 
 
-def test_linear_probe_converges_to_the_optimum_scikit_learn_finds(eval_manifest, probe_cache, tmp_path) -> None:
-    from sklearn.linear_model import LogisticRegression
-
-    out, plot = tmp_path / "linear.json", tmp_path / "linear.png"
+@pytest.fixture(scope="module")
+def linear_folder(eval_manifest, probe_cache, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The random init's linear.json and linear.png on the 600-image evaluation manifest."""
+    folder = tmp_path_factory.mktemp("linear")
     linear_probe(
         features=probe_cache,
         manifest=eval_manifest,
-        out=str(out),
-        plot=str(plot),
+        out=str(folder / "linear.json"),
+        plot=str(folder / "linear.png"),
         **linear_settings(weight_decays=[1e-2, 1e-1]),
     )
-    result = json.loads(out.read_text())
+    return folder
+
+
+def test_linear_probe_converges_to_the_optimum_scikit_learn_finds(eval_manifest, probe_cache, linear_folder) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    plot = linear_folder / "linear.png"
+    result = json.loads((linear_folder / "linear.json").read_text())
     assert [(layer["pooling"], layer["layer"]) for layer in result["layers"]] == [
         (pooling, f"conv{i}") for pooling in ("channels", "pooled") for i in (1, 2, 3)
     ]
@@ -209,11 +220,13 @@ def test_linear_probe_converges_to_the_optimum_scikit_learn_finds(eval_manifest,
         assert set(layer["selection_top1"]) == {"0.01", "0.1"} and layer["weight_decay"] in (1e-2, 1e-1)
         low, high = layer["ci95"]
         assert low < layer["top1"] < high and high - low < 0.25
+        assert unpack_correct(layer["test_correct"], 120).mean() == layer["top1"]
     assert plot.read_bytes().startswith(PNG_MAGIC)
 
     # The solver reaches scikit-learn's optimum of the same objective (C = 1 / (weight decay x images)), on
     # 256 of conv3's dims to keep scikit-learn fast.
     data = labelled_roles(eval_manifest, "label")
+    assert result["test_ids_sha256"] == ids_fingerprint(data.ids[~data.train])
     with h5py.File(probe_cache) as f:
         x = f["pooled/conv3"][:, :256].astype(np.float32)
     train, val = map(torch.from_numpy, standardise(x, np.flatnonzero(data.train), np.flatnonzero(~data.train)))
@@ -239,6 +252,62 @@ def test_linear_probe_converges_to_the_optimum_scikit_learn_finds(eval_manifest,
         )
         <= 1 / 120
     )
+
+
+def with_flipped(evaluation: dict, probe: tuple[str, str], wrong_to_right: int) -> dict:
+    """A copy of ``evaluation`` whose probe got ``wrong_to_right`` more test images right, its top-1 to match."""
+    changed = copy.deepcopy(evaluation)
+    layer = next(p for p in changed["layers"] if (p["layer"], p["pooling"]) == probe)
+    correct = unpack_correct(layer["test_correct"], changed["test_images"])
+    correct[np.flatnonzero(~correct)[:wrong_to_right]] = True
+    layer["test_correct"], layer["top1"] = pack_correct(correct), float(correct.mean())
+    return changed
+
+
+def test_a_paired_difference_resolves_a_gain_the_rows_own_intervals_cannot(linear_folder, tmp_path, capsys) -> None:
+    """Six more of 120 test images right (+5 points) on conv3's channels: the rows' own 95% intervals overlap, the
+    paired bootstrap's excludes 0; a row equal to the reference differs by exactly 0, unresolved."""
+    real = json.loads((linear_folder / "linear.json").read_text())
+    for name, evaluation in (("better", with_flipped(real, ("conv3", "channels"), 6)), ("same", real)):
+        for seed in (0, 1):
+            (tmp_path / f"{name}-{seed}").mkdir()
+            write_json(tmp_path / f"{name}-{seed}" / "linear.json", evaluation)
+    rows = {name: [str(tmp_path / f"{name}-{seed}") for seed in (0, 1)] for name in ("same", "better")}
+    table = paired_table({"reference": [str(linear_folder)], **rows}, "reference").set_index(
+        ["layer", "pooling", "row"]
+    )
+    better, reference = table.loc[("conv3", "channels", "better")], table.loc[("conv3", "channels", "reference")]
+    assert better["difference"] == pytest.approx(6 / 120) and better["resolved"]
+    own = {
+        name: bootstrap_interval(unpack_correct(p["test_correct"], 120), 0)
+        for name, e in (("better", with_flipped(real, ("conv3", "channels"), 6)), ("reference", real))
+        for p in e["layers"]
+        if (p["layer"], p["pooling"]) == ("conv3", "channels")
+    }
+    assert own["better"][0] < own["reference"][1], own  # unpaired: the intervals overlap
+    assert 0 < better["low"] < 6 / 120 < better["high"] and reference["top1"] == real["layers"][2]["top1"]
+    assert not table.loc[("conv1", "channels", "better")]["resolved"]  # the flipped probe is conv3's alone
+    same = table.xs("same", level="row")
+    assert (same[["difference", "low", "high"]] == 0).all().all() and not same["resolved"].any()
+
+    paired_main(
+        ["--row", f"reference={linear_folder}", "--row", f"better={','.join(rows['better'])}", "--against", "reference"]
+    )
+    assert "| conv3 (channels) | better | 2 | " in capsys.readouterr().out
+
+
+def test_paired_refuses_probes_of_other_test_images_or_without_their_results(linear_folder, tmp_path) -> None:
+    real = json.loads((linear_folder / "linear.json").read_text())
+    for name, evaluation in (
+        ("other", {**real, "test_ids_sha256": "0" * 64}),
+        ("old", {key: value for key, value in real.items() if key != "test_ids_sha256"}),
+    ):
+        (tmp_path / name).mkdir()
+        write_json(tmp_path / name / "linear.json", evaluation)
+    with pytest.raises(EvaluationError, match="scored different test images"):
+        paired_table({"a": [str(linear_folder)], "b": [str(tmp_path / "other")]}, "a")
+    with pytest.raises(SystemExit, match=r"old/linear.json keeps no test image's result .* delete it and rerun"):
+        paired_main(["--row", f"a={linear_folder}", "--row", f"b={tmp_path / 'old'}", "--against", "a"])
 
 
 def test_frozen_backbone_keeps_batchnorm_statistics(real_data) -> None:

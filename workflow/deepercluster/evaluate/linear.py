@@ -11,7 +11,7 @@ convergence on a cache:
 - ``eval-linear``: per layer and pooling, a multinomial logistic regression on the standardised
   features of the evaluation's train images, trained to convergence (full-batch L-BFGS); its L2
   weight is chosen among ``weight_decays`` on a held-out fifth of them, then it is refitted on them
-  all. Top-1 on every test image, with a 95% interval bootstrapped over them.
+  all. Top-1 on every test image, with a 95% interval bootstrapped over them, and which images it got right.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from deepercluster.evaluate.backbone import (
 )
 from deepercluster.evaluate.common import accuracy_figure, bootstrap_interval, save_figure, standardise
 from deepercluster.files import sha256
-from deepercluster.formats.evals import write_json
+from deepercluster.formats.evals import ids_fingerprint, pack_correct, write_json
 from deepercluster.formats.features import POOLINGS, probe_attributes, probe_features_writer, read_probe_layer
 from deepercluster.formats.manifest import read_manifest
 from deepercluster.logs import progress
@@ -188,6 +188,7 @@ def probe_layer(
     return {
         "top1": float(correct.mean()),
         "ci95": bootstrap_interval(correct, seed),
+        "test_correct": pack_correct(correct),
         "weight_decay": chosen,
         "selection_top1": {str(wd): top1 for wd, top1 in selection.items()},
         "iterations": iterations,
@@ -249,6 +250,7 @@ def linear_probe(
             "classes": len(data.classes),
             "train_images": int(data.train.sum()),
             "test_images": int((~data.train).sum()),
+            "test_ids_sha256": ids_fingerprint(data.ids[~data.train]),
             "weight_decays": weight_decays,
             "layers": layers,
         },

@@ -1,0 +1,151 @@
+"""Methods compared on the same test images over repeated runs (docs/science.md): each row's linear top-1 as the
+mean and range over its repeats, and its difference from a reference row with a 95% interval from a paired
+bootstrap.
+
+A row is one method's ``linear.json`` from each of its repeats (the same config run with another ``seed``). Every
+bootstrap resample draws the test images once, for all rows alike, so the difference is paired: an image that is
+hard for one probe is mostly hard for the other, and the difference's interval is narrower than either row's own.
+Each row's repeats are drawn with replacement too, so the interval holds the rerun spread as well as the test
+set's. A difference whose interval excludes 0 is resolved; one whose interval holds 0 is reported as none.
+
+    python -m deepercluster.evaluate.paired --against rotnet \\
+        --row rotnet=seed-0/results/rotnet/evals/round-10,seed-1/results/rotnet/evals/round-10 \\
+        --row deepercluster=seed-0/results/evals/round-10,seed-1/results/evals/round-10 --out paired.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from deepercluster.errors import EvaluationError, InputError, one_line
+from deepercluster.formats.evals import unpack_correct
+
+RESAMPLES = 2000
+
+
+def read_repeats(folders: list[str]) -> list[dict]:
+    """Each repeat's linear.json, refused unless it keeps which test images each probe got right."""
+    evaluations = []
+    for folder in folders:
+        path = Path(folder) / "linear.json"
+        if not path.exists():
+            raise EvaluationError(f"{path} does not exist: evaluate that checkpoint first (snakemake {path})")
+        evaluation = json.loads(path.read_text())
+        if "test_ids_sha256" not in evaluation:
+            raise EvaluationError(
+                f"{path} keeps no test image's result (written before linear.json had test_correct): delete it and "
+                f"rerun snakemake {path}"
+            )
+        evaluations.append(evaluation)
+    return evaluations
+
+
+def correct_matrix(evaluations: list[dict], layer: str, pooling: str) -> np.ndarray:
+    """[repeats, test images] bool: which test images the probe of ``layer`` and ``pooling`` got right."""
+    return np.stack(
+        [
+            unpack_correct(probe["test_correct"], evaluation["test_images"])
+            for evaluation in evaluations
+            for probe in evaluation["layers"]
+            if (probe["layer"], probe["pooling"]) == (layer, pooling)
+        ]
+    )
+
+
+def paired_difference(
+    a: np.ndarray, b: np.ndarray, seed: int, resamples: int = RESAMPLES
+) -> tuple[float, float, float]:
+    """Mean top-1 of ``a`` minus that of ``b`` ([repeats, images] each, the same images) and its 95% interval,
+    resampling the images (the same draw for both) and each one's repeats."""
+    rng = np.random.default_rng(seed)
+    images = a.shape[1]
+    differences = np.empty(resamples)
+    for i in range(resamples):
+        drawn = rng.integers(0, images, images)
+        a_mean = a[rng.integers(0, len(a), len(a))].mean(0)
+        b_mean = b[rng.integers(0, len(b), len(b))].mean(0)
+        differences[i] = (a_mean - b_mean)[drawn].mean()
+    low, high = np.quantile(differences, [0.025, 0.975])
+    return float(a.mean() - b.mean()), float(low), float(high)
+
+
+def paired_table(rows: dict[str, list[str]], against: str, seed: int = 0) -> pd.DataFrame:
+    """One line per conv layer, pooling and row: its repeats' top-1 (mean, min, max) and its paired difference
+    from row ``against`` with the interval. Every repeat of every row must have scored the same test images."""
+    evaluations = {name: read_repeats(folders) for name, folders in rows.items()}
+    if against not in evaluations:
+        raise EvaluationError(f"--against {against} is none of the rows ({', '.join(rows)}): name one of them")
+    fingerprints = {e["test_ids_sha256"] for repeats in evaluations.values() for e in repeats}
+    if len(fingerprints) > 1:
+        raise EvaluationError(
+            "the rows' probes scored different test images (test_ids_sha256 differs): evaluate every run on the same "
+            "evaluation.data"
+        )
+    lines = []
+    for probe in evaluations[against][0]["layers"]:
+        layer, pooling = probe["layer"], probe["pooling"]
+        reference = correct_matrix(evaluations[against], layer, pooling)
+        for name, repeats in evaluations.items():
+            correct = correct_matrix(repeats, layer, pooling)
+            top1 = correct.mean(1)
+            difference, low, high = paired_difference(correct, reference, seed)
+            lines.append(
+                {
+                    "layer": layer,
+                    "pooling": pooling,
+                    "row": name,
+                    "repeats": len(repeats),
+                    "top1": top1.mean(),
+                    "top1_min": top1.min(),
+                    "top1_max": top1.max(),
+                    "difference": difference,
+                    "low": low,
+                    "high": high,
+                    "resolved": name != against and (low > 0 or high < 0),
+                }
+            )
+    return pd.DataFrame(lines)
+
+
+def markdown(table: pd.DataFrame, against: str) -> str:
+    """The table in points (%): each row's mean [min, max] over repeats, its difference from ``against``."""
+    lines = [
+        f"| layer | row | repeats | top-1, mean [min, max] | minus {against} [95% paired] | resolved |",
+        "|---|---|---|---|---|---|",
+    ]
+    for line in table.itertuples():
+        verdict = "-" if line.row == against else ("yes" if line.resolved else "no: none")
+        lines.append(
+            f"| {line.layer} ({line.pooling}) | {line.row} | {line.repeats} | {100 * line.top1:.1f} "
+            f"[{100 * line.top1_min:.1f}, {100 * line.top1_max:.1f}] | {100 * line.difference:+.1f} "
+            f"[{100 * line.low:+.1f}, {100 * line.high:+.1f}] | {verdict} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m deepercluster.evaluate.paired", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--row", action="append", required=True, help="NAME=EVAL_FOLDER[,EVAL_FOLDER...]: a repeat each"
+    )
+    parser.add_argument("--against", required=True, help="the row every difference is taken from")
+    parser.add_argument("--seed", type=int, default=0, help="the bootstrap's")
+    parser.add_argument("--out", help="also write the markdown table here")
+    args = parser.parse_args(argv)
+    rows = {name: folders.split(",") for name, folders in (row.split("=", 1) for row in args.row)}
+    try:
+        text = markdown(paired_table(rows, args.against, args.seed), args.against)
+    except InputError as error:
+        raise SystemExit(one_line(error)) from None
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
