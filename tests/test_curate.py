@@ -62,6 +62,7 @@ def stage_files(workdir: Path) -> dict[str, object]:
 SETTINGS = {
     "size": 100,
     "strategy": "random",
+    "balance": "hierarchy",
     "duplicate_similarity": 0.95,
     "seed": 0,
     "cache_mb": 64,
@@ -165,6 +166,34 @@ def test_nearest_draws_the_images_nearest_each_centroid(curated_run: Path, tmp_p
             assert chosen[members].any()
             if (~chosen[members]).any():
                 assert distance[members & chosen].max() <= distance[members & ~chosen].min() + 1e-5
+
+
+@pytest.mark.usefixtures("single_process")
+def test_balance_none_draws_the_control_a_uniform_random_subset_of_the_pool(curated_run: Path, tmp_path: Path) -> None:
+    """The control of the same size: each sub-cluster's images in it near its share of the pool (binomial, within
+    4 sd), where the curated subset gives each the same; seeded."""
+    files = stage_files(curated_run)
+    settings = {
+        "control": {"balance": "none"},
+        "again": {"balance": "none"},
+        "reseeded": {"balance": "none", "seed": 1},
+    }
+    subsets, sizes = {}, {}
+    for name, own in {**settings, "curated": {}}.items():
+        (tmp_path / name).mkdir()
+        subsets[name], sizes[name] = curated(tmp_path / name, files, size=200, **own)
+    assert subsets["control"].equals(subsets["again"]) and not subsets["control"].equals(subsets["reseeded"])
+    assert subsets["control"]["pool_id"].is_unique and len(subsets["control"]) == 200
+    keys = ["super_cluster", "sub_cluster"]
+    pool = pd.read_parquet(curated_run / ROUND / "labels.parquet").groupby(keys).size()
+    share = pool / pool.sum()
+    control = subsets["control"].groupby(keys).size().reindex(pool.index, fill_value=0)
+    spread = 4 * np.sqrt(200 * share * (1 - share))
+    assert ((control - 200 * share).abs() <= spread).all(), pd.DataFrame({"control": control, "expected": 200 * share})
+    balanced = sizes["curated"].set_index(keys)
+    whole = balanced["curated"] == balanced["pool"] - balanced["duplicates"]  # smaller than its share: all of it
+    assert (whole | (balanced["curated"] >= balanced["curated"].max() - 1)).all(), balanced  # else equal shares
+    assert pool.max() > 1.5 * pool.min(), pool  # the pool's sub-clusters differ enough to tell the two apart
 
 
 @pytest.mark.usefixtures("single_process")

@@ -26,6 +26,7 @@ checkpoint curate:
         options=options(
             size=config["curation"]["size"],
             strategy=config["curation"]["strategy"],
+            balance=config["curation"]["balance"],
             duplicate_similarity=config["curation"]["duplicate_similarity"],
             seed=config["seed"],
             cache_mb=config["kmeans"]["cache_mb"],

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 CURATED_COLUMNS = ("pool_id", "super_cluster", "sub_cluster")
 # How the images of a sub-cluster are drawn: at random, or those nearest its centroid.
 STRATEGIES = ("random", "nearest")
+# What the subset is balanced over: the hierarchy (the curated subset), or nothing (a uniform random subset of the
+# pool, duplicates and all: the control a curated subset is measured against).
+BALANCES = ("hierarchy", "none")
 # Similarities computed at once when looking for duplicates: rows x earlier rows of a sub-cluster.
 SIMILARITY_BLOCK = 1 << 24
 
@@ -112,10 +115,13 @@ def pick(rows: pd.DataFrame, n: int, strategy: str, rng: np.random.Generator) ->
     return rows.iloc[np.sort(rng.choice(len(rows), n, replace=False))]
 
 
-def draw(pool: pd.DataFrame, size: int, strategy: str, seed: int) -> pd.DataFrame:
+def draw(pool: pd.DataFrame, size: int, strategy: str, seed: int, balance: str = "hierarchy") -> pd.DataFrame:
     """``size`` of the pool's images that are no duplicate, balanced over super-clusters then sub-clusters, drawn
-    inside each sub-cluster by ``strategy`` (random, nearest its centroid), sorted by id."""
+    inside each sub-cluster by ``strategy`` (random, nearest its centroid), sorted by id; with ``balance`` none,
+    ``size`` of all the pool's images drawn uniformly at random."""
     rng, kept, drawn = np.random.default_rng(seed), pool[~pool["duplicate"]], []
+    if balance == "none":
+        return pool.iloc[np.sort(rng.choice(len(pool), size, replace=False))].sort_values("id", ignore_index=True)
     by_super = list(kept.groupby("super_cluster"))
     shares = balanced_shares(np.array([len(members) for _, members in by_super]), size)
     for (_, members), share in zip(by_super, shares, strict=True):
@@ -160,6 +166,7 @@ def curate(
     pca: str,
     size: int,
     strategy: str,
+    balance: str,
     duplicate_similarity: float,
     seed: int,
     cache_mb: float,
@@ -168,9 +175,10 @@ def curate(
     sizes: str,
 ) -> None:
     """Stage 'curate': ``size`` images of the pool ``manifest`` drawn balanced over the clusters ``labels`` (of
-    ``sub_files``, over the features ``shards`` whitened by ``pca``) -> the manifest ``out`` and ``sizes``."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown curation strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    ``sub_files``, over the features ``shards`` whitened by ``pca``) -> the manifest ``out`` and ``sizes``; with
+    ``balance`` none, a uniform random subset of the pool of that size instead (the control)."""
+    if strategy not in STRATEGIES or balance not in BALANCES:
+        raise ValueError(f"unknown curation strategy {strategy!r} or balance {balance!r}: {STRATEGIES}, {BALANCES}")
     images = manifest_size(manifest)
     if size > images:
         raise ConfigError(
@@ -192,21 +200,23 @@ def curate(
         images,
         duplicate_similarity,
     )
-    if size > images - dropped:
+    if size > images - dropped and balance == "hierarchy":
         log.warning(
             "curation.size is %d but %d images remain once duplicates are dropped: the subset has %d",
             size,
             images - dropped,
             images - dropped,
         )
-    drawn = draw(pool, size, strategy, seed)
+    drawn = draw(pool, size, strategy, seed, balance)
     write_curated(manifest, drawn, out)
     write_sizes(sizes, pool, drawn)
     log.info(
         "curated %d of %d images (%s) over %d super-clusters and %d sub-clusters",
         len(drawn),
         images,
-        strategy,
+        f"balanced over the hierarchy, {strategy}"
+        if balance == "hierarchy"
+        else "uniformly at random, duplicates kept",
         drawn["super_cluster"].nunique(),
         len(drawn.groupby(["super_cluster", "sub_cluster"])),
     )
