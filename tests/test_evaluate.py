@@ -44,8 +44,8 @@ from deepercluster.evaluate.linear import (
     standardise,
 )
 from deepercluster.evaluate.nmi import cluster_nmi, seeded_clusterings
+from deepercluster.evaluate.paired import class_groups, paired_table
 from deepercluster.evaluate.paired import main as paired_main
-from deepercluster.evaluate.paired import paired_table
 from deepercluster.evaluate.retrieval import (
     image_regions,
     region_vectors,
@@ -58,7 +58,7 @@ from deepercluster.features import extract_all
 from deepercluster.files import sha256
 from deepercluster.formats import features as features_format
 from deepercluster.formats.evals import ids_fingerprint, pack_correct, unpack_correct, write_json
-from deepercluster.formats.manifest import read_manifest
+from deepercluster.formats.manifest import read_manifest, write_manifest
 from deepercluster.nn.models import build_model
 from defaults import eval_settings, feature_settings, kmeans_settings, pca_settings
 
@@ -293,7 +293,42 @@ def test_a_paired_difference_resolves_a_gain_the_rows_own_intervals_cannot(linea
     paired_main(
         ["--row", f"reference={linear_folder}", "--row", f"better={','.join(rows['better'])}", "--against", "reference"]
     )
-    assert "| conv3 (channels) | better | 2 | " in capsys.readouterr().out
+    printed = capsys.readouterr().out.splitlines()
+    assert any(
+        line.startswith("| conv3 (channels) | all | better | 2 | ") and line.endswith("| yes |") for line in printed
+    )
+
+
+def test_paired_splits_the_test_images_by_the_pools_head_and_tail_classes(
+    eval_manifest, linear_folder, tmp_path
+) -> None:
+    """A pool long-tailed by hand (every train image of five classes, one of each other): those five are the head;
+    the six flipped images' +5 points split between head and tail in proportion to where they fall."""
+    frame = read_manifest(eval_manifest)
+    frame = frame[frame["eval_split"] == "train"]
+    head = sorted(frame["label"].unique())[:5]
+    pool = pd.concat([frame[frame["label"].isin(head)], frame[~frame["label"].isin(head)].groupby("label").head(1)])
+    write_manifest(tmp_path / "pool.parquet", pool.reset_index(drop=True))
+    fingerprint, masks = class_groups(str(tmp_path / "pool.parquet"), eval_manifest, "label")
+    data = labelled_roles(eval_manifest, "label")
+    test_labels = np.array(data.classes)[data.targets[~data.train]]
+    assert fingerprint == json.loads((linear_folder / "linear.json").read_text())["test_ids_sha256"]
+    assert np.array_equal(masks["head"], np.isin(test_labels, head)) and np.array_equal(masks["tail"], ~masks["head"])
+
+    real = json.loads((linear_folder / "linear.json").read_text())
+    write_json(tmp_path / "linear.json", with_flipped(real, ("conv3", "channels"), 6))
+    table = paired_table(
+        {"reference": [str(linear_folder)], "better": [str(tmp_path)]}, "reference", 0, (fingerprint, masks)
+    )
+    better = table[(table["row"] == "better") & (table["layer"] == "conv3") & (table["pooling"] == "channels")]
+    gained = {
+        line.images: line.difference * (masks[line.images].sum())
+        for line in better.itertuples()
+        if line.images != "all"
+    }
+    assert gained["head"] + gained["tail"] == pytest.approx(6) and better.set_index("images")["difference"][
+        "all"
+    ] == pytest.approx(6 / 120)
 
 
 def test_paired_refuses_probes_of_other_test_images_or_without_their_results(linear_folder, tmp_path) -> None:

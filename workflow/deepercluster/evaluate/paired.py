@@ -8,6 +8,10 @@ hard for one probe is mostly hard for the other, and the difference's interval i
 Each row's repeats are drawn with replacement too, so the interval holds the rerun spread as well as the test
 set's. A difference whose interval excludes 0 is resolved; one whose interval holds 0 is reported as none.
 
+Given the pool the methods trained on (``--pool``) and the evaluation manifest the probes scored, the table is also
+given on the test images of the pool's head classes and of its tail classes apart (``class_groups``): how a method
+trained on a long-tailed pool does on the classes it saw least.
+
     python -m deepercluster.evaluate.paired --against rotnet \\
         --row rotnet=seed-0/results/rotnet/evals/round-10,seed-1/results/rotnet/evals/round-10 \\
         --row deepercluster=seed-0/results/evals/round-10,seed-1/results/evals/round-10 --out paired.md
@@ -23,9 +27,12 @@ import numpy as np
 import pandas as pd
 
 from deepercluster.errors import EvaluationError, InputError, one_line
-from deepercluster.formats.evals import unpack_correct
+from deepercluster.evaluate.backbone import labelled_roles
+from deepercluster.formats.evals import ids_fingerprint, unpack_correct
+from deepercluster.formats.manifest import read_manifest
 
 RESAMPLES = 2000
+ALL = "all"
 
 
 def read_repeats(folders: list[str]) -> list[dict]:
@@ -74,54 +81,69 @@ def paired_difference(
     return float(a.mean() - b.mean()), float(low), float(high)
 
 
-def paired_table(rows: dict[str, list[str]], against: str, seed: int = 0) -> pd.DataFrame:
-    """One line per conv layer, pooling and row: its repeats' top-1 (mean, min, max) and its paired difference
-    from row ``against`` with the interval. Every repeat of every row must have scored the same test images."""
+def class_groups(pool: str, eval_manifest: str, label_column: str) -> tuple[str, dict[str, np.ndarray]]:
+    """(the test images' fingerprint, masks over them): all of them, those of the head classes (the half of the
+    classes holding the most of the pool's labelled images) and those of the tail classes (the other half)."""
+    counts = read_manifest(pool)[label_column].astype(str).value_counts()
+    data = labelled_roles(eval_manifest, label_column)
+    ranked = sorted(data.classes, key=lambda c: (-counts.get(c, 0), c))
+    head = [data.classes.index(c) for c in ranked[: len(ranked) // 2]]
+    targets = data.targets[~data.train]
+    in_head = np.isin(targets, head)
+    return ids_fingerprint(data.ids[~data.train]), {ALL: np.ones(len(targets), bool), "head": in_head, "tail": ~in_head}
+
+
+def checked_evaluations(rows: dict[str, list[str]], against: str, fingerprint: str | None) -> dict[str, list[dict]]:
+    """Each row's repeats' linear.json, refused unless ``against`` is a row and every probe scored the same test
+    images (those of ``fingerprint``, where given)."""
     evaluations = {name: read_repeats(folders) for name, folders in rows.items()}
     if against not in evaluations:
         raise EvaluationError(f"--against {against} is none of the rows ({', '.join(rows)}): name one of them")
     fingerprints = {e["test_ids_sha256"] for repeats in evaluations.values() for e in repeats}
-    if len(fingerprints) > 1:
+    if len(fingerprints | ({fingerprint} if fingerprint else set())) > 1:
         raise EvaluationError(
-            "the rows' probes scored different test images (test_ids_sha256 differs): evaluate every run on the same "
-            "evaluation.data"
+            "the rows' probes (or --eval-manifest) scored different test images (test_ids_sha256 differs): evaluate "
+            "every run on the same evaluation.data, and give its results/data/eval/manifest.parquet"
         )
+    return evaluations
+
+
+def paired_table(
+    rows: dict[str, list[str]], against: str, seed: int = 0, groups: tuple[str, dict[str, np.ndarray]] | None = None
+) -> pd.DataFrame:
+    """One line per conv layer, pooling, group of test images (``class_groups``; all of them by default) and row:
+    its repeats' top-1 (mean, min, max) and its paired difference from row ``against`` with the interval."""
+    fingerprint, masks = groups or (None, None)
+    evaluations = checked_evaluations(rows, against, fingerprint)
     lines = []
     for probe in evaluations[against][0]["layers"]:
         layer, pooling = probe["layer"], probe["pooling"]
-        reference = correct_matrix(evaluations[against], layer, pooling)
-        for name, repeats in evaluations.items():
-            correct = correct_matrix(repeats, layer, pooling)
-            top1 = correct.mean(1)
-            difference, low, high = paired_difference(correct, reference, seed)
-            lines.append(
-                {
-                    "layer": layer,
-                    "pooling": pooling,
-                    "row": name,
-                    "repeats": len(repeats),
-                    "top1": top1.mean(),
-                    "top1_min": top1.min(),
-                    "top1_max": top1.max(),
-                    "difference": difference,
-                    "low": low,
-                    "high": high,
-                    "resolved": name != against and (low > 0 or high < 0),
-                }
-            )
+        correct = {name: correct_matrix(repeats, layer, pooling) for name, repeats in evaluations.items()}
+        for group, mask in (masks or {ALL: np.ones(correct[against].shape[1], bool)}).items():
+            for name, repeats in correct.items():
+                top1 = repeats[:, mask].mean(1)
+                difference, low, high = paired_difference(repeats[:, mask], correct[against][:, mask], seed)
+                lines.append(
+                    {
+                        **{"layer": layer, "pooling": pooling, "images": group, "row": name, "repeats": len(repeats)},
+                        **{"top1": top1.mean(), "top1_min": top1.min(), "top1_max": top1.max()},
+                        **{"difference": difference, "low": low, "high": high},
+                        "resolved": name != against and (low > 0 or high < 0),
+                    }
+                )
     return pd.DataFrame(lines)
 
 
 def markdown(table: pd.DataFrame, against: str) -> str:
     """The table in points (%): each row's mean [min, max] over repeats, its difference from ``against``."""
     lines = [
-        f"| layer | row | repeats | top-1, mean [min, max] | minus {against} [95% paired] | resolved |",
-        "|---|---|---|---|---|---|",
+        f"| layer | test images | row | repeats | top-1, mean [min, max] | minus {against} [95% paired] | resolved |",
+        "|---|---|---|---|---|---|---|",
     ]
     for line in table.itertuples():
         verdict = "-" if line.row == against else ("yes" if line.resolved else "no: none")
         lines.append(
-            f"| {line.layer} ({line.pooling}) | {line.row} | {line.repeats} | {100 * line.top1:.1f} "
+            f"| {line.layer} ({line.pooling}) | {line.images} | {line.row} | {line.repeats} | {100 * line.top1:.1f} "
             f"[{100 * line.top1_min:.1f}, {100 * line.top1_max:.1f}] | {100 * line.difference:+.1f} "
             f"[{100 * line.low:+.1f}, {100 * line.high:+.1f}] | {verdict} |"
         )
@@ -134,12 +156,16 @@ def main(argv: list[str] | None = None) -> None:
         "--row", action="append", required=True, help="NAME=EVAL_FOLDER[,EVAL_FOLDER...]: a repeat each"
     )
     parser.add_argument("--against", required=True, help="the row every difference is taken from")
+    parser.add_argument("--pool", help="the manifest the methods trained on: also the head and tail classes apart")
+    parser.add_argument("--eval-manifest", default="results/data/eval/manifest.parquet", help="with --pool")
+    parser.add_argument("--label-column", default="label", help="with --pool")
     parser.add_argument("--seed", type=int, default=0, help="the bootstrap's")
     parser.add_argument("--out", help="also write the markdown table here")
     args = parser.parse_args(argv)
     rows = {name: folders.split(",") for name, folders in (row.split("=", 1) for row in args.row)}
     try:
-        text = markdown(paired_table(rows, args.against, args.seed), args.against)
+        groups = class_groups(args.pool, args.eval_manifest, args.label_column) if args.pool else None
+        text = markdown(paired_table(rows, args.against, args.seed, groups), args.against)
     except InputError as error:
         raise SystemExit(one_line(error)) from None
     if args.out:
