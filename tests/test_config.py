@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from snakemake.utils import update_config
 
 from deepercluster.config import (
     MOVED,
@@ -22,6 +23,7 @@ from deepercluster.config import (
     schema_nodes,
     validate_config,
 )
+from deepercluster.plan import Plan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -156,3 +158,13 @@ def test_the_schemas_choices_are_the_codes() -> None:
         assert set(nodes[source]["enum"]) == set(SOURCES), source
     registered = nodes["checkpoints"]["additionalProperties"]["properties"]["arch"]
     assert set(nodes["model.arch"]["enum"]) == set(registered["enum"]) == set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("experiment", sorted(path.name for path in (REPO / "docs").glob("*.yaml")))
+def test_each_experiment_config_in_docs_is_valid_laid_over_the_default_and_plans_its_runs(experiment: str) -> None:
+    """``snakemake --configfile docs/<experiment>.yaml``: the file laid over config.yaml as Snakemake does (nested
+    keys merged), validated and planned; a key the schema dropped or a start no run has fails here, not hours in."""
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    update_config(config, yaml.safe_load((REPO / "docs" / experiment).read_text()))
+    plan = Plan(validate_config(config))
+    assert plan.rounds("results") >= 1
