@@ -142,10 +142,10 @@ def test_a_block_that_loses_a_node_is_requeued_and_resumes_to_the_same_weights(
     assert state.startswith("down"), state
     cleared_at = wait_and_time(lambda: slurm_two_nodes.processes("node1") == 1, killed)
     slurm_two_nodes.node_up("node2")
-    # SLURM starts a requeued job 120 s later. Started by hand at once, it lost node2 again here ("2 != 1
-    # allocated nodes"): slurmctld settles a node that comes back within a few seconds (5 s were enough).
+    # Started at once, the requeued job lost node2 again here ("2 != 1 allocated nodes"): slurmctld settles a
+    # node that comes back within a few seconds (5 s were enough).
     time.sleep(RETURN_SETTLE_S)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    start_requeued(slurm_two_nodes, job)
     _, stderr = launched.communicate(timeout=180)
     done_at = time.monotonic() - killed
     assert launched.returncode == 0, stderr[-3000:]
@@ -171,8 +171,31 @@ def wait_and_time(condition, since: float, timeout_s: float = 120) -> float:
     return time.monotonic() - since
 
 
+def start_requeued(cluster, job: str, timeout_s: float = 60) -> None:
+    """Start the requeued ``job`` now, not 120 s later as SLURM would, once it can start: pending for its begin
+    time, its earlier run's steps gone from every node (slurmd refuses to launch a job whose steps still run
+    there), and the clock past the second of the requeue. slurmd revokes the job's credential at the requeue, to
+    the second, and rejects a new one made in that second too (``ctime <= revoked``): started within it, the job
+    failed without output ("Killing non-startable batch JobId=228: Job credential revoked")."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = squeue(job, "%T %r").strip()
+        steps = {node: cluster.processes(node) - 1 for node in cluster.nodes}  # besides the node's slurmd
+        if state == "PENDING BeginTime" and not any(steps.values()):
+            break
+        assert time.monotonic() < deadline, (
+            f"requeued job {job} not ready to start after {timeout_s} s: squeue says {state!r} (not "
+            f"'PENDING BeginTime'), or processes other than slurmd still run on a node: {steps}"
+        )
+        time.sleep(0.2)
+    requeued_in = int(time.time())  # the second of the requeue, or a later one: it came before this check
+    while int(time.time()) <= requeued_in:
+        time.sleep(0.01)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+
+
 def test_a_block_preempted_on_two_nodes_resumes_where_it_saved_to_the_same_weights(
-    two_node_block, tmp_path: Path
+    slurm_two_nodes, two_node_block, tmp_path: Path
 ) -> None:
     train_dir = tmp_path / "train"
     settings = {**two_node_block, "train_dir": str(train_dir), "out": str(tmp_path / "preempted.pt")}
@@ -181,7 +204,7 @@ def test_a_block_preempted_on_two_nodes_resumes_where_it_saved_to_the_same_weigh
     job, signalled = job_id(train_dir), time.monotonic()
     subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what SLURM sends before a pre-emption
     requeued_at = wait_and_time(lambda: "BeginTime" in squeue(job, "%r"), signalled)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    start_requeued(slurm_two_nodes, job)
     _, stderr = launched.communicate(timeout=180)
     assert launched.returncode == 0, stderr[-3000:]
 

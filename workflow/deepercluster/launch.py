@@ -104,7 +104,7 @@ def follow(job: submitit.Job, poll_s: float = 1.0) -> None:
     """Copy the job's stderr (its log and progress) to ours until it ends."""
     position = 0
     while True:
-        finished = job.done()
+        finished = ended(job)
         if job.paths.stderr.exists():
             with open(job.paths.stderr) as f:
                 f.seek(position)
@@ -114,6 +114,15 @@ def follow(job: submitit.Job, poll_s: float = 1.0) -> None:
         if finished:
             return
         time.sleep(poll_s)
+
+
+def ended(job: submitit.Job) -> bool:
+    """Whether the job has ended: submitit says so and, for a SLURM job, slurmctld does too. Submitit's word alone
+    fails a block that lost a node: the surviving ranks' errors are their tasks' results, and sacct, its state of
+    the job, gives the first run's NODE_FAIL for about 2 s after slurmctld has requeued the job."""
+    if not job.done():
+        return False
+    return not isinstance(job, submitit.SlurmJob) or slurm_state(job) not in UNFINISHED
 
 
 def process_tree(pid: int) -> list[int]:
