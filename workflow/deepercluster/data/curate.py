@@ -119,9 +119,10 @@ def draw(pool: pd.DataFrame, size: int, strategy: str, seed: int, balance: str =
     """``size`` of the pool's images that are no duplicate, balanced over super-clusters then sub-clusters, drawn
     inside each sub-cluster by ``strategy`` (random, nearest its centroid), sorted by id; with ``balance`` none,
     ``size`` of all the pool's images drawn uniformly at random."""
-    rng, kept, drawn = np.random.default_rng(seed), pool[~pool["duplicate"]], []
+    rng = np.random.default_rng(seed)
     if balance == "none":
         return pool.iloc[np.sort(rng.choice(len(pool), size, replace=False))].sort_values("id", ignore_index=True)
+    kept, drawn = pool[~pool["duplicate"]], []
     by_super = list(kept.groupby("super_cluster"))
     shares = balanced_shares(np.array([len(members) for _, members in by_super]), size)
     for (_, members), share in zip(by_super, shares, strict=True):
@@ -155,6 +156,27 @@ def write_sizes(path: str, pool: pd.DataFrame, drawn: pd.DataFrame) -> None:
     sizes["curated"] = drawn.groupby(keys).size().reindex(sizes.index, fill_value=0)
     with atomic_output(path) as partial:
         sizes.reset_index().to_csv(partial, sep="\t", index=False)
+
+
+def log_duplicates(pool: pd.DataFrame, images: int, size: int, similarity: float, balance: str) -> None:
+    """How many of the pool's ``images`` are duplicates (dropped before a balanced draw, kept in the control), and
+    a warning where fewer than ``size`` images remain to draw from."""
+    dropped = int(pool["duplicate"].sum())
+    log.info(
+        "%d of %d images are duplicates (cosine similarity above %g to an image of smaller id in their "
+        "sub-cluster), %s",
+        dropped,
+        images,
+        similarity,
+        "dropped" if balance == "hierarchy" else "kept (curation.balance: none)",
+    )
+    if size > images - dropped and balance == "hierarchy":
+        log.warning(
+            "curation.size is %d but %d images remain once duplicates are dropped: the subset has %d",
+            size,
+            images - dropped,
+            images - dropped,
+        )
 
 
 def curate(
@@ -192,21 +214,7 @@ def curate(
         ],
         ignore_index=True,
     )
-    dropped = int(pool["duplicate"].sum())
-    log.info(
-        "%d of %d images are duplicates (cosine similarity above %g to an image of smaller id in their "
-        "sub-cluster), dropped",
-        dropped,
-        images,
-        duplicate_similarity,
-    )
-    if size > images - dropped and balance == "hierarchy":
-        log.warning(
-            "curation.size is %d but %d images remain once duplicates are dropped: the subset has %d",
-            size,
-            images - dropped,
-            images - dropped,
-        )
+    log_duplicates(pool, images, size, duplicate_similarity, balance)
     drawn = draw(pool, size, strategy, seed, balance)
     write_curated(manifest, drawn, out)
     write_sizes(sizes, pool, drawn)
