@@ -127,6 +127,20 @@ def test_an_output_folder_that_may_not_be_written_is_named(runs: list[Path], tmp
     assert_one_line(log, run.stdout + run.stderr, message)
 
 
+def unlabelled_manifest(source: str, path: str, manifest: str, skipped: str) -> list[str]:
+    """The manifest stage's command for every image of ``path`` (a ``source``), no labels, paths relative to the
+    working directory."""
+    return manifest_command(
+        source=source,
+        path=path,
+        manifest=manifest,
+        skipped=skipped,
+        label_from_folder=False,
+        max_images=None,
+        split=None,
+    )
+
+
 def small_folder_run(run: Path, images: int = 6) -> Path:
     """``run`` with a few real images under it (images/), their manifest built there, a round-0 checkpoint."""
     folder = run / "images"
@@ -135,15 +149,7 @@ def small_folder_run(run: Path, images: int = 6) -> Path:
     for i in range(images):
         Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     for stage in (
-        manifest_command(
-            source="folder",
-            path="images",
-            manifest="manifest.parquet",
-            skipped="skipped.tsv",
-            label_from_folder=False,
-            max_images=None,
-            split=None,
-        ),
+        unlabelled_manifest("folder", "images", "manifest.parquet", "skipped.tsv"),
         ["init", "--arch", "small_convnet", "--sobel", "--seed", "0", "--out", "checkpoint.pt"],
     ):
         done = cli(*stage, cwd=run)
@@ -201,15 +207,7 @@ def test_a_moved_run_folder_reads_its_own_images(tmp_path: Path) -> None:
     outside = tmp_path / "outside.png"  # an image elsewhere keeps its absolute path
     shutil.copy(moved / "images/0.png", outside)
     pd.DataFrame({"path": [str(outside), "images/1.png"]}).to_csv(moved / "table.csv", index=False)
-    table = manifest_command(
-        source="table",
-        path="table.csv",
-        manifest="table.parquet",
-        skipped="s.tsv",
-        label_from_folder=False,
-        max_images=None,
-        split=None,
-    )
+    table = unlabelled_manifest("table", "table.csv", "table.parquet", "s.tsv")
     done = cli(*table, cwd=moved)
     assert done.returncode == 0, done.stderr
     assert pd.read_parquet(moved / "table.parquet")["path"].tolist() == [str(outside), "images/1.png"]
