@@ -63,12 +63,14 @@ def test_shards_hold_every_id_once(real_data, raw_features) -> None:
     assert not np.allclose(features[picked], features[picked[::-1]], rtol=2e-3, atol=1e-4)
 
 
-def wreck_row_groups(path: Path, keep: set[int]) -> None:
-    """Overwrite with garbage the bytes of every parquet row group of ``path`` but those of ``keep``."""
+def wreck_row_groups(path: Path, keep: set[int], spare: tuple[str, ...] = ()) -> None:
+    """Overwrite with garbage the bytes of every parquet row group of ``path`` but those of ``keep`` (all of their
+    columns but the ``spare`` ones)."""
     metadata = pq.ParquetFile(path).metadata
+    names = metadata.schema.to_arrow_schema().names
     with open(path, "r+b") as f:
         for group in set(range(metadata.num_row_groups)) - keep:
-            for column in range(metadata.num_columns):
+            for column in (c for c in range(metadata.num_columns) if names[c] not in spare):
                 chunk = metadata.row_group(group).column(column)
                 first = min(o for o in (chunk.dictionary_page_offset, chunk.data_page_offset) if o is not None)
                 f.seek(first)
@@ -99,6 +101,26 @@ def test_a_features_job_reads_only_its_shards_row_groups(real_data, tmp_path: Pa
     with h5py.File(out, "r") as ours, h5py.File(real_data.shards[1], "r") as whole:
         assert np.array_equal(ours["ids"][:], np.arange(200, 400))
         assert np.array_equal(ours["features"][:], whole["features"][:])
+
+
+def test_a_pools_class_sizes_are_counted_from_its_label_column_alone(real_data, tmp_path: Path, monkeypatch) -> None:
+    """The manifest in 6 row groups, every column but the label's wrecked in all of them: the class sizes (what
+    ``paired --pool`` ranks head and tail classes by) are still counted, as over the whole table, and read a group
+    at a time; a column the manifest lacks is named with the ones it has."""
+    from deepercluster.formats import manifest as manifest_format
+
+    monkeypatch.setattr(manifest_format, "ROW_GROUP", 100)
+    manifest = tmp_path / "manifest.parquet"
+    frame = read_manifest(real_data.manifest)
+    manifest_format.write_manifest(manifest, frame)
+    wreck_row_groups(manifest, keep=set(), spare=("label",))
+    with pytest.raises(DataError, match="not a readable parquet file"):
+        read_manifest(str(manifest))
+    counts = manifest_format.value_counts(str(manifest), "label")
+    assert counts.sort_index().to_dict() == frame["label"].value_counts().sort_index().to_dict()
+    assert len(counts) == 10 and counts.sum() == 600
+    with pytest.raises(DataError, match=r"no column 'class'; name one of: id, path, label"):
+        manifest_format.value_counts(str(manifest), "class")
 
 
 def test_a_float16_shard_holds_the_float32_features_rounded_in_half_the_bytes(real_data, tmp_path: Path) -> None:

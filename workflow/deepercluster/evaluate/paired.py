@@ -29,7 +29,7 @@ import pandas as pd
 from deepercluster.errors import EvaluationError, InputError, one_line
 from deepercluster.evaluate.backbone import labelled_roles
 from deepercluster.formats.evals import ids_fingerprint, unpack_correct
-from deepercluster.formats.manifest import read_manifest
+from deepercluster.formats.manifest import value_counts
 
 RESAMPLES = 2000
 ALL = "all"
@@ -84,7 +84,7 @@ def paired_difference(
 def class_groups(pool: str, eval_manifest: str, label_column: str) -> tuple[str, dict[str, np.ndarray]]:
     """(the test images' fingerprint, masks over them): all of them, those of the head classes (the half of the
     classes holding the most of the pool's labelled images) and those of the tail classes (the other half)."""
-    counts = read_manifest(pool)[label_column].astype(str).value_counts()
+    counts = value_counts(pool, label_column)
     data = labelled_roles(eval_manifest, label_column)
     ranked = sorted(data.classes, key=lambda c: (-counts.get(c, 0), c))
     head = [data.classes.index(c) for c in ranked[: len(ranked) // 2]]

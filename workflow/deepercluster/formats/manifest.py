@@ -143,6 +143,21 @@ def read_manifest_ids(manifest: str, ids: np.ndarray) -> pd.DataFrame:
     return absolute(pa.Table.from_batches(parts).to_pandas())
 
 
+def value_counts(manifest: str, column: str) -> pd.Series:
+    """How many images hold each value of ``column`` (as text), read a row group of that column at a time: memory is
+    the counts' and one group's, whatever N (a pool's class sizes)."""
+    file, counts = manifest_file(manifest), pd.Series(dtype=np.int64)
+    if column not in file.schema_arrow.names:
+        raise DataError(f"{manifest} has no column '{column}'; name one of: {', '.join(file.schema_arrow.names)}")
+    try:
+        for batch in file.iter_batches(ROW_GROUP, columns=[column]):
+            found = batch.column(0).to_pandas().dropna().astype(str).value_counts()
+            counts = counts.add(found, fill_value=0).astype(np.int64)
+    except (OSError, ValueError) as error:
+        raise unreadable(manifest, error) from error
+    return counts
+
+
 def unreadable(manifest: str, error: Exception) -> DataError:
     """The error of a manifest that is not a readable parquet file."""
     return DataError(f"{manifest} is not a readable parquet file ({error}); delete it and rerun")
