@@ -240,5 +240,5 @@ def head_memory_case(report: Report, k: int, dim: int, batch: int, parts: int) -
 def block_settings(workers: int = 0, **changes: object) -> dict:
     """``train_block``'s arguments but its files: DeeperCluster's settings of the schema's defaults (seed 0), with
     ``changes`` to their fields (the benchmark sets epochs, batch, image size), and ``workers``."""
-    settings = replace(BlockSettings.of(DEFAULTS, "deepercluster", seed=0), **changes)
+    settings = replace(BlockSettings.of(DEFAULTS, DEFAULTS["methods"]["deepercluster"], seed=0), **changes)
     return {"settings": settings, "workers": workers, "checkpoint_every": DEFAULTS["train"]["checkpoint_every"]}

@@ -64,7 +64,7 @@ def block_settings(method: str = "deepercluster", **changes: Any) -> dict[str, A
     """The training block's settings for ``method``: the fields of ``BlockSettings.of`` the schema's defaults (seed
     the config's), one process's ``workers`` (none) and ``checkpoint_every``, flat so that a test changes any;
     ``packed`` makes them ``train_block``'s arguments."""
-    settings = asdict(BlockSettings.of(CONFIG, method, CONFIG["seed"]))
+    settings = asdict(BlockSettings.of(CONFIG, CONFIG["methods"][method], CONFIG["seed"]))
     return {**settings, "workers": 0, "checkpoint_every": CONFIG["train"]["checkpoint_every"], **changes}
 
 

@@ -30,12 +30,13 @@ from test_workflow import snakemake
 
 ROUND = "results/rounds/1"
 CURATED = "results/curated/round-1"
-# The pool's run and the curated run: one round each (methods.deepercluster), the subset 100 of the 300 images.
+# The pool's run and the curated run: one round each (methods.deepercluster), the subset 100 of the 300 images,
+# trained for 3 epochs (curation.epochs_per_round): as many steps as the pool's run's 1 epoch.
 CONFIG = {
     "methods": {
         "deepercluster": {"init": "random", "rounds": 1, "epochs_per_round": 1, "super_clusters": 2, "sub_clusters": 4}
     },
-    "curation": {"clusters": "round-1", "size": 100, "train": "deepercluster"},
+    "curation": {"clusters": "round-1", "size": 100, "train": "deepercluster", "epochs_per_round": 3},
 }
 
 
@@ -132,7 +133,9 @@ def test_the_curated_run_trains_on_the_subset(curated_run: Path) -> None:
     assert not (run / "rounds/1/features/shard-1.h5").exists()
     assert pd.read_parquet(run / "rounds/1/labels.parquet")["id"].tolist() == list(range(100))
     metrics = pd.read_csv(run / "rounds/1/train/metrics.tsv", sep="\t")
-    assert metrics["iteration"].tolist() == list(range(100 // 32))  # 1 epoch of the subset's full batches
+    pool = pd.read_csv(curated_run / ROUND / "train/metrics.tsv", sep="\t")
+    assert metrics["epoch"].tolist() == [e for e in range(3) for _ in range(100 // 32)]  # 3 epochs of full batches
+    assert len(metrics) == len(pool) == 300 // 32  # as many steps as the pool's run's 1 epoch
     nmi = json.loads((run / "rounds/1/nmi.json").read_text())
     assert set(nmi) == {"label", "super_cluster", "sub_cluster", "previous_round"}  # pool_id is no metadata
 

@@ -100,6 +100,8 @@ class Plan:
     """The runs of a config and the files of their rounds; ``images`` is the manifest's size wherever a number of
     shards depends on it (known once the manifest exists)."""
 
+    curated: str | None = None  # the curated run's folder (curation.train), once the config is checked
+
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
         self.method = method(config["method"])
@@ -163,8 +165,9 @@ class Plan:
         )
 
     def settings(self, run: str) -> dict[str, Any]:
-        """methods.<method> of the run's method."""
-        return self.config["methods"][self.runs[run].name]
+        """methods.<method> of the run's method (for the curated run, with curation.epochs_per_round where set)."""
+        own, epochs = self.config["methods"][self.runs[run].name], self.config["curation"]["epochs_per_round"]
+        return {**own, "epochs_per_round": epochs} if run == self.curated and epochs is not None else own
 
     def rounds(self, run: str) -> int:
         return self.settings(run)["rounds"]

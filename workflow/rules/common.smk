@@ -190,7 +190,7 @@ def block_options(wildcards):
     """The training block's method and settings (BlockSettings: methods.<method>, train, the round's seed)."""
     method = PLAN.runs[wildcards.run].name
     return options(
-        method=method, settings=BlockSettings.of(config, method, round_seed(wildcards))
+        method=method, settings=BlockSettings.of(config, PLAN.settings(wildcards.run), round_seed(wildcards))
     )
 
 

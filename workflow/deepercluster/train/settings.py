@@ -31,10 +31,10 @@ class BlockSettings:
     seed: int
 
     @classmethod
-    def of(cls, config: dict[str, Any], method: str, seed: int) -> BlockSettings:
-        """The settings of a block of ``method`` in a validated ``config`` (``methods.<method>``, ``train``,
-        ``data.image_size``), with the round's ``seed``."""
-        own, train = config["methods"][method], config["train"]
+    def of(cls, config: dict[str, Any], own: dict[str, Any], seed: int) -> BlockSettings:
+        """The settings of a block in a validated ``config``: its run's method's ``own`` (``methods.<method>``, as
+        ``Plan.settings`` gives them), ``train`` and ``data.image_size``, with the round's ``seed``."""
+        train = config["train"]
         return cls(
             epochs=own["epochs_per_round"],
             batch_size=train["batch_size"],
