@@ -45,7 +45,7 @@ QUICK = {
     "memory": {"rows": 20_000, "dim": 64, "k": 16},
     "head": {"k": 8_000, "dim": 4096, "batch": 48, "parts": 4},
     "manifest": {"rows": 4_000, "per_tar": 500},
-    "jpeg": {"small": 16, "camera": 4, "batch_size": 4, "repeats": 1},
+    "jpeg": {"small": 16, "camera": 16, "batch_size": 4, "repeats": 1},
 }
 CASES = ("kmeans", "features", "training", "jpeg", "io", "memory", "head", "manifest", "workflow")
 

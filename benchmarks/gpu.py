@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 import yaml
 
-from benchmarks.inputs import image_round
+from benchmarks.inputs import Rows, image_round
 from benchmarks.kmeans import kmeans_pair, on_ranks
 from benchmarks.network import bare_training, block_settings, features_case
 from benchmarks.report import MB, REPO, Report, Row, aligned
@@ -103,20 +103,6 @@ def peak_memory(run: Callable[[], object]) -> float | None:
 def kmeans_check(report: Report, work: Path, **sizes: int) -> None:
     """Our k-means (the super_clusters stage) against faiss.Kmeans on the GPU, the same rows and initial centroids."""
     kmeans_pair(report, work, **sizes, gpu=torch.cuda.is_available())
-
-
-class Rows:
-    """A ``FeatureSource`` over rows held in memory, in chunks of the shard source's size."""
-
-    def __init__(self, x: np.ndarray, chunk_rows: int = 16384) -> None:
-        self.x, self.chunk_rows = x, chunk_rows
-        self.count, self.dim = x.shape
-        self.ids = np.arange(self.count)
-
-    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for start in range(0, self.count, self.chunk_rows):
-            stop = min(start + self.chunk_rows, self.count)
-            yield self.ids[start:stop], self.x[start:stop]
 
 
 def mixture_rows(rows: int, dim: int, seed: int = 0) -> np.ndarray:

@@ -1,8 +1,9 @@
 """The benchmarks' inputs, made by the package's own stages: synthetic feature shards, real Fashion-MNIST images;
-and JPEGs of real photographs."""
+and JPEGs of real photographs, and rows held in memory as k-means reads them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,20 @@ def synthetic_shards(folder: Path, rows: int, dim: int, shard_rows: int, seed: i
         paths.append(str(folder / f"shard-{len(paths)}.h5"))
         write_shard(paths[-1], x, np.arange(start, start + n), checkpoint_sha256=sha256(checkpoint))
     return paths
+
+
+class Rows:
+    """A ``FeatureSource`` over rows held in memory, in chunks of the shard source's size."""
+
+    def __init__(self, x: np.ndarray, chunk_rows: int = 16384) -> None:
+        self.x, self.chunk_rows = x, chunk_rows
+        self.count, self.dim = x.shape
+        self.ids = np.arange(self.count)
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for start in range(0, self.count, self.chunk_rows):
+            stop = min(start + self.chunk_rows, self.count)
+            yield self.ids[start:stop], self.x[start:stop]
 
 
 def whitening_file(shards: list[str], out: Path, sample_size: int) -> str:

@@ -17,6 +17,7 @@ from deepercluster.files import sha256
 from deepercluster.formats.features import write_shard
 from deepercluster.formats.manifest import read_manifest
 from deepercluster.logs import progress
+from deepercluster.nn.models import ConvNet
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,22 @@ def extract_all(*, manifest: str, checkpoint: str, image_size: int, out: str, ba
 
 
 @torch.no_grad()
+def features_of(
+    model: ConvNet, loader: DataLoader, device: torch.device, dtype: str, what: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(features, ids) of ``loader``'s batches of (uint8 images, ids): ``model``'s output on each batch, made the
+    network's input on ``device`` (``network_input``), held as ``dtype``."""
+    features = np.zeros((len(loader.dataset), model.feature_dim), dtype)
+    ids = np.zeros(len(loader.dataset), np.int64)
+    start = 0
+    for images, batch_ids in progress(loader, what, total=len(loader), unit="batch"):
+        stop = start + len(batch_ids)
+        features[start:stop] = model(network_input(images, device)).float().cpu().numpy()
+        ids[start:stop] = batch_ids.numpy()
+        start = stop
+    return features, ids
+
+
 def write_features(
     rows: pd.DataFrame,
     manifest: str,
@@ -84,14 +101,7 @@ def write_features(
         num_workers=workers,
         pin_memory=device.type == "cuda",
     )
-    features = np.zeros((len(rows), model.feature_dim), dtype)
-    ids = np.zeros(len(rows), np.int64)
-    start = 0
-    for images, batch_ids in progress(loader, what, total=len(loader), unit="batch"):
-        stop = start + len(batch_ids)
-        features[start:stop] = model(network_input(images, device)).float().cpu().numpy()
-        ids[start:stop] = batch_ids.numpy()
-        start = stop
+    features, ids = features_of(model, loader, device, dtype, what)
     if not np.isfinite(features).all():
         raise ShardError(
             f"{what}: features of {checkpoint} are not finite as {dtype} (beyond float16's range?); "
