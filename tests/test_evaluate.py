@@ -44,7 +44,7 @@ from deepercluster.evaluate.linear import (
     standardise,
 )
 from deepercluster.evaluate.nmi import cluster_nmi, seeded_clusterings
-from deepercluster.evaluate.paired import class_groups, paired_table
+from deepercluster.evaluate.paired import class_groups, gain_changes, paired_table
 from deepercluster.evaluate.paired import main as paired_main
 from deepercluster.evaluate.retrieval import (
     image_regions,
@@ -329,6 +329,33 @@ def test_paired_splits_the_test_images_by_the_pools_head_and_tail_classes(
     assert gained["head"] + gained["tail"] == pytest.approx(6) and better.set_index("images")["difference"][
         "all"
     ] == pytest.approx(6 / 120)
+
+
+def test_a_gain_change_is_one_gain_minus_another_on_the_same_test_images(linear_folder, tmp_path, capsys) -> None:
+    """Row 'late' gains 6 of 120 test images over the reference on conv3's channels, row 'early' 2 (taken from the
+    same 6): the change of gain is +4 of 120, resolved (the four rows drawn on the same images, only 4 images can
+    move it); a row's gain against itself changes by exactly 0; a change naming no row is refused in one line."""
+    real = json.loads((linear_folder / "linear.json").read_text())
+    rows = {"reference": [str(linear_folder)]}
+    for name, flipped in (("late", 6), ("early", 2)):
+        (tmp_path / name).mkdir()
+        write_json(tmp_path / name / "linear.json", with_flipped(real, ("conv3", "channels"), flipped))
+        rows[name] = [str(tmp_path / name)]
+    changes = {"grows": ("late", "reference", "early", "reference"), "none": ("late", "late", "early", "early")}
+    table = gain_changes(rows, changes).set_index(["layer", "pooling", "change"])
+    grows = table.loc[("conv3", "channels", "grows")]
+    assert grows["difference"] == pytest.approx(4 / 120) and 0 < grows["low"] <= 4 / 120 <= grows["high"]
+    assert grows["resolved"] and not table.loc[("conv2", "channels", "grows")]["resolved"]
+    assert (table.xs("none", level="change")[["difference", "low", "high"]] == 0).all().all()
+    with pytest.raises(EvaluationError, match=r"^--gain-change x names late40, not a row: give each with --row$"):
+        gain_changes(rows, {"x": ("late40", "reference", "early", "reference")})
+
+    arguments = [f"--row={name}={folders[0]}" for name, folders in rows.items()]
+    paired_main([*arguments, "--against", "reference", "--gain-change", "grows=late-reference,early-reference"])
+    printed = capsys.readouterr().out.splitlines()
+    assert "| conv3 (channels) | all | grows: (late - reference) - (early - reference) | +3.3 [" in "".join(printed)
+    with pytest.raises(SystemExit):
+        paired_main([*arguments, "--against", "reference", "--gain-change", "grows=late-reference"])
 
 
 def test_paired_refuses_probes_of_other_test_images_or_without_their_results(linear_folder, tmp_path) -> None:
