@@ -188,10 +188,9 @@ def block_labels(wildcards):
 
 def block_options(wildcards):
     """The training block's method and settings (BlockSettings: methods.<method>, train, the round's seed)."""
-    method = PLAN.runs[wildcards.run].name
-    return options(
-        method=method, settings=BlockSettings.of(config, PLAN.settings(wildcards.run), round_seed(wildcards))
-    )
+    own = PLAN.settings(wildcards.run)
+    settings = BlockSettings.of(config, own, round_seed(wildcards))
+    return options(method=PLAN.runs[wildcards.run].name, settings=settings)
 
 
 def previous_labels(wildcards):
