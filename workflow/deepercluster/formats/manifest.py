@@ -37,8 +37,8 @@ LOCATION = ("offset", "size", "tar_size", "tar_mtime")
 # The columns that name an image and where its bytes are, not what it shows: its id and path, its key and location
 # in a tar, a curated subset's pool_id (its image's id in the pool). No NMI is taken with them, no caption shows them.
 IMAGE = ("id", "path", "key", *LOCATION, "pool_id")
-# Paths as an int32 code an image into distinct paths (``read_manifest_ids``'): a tar's images cost 4 bytes each, not
-# their path's length.
+# Paths as an int32 code an image into distinct paths (``read_manifest_ids``' and ``ImageDataset``'s): a tar's images
+# cost 4 bytes each, not their path's length.
 CODED_PATHS = pa.dictionary(pa.int32(), pa.large_string())
 # Rows per parquet row group: a features job reads the row groups holding its shard's rows, not the whole manifest.
 ROW_GROUP = 65_536
