@@ -25,6 +25,7 @@ FULL = {
     "features": {"batch_size": 256, "repeats": 5},
     "features_memory": {"rows": 1_000_000, "shard_size": 256},
     "training": {"batch_size": 64, "repeats": 5},
+    "training_memory": {"rows": 250_000},
     "io": {"rows": 200_000, "dim": 256, "repeats": 6},
     "memory": {"rows": 100_000, "dim": 256, "k": 64},
     # The paper's layout: one rank's part of its group's W_g (k = 80,000 over p = 4 ranks), 48 images per GPU.
@@ -41,6 +42,7 @@ QUICK = {
     "features": {"batch_size": 100, "repeats": 1},
     "features_memory": {"rows": 25_000, "shard_size": 100},
     "training": {"batch_size": 32, "repeats": 1},
+    "training_memory": {"rows": 25_000},
     "io": {"rows": 20_000, "dim": 128, "repeats": 2},
     "memory": {"rows": 20_000, "dim": 64, "k": 16},
     "head": {"k": 8_000, "dim": 4096, "batch": 48, "parts": 4},
@@ -111,6 +113,7 @@ def run(args: argparse.Namespace, work: Path):  # -> Report
             network.features_memory_case(report, images, work, **sizes["features_memory"])
         if "training" in args.only:
             network.training_case(report, images, work, **sizes["training"])
+            network.training_memory_case(report, work, **sizes["training_memory"])
     if "jpeg" in args.only:
         jpeg.jpeg_case(report, work, **sizes["jpeg"])
     if "io" in args.only:

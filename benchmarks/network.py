@@ -1,5 +1,6 @@
 """The network's benchmarks: extraction and training throughput against a bare torch loop on the same images, a
-features job's memory against its manifest's size, one rank's sub-class head memory against its prediction."""
+features job's memory against its manifest's size, a training rank's memory per image against a bare read of its
+rows, one rank's sub-class head memory against its prediction."""
 
 from __future__ import annotations
 
@@ -10,21 +11,25 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from benchmarks.inputs import DEFAULTS, IMAGE_SIZE, ImageRound
+from benchmarks.peak import reset_high_water
 from benchmarks.report import MB, Report, peak_rss, timed_pair
 from deepercluster.checkpoints import load_model
 from deepercluster.data.images import ImageDataset, feature_transform, network_input, train_transform
+from deepercluster.distributed import Distributed
 from deepercluster.evaluate.backbone import device
 from deepercluster.features import extract_features
-from deepercluster.formats.labels import read_labels
-from deepercluster.formats.manifest import write_manifest
+from deepercluster.formats.labels import Labels, read_labels, write_labels
+from deepercluster.formats.manifest import LOCATION, write_manifest
 from deepercluster.methods import METHODS
 from deepercluster.nn.heads import Heads, linear_head, targets_for
-from deepercluster.train.block import train_block
+from deepercluster.train.block import block_data, train_block
 from deepercluster.train.settings import BlockSettings
 
 
@@ -124,6 +129,66 @@ def features_memory_case(report: Report, images: ImageRound, work: Path, rows: i
         f"{peaks[rows]:.0f} / {peaks[4 * rows]:.0f} MB, "
         f"{(peaks[4 * rows] - peaks[rows]) * MB / (3 * rows):.1f} B more per image",
     )
+
+
+def training_memory_case(report: Report, work: Path, rows: int) -> None:
+    """Peak memory of a training rank's data (``rank_data``) for a manifest of N and 4N images in tars, per image
+    more at 4N, against the same rows read by pyarrow alone (``arrow_rows``: the manifest's id, path and location
+    and the labels, 127 B of data an image): the design's cost of a rank's images (docs/scale.md's memory table)."""
+    added = {}
+    for name in ("rank_data", "arrow_rows"):
+        peaks = [
+            peak_rss(["-c", f"from benchmarks.network import {name}; {name}{rank_inputs(work, n)!r}"])
+            for n in (rows, 4 * rows)
+        ]
+        added[name] = (peaks[1] - peaks[0]) * MB / (3 * rows)
+    report.add(
+        "training rank peak RSS, 4N vs N",
+        f"manifest of N={rows} images in 100 tars, labels 4 x {rows // 1200} clusters, one rank",
+        f"{added['rank_data']:.0f} B per image",
+        f"{added['arrow_rows']:.0f} B per image (pyarrow)",
+        added["rank_data"] / added["arrow_rows"],
+        "<=",
+        1.5,
+    )
+    report.figure("training rank peak RSS per image, 4N vs N", f"{added['rank_data']:.0f} B more per image")
+
+
+def rank_inputs(work: Path, n: int, tars: int = 100) -> tuple[str, str]:
+    """The manifest (its rows only: the tars are never opened) and labels of ``n`` images in ``tars`` tars, in 4
+    super-clusters of ~300 images a cluster, as the round at a million images; written once."""
+    manifest, labels = work / f"rank-{n}" / "manifest.parquet", work / f"rank-{n}" / "labels.parquet"
+    if not labels.exists():
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        ids, rng = np.arange(n), np.random.default_rng(0)
+        tar = ids * tars // n
+        paths = np.array([str(work / "tars" / f"shard-{t:06d}.tar") for t in range(tars)])[tar]
+        location = {
+            "offset": 512 + 1024 * (ids - tar * n // tars),
+            "size": np.full(n, 512),
+            "tar_size": np.full(n, 10_000_000),
+        }
+        write_manifest(manifest, pd.DataFrame({"id": ids, "path": paths, **location, "tar_mtime": 1.8e9}))
+        k = max(1, n // 1200)
+        clusters = {"super_cluster": rng.integers(0, 4, n), "sub_cluster": rng.integers(0, k, n)}
+        write_labels(labels, Labels(pd.DataFrame({"id": ids, **clusters}), [k] * 4))
+    return str(manifest), str(labels)
+
+
+def rank_data(manifest: str, labels: str) -> None:
+    """What a training rank holds through an epoch, built as the block builds it: its images, their labels and
+    sampler (``block_data``), then the epoch's draws; the peak counted from after the imports."""
+    train_transform(IMAGE_SIZE)  # torchvision imported before the count starts
+    reset_high_water()
+    context = Distributed(0, 1, torch.device("cpu"))
+    data = block_data(manifest, labels, METHODS["deepercluster"], context, block_settings()["settings"])
+    data.sampler.epoch(0)
+
+
+def arrow_rows(manifest: str, labels: str) -> tuple[pa.Table, pa.Table]:
+    """The same rows in their plainest form, read by pyarrow: the manifest's id, path and location, and the labels."""
+    reset_high_water()
+    return pq.read_table(manifest, columns=["id", "path", *LOCATION]), pq.read_table(labels)
 
 
 def training_case(report: Report, images: ImageRound, work: Path, batch_size: int, repeats: int) -> None:

@@ -22,6 +22,7 @@ BENCHMARKS = [
     "features throughput",
     "features job peak RSS, 4N vs N",
     "training throughput",
+    "training rank peak RSS, 4N vs N",
     "JPEG features path, camera photos",
     "JPEG features path, camera photos, against decoding alone",
     "JPEG training path, camera photos",

@@ -11,6 +11,7 @@ import pytest
 import torch
 from benchmarks.inputs import photographs
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
 from deepercluster.data.images import (
     IMAGENET_MEAN,
@@ -193,6 +194,45 @@ def test_image_dataset(tmp_path: Path) -> None:
     assert image.shape == (3, 16, 16) and index == 7
     with pytest.raises(UnreadableImageError, match=r"bad\.jpg.*delete the manifest"):
         dataset[1]
+
+
+class Sources(Dataset):
+    """Image ``i``'s source, what a DataLoader worker reads of an ``ImageDataset`` before decoding (an image file's
+    path: no file is opened)."""
+
+    def __init__(self, images: ImageDataset) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> object:
+        return self.images.source(i)
+
+
+def private_dirty(_: object = None) -> int:
+    """Bytes of this process's memory written since it was forked (or allocated): its private dirty pages."""
+    rollup = Path("/proc/self/smaps_rollup").read_text().splitlines()
+    return next(int(line.split()[1]) * 1024 for line in rollup if line.startswith("Private_Dirty:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="reads Linux's per-process memory")
+def test_a_dataloader_worker_reading_every_path_copies_none_of_the_datasets_memory() -> None:
+    """A DataLoader worker is a fork of the process holding the dataset, sharing its pages until it writes them.
+    Reading an image's path must write none: a list of Python strings did (each read writes the string's
+    reference count, so the worker copied every page of them: the training rank's paths again per worker, 113 B an
+    image for ~55-character paths, measured at 1M images). Here the worker reads 200,000 paths of 44 characters in
+    batches of 1,000, and its private memory, from after its first batch to after its last, grows by less than 8
+    bytes an image (measured: 2.4-2.6 B, the worker's own allocations; with the list of strings, 98-99 B)."""
+    n = 200_000
+    paths = [f"/data/images/folder-{i // 1000:05d}/image-{i:08d}.png" for i in range(n)]
+    dataset = ImageDataset.of_files(paths, np.asarray)
+    batches = [[0]] + [range(start, min(n, start + 1000)) for start in range(0, n, 1000)]
+    loader = DataLoader(
+        Sources(dataset), batch_sampler=batches, num_workers=1, collate_fn=private_dirty, multiprocessing_context="fork"
+    )
+    written = list(loader)
+    assert written[-1] - written[0] < 8 * n, f"{(written[-1] - written[0]) / n:.1f} B an image"
 
 
 def test_transforms(tmp_path: Path) -> None:

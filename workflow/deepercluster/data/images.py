@@ -15,13 +15,14 @@ from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from deepercluster.data.tars import TarReader
 from deepercluster.errors import UnreadableImageError
-from deepercluster.formats.manifest import LOCATION
+from deepercluster.formats.manifest import CODED_PATHS, LOCATION
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,13 +74,33 @@ def read_rgb(source: str | BinaryIO, side: int | Callable[[Image.Image], int] = 
         return image if image.mode == "RGB" else image.convert("RGB")  # (converting RGB would copy it)
 
 
+class ImagePaths:
+    """Images' paths, ``paths[i]`` the ``i``-th, never held as a Python object per image: as arrow dictionary arrays,
+    one per part of the column as read (a manifest's row group), each its part's distinct paths once and an int32
+    index an image. The images of a tar share one path (4 bytes an image); and a DataLoader worker reading them
+    writes no page it shares with the process it forked from (reading a Python object writes its reference count,
+    so a worker reading a list of paths copies the pages of its strings: their size again per worker)."""
+
+    def __init__(self, paths: Sequence[str] | pd.Series) -> None:
+        column = pa.array(paths)  # an Array, or the ChunkedArray of a frame's column read in parts
+        parts = pa.chunked_array([column]) if isinstance(column, pa.Array) else column
+        self.parts = parts.cast(CODED_PATHS)  # each part encoded on its own (a no-op for read_manifest_ids' paths)
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def __getitem__(self, i: int) -> str:
+        return self.parts[i].as_py()
+
+
 class ImageDataset(Dataset):
     """(transform(RGB image), id) for the rows ``images`` of a manifest: ``id``, ``path`` and, for an image in a
-    tar, where its bytes are (``tars.LOCATION``), read with one positioned read."""
+    tar, where its bytes are (``tars.LOCATION``), read with one positioned read. It holds arrays, no Python object
+    an image (``ImagePaths``, the ids and locations in numpy), so its DataLoader workers copy none of it."""
 
     def __init__(self, images: pd.DataFrame, transform: Callable) -> None:
-        self.paths = images["path"].tolist()
-        self.ids = images["id"].to_numpy(np.int64)
+        self.paths = ImagePaths(images["path"])
+        self.ids = images["id"].to_numpy(np.int64, copy=True)  # not a view keeping the frame's other columns alive
         in_tars = set(LOCATION) <= set(images.columns)
         self.location = images[list(LOCATION)].to_numpy(np.float64) if in_tars else None
         self.tars = TarReader()

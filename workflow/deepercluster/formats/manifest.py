@@ -37,6 +37,9 @@ LOCATION = ("offset", "size", "tar_size", "tar_mtime")
 # The columns that name an image and where its bytes are, not what it shows: its id and path, its key and location
 # in a tar, a curated subset's pool_id (its image's id in the pool). No NMI is taken with them, no caption shows them.
 IMAGE = ("id", "path", "key", *LOCATION, "pool_id")
+# Paths as an int32 code an image into distinct paths (``read_manifest_ids``' and ``ImageDataset``'s): a tar's images
+# cost 4 bytes each, not their path's length.
+CODED_PATHS = pa.dictionary(pa.int32(), pa.large_string())
 # Rows per parquet row group: a features job reads the row groups holding its shard's rows, not the whole manifest.
 ROW_GROUP = 65_536
 
@@ -101,10 +104,11 @@ def read_manifest(manifest: str, start: int = 0, stop: int | None = None) -> pd.
     groups = np.flatnonzero((ends > start) & (ends - sizes < stop))
     first = int((ends - sizes)[groups[0]]) if len(groups) else start
     try:
-        table = file.read_row_groups(groups.tolist())
+        table = file.read_row_groups(groups.tolist()).slice(start - first, max(0, stop - start))
     except (OSError, ValueError) as error:
         raise unreadable(manifest, error) from error
-    return absolute(table.slice(start - first, max(0, stop - start)).to_pandas())
+    paths = pa.chunked_array([absolute_paths(part).dictionary_decode() for part in table.column("path").chunks])
+    return table.set_column(table.column_names.index("path"), "path", paths).to_pandas()
 
 
 def parquet_file(manifest: str) -> pq.ParquetFile:
@@ -129,18 +133,19 @@ def manifest_file(manifest: str) -> pq.ParquetFile:
 def read_manifest_ids(manifest: str, ids: np.ndarray) -> pd.DataFrame:
     """The id and path (and for an image in a tar, its ``LOCATION``) of the images ``ids``, in the manifest's order,
     read a row group at a time: memory is that of those rows and one group, whatever N (a training group's
-    images)."""
+    images). The paths are arrow dictionary arrays (pandas' ``ArrowDtype``), a row group's distinct paths once and
+    an int32 code an image: a tar's images cost 4 bytes each, not their path's length."""
     wanted, parts, file = np.sort(np.asarray(ids, np.int64)), [], manifest_file(manifest)
     columns = [c for c in file.schema_arrow.names if c in ("id", "path", *LOCATION)]
     try:
         for batch in file.iter_batches(ROW_GROUP, columns=columns) if len(wanted) else []:
-            found = batch.column("id").to_numpy()
-            parts.append(batch.filter(pa.array(in_sorted(found, wanted))))
+            rows = batch.filter(pa.array(in_sorted(batch.column("id").to_numpy(), wanted)))
+            parts.append(rows.set_column(columns.index("path"), "path", absolute_paths(rows.column("path"))))
     except (OSError, ValueError) as error:
         raise unreadable(manifest, error) from error
     if not parts:
-        return pd.DataFrame({"id": np.zeros(0, np.int64), "path": np.zeros(0, str)})
-    return absolute(pa.Table.from_batches(parts).to_pandas())
+        return pd.DataFrame({"id": np.zeros(0, np.int64), "path": pd.Series([], dtype=pd.ArrowDtype(CODED_PATHS))})
+    return pa.Table.from_batches(parts).to_pandas(types_mapper={CODED_PATHS: pd.ArrowDtype(CODED_PATHS)}.get)
 
 
 def value_counts(manifest: str, column: str) -> pd.Series:
@@ -163,9 +168,12 @@ def unreadable(manifest: str, error: Exception) -> DataError:
     return DataError(f"{manifest} is not a readable parquet file ({error}); delete it and rerun")
 
 
-def absolute(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` with its stored paths (relative to the working directory where they lie under it) absolute."""
-    return frame.assign(path=[os.path.abspath(p) for p in frame["path"]])
+def absolute_paths(stored: pa.Array) -> pa.DictionaryArray:
+    """Stored paths (relative to the working directory where they lie under it) absolute, dictionary-encoded: each
+    distinct path made absolute once (a tar's images share theirs), the one Python string made for it."""
+    encoded = stored.dictionary_encode()
+    distinct = pa.array([os.path.abspath(p) for p in encoded.dictionary.to_pylist()], pa.large_string())
+    return pa.DictionaryArray.from_arrays(encoded.indices, distinct)
 
 
 def write_skipped(path: str | os.PathLike, errors: dict[str, str]) -> None:

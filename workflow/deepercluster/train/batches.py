@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from deepercluster.data.images import ImageDataset
 from deepercluster.errors import TrainingInputError
 from deepercluster.formats.labels import Labels, labels_file, read_labels
-from deepercluster.formats.manifest import manifest_size, read_manifest, read_manifest_ids
+from deepercluster.formats.manifest import manifest_size, read_manifest_ids
 from deepercluster.methods import Method
 from deepercluster.nn.heads import Targets
 from deepercluster.seeds import derived_seed, id_hash
@@ -55,17 +55,20 @@ def layout_for(targets: Targets, rank: int, world_size: int) -> Layout:
 
 
 def group_images(manifest: str, labels: str | None, method: Method, layout: Layout) -> tuple[pd.DataFrame, Labels]:
-    """The images this rank's training group draws from (id and path, in the manifest's order) and their labels:
-    its super-cluster's alone in the paper's layout, read without the other rows (every image when the group is
-    all of them); without labels (RotNet) every image, in one cluster."""
+    """The images this rank's training group draws from (``read_manifest_ids``' rows, in the manifest's order) and
+    their labels: its super-cluster's alone in the paper's layout, read without the other rows (every image when
+    the group is all of them); without labels (RotNet) every image, in one cluster."""
     if labels is None:
-        images = read_manifest(manifest)
+        images = read_manifest_ids(manifest, np.arange(manifest_size(manifest)))  # a manifest's ids are 0..N-1
         return images, Labels(pd.DataFrame({"id": images["id"], "super_cluster": 0, "sub_cluster": 0}), [1])
     found = read_labels(labels, layout.group // method.rotations if layout.groups > 1 else None)
-    images = read_manifest_ids(manifest, found.table["id"].to_numpy())
-    if len(images) < len(found.table) or labels_file(labels)[0].metadata.num_rows != manifest_size(manifest):
+    labelled = found.table["id"].to_numpy()
+    images = read_manifest_ids(manifest, labelled)
+    if len(images) < len(labelled) or labels_file(labels)[0].metadata.num_rows != manifest_size(manifest):
         raise TrainingInputError(f"{labels} does not label the images of {manifest}: rerun the round's labels stage")
-    table = found.table.set_index("id").loc[images["id"]].reset_index()
+    order = np.argsort(labelled)  # each image's row of the labels, by a binary search of its id
+    rows = order[np.searchsorted(labelled, images["id"].to_numpy(), sorter=order)]
+    table = found.table.iloc[rows].reset_index(drop=True)
     return images, Labels(table.astype(np.int64), found.sub_clusters)
 
 

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -94,9 +95,11 @@ def block_data(
     layout = layout_for(targets, context.rank, context.world_size)
     group = group_of_ranks(layout.parts)  # a collective: every rank makes every group's
     images, clusters = group_images(manifest, labels, method, layout)
-    sampler = group_sampler(method, layout, clusters, manifest_size(manifest), settings.seed)
     augment = train_transform(settings.image_size, settings.min_crop_scale)
     dataset = RotatedImages(ImageDataset(images, augment))
+    del images  # read into arrow's memory pool, which keeps the pages it frees: handed back, not held all block
+    pa.default_memory_pool().release_unused()
+    sampler = group_sampler(method, layout, clusters, manifest_size(manifest), settings.seed)
     super_clusters, sub_clusters = (torch.tensor(clusters.table[c].to_numpy()) for c in SPLIT)
     group_batch = min(settings.batch_size // layout.groups, len(sampler))
     return BlockData(method, dataset, super_clusters, sub_clusters, targets, layout, group, sampler, group_batch)

@@ -36,11 +36,11 @@ class UniformClusterSampler:
         images: np.ndarray | None = None,
         draws: int | None = None,
     ) -> None:
-        images = np.arange(len(clusters)) if images is None else np.asarray(images)
-        of_images = np.asarray(clusters)[images]
-        self.members = [images[of_images == c] for c in np.unique(of_images)]
+        images = None if images is None else np.asarray(images)
+        of_images = np.asarray(clusters) if images is None else np.asarray(clusters)[images]
+        self.members = cluster_members(of_images, images)
         self.rotations = np.asarray(rotations)
-        self.draws = len(images) if draws is None else draws
+        self.draws = len(of_images) if draws is None else draws
         self.seed = seed
 
     def __len__(self) -> int:
@@ -57,3 +57,13 @@ class UniformClusterSampler:
         ]
         indices = rng.permutation(np.concatenate(draws))
         return indices, rng.choice(self.rotations, size=len(indices))
+
+
+def cluster_members(clusters: np.ndarray, images: np.ndarray | None) -> list[np.ndarray]:
+    """The images (``images``, or the positions of ``clusters`` when None) of each cluster, the clusters in
+    ascending order and each one's images in their order: one stable sort, views of one array (8 bytes an image),
+    not a pass over the images per cluster."""
+    order = np.argsort(clusters, kind="stable")
+    ranked = clusters[order]
+    members = order if images is None else images[order]
+    return np.split(members, np.flatnonzero(ranked[1:] != ranked[:-1]) + 1) if len(order) else []
