@@ -36,11 +36,13 @@ class UniformClusterSampler:
         images: np.ndarray | None = None,
         draws: int | None = None,
     ) -> None:
-        images = None if images is None else np.asarray(images)
-        of_images = np.asarray(clusters) if images is None else np.asarray(clusters)[images]
-        self.members = cluster_members(of_images, images)
+        clusters = np.asarray(clusters)
+        if images is not None:
+            images = np.asarray(images)
+            clusters = clusters[images]
+        self.members = cluster_members(clusters, images)
         self.rotations = np.asarray(rotations)
-        self.draws = len(of_images) if draws is None else draws
+        self.draws = len(clusters) if draws is None else draws
         self.seed = seed
 
     def __len__(self) -> int:
