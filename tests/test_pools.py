@@ -9,11 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from deepercluster.data.composition import main
 from deepercluster.data.images import ImageDataset
 from deepercluster.data.manifest import FASHION_MNIST_CLASSES, build_manifest
 from deepercluster.data.pools import DUPLICATES_EACH, class_sizes
 from deepercluster.errors import DataError
-from deepercluster.formats.manifest import read_manifest
+from deepercluster.formats.manifest import read_manifest, write_manifest
 from defaults import manifest_settings
 
 SETTINGS = {"tail_ratio": 50.0, "duplicate_share": 0.1, "distractor_share": 0.1}
@@ -75,3 +76,38 @@ def test_a_pool_needs_its_size_and_split(tmp_path: Path) -> None:
         pool(tmp_path / "a", max_images=None)
     with pytest.raises(DataError, match=r"lower data\.max_images"):
         pool(tmp_path / "b", max_images=59_000)
+
+
+def test_composition_counts_what_a_pool_and_a_subset_hold(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    frame = pool(tmp_path / "a")
+    # A subset: every picture once (the originals) and the 50 first distractors, with the pool's columns.
+    subset = pd.concat([frame[frame["kind"] == "original"], frame[frame["label"] == "none"].head(50)])
+    write_manifest(tmp_path / "subset.parquet", subset.assign(id=range(len(subset))))
+    main([f"pool={tmp_path / 'a' / 'manifest.parquet'}", f"subset={tmp_path / 'subset.parquet'}"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in lines}
+    largest, smallest = frame.loc[frame["label"] != "none", "label"].value_counts().iloc[[0, -1]]
+    assert rows["pool"][:6] == [
+        "2000",
+        "200 (10.0%)",  # the distractors
+        "200 (10.0%)",  # the near-duplicates
+        "200 (10.0%)",  # copies beyond the first: 20 pictures x 10 copies
+        "10 of 10",
+        f"{largest} / {smallest}",
+    ]
+    assert rows["subset"][:5] == ["1650", "50 (3.0%)", "0 (0.0%)", "0 (0.0%)", "10 of 10"]
+    entropy = {name: float(rows[name][6].strip(" |")) for name in ("pool", "subset")}
+    assert 0.5 < entropy["pool"] < 1 and 0.5 < entropy["subset"] < 1
+    # Each class's share of the labelled images, the pool's largest first.
+    head = next(line for line in lines if line.startswith("| class "))
+    first = lines[lines.index(head) + 2].split(" | ")
+    assert first[1] == f"{largest} ({100 * largest / 1800:.1f}%)"
+
+
+def test_composition_names_a_manifest_without_labels(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_manifest(tmp_path / "bare.parquet", pd.DataFrame({"id": [0], "path": ["a.png"]}))
+    with pytest.raises(SystemExit, match="1"):
+        main([f"bare={tmp_path / 'bare.parquet'}"])
+    assert (
+        capsys.readouterr().err == f"error: {tmp_path / 'bare.parquet'} has no column 'label'; name one of: id, path\n"
+    )
