@@ -16,11 +16,15 @@ import argparse
 import numpy as np
 import pandas as pd
 
+from deepercluster.data.pools import NO_CLASS
 from deepercluster.errors import DataError
 from deepercluster.evaluate.compare import markdown
 from deepercluster.formats.manifest import manifest_file, value_counts
 
-NO_CLASS = "none"  # the label of an image of no class (a distractor of an uncurated pool)
+
+def with_share(n: int, total: int) -> str:
+    """``n`` and its percentage of ``total``, as "n (x.x%)"."""
+    return f"{n} ({100 * n / max(total, 1):.1f}%)"
 
 
 def counts_if_present(manifest: str, column: str) -> pd.Series | None:
@@ -28,19 +32,14 @@ def counts_if_present(manifest: str, column: str) -> pd.Series | None:
     return value_counts(manifest, column) if column in manifest_file(manifest).schema_arrow.names else None
 
 
-def classes(manifest: str) -> pd.Series:
-    """Images of each class (``label``), the images of no class left out."""
-    return value_counts(manifest, "label").drop(NO_CLASS, errors="ignore")
-
-
-def summary(manifest: str, class_counts: pd.Series) -> dict[str, object]:
-    """One manifest's row of the composition table, its classes' shares measured over ``class_counts``' index."""
-    labels = value_counts(manifest, "label")
+def summary(manifest: str, labels: pd.Series, class_counts: pd.Series) -> dict[str, object]:
+    """One manifest's row of the composition table from its ``labels``' counts, its classes' shares measured over
+    ``class_counts``' index."""
     kinds, originals = counts_if_present(manifest, "kind"), counts_if_present(manifest, "original")
     images = int(labels.sum())
 
     def share(n: int | None) -> str:
-        return "-" if n is None else f"{n} ({100 * n / max(images, 1):.1f}%)"
+        return "-" if n is None else with_share(n, images)
 
     duplicates = None if kinds is None else int(kinds.get("duplicate", 0))
     copies = None if originals is None else int((originals.drop("-1", errors="ignore") - 1).sum())
@@ -59,11 +58,12 @@ def summary(manifest: str, class_counts: pd.Series) -> dict[str, object]:
 
 def composition(manifests: dict[str, str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The summary (a row per manifest) and each class's share of the labelled images (a column per manifest,
-    the classes of all of them, largest first in the first)."""
-    counts = pd.DataFrame({name: classes(path) for name, path in manifests.items()}).fillna(0).astype(np.int64)
-    counts = counts.sort_values(next(iter(manifests)), ascending=False)
-    rows = pd.DataFrame({name: summary(path, counts[name]) for name, path in manifests.items()}).T
-    shares = counts.apply(lambda column: column.map(lambda n: f"{n} ({100 * n / max(column.sum(), 1):.1f}%)"))
+    the classes of all of them, largest first in the first); each manifest's label column read once."""
+    labels = {name: value_counts(path, "label") for name, path in manifests.items()}
+    counts = pd.DataFrame({name: found.drop(NO_CLASS, errors="ignore") for name, found in labels.items()})
+    counts = counts.fillna(0).astype(np.int64).sort_values(next(iter(manifests)), ascending=False)
+    rows = pd.DataFrame({name: summary(path, labels[name], counts[name]) for name, path in manifests.items()}).T
+    shares = counts.apply(lambda column: column.map(lambda n: with_share(n, column.sum())))
     return rows, shares
 
 

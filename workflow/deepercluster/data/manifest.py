@@ -25,7 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from deepercluster.data.images import READ_ERRORS, ImageDataset, read_rgb
-from deepercluster.data.pools import uncurated_pool
+from deepercluster.data.pools import NO_CLASS, uncurated_pool
 from deepercluster.data.tars import duplicate_keys, index_tar, tar_paths
 from deepercluster.errors import DataError, UnreadableImageError
 from deepercluster.files import atomic_output, scratch_folder
@@ -413,7 +413,7 @@ def uncurated_candidates(
         else str(pool / kind / f"{n:05d}.png")
         for n, (kind, original, label) in enumerate(zip(rows["kind"], rows["original"], rows["label"], strict=True))
     ]
-    rows["label"] = [FASHION_MNIST_CLASSES[label] if label >= 0 else "none" for label in rows["label"]]
+    rows["label"] = [FASHION_MNIST_CLASSES[label] if label >= 0 else NO_CLASS for label in rows["label"]]
     frame = rows[["path", "label"]].assign(split=split, kind=rows["kind"], original=rows["original"])
     return frame.assign(**{PIXEL_ROW: np.arange(len(frame))}), pixels
 

@@ -22,6 +22,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 DUPLICATES_EACH = 10
+NO_CLASS = "none"  # the label of a distractor, an image of no class
 DISTRACTORS = ("blank", "noise", "gradient", "text")
 SHIFT = 2  # pixels a near-duplicate moves at most
 NOISE_SD = 6.0  # grey levels of a near-duplicate's added noise
